@@ -1,0 +1,59 @@
+//! The shared vocabulary of meshgate: the closed set of gateway error codes, the error
+//! type every layer returns, request ids, and the typed per-request context that filters
+//! read and write. It holds no I/O and no policy; it must stay small.
+
+mod error;
+mod request_id;
+
+pub use error::{ErrorCode, GatewayError};
+pub use request_id::RequestId;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Facts about one request that cross phase boundaries. Filters read and write typed
+/// fields here instead of string keys, so later filters (auth, limits) can rely on them.
+#[derive(Debug, Clone)]
+pub struct RequestCtx {
+    pub request_id: RequestId,
+    pub client_addr: SocketAddr,
+    /// `http` or `https`, as seen on the downstream socket.
+    pub scheme: &'static str,
+    /// Name of the matched Api, once routing has happened.
+    pub api: Option<Arc<str>>,
+    /// Path captures from the route template, in template order.
+    pub captures: Vec<(Arc<str>, String)>,
+    /// The authenticated caller, set by an auth filter.
+    pub consumer: Option<Consumer>,
+    /// True for `content-type: application/grpc*`: errors become `grpc-status`.
+    pub grpc: bool,
+}
+
+/// The caller as authentication established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumer {
+    pub name: Arc<str>,
+    pub groups: Vec<Arc<str>>,
+}
+
+impl RequestCtx {
+    pub fn new(request_id: RequestId, client_addr: SocketAddr, scheme: &'static str) -> Self {
+        Self {
+            request_id,
+            client_addr,
+            scheme,
+            api: None,
+            captures: Vec::new(),
+            consumer: None,
+            grpc: false,
+        }
+    }
+
+    /// Value of a named path capture.
+    pub fn capture(&self, name: &str) -> Option<&str> {
+        self.captures
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
