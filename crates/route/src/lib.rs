@@ -15,3 +15,6 @@ mod router;
 pub use normalize::{NormalizeError, normalize_path};
 pub use pattern::{PathPattern, PatternError, Segment};
 pub use router::{HeaderMatch, Match, Outcome, Route, RouteError, Router, RouterBuilder};
+
+mod rewrite;
+pub use rewrite::{RewriteError, RewriteTemplate};

@@ -1,1 +1,13 @@
-//! placeholder
+//! Upstream clusters for meshgate: endpoint sets with weights and labels, label
+//! subsets, the load balancers (round-robin, least-request, random, ring-hash), hash
+//! keys and the retry policy. These are plain data structures driven by the caller:
+//! sockets, timers and the HTTP client live in the proxy, so every decision here is
+//! table-testable.
+
+mod balancer;
+mod cluster;
+mod retry;
+
+pub use balancer::{HashOn, LbPolicy};
+pub use cluster::{Cluster, Endpoint, EndpointSet, InFlight, Picked, Selector};
+pub use retry::{RetryOn, RetryPolicy, TryOutcome};

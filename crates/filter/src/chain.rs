@@ -1,0 +1,64 @@
+use crate::{Filter, Flow, FilterResult, Step};
+use meshgate_core::RequestCtx;
+use std::sync::Arc;
+
+/// The ordered filters of one Api, compiled once per snapshot and shared by every
+/// request routed to that Api.
+#[derive(Clone, Default)]
+pub struct Chain {
+    filters: Vec<Arc<dyn Filter>>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.filters.iter().map(|x| x.name()))
+            .finish()
+    }
+}
+
+impl Chain {
+    pub fn new(filters: Vec<Arc<dyn Filter>>) -> Self {
+        Self { filters }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.filters.iter().map(|f| f.name()).collect()
+    }
+
+    /// Run `on_request` in order; stop at the first filter that answers or fails.
+    pub async fn on_request(
+        &self,
+        ctx: &mut RequestCtx,
+        req: &mut http::request::Parts,
+    ) -> FilterResult {
+        for f in &self.filters {
+            let out = match f.on_request(ctx, req) {
+                Step::Done(r) => r,
+                Step::Pending(fut) => fut.await,
+            };
+            match out {
+                Ok(Flow::Continue) => {}
+                other => return other,
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Run `on_response` in reverse order.
+    pub fn on_response(&self, ctx: &RequestCtx, resp: &mut http::response::Parts) {
+        for f in self.filters.iter().rev() {
+            f.on_response(ctx, resp);
+        }
+    }
+
+    pub fn on_complete(&self, ctx: &RequestCtx, status: http::StatusCode) {
+        for f in &self.filters {
+            f.on_complete(ctx, status);
+        }
+    }
+}

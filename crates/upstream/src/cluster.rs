@@ -1,0 +1,275 @@
+use crate::balancer::{HashOn, LbPolicy, Ring};
+use arc_swap::ArcSwap;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+/// A label selector: an endpoint matches when it carries every pair.
+pub type Selector = BTreeMap<String, String>;
+
+/// One upstream address.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub labels: BTreeMap<String, String>,
+    /// `ip:port`, precomputed for the upstream URI.
+    pub authority: http::uri::Authority,
+    in_flight: Arc<AtomicU32>,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, weight: u32, labels: BTreeMap<String, String>) -> Self {
+        let authority = http::uri::Authority::try_from(addr.to_string())
+            .unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
+        Self {
+            addr,
+            weight: weight.max(1),
+            labels,
+            authority,
+            in_flight: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn matches(&self, sel: &Selector) -> bool {
+        sel.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// Counts a request against its endpoint until dropped (least-request input).
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The endpoint chosen for one try.
+#[derive(Debug)]
+pub struct Picked {
+    pub endpoint: Arc<Endpoint>,
+    _in_flight: InFlight,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    members: Vec<usize>,
+    /// Smooth weighted round-robin order over `members` positions.
+    sequence: Vec<u32>,
+    /// Cumulative weights, for weighted random picks.
+    cumulative: Vec<u64>,
+    ring: Ring,
+}
+
+impl Group {
+    fn build(endpoints: &[Arc<Endpoint>], members: Vec<usize>, policy: LbPolicy) -> Self {
+        let weights: Vec<u32> = members.iter().map(|&i| endpoints[i].weight).collect();
+        let mut cumulative = Vec::with_capacity(weights.len());
+        let mut total = 0u64;
+        for w in &weights {
+            total += u64::from(*w);
+            cumulative.push(total);
+        }
+        let ring = if policy == LbPolicy::RingHash {
+            let keyed: Vec<(String, u32)> = members
+                .iter()
+                .map(|&i| (endpoints[i].addr.to_string(), endpoints[i].weight))
+                .collect();
+            Ring::build(&keyed)
+        } else {
+            Ring::default()
+        };
+        Self {
+            sequence: smooth_wrr(&weights),
+            members,
+            cumulative,
+            ring,
+        }
+    }
+
+    fn weighted_random(&self) -> Option<usize> {
+        let total = *self.cumulative.last()?;
+        let r = fastrand::u64(..total);
+        let pos = self.cumulative.partition_point(|&c| c <= r);
+        self.members.get(pos).copied()
+    }
+}
+
+/// nginx's smooth weighted round-robin, unrolled once into a fixed order so picking
+/// is one atomic increment. Long sequences (huge weights) are capped.
+fn smooth_wrr(weights: &[u32]) -> Vec<u32> {
+    const CAP: u64 = 4096;
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let scale = total.div_ceil(CAP).max(1);
+    let w: Vec<i64> = weights
+        .iter()
+        .map(|x| (u64::from(*x) / scale).max(1) as i64)
+        .collect();
+    let sum: i64 = w.iter().sum();
+    let mut current = vec![0i64; w.len()];
+    let mut seq = Vec::with_capacity(sum as usize);
+    for _ in 0..sum {
+        let mut best = 0;
+        for i in 0..w.len() {
+            current[i] += w[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= sum;
+        seq.push(best as u32);
+    }
+    seq
+}
+
+/// All endpoints of a cluster plus the groups balancing is done over: the whole set
+/// and one per label selector that some Api's `split` uses.
+#[derive(Debug, Default)]
+pub struct EndpointSet {
+    pub endpoints: Vec<Arc<Endpoint>>,
+    all: Group,
+    subsets: Vec<Group>,
+}
+
+impl EndpointSet {
+    fn build(endpoints: Vec<Arc<Endpoint>>, selectors: &[Selector], policy: LbPolicy) -> Self {
+        let all = Group::build(&endpoints, (0..endpoints.len()).collect(), policy);
+        let subsets = selectors
+            .iter()
+            .map(|sel| {
+                let members = (0..endpoints.len())
+                    .filter(|&i| endpoints[i].matches(sel))
+                    .collect();
+                Group::build(&endpoints, members, policy)
+            })
+            .collect();
+        Self {
+            endpoints,
+            all,
+            subsets,
+        }
+    }
+}
+
+/// An upstream cluster: its endpoint set (swapped whole when discovery changes it) and
+/// the balancer state that must outlive a swap.
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub policy: LbPolicy,
+    pub hash_on: Option<HashOn>,
+    selectors: Vec<Selector>,
+    set: ArcSwap<EndpointSet>,
+    cursor: AtomicUsize,
+}
+
+impl Cluster {
+    pub fn new(
+        name: impl Into<String>,
+        policy: LbPolicy,
+        hash_on: Option<HashOn>,
+        selectors: Vec<Selector>,
+        endpoints: Vec<Endpoint>,
+    ) -> Self {
+        let eps = endpoints.into_iter().map(Arc::new).collect();
+        let set = EndpointSet::build(eps, &selectors, policy);
+        Self {
+            name: name.into(),
+            policy,
+            hash_on,
+            selectors,
+            set: ArcSwap::from_pointee(set),
+            cursor: AtomicUsize::new(fastrand::usize(..1024)),
+        }
+    }
+
+    /// Replace the endpoints (DNS refresh, registry change). Endpoints that stay keep
+    /// their in-flight counters.
+    pub fn update(&self, endpoints: Vec<Endpoint>) {
+        let old = self.set.load();
+        let eps = endpoints
+            .into_iter()
+            .map(|mut e| {
+                if let Some(prev) = old.endpoints.iter().find(|p| p.addr == e.addr) {
+                    e.in_flight = prev.in_flight.clone();
+                }
+                Arc::new(e)
+            })
+            .collect();
+        self.set
+            .store(Arc::new(EndpointSet::build(eps, &self.selectors, self.policy)));
+    }
+
+    pub fn endpoints(&self) -> Arc<EndpointSet> {
+        self.set.load_full()
+    }
+
+    /// Pick an endpoint from the whole set or a subset (index into the selectors given
+    /// at construction). An empty subset falls back to the whole set, so a grey
+    /// release with no matching endpoints degrades to the baseline instead of failing.
+    /// `avoid` steers a retry away from the endpoint that just failed when possible.
+    pub fn pick(&self, subset: Option<usize>, hash: Option<u64>, avoid: Option<SocketAddr>) -> Option<Picked> {
+        let set = self.set.load();
+        let group = match subset.and_then(|s| set.subsets.get(s)) {
+            Some(g) if !g.members.is_empty() => g,
+            _ => &set.all,
+        };
+        let mut idx = self.choose(&set, group, hash)?;
+        if avoid == Some(set.endpoints[idx].addr) && group.members.len() > 1 {
+            let pos = group.members.iter().position(|&m| m == idx).unwrap_or(0);
+            idx = group.members[(pos + 1) % group.members.len()];
+        }
+        let endpoint = set.endpoints[idx].clone();
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        let guard = InFlight(endpoint.in_flight.clone());
+        Some(Picked {
+            endpoint,
+            _in_flight: guard,
+        })
+    }
+
+    fn choose(&self, set: &EndpointSet, group: &Group, hash: Option<u64>) -> Option<usize> {
+        let n = group.members.len();
+        if n == 0 {
+            return None;
+        }
+        if n == 1 {
+            return Some(group.members[0]);
+        }
+        match self.policy {
+            LbPolicy::RoundRobin => {
+                let i = self.cursor.fetch_add(1, Ordering::Relaxed) % group.sequence.len().max(1);
+                let pos = *group.sequence.get(i)? as usize;
+                group.members.get(pos).copied()
+            }
+            LbPolicy::Random => group.weighted_random(),
+            LbPolicy::LeastRequest => {
+                // Power of two choices, weighted: compare in_flight / weight.
+                let a = group.weighted_random()?;
+                let b = group.weighted_random()?;
+                let load = |i: usize| {
+                    let e = &set.endpoints[i];
+                    (u64::from(e.in_flight()) + 1) * 1_000_000 / u64::from(e.weight)
+                };
+                Some(if load(b) < load(a) { b } else { a })
+            }
+            LbPolicy::RingHash => match hash {
+                Some(h) => group.ring.lookup(h).and_then(|p| group.members.get(p).copied()),
+                None => group.weighted_random(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
