@@ -12,7 +12,7 @@ mod registry;
 mod transform;
 
 pub use chain::Chain;
-pub use header_ops::HeaderOps;
+pub use header_ops::{HeaderOps, HeaderOpsConfig};
 pub use registry::{BuildError, build, is_known};
 pub use transform::Transform;
 

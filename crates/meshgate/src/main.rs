@@ -1,1 +1,140 @@
-fn main() {}
+//! The `meshgate` binary: command line, exit codes and the wiring of roles. Logic
+//! that tests need lives in the library crates.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod demo;
+
+#[derive(Parser, Debug)]
+#[command(name = "meshgate", version, about = "One engine for the API gateway and the service mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway from config files and directories (hot-reloaded).
+    Run {
+        /// A YAML file or a directory of them; repeat for several.
+        #[arg(short = 'c', long = "config", required = true)]
+        config: Vec<PathBuf>,
+        /// Also start the bundled demo upstream on this address (for the quickstart).
+        #[arg(long)]
+        demo_upstream: Option<String>,
+    },
+    /// Check config files: exit 0 if valid, else print every problem and exit 1.
+    Validate {
+        #[arg(short = 'c', long = "config", required = true)]
+        config: Vec<PathBuf>,
+    },
+    /// Run the small demo upstream the quickstart uses, alone.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Command::Validate { config } => validate(&config),
+        Command::Run {
+            config,
+            demo_upstream,
+        } => run(config, demo_upstream),
+        Command::Demo { listen } => runtime_then(|| demo::serve(listen)),
+    }
+}
+
+fn validate(paths: &[PathBuf]) -> ExitCode {
+    let (snapshot, diags) = meshgate_config::compile_paths(paths);
+    for d in &diags {
+        println!("{d}");
+    }
+    match snapshot {
+        Some(s) => {
+            println!(
+                "ok: {} gateway(s), {} service(s), {} api(s); revision {}",
+                s.gateways.len(),
+                s.services.len(),
+                s.apis.len(),
+                s.revision
+            );
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("{} problem(s) found", diags.len());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MESHGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime_then<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    init_tracing();
+    let threads = std::env::var("MESHGATE_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build();
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshgate: cannot start the runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match rt.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshgate: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn run(config: Vec<PathBuf>, demo_upstream: Option<String>) -> ExitCode {
+    let (snapshot, diags) = meshgate_config::compile_paths(&config);
+    let Some(snapshot) = snapshot else {
+        for d in &diags {
+            eprintln!("{d}");
+        }
+        eprintln!("meshgate: config rejected: {} problem(s)", diags.len());
+        return ExitCode::from(1);
+    };
+    runtime_then(move || async move {
+        if let Some(addr) = demo_upstream {
+            tokio::spawn(async move {
+                if let Err(e) = demo::serve(addr).await {
+                    tracing::error!("demo upstream failed: {e:#}");
+                }
+            });
+        }
+        Ok(meshgate_proxy::run(meshgate_proxy::Options { config }, snapshot).await?)
+    })
+}

@@ -5,8 +5,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
-/// A label selector: an endpoint matches when it carries every pair.
-pub type Selector = BTreeMap<String, String>;
+/// Which endpoints a subset holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Selector {
+    /// Endpoints carrying every label pair.
+    Labels(BTreeMap<String, String>),
+    /// Endpoints matching none of these label sets: the baseline of a split.
+    NoneOf(Vec<BTreeMap<String, String>>),
+}
+
+impl Selector {
+    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        let has = |sel: &BTreeMap<String, String>| sel.iter().all(|(k, v)| labels.get(k) == Some(v));
+        match self {
+            Self::Labels(sel) => has(sel),
+            Self::NoneOf(sels) => !sels.iter().any(has),
+        }
+    }
+}
 
 /// One upstream address.
 #[derive(Debug)]
@@ -36,9 +52,6 @@ impl Endpoint {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    fn matches(&self, sel: &Selector) -> bool {
-        sel.iter().all(|(k, v)| self.labels.get(k) == Some(v))
-    }
 }
 
 /// Counts a request against its endpoint until dropped (least-request input).
@@ -148,7 +161,7 @@ impl EndpointSet {
             .iter()
             .map(|sel| {
                 let members = (0..endpoints.len())
-                    .filter(|&i| endpoints[i].matches(sel))
+                    .filter(|&i| sel.matches(&endpoints[i].labels))
                     .collect();
                 Group::build(&endpoints, members, policy)
             })

@@ -17,8 +17,12 @@ fn counts(c: &Cluster, subset: Option<usize>, n: usize) -> BTreeMap<u16, usize> 
     m
 }
 
+fn v(version: &str) -> BTreeMap<String, String> {
+    [("version".to_string(), version.to_string())].into()
+}
+
 fn v2() -> Selector {
-    [("version".to_string(), "v2".to_string())].into()
+    Selector::Labels(v("v2"))
 }
 
 #[test]
@@ -70,12 +74,14 @@ fn subsets_and_fallback() {
         "s",
         LbPolicy::RoundRobin,
         None,
-        vec![v2(), [("version".to_string(), "v9".to_string())].into()],
+        vec![v2(), Selector::Labels(v("v9")), Selector::NoneOf(vec![v("v2")])],
         vec![ep(1, 1, "v1"), ep(2, 1, "v2")],
     );
     assert_eq!(counts(&c, Some(0), 10), [(2, 10)].into());
     // no v9 endpoint: the whole set serves
     assert_eq!(counts(&c, Some(1), 10), [(1, 5), (2, 5)].into());
+    // the baseline excludes v2
+    assert_eq!(counts(&c, Some(2), 10), [(1, 10)].into());
     c.update(vec![ep(1, 1, "v1"), ep(3, 1, "v2")]);
     assert_eq!(counts(&c, Some(0), 4), [(3, 4)].into());
 }

@@ -1,0 +1,390 @@
+//! Stage 3: resolve references, build routers and filter chains, freeze a Snapshot.
+
+use crate::diag::Diagnostic;
+use crate::duration::parse_duration;
+use crate::load::{Doc, Resource};
+use crate::model::*;
+use crate::validate::{ApiDraft, Check, Checked, captures_of};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use meshgate_api::{ApiSpec, FilterRef, InvokeSpec};
+use meshgate_filter::{Chain, Filter, HeaderOps, Transform};
+use meshgate_route::{RewriteTemplate, Route, Router};
+use meshgate_upstream::{RetryOn, RetryPolicy, Selector};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Option<Snapshot> {
+    let Checked {
+        gateways,
+        mut services,
+        apis,
+        policies,
+    } = checked;
+    let had_errors = !diags.is_empty();
+    let declared = |kind: meshgate_api::Kind, name: &str| docs.iter().any(|d| d.kind == kind && d.name == name);
+    if gateways.is_empty() && !docs.iter().any(|d| d.kind == meshgate_api::Kind::Gateway) {
+        diags.push(Diagnostic {
+            file: docs.first().map_or_else(|| "-".into(), |d| d.file.clone()),
+            line: 1,
+            resource: "-".into(),
+            path: "-".into(),
+            message: "the config has no Gateway resource: nothing would listen".into(),
+        });
+        return None;
+    }
+    let gateway_names: Vec<&str> = gateways.iter().map(|(i, _)| docs[*i].name.as_str()).collect();
+    // Listener addresses must be unique across gateways.
+    let mut bound: BTreeMap<std::net::SocketAddr, &str> = BTreeMap::new();
+    for (i, g) in &gateways {
+        let mut c = Check { doc: &docs[*i], diags };
+        for (j, l) in g.listeners.iter().enumerate() {
+            if let Some(other) = bound.insert(l.address, &docs[*i].name) {
+                c.err(format!("spec.listeners.{j}.address"), format!("{} is already used by Gateway {other:?}", l.address));
+            }
+        }
+        if let Some(a) = g.admin
+            && let Some(other) = bound.insert(a, &docs[*i].name)
+        {
+            c.err("spec.admin.address", format!("{a} is already used by Gateway {other:?}"));
+        }
+    }
+
+    let mut built_apis: Vec<Arc<Api>> = Vec::new();
+    let mut api_drafts: Vec<(usize, ApiDraft)> = Vec::new();
+    for (i, draft) in apis {
+        let doc = &docs[i];
+        let Resource::Api(env) = &doc.resource else { continue };
+        let mut c = Check { doc, diags };
+        for (j, g) in draft.gateways.iter().enumerate() {
+            if !gateway_names.contains(&g.as_str()) && !declared(meshgate_api::Kind::Gateway, g) {
+                c.err(format!("spec.gateways.{j}"), format!("unknown Gateway {g:?}"));
+            }
+        }
+        let captures = captures_of(&draft);
+        let chain = api_chain(&mut c, docs, &policies, &env.spec, &captures);
+        let invoke = invoke(&mut c, &env.spec.invoke, &mut services, &captures, &declared);
+        if let (Some(chain), Some(invoke)) = (chain, invoke) {
+            built_apis.push(Arc::new(Api {
+                name: doc.name.clone(),
+                chain,
+                invoke,
+                max_body_bytes: draft.max_body_bytes,
+            }));
+            api_drafts.push((i, draft));
+        }
+    }
+
+    let mut built_gateways = Vec::new();
+    for (gi, g) in gateways {
+        let gdoc = &docs[gi];
+        let mut c = Check { doc: gdoc, diags };
+        let mut filters = Vec::new();
+        for (j, p) in g.policies.iter().enumerate() {
+            filters.extend(policy_filters(&mut c, docs, &policies, p, &format!("spec.policies.{j}"), &[]));
+        }
+        let mut builder = Router::builder();
+        let mut owners: Vec<usize> = Vec::new();
+        for (api_idx, (di, d)) in api_drafts.iter().enumerate() {
+            if !d.gateways.is_empty() && !d.gateways.contains(&gdoc.name) {
+                continue;
+            }
+            let route = Route {
+                hosts: d.hosts.clone(),
+                pattern: d.pattern.clone(),
+                methods: d.methods.clone(),
+                headers: d.headers.clone(),
+                value: api_idx,
+            };
+            match builder.insert(route) {
+                Ok(_) => owners.push(*di),
+                Err(e) => {
+                    let other = &docs[owners[e.existing]];
+                    let mut ac = Check { doc: &docs[*di], diags: c.diags };
+                    ac.err(
+                        "spec.request.path",
+                        format!(
+                            "route tie with Api {:?} ({}:{}) on Gateway {:?}: same host ({}), path, methods and headers; make one more specific",
+                            other.name,
+                            other.file,
+                            other.span.line_of("spec.request.path"),
+                            gdoc.name,
+                            e.host
+                        ),
+                    );
+                }
+            }
+        }
+        built_gateways.push(Arc::new(Gateway {
+            name: gdoc.name.clone(),
+            listeners: g.listeners,
+            admin: g.admin,
+            limits: g.limits,
+            access_log: g.access_log,
+            global: Chain::new(filters),
+            router: builder.build(),
+            drain_timeout: g.drain_timeout,
+        }));
+    }
+    if had_errors || !diags.is_empty() {
+        return None;
+    }
+    Some(Snapshot {
+        revision: String::new(),
+        gateways: built_gateways,
+        services: services
+            .into_iter()
+            .map(|(n, (_, s))| (n, Arc::new(s)))
+            .collect(),
+        apis: built_apis,
+        resources: docs.iter().map(|d| d.resource.to_json()).collect(),
+    })
+}
+
+fn api_chain(
+    c: &mut Check<'_>,
+    docs: &[Doc],
+    policies: &BTreeMap<String, usize>,
+    spec: &ApiSpec,
+    captures: &[Arc<str>],
+) -> Option<Chain> {
+    let before = c.diags.len();
+    let mut filters: Vec<Arc<dyn Filter>> = Vec::new();
+    // response.headers runs last on the way out, so it goes first in the chain.
+    if let Some(h) = spec.response.as_ref().and_then(|r| r.headers.as_ref()) {
+        let cfg = meshgate_filter_header_cfg(h);
+        match HeaderOps::compile(&cfg, "spec.response.headers") {
+            Ok(ops) => filters.push(Arc::new(Transform::response_headers(ops))),
+            Err(e) => c.err(&e.path, e.message),
+        }
+    }
+    for (i, f) in spec.filters.iter().enumerate() {
+        let path = format!("spec.filters.{i}");
+        filters.extend(filter_entry(c, docs, policies, f, &path, captures, true));
+    }
+    (c.diags.len() == before).then(|| Chain::new(filters))
+}
+
+fn meshgate_filter_header_cfg(h: &meshgate_api::HeaderOpsSpec) -> meshgate_filter::HeaderOpsConfig {
+    meshgate_filter::HeaderOpsConfig {
+        set: h.set.clone(),
+        add: h.add.clone(),
+        remove: h.remove.clone(),
+    }
+}
+
+fn filter_entry(
+    c: &mut Check<'_>,
+    docs: &[Doc],
+    policies: &BTreeMap<String, usize>,
+    f: &FilterRef,
+    path: &str,
+    captures: &[Arc<str>],
+    allow_policy: bool,
+) -> Vec<Arc<dyn Filter>> {
+    match (&f.name, &f.policy) {
+        (Some(name), None) => match meshgate_filter::build(name, f.config.as_ref(), captures) {
+            Ok(filter) => vec![filter],
+            Err(e) => {
+                c.err(format!("{path}.{}", e.path), e.message);
+                Vec::new()
+            }
+        },
+        (None, Some(p)) if allow_policy => policy_filters(c, docs, policies, p, &format!("{path}.policy"), captures),
+        (None, Some(_)) => {
+            c.err(format!("{path}.policy"), "a Policy cannot reference another Policy");
+            Vec::new()
+        }
+        (Some(_), Some(_)) => {
+            c.err(path, "use either name (a filter) or policy, not both");
+            Vec::new()
+        }
+        (None, None) => {
+            c.err(path, "a filter entry needs name (a filter) or policy");
+            Vec::new()
+        }
+    }
+}
+
+fn policy_filters(
+    c: &mut Check<'_>,
+    docs: &[Doc],
+    policies: &BTreeMap<String, usize>,
+    name: &str,
+    path: &str,
+    captures: &[Arc<str>],
+) -> Vec<Arc<dyn Filter>> {
+    let Some(&pi) = policies.get(name) else {
+        if !docs.iter().any(|d| d.kind == meshgate_api::Kind::Policy && d.name == name) {
+            c.err(path, format!("unknown Policy {name:?}"));
+        }
+        return Vec::new();
+    };
+    let pdoc = &docs[pi];
+    let Resource::Policy(env) = &pdoc.resource else { return Vec::new() };
+    let mut pc = Check { doc: pdoc, diags: c.diags };
+    let mut out = Vec::new();
+    for (i, f) in env.spec.filters.iter().enumerate() {
+        out.extend(filter_entry(&mut pc, docs, policies, f, &format!("spec.filters.{i}"), captures, false));
+    }
+    out
+}
+
+fn invoke(
+    c: &mut Check<'_>,
+    inv: &InvokeSpec,
+    services: &mut BTreeMap<String, (usize, Service)>,
+    captures: &[Arc<str>],
+    declared: &dyn Fn(meshgate_api::Kind, &str) -> bool,
+) -> Option<Invoke> {
+    let before = c.diags.len();
+    if let Some(m) = &inv.mock {
+        let mut headers = HeaderMap::new();
+        for (n, v) in &m.headers {
+            match (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+                (Ok(n), Ok(v)) => {
+                    headers.insert(n, v);
+                }
+                _ => c.err(format!("spec.invoke.mock.headers.{n}"), "not a valid header"),
+            }
+        }
+        let body = match &m.body {
+            None => Bytes::new(),
+            Some(serde_json::Value::String(s)) => Bytes::from(s.clone()),
+            Some(v) => {
+                headers
+                    .entry(http::header::CONTENT_TYPE)
+                    .or_insert(HeaderValue::from_static("application/json"));
+                Bytes::from(v.to_string())
+            }
+        };
+        return Some(Invoke::Mock(Mock {
+            status: StatusCode::from_u16(m.status).unwrap_or(StatusCode::OK),
+            headers,
+            body,
+        }));
+    }
+    let name = inv.service.as_ref()?;
+    let Some((_, svc)) = services.get(name) else {
+        if !declared(meshgate_api::Kind::Service, name) {
+            c.err("spec.invoke.service", format!("unknown Service {name:?}"));
+        }
+        return None;
+    };
+    let svc_timeout = svc.timeout;
+    let rewrite = inv.path.as_ref().and_then(|p| {
+        RewriteTemplate::parse(p, captures)
+            .map_err(|e| c.err("spec.invoke.path", e.to_string()))
+            .ok()
+    });
+    let timeout = match &inv.timeout {
+        Some(t) => parse_duration(t).map_err(|e| c.err("spec.invoke.timeout", e)).ok(),
+        None => Some(svc_timeout.unwrap_or(DEFAULT_TIMEOUT)),
+    };
+    let mut retry = RetryPolicy::default();
+    if let Some(r) = &inv.retry {
+        if r.attempts > 10 {
+            c.err("spec.invoke.retry.attempts", "at most 10 retries");
+        }
+        retry.attempts = r.attempts;
+        retry.non_idempotent = r.non_idempotent;
+        let mut on = RetryOn::default();
+        if r.on.is_empty() {
+            for d in ["connect-failure", "reset", "gateway-error"] {
+                let _ = on.add(d);
+            }
+        }
+        for (i, s) in r.on.iter().enumerate() {
+            if let Err(e) = on.add(s) {
+                c.err(format!("spec.invoke.retry.on.{i}"), e);
+            }
+        }
+        retry.on = on;
+        if let Some(t) = &r.per_try_timeout {
+            retry.per_try_timeout = parse_duration(t)
+                .map_err(|e| c.err("spec.invoke.retry.perTryTimeout", e))
+                .ok();
+        }
+    }
+    let split = split(c, inv, name, services, declared);
+    (c.diags.len() == before).then(|| {
+        Invoke::Upstream(Upstream {
+            service: name.clone(),
+            rewrite,
+            timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
+            retry,
+            split,
+        })
+    })
+}
+
+/// Register a selector on a Service (deduplicated) and return its index.
+fn selector(svc: &mut Service, sel: Selector) -> usize {
+    match svc.selectors.iter().position(|s| *s == sel) {
+        Some(i) => i,
+        None => {
+            svc.selectors.push(sel);
+            svc.selectors.len() - 1
+        }
+    }
+}
+
+fn split(
+    c: &mut Check<'_>,
+    inv: &InvokeSpec,
+    own: &str,
+    services: &mut BTreeMap<String, (usize, Service)>,
+    declared: &dyn Fn(meshgate_api::Kind, &str) -> bool,
+) -> Split {
+    let mut out = Split::default();
+    let mut total = 0u32;
+    let mut own_subsets = Vec::new();
+    for (i, s) in inv.split.iter().enumerate() {
+        let p = format!("spec.invoke.split.{i}");
+        let svc_name = s.service.clone().unwrap_or_else(|| own.to_string());
+        let Some((_, svc)) = services.get_mut(&svc_name) else {
+            if !declared(meshgate_api::Kind::Service, &svc_name) {
+                c.err(format!("{p}.service"), format!("unknown Service {svc_name:?}"));
+            }
+            continue;
+        };
+        let subset = (!s.subset.is_empty()).then(|| selector(svc, Selector::Labels(s.subset.clone())));
+        if svc_name == own && !s.subset.is_empty() {
+            own_subsets.push(s.subset.clone());
+        }
+        let target = Target {
+            service: (svc_name != own).then_some(svc_name),
+            subset,
+        };
+        match (&s.r#match, s.weight) {
+            (Some(m), None) => {
+                let mut hs = Vec::new();
+                for (n, v) in &m.header {
+                    match HeaderName::from_bytes(n.as_bytes()) {
+                        Ok(h) => hs.push((h, v.clone())),
+                        Err(_) => c.err(format!("{p}.match.header.{n}"), "not a header name"),
+                    }
+                }
+                if hs.is_empty() {
+                    c.err(format!("{p}.match"), "match needs at least one header");
+                }
+                out.matched.push((hs, target));
+            }
+            (None, Some(w)) => {
+                total += w;
+                if total > 100 {
+                    c.err(format!("{p}.weight"), "split weights are percentages and add up to more than 100");
+                }
+                out.weighted.push((total, target));
+            }
+            (Some(_), Some(_)) => c.err(&p, "a split entry has either weight or match, not both"),
+            (None, None) => c.err(&p, "a split entry needs weight (percent) or match"),
+        }
+    }
+    if !own_subsets.is_empty()
+        && let Some((_, svc)) = services.get_mut(own)
+    {
+        out.baseline.subset = Some(selector(svc, Selector::NoneOf(own_subsets)));
+    }
+    out
+}

@@ -1,0 +1,174 @@
+//! Validated, linked config: what the proxy runs. Immutable once built; each request
+//! holds one `Arc<Snapshot>` for its whole life.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, StatusCode};
+use meshgate_filter::Chain;
+use meshgate_route::{RewriteTemplate, Router};
+use meshgate_upstream::{HashOn, LbPolicy, RetryPolicy, Selector};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use meshgate_api::{ListenerProtocol, UpstreamProtocol};
+
+/// Default upstream request timeout when neither the Api nor the Service sets one
+/// (Envoy's route default).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(30);
+
+/// One compiled config.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// A hash of the sources: equal configs have equal revisions.
+    pub revision: String,
+    pub gateways: Vec<Arc<Gateway>>,
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub apis: Vec<Arc<Api>>,
+    /// The resources as JSON, for `GET /config`.
+    pub resources: Vec<serde_json::Value>,
+}
+
+#[derive(Debug)]
+pub struct Gateway {
+    pub name: String,
+    pub listeners: Vec<Listener>,
+    pub admin: Option<SocketAddr>,
+    pub limits: Limits,
+    pub access_log: AccessLog,
+    /// Filters from the gateway's global policies, run before every Api's filters.
+    pub global: Chain,
+    /// Routes to indices into [`Snapshot::apis`].
+    pub router: Router<usize>,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub protocol: ListenerProtocol,
+    pub certificates: Vec<Certificate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Certificate {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// SNI names this certificate serves (`*.example.com` allowed); empty: the default.
+    pub hosts: Vec<String>,
+}
+
+/// Edge limits of a gateway's listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_request_line: usize,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_request_line: 8 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_concurrent_streams: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsDiscovery {
+    pub host: String,
+    pub port: u16,
+    pub refresh: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub protocol: UpstreamProtocol,
+    pub endpoints: Vec<EndpointConfig>,
+    pub dns: Option<DnsDiscovery>,
+    pub policy: LbPolicy,
+    pub hash_on: Option<HashOn>,
+    pub timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    /// Every subset some Api's split uses; splits refer to them by index.
+    pub selectors: Vec<Selector>,
+}
+
+#[derive(Debug)]
+pub struct Api {
+    pub name: String,
+    pub chain: Chain,
+    pub invoke: Invoke,
+    /// Per-Api request body limit (below the gateway's).
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug)]
+pub enum Invoke {
+    Mock(Mock),
+    Upstream(Upstream),
+}
+
+#[derive(Debug, Clone)]
+pub struct Mock {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub service: String,
+    pub rewrite: Option<RewriteTemplate>,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    pub split: Split,
+}
+
+/// Grey release: header-matched targets first, then a weighted choice; what the
+/// weights leave goes to the baseline.
+#[derive(Debug, Default)]
+pub struct Split {
+    pub matched: Vec<(Vec<(HeaderName, String)>, Target)>,
+    /// `(cumulative percent, target)`, ascending.
+    pub weighted: Vec<(u32, Target)>,
+    /// Where the rest goes: the baseline subset of the Api's Service, if any.
+    pub baseline: Target,
+}
+
+/// A Service and optionally one of its subsets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Target {
+    /// `None`: the Api's own Service.
+    pub service: Option<String>,
+    pub subset: Option<usize>,
+}

@@ -1,0 +1,427 @@
+//! Stage 2: check each document on its own, collecting every problem.
+
+use crate::diag::Diagnostic;
+use crate::duration::parse_duration;
+use crate::load::{Doc, Resource};
+use crate::model::*;
+use http::{HeaderName, Method};
+use meshgate_api::{ApiSpec, GatewaySpec, ServiceSpec};
+use meshgate_route::{HeaderMatch, PathPattern};
+use meshgate_upstream::{HashOn, LbPolicy};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A gateway before linking (policies not yet resolved, no router).
+#[derive(Debug)]
+pub struct GatewayDraft {
+    pub listeners: Vec<Listener>,
+    pub admin: Option<SocketAddr>,
+    pub limits: Limits,
+    pub access_log: AccessLog,
+    pub policies: Vec<String>,
+    pub drain_timeout: std::time::Duration,
+}
+
+/// An Api before linking.
+#[derive(Debug)]
+pub struct ApiDraft {
+    pub gateways: Vec<String>,
+    pub hosts: Vec<String>,
+    pub pattern: PathPattern,
+    pub methods: Vec<Method>,
+    pub headers: Vec<HeaderMatch>,
+    pub max_body_bytes: Option<u64>,
+}
+
+/// Everything that passed stage 2, by document index.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub gateways: Vec<(usize, GatewayDraft)>,
+    pub services: BTreeMap<String, (usize, Service)>,
+    pub apis: Vec<(usize, ApiDraft)>,
+    pub policies: BTreeMap<String, usize>,
+}
+
+/// Collects diagnostics for one document.
+pub struct Check<'a> {
+    pub doc: &'a Doc,
+    pub diags: &'a mut Vec<Diagnostic>,
+}
+
+impl Check<'_> {
+    pub fn err(&mut self, path: impl AsRef<str>, message: impl Into<String>) {
+        self.diags.push(self.doc.diag(path.as_ref(), message));
+    }
+
+    fn duration(&mut self, path: &str, v: Option<&String>) -> Option<std::time::Duration> {
+        let s = v?;
+        parse_duration(s).map_err(|e| self.err(path, e)).ok()
+    }
+
+    fn addr(&mut self, path: &str, s: &str) -> Option<SocketAddr> {
+        s.parse()
+            .map_err(|_| {
+                self.err(path, format!("{s:?} is not an address: use IP:PORT, like 127.0.0.1:8080 or [::1]:8080"))
+            })
+            .ok()
+    }
+
+    fn not_built(&mut self, path: &str, what: &str) {
+        self.err(path, format!("{what} is not built yet in this version of meshgate"));
+    }
+}
+
+pub fn validate(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> Checked {
+    let mut out = Checked::default();
+    let mut seen: HashSet<(meshgate_api::Kind, &str)> = HashSet::new();
+    for (i, doc) in docs.iter().enumerate() {
+        let mut c = Check { doc, diags };
+        if !valid_name(&doc.name) {
+            c.err(
+                "metadata.name",
+                format!("{:?} is not a valid name: use lowercase letters, digits, '-' and '.' (at most 253)", doc.name),
+            );
+            continue;
+        }
+        if !seen.insert((doc.kind, doc.name.as_str())) {
+            c.err("metadata.name", format!("duplicate {} {:?}", doc.kind.as_str(), doc.name));
+            continue;
+        }
+        match &doc.resource {
+            Resource::Gateway(e) => {
+                if let Some(g) = gateway(&mut c, &e.spec) {
+                    out.gateways.push((i, g));
+                }
+            }
+            Resource::Service(e) => {
+                if let Some(s) = service(&mut c, &doc.name, &e.spec) {
+                    out.services.insert(doc.name.clone(), (i, s));
+                }
+            }
+            Resource::Api(e) => {
+                if let Some(a) = api(&mut c, &e.spec) {
+                    out.apis.push((i, a));
+                }
+            }
+            Resource::Policy(_) => {
+                out.policies.insert(doc.name.clone(), i);
+            }
+        }
+    }
+    out
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !n.starts_with('-')
+}
+
+fn gateway(c: &mut Check<'_>, spec: &GatewaySpec) -> Option<GatewayDraft> {
+    let before = c.diags.len();
+    let mut listeners = Vec::new();
+    let mut names = HashSet::new();
+    if spec.listeners.is_empty() {
+        c.err("spec.listeners", "a Gateway needs at least one listener");
+    }
+    for (i, l) in spec.listeners.iter().enumerate() {
+        let p = format!("spec.listeners.{i}");
+        if !names.insert(l.name.as_str()) {
+            c.err(format!("{p}.name"), format!("duplicate listener name {:?}", l.name));
+        }
+        let address = c.addr(&format!("{p}.address"), &l.address);
+        let mut certificates = Vec::new();
+        match (l.protocol, &l.tls) {
+            (ListenerProtocol::Tcp, _) => c.not_built(&format!("{p}.protocol"), "protocol tcp"),
+            (ListenerProtocol::Https, None) => {
+                c.err(format!("{p}.tls"), "an https listener needs tls.certificates");
+            }
+            (ListenerProtocol::Https, Some(tls)) => {
+                if tls.certificates.is_empty() {
+                    c.err(format!("{p}.tls.certificates"), "at least one certificate is needed");
+                }
+                for (j, cert) in tls.certificates.iter().enumerate() {
+                    let cp = format!("{p}.tls.certificates.{j}");
+                    for (field, file) in [("certFile", &cert.cert_file), ("keyFile", &cert.key_file)] {
+                        if !std::path::Path::new(file).is_file() {
+                            c.err(format!("{cp}.{field}"), format!("{file:?} does not exist"));
+                        }
+                    }
+                    certificates.push(Certificate {
+                        cert_file: PathBuf::from(&cert.cert_file),
+                        key_file: PathBuf::from(&cert.key_file),
+                        hosts: cert.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                    });
+                }
+            }
+            (ListenerProtocol::Http, Some(_)) => {
+                c.err(format!("{p}.tls"), "tls is only valid on an https listener");
+            }
+            (ListenerProtocol::Http, None) => {}
+        }
+        if let Some(address) = address {
+            listeners.push(Listener {
+                name: l.name.clone(),
+                address,
+                protocol: l.protocol,
+                certificates,
+            });
+        }
+    }
+    let admin = spec
+        .admin
+        .as_ref()
+        .and_then(|a| c.addr("spec.admin.address", &a.address));
+    let mut limits = Limits::default();
+    if let Some(l) = &spec.limits {
+        let size = |c: &mut Check<'_>, field: &str, v: Option<u64>, min: u64, max: u64| -> Option<u64> {
+            let v = v?;
+            if v < min || v > max {
+                c.err(format!("spec.limits.{field}"), format!("must be between {min} and {max}"));
+                return None;
+            }
+            Some(v)
+        };
+        if let Some(v) = size(c, "maxHeaderBytes", l.max_header_bytes, 1024, 1 << 20) {
+            limits.max_header_bytes = v as usize;
+        }
+        if let Some(v) = size(c, "maxHeaders", l.max_headers, 8, 1000) {
+            limits.max_headers = v as usize;
+        }
+        if let Some(v) = size(c, "maxRequestLine", l.max_request_line, 256, 1 << 20) {
+            limits.max_request_line = v as usize;
+        }
+        if let Some(v) = size(c, "maxBodyBytes", l.max_body_bytes, 0, u64::MAX >> 1) {
+            limits.max_body_bytes = v;
+        }
+        if let Some(v) = size(c, "maxConcurrentStreams", l.max_concurrent_streams.map(u64::from), 1, 10_000) {
+            limits.max_concurrent_streams = v as u32;
+        }
+        if let Some(d) = c.duration("spec.limits.headerReadTimeout", l.header_read_timeout.as_ref()) {
+            limits.header_read_timeout = d;
+        }
+        if let Some(d) = c.duration("spec.limits.idleTimeout", l.idle_timeout.as_ref()) {
+            limits.idle_timeout = d;
+        }
+    }
+    let access_log = match spec.access_log.as_ref().and_then(|a| a.path.as_deref()) {
+        None | Some("stdout") => AccessLog::Stdout,
+        Some("off") => AccessLog::Off,
+        Some(p) => AccessLog::File(PathBuf::from(p)),
+    };
+    let drain_timeout = c
+        .duration("spec.drainTimeout", spec.drain_timeout.as_ref())
+        .unwrap_or(std::time::Duration::from_secs(30));
+    (c.diags.len() == before).then(|| GatewayDraft {
+        listeners,
+        admin,
+        limits,
+        access_log,
+        policies: spec.policies.clone(),
+        drain_timeout,
+    })
+}
+
+fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service> {
+    let before = c.diags.len();
+    let mut endpoints = Vec::new();
+    for (i, e) in spec.endpoints.iter().enumerate() {
+        let p = format!("spec.endpoints.{i}");
+        if e.weight == Some(0) {
+            c.err(format!("{p}.weight"), "weight must be at least 1");
+        }
+        if let Some(address) = c.addr(&format!("{p}.address"), &e.address) {
+            endpoints.push(EndpointConfig {
+                address,
+                weight: e.weight.unwrap_or(1),
+                labels: e.labels.clone(),
+            });
+        }
+    }
+    let mut dns = None;
+    match &spec.discovery {
+        None if spec.endpoints.is_empty() => {
+            c.err("spec.endpoints", "a Service needs endpoints or discovery");
+        }
+        None => {}
+        Some(_) if !spec.endpoints.is_empty() => {
+            c.err("spec.discovery", "use either endpoints or discovery, not both");
+        }
+        Some(d) => {
+            if d.registry.is_some() {
+                c.not_built("spec.discovery.registry", "registry discovery");
+            }
+            match (&d.dns, &d.registry) {
+                (Some(h), None) => {
+                    let refresh = c
+                        .duration("spec.discovery.refresh", d.refresh.as_ref())
+                        .unwrap_or(DEFAULT_DNS_REFRESH);
+                    match h.rsplit_once(':').map(|(host, port)| (host, port.parse::<u16>())) {
+                        Some((host, Ok(port))) if !host.is_empty() && port > 0 => {
+                            dns = Some(DnsDiscovery {
+                                host: host.to_string(),
+                                port,
+                                refresh,
+                            });
+                        }
+                        _ => c.err("spec.discovery.dns", format!("{h:?} must be HOST:PORT")),
+                    }
+                }
+                (None, None) => c.err("spec.discovery", "discovery needs dns or registry"),
+                _ => {}
+            }
+        }
+    }
+    let lb = spec.load_balancer.clone().unwrap_or_default();
+    let policy = match lb.policy {
+        meshgate_api::LbPolicy::RoundRobin => LbPolicy::RoundRobin,
+        meshgate_api::LbPolicy::LeastRequest => LbPolicy::LeastRequest,
+        meshgate_api::LbPolicy::Random => LbPolicy::Random,
+        meshgate_api::LbPolicy::RingHash => LbPolicy::RingHash,
+    };
+    let hash_on = match (&lb.hash_on, policy) {
+        (Some(h), LbPolicy::RingHash) => HashOn::parse(h)
+            .map_err(|e| c.err("spec.loadBalancer.hashOn", e))
+            .ok(),
+        (None, LbPolicy::RingHash) => {
+            c.err("spec.loadBalancer.hashOn", "ring-hash needs hashOn (header:NAME, cookie:NAME or ip)");
+            None
+        }
+        (Some(_), _) => {
+            c.err("spec.loadBalancer.hashOn", "hashOn is only used by the ring-hash policy");
+            None
+        }
+        (None, _) => None,
+    };
+    let timeout = c.duration("spec.timeout", spec.timeout.as_ref());
+    let connect_timeout = c
+        .duration("spec.connectTimeout", spec.connect_timeout.as_ref())
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    for (field, present) in [
+        ("healthCheck", spec.health_check.is_some()),
+        ("outlierDetection", spec.outlier_detection.is_some()),
+        ("circuitBreaker", spec.circuit_breaker.is_some()),
+    ] {
+        if present {
+            c.not_built(&format!("spec.{field}"), field);
+        }
+    }
+    if let Some(t) = &spec.tls
+        && t.mode != "disable"
+    {
+        c.not_built("spec.tls.mode", &format!("upstream tls mode {:?}", t.mode));
+    }
+    (c.diags.len() == before).then(|| Service {
+        name: name.to_string(),
+        protocol: spec.protocol,
+        endpoints,
+        dns,
+        policy,
+        hash_on,
+        timeout,
+        connect_timeout,
+        selectors: Vec::new(),
+    })
+}
+
+fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
+    let before = c.diags.len();
+    let r = &spec.request;
+    let pattern = PathPattern::parse(&r.path)
+        .map_err(|e| c.err("spec.request.path", e.to_string()))
+        .ok();
+    let mut methods = Vec::new();
+    for (i, m) in r.methods.iter().enumerate() {
+        match Method::from_bytes(m.as_bytes()) {
+            Ok(method) if m.bytes().all(|b| b.is_ascii_uppercase()) => {
+                if methods.contains(&method) {
+                    c.err(format!("spec.request.methods.{i}"), format!("duplicate method {m}"));
+                }
+                methods.push(method);
+            }
+            _ => c.err(format!("spec.request.methods.{i}"), format!("{m:?} is not an HTTP method (use upper case, like GET)")),
+        }
+    }
+    for (i, h) in r.hosts.iter().enumerate() {
+        if !valid_host(h) {
+            c.err(
+                format!("spec.request.hosts.{i}"),
+                format!("{h:?} is not a host: use a DNS name or *.suffix, without port or scheme"),
+            );
+        }
+    }
+    let mut headers = Vec::new();
+    for (n, re) in &r.headers {
+        let p = format!("spec.request.headers.{n}");
+        let name = HeaderName::from_bytes(n.as_bytes())
+            .map_err(|_| c.err(&p, format!("{n:?} is not a header name")))
+            .ok();
+        let regex = regex::RegexBuilder::new(re)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| c.err(&p, format!("bad regex: {}", e.to_string().lines().last().unwrap_or(""))))
+            .ok();
+        if let (Some(name), Some(regex)) = (name, regex) {
+            headers.push(HeaderMatch { name, regex });
+        }
+    }
+    if r.params.is_some() {
+        c.not_built("spec.request.params", "request parameter validation");
+    }
+    let max_body_bytes = r.body.as_ref().and_then(|b| {
+        if b.schema.is_some() {
+            c.not_built("spec.request.body.schema", "JSON Schema body validation");
+        }
+        b.max_bytes
+    });
+    let inv = &spec.invoke;
+    let kinds = [inv.service.is_some(), inv.mock.is_some(), inv.steps.is_some()];
+    match kinds.iter().filter(|k| **k).count() {
+        0 => c.err("spec.invoke", "invoke needs one of service, mock or steps"),
+        1 => {}
+        _ => c.err("spec.invoke", "use only one of service, mock or steps"),
+    }
+    if inv.steps.is_some() {
+        c.not_built("spec.invoke.steps", "orchestration (invoke.steps)");
+    }
+    if let Some(m) = &inv.mock {
+        if http::StatusCode::from_u16(m.status).is_err() || m.status < 200 {
+            c.err("spec.invoke.mock.status", format!("{} is not a final HTTP status", m.status));
+        }
+        for n in m.headers.keys() {
+            if HeaderName::from_bytes(n.as_bytes()).is_err() {
+                c.err(format!("spec.invoke.mock.headers.{n}"), format!("{n:?} is not a header name"));
+            }
+        }
+        if inv.path.is_some() || inv.retry.is_some() || !inv.split.is_empty() {
+            c.err("spec.invoke", "mock cannot be combined with path, retry or split");
+        }
+    }
+    (c.diags.len() == before).then_some(())?;
+    Some(ApiDraft {
+        gateways: spec.gateways.clone(),
+        hosts: r.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        pattern: pattern?,
+        methods,
+        headers,
+        max_body_bytes,
+    })
+}
+
+fn valid_host(h: &str) -> bool {
+    let body = h.strip_prefix("*.").unwrap_or(h);
+    !body.is_empty()
+        && body.len() <= 253
+        && body.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+pub fn captures_of(d: &ApiDraft) -> Vec<Arc<str>> {
+    d.pattern.capture_names()
+}
