@@ -154,8 +154,8 @@ mod tests {
         assert_eq!(d.line_of("b.e.0.nothing"), 5);
         assert_eq!(d.path_at(5), Some("b.e.0.f"));
         let d2 = &docs[1];
-        assert_eq!(d2.first_line, 7);
+        assert_eq!(d2.first_line, 6);
         assert_eq!(d2.line_of("spec.x"), 8);
-        assert!(text[d2.start..d2.end].starts_with("kind: Api"));
+        assert!(text[d2.start..d2.end].starts_with("---\nkind: Api"));
     }
 }
