@@ -1,4 +1,6 @@
 //! placeholder
+mod body;
+mod guard;
 use std::path::PathBuf;
 #[derive(Debug)]
 pub struct Options { pub config: Vec<PathBuf> }

@@ -1,0 +1,199 @@
+//! Request and response bodies without boxing: an enum over what the proxy sends.
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+/// The body sent upstream: nothing, a buffered copy (replayable for retries), or the
+/// client's stream under a size limit.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(LimitedIncoming),
+}
+
+/// The downstream body, failing once it passes `limit` bytes. `exceeded` tells the
+/// dispatcher to answer 413 rather than 502 when the upstream call then fails.
+#[derive(Debug)]
+pub struct LimitedIncoming {
+    pub inner: Incoming,
+    pub remaining: u64,
+    pub exceeded: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+pub struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body is larger than the limit")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::Stream(s) => {
+                let frame = match Pin::new(&mut s.inner).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                    Poll::Ready(Some(Ok(f))) => f,
+                };
+                if let Some(d) = frame.data_ref() {
+                    let n = d.len() as u64;
+                    if n > s.remaining {
+                        s.exceeded.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
+                    s.remaining -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::Full(b) => b.is_none(),
+            Self::Stream(s) => s.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Stream(s) => s.inner.size_hint(),
+        }
+    }
+}
+
+/// Runs when a response body is finished or dropped: metrics, access log, filters'
+/// `on_complete`. Receives the bytes sent and whether the body ended cleanly.
+pub trait Completion: Send + Sync + 'static {
+    fn complete(&mut self, bytes_sent: u64, clean: bool);
+}
+
+/// The body sent downstream: the upstream's stream, or a gateway-made buffer; with an
+/// optional completion hook.
+pub struct ResponseBody {
+    inner: Inner,
+    sent: u64,
+    clean: bool,
+    done: Option<Box<dyn Completion>>,
+}
+
+enum Inner {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody").field("sent", &self.sent).finish()
+    }
+}
+
+impl ResponseBody {
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        let b = b.into();
+        Self {
+            inner: Inner::Full((!b.is_empty()).then_some(b)),
+            sent: 0,
+            clean: false,
+            done: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        Self::full(Bytes::new())
+    }
+
+    pub fn upstream(b: Incoming) -> Self {
+        Self {
+            inner: Inner::Upstream(b),
+            sent: 0,
+            clean: false,
+            done: None,
+        }
+    }
+
+    pub fn on_complete(&mut self, c: Box<dyn Completion>) {
+        self.done = Some(c);
+    }
+
+    fn finish(&mut self) {
+        if let Some(mut d) = self.done.take() {
+            // hyper never polls a body that reports its end up front.
+            let clean = self.clean || self.is_end_stream();
+            d.complete(self.sent, clean);
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let out = match &mut this.inner {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+        };
+        match &out {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.sent += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                this.clean = true;
+                this.finish();
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(),
+            Poll::Pending => {}
+        }
+        out
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.is_none(),
+            Inner::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Upstream(b) => b.size_hint(),
+        }
+    }
+}

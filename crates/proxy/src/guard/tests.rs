@@ -1,0 +1,108 @@
+use super::*;
+
+const LIMITS: GuardLimits = GuardLimits {
+    max_request_line: 64,
+    max_header_bytes: 256,
+    max_headers: 5,
+};
+
+/// Feed the whole input and describe the outcome: how many bytes passed, and the
+/// rejection if any.
+fn run(input: &[u8]) -> (usize, Option<&'static str>) {
+    let mut s = Scanner::new(LIMITS);
+    let mut passed = 0;
+    loop {
+        match s.step(&input[passed..]) {
+            Step::Pass(0) | Step::NeedMore => return (passed, None),
+            Step::Pass(n) => passed += n,
+            Step::Reject(r) => return (passed, Some(r.message)),
+        }
+    }
+}
+
+#[test]
+fn accepts_well_formed_messages() {
+    let ok: &[&[u8]] = &[
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
+        b"\r\nGET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12",
+    ];
+    for m in ok {
+        assert_eq!(run(m), (m.len(), None), "{}", String::from_utf8_lossy(m));
+    }
+}
+
+#[test]
+fn holds_incomplete_heads() {
+    assert_eq!(run(b"GET / HTTP/1.1\r\nHost: a\r\n"), (0, None));
+    assert_eq!(run(b"PRI * HTTP/2"), (0, None));
+    // a body may arrive in pieces
+    assert_eq!(run(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").0, 42);
+}
+
+#[test]
+fn rejects_smuggling_and_malformed_heads() {
+    let bad: &[(&[u8], &str)] = &[
+        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", "both Content-Length and Transfer-Encoding"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", "both Content-Length and Transfer-Encoding"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n", "duplicate Content-Length"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n", "invalid Content-Length"),
+        (b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n", "invalid Content-Length"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "unsupported Transfer-Encoding (only chunked is accepted)"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", "duplicate Transfer-Encoding"),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding in an HTTP/1.0 request"),
+        (b"GET / HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", "obsolete line folding in a header"),
+        (b"GET / HTTP/1.1\r\nX-A: 1\rX-B: 2\r\n\r\n", "bare CR in a header"),
+        (b"GET / HTTP/1.1\r\nX-A: 1\nX-B: 2\r\n\r\n", "bare LF in header section"),
+        (b"GET / HTTP/1.1\r\nX A: 1\r\n\r\n", "invalid header name"),
+        (b"GET / HTTP/1.1\r\nX-A : 1\r\n\r\n", "invalid header name"),
+        (b"GET / HTTP/1.1\r\nNoColon\r\n\r\n", "header without ':'"),
+        (b"GET  / HTTP/1.1\r\n\r\n", "malformed request line"),
+        (b"GET / HTTP/2.0\r\n\r\n", "unsupported HTTP version"),
+        (b"GET / HTTP/1.1\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\nE: 1\r\nF: 1\r\n\r\n", "too many request headers"),
+    ];
+    for (m, want) in bad {
+        assert_eq!(run(m), (0, Some(*want)), "{}", String::from_utf8_lossy(m));
+    }
+}
+
+#[test]
+fn enforces_size_limits_before_the_head_completes() {
+    let long_line = format!("GET /{} HTTP/1.1\r\n", "a".repeat(100));
+    assert_eq!(run(long_line.as_bytes()), (0, Some("request line is too long")));
+    let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(300));
+    assert_eq!(run(big.as_bytes()), (0, Some("request headers are too large")));
+}
+
+#[test]
+fn rejects_bad_chunked_framing_after_the_head() {
+    let head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let bad: &[(&[u8], &str)] = &[
+        (b"zz\r\n", "invalid chunk size"),
+        (b"\r\n", "missing chunk size"),
+        (b"3\nabc", "invalid chunk size"),
+        (b"3\r\rabc", "chunk size line must end with CRLF"),
+        (b"3\r\nabcd\r\n", "chunk data must end with CRLF"),
+        (b"ffffffffffffffff\r\n", "chunk size too large"),
+        (b"-1\r\n", "invalid chunk size"),
+    ];
+    for (body, want) in bad {
+        let mut m = head.to_vec();
+        m.extend_from_slice(body);
+        let (passed, why) = run(&m);
+        assert!(passed >= head.len(), "head passes first");
+        assert_eq!(why, Some(*want), "{}", String::from_utf8_lossy(body));
+    }
+}
+
+#[test]
+fn pipelined_message_after_a_body_is_checked_too() {
+    let m = b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
+    let (passed, why) = run(m);
+    assert_eq!(passed, 41);
+    assert_eq!(why, Some("duplicate Content-Length"));
+}
