@@ -3,8 +3,11 @@ use std::time::Duration;
 /// Parse `250ms`, `1s`, `1.5s`, `5m`, `1h`. Zero is allowed; negative and unitless
 /// values are not.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("{s:?} is not a duration: use a number and a unit, like 250ms, 1s, 5m or 1h");
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
+    let err =
+        || format!("{s:?} is not a duration: use a number and a unit, like 250ms, 1s, 5m or 1h");
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(err)?;
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().map_err(|_| err())?;
     let secs = match unit {

@@ -81,7 +81,9 @@ pub fn scan(text: &str) -> Vec<DocSpan> {
         match event {
             Event::DocumentStart(..) => {
                 // Start documents at the beginning of their line so slices keep columns.
-                let start = text[..offset.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+                let start = text[..offset.min(text.len())]
+                    .rfind('\n')
+                    .map_or(0, |i| i + 1);
                 cur = Some(DocSpan {
                     start,
                     end: text.len(),

@@ -22,7 +22,9 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
         policies,
     } = checked;
     let had_errors = !diags.is_empty();
-    let declared = |kind: meshgate_api::Kind, name: &str| docs.iter().any(|d| d.kind == kind && d.name == name);
+    let declared = |kind: meshgate_api::Kind, name: &str| {
+        docs.iter().any(|d| d.kind == kind && d.name == name)
+    };
     if gateways.is_empty() && !docs.iter().any(|d| d.kind == meshgate_api::Kind::Gateway) {
         diags.push(Diagnostic {
             file: docs.first().map_or_else(|| "-".into(), |d| d.file.clone()),
@@ -33,20 +35,32 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
         });
         return None;
     }
-    let gateway_names: Vec<&str> = gateways.iter().map(|(i, _)| docs[*i].name.as_str()).collect();
+    let gateway_names: Vec<&str> = gateways
+        .iter()
+        .map(|(i, _)| docs[*i].name.as_str())
+        .collect();
     // Listener addresses must be unique across gateways.
     let mut bound: BTreeMap<std::net::SocketAddr, &str> = BTreeMap::new();
     for (i, g) in &gateways {
-        let mut c = Check { doc: &docs[*i], diags };
+        let mut c = Check {
+            doc: &docs[*i],
+            diags,
+        };
         for (j, l) in g.listeners.iter().enumerate() {
             if let Some(other) = bound.insert(l.address, &docs[*i].name) {
-                c.err(format!("spec.listeners.{j}.address"), format!("{} is already used by Gateway {other:?}", l.address));
+                c.err(
+                    format!("spec.listeners.{j}.address"),
+                    format!("{} is already used by Gateway {other:?}", l.address),
+                );
             }
         }
         if let Some(a) = g.admin
             && let Some(other) = bound.insert(a, &docs[*i].name)
         {
-            c.err("spec.admin.address", format!("{a} is already used by Gateway {other:?}"));
+            c.err(
+                "spec.admin.address",
+                format!("{a} is already used by Gateway {other:?}"),
+            );
         }
     }
 
@@ -54,16 +68,27 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
     let mut api_drafts: Vec<(usize, ApiDraft)> = Vec::new();
     for (i, draft) in apis {
         let doc = &docs[i];
-        let Resource::Api(env) = &doc.resource else { continue };
+        let Resource::Api(env) = &doc.resource else {
+            continue;
+        };
         let mut c = Check { doc, diags };
         for (j, g) in draft.gateways.iter().enumerate() {
             if !gateway_names.contains(&g.as_str()) && !declared(meshgate_api::Kind::Gateway, g) {
-                c.err(format!("spec.gateways.{j}"), format!("unknown Gateway {g:?}"));
+                c.err(
+                    format!("spec.gateways.{j}"),
+                    format!("unknown Gateway {g:?}"),
+                );
             }
         }
         let captures = captures_of(&draft);
         let chain = api_chain(&mut c, docs, &policies, &env.spec, &captures);
-        let invoke = invoke(&mut c, &env.spec.invoke, &mut services, &captures, &declared);
+        let invoke = invoke(
+            &mut c,
+            &env.spec.invoke,
+            &mut services,
+            &captures,
+            &declared,
+        );
         if let (Some(chain), Some(invoke)) = (chain, invoke) {
             built_apis.push(Arc::new(Api {
                 name: doc.name.clone(),
@@ -81,7 +106,14 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
         let mut c = Check { doc: gdoc, diags };
         let mut filters = Vec::new();
         for (j, p) in g.policies.iter().enumerate() {
-            filters.extend(policy_filters(&mut c, docs, &policies, p, &format!("spec.policies.{j}"), &[]));
+            filters.extend(policy_filters(
+                &mut c,
+                docs,
+                &policies,
+                p,
+                &format!("spec.policies.{j}"),
+                &[],
+            ));
         }
         let mut builder = Router::builder();
         let mut owners: Vec<usize> = Vec::new();
@@ -100,7 +132,10 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
                 Ok(_) => owners.push(*di),
                 Err(e) => {
                     let other = &docs[owners[e.existing]];
-                    let mut ac = Check { doc: &docs[*di], diags: c.diags };
+                    let mut ac = Check {
+                        doc: &docs[*di],
+                        diags: c.diags,
+                    };
                     ac.err(
                         "spec.request.path",
                         format!(
@@ -190,9 +225,14 @@ fn filter_entry(
                 Vec::new()
             }
         },
-        (None, Some(p)) if allow_policy => policy_filters(c, docs, policies, p, &format!("{path}.policy"), captures),
+        (None, Some(p)) if allow_policy => {
+            policy_filters(c, docs, policies, p, &format!("{path}.policy"), captures)
+        }
         (None, Some(_)) => {
-            c.err(format!("{path}.policy"), "a Policy cannot reference another Policy");
+            c.err(
+                format!("{path}.policy"),
+                "a Policy cannot reference another Policy",
+            );
             Vec::new()
         }
         (Some(_), Some(_)) => {
@@ -215,17 +255,33 @@ fn policy_filters(
     captures: &[Arc<str>],
 ) -> Vec<Arc<dyn Filter>> {
     let Some(&pi) = policies.get(name) else {
-        if !docs.iter().any(|d| d.kind == meshgate_api::Kind::Policy && d.name == name) {
+        if !docs
+            .iter()
+            .any(|d| d.kind == meshgate_api::Kind::Policy && d.name == name)
+        {
             c.err(path, format!("unknown Policy {name:?}"));
         }
         return Vec::new();
     };
     let pdoc = &docs[pi];
-    let Resource::Policy(env) = &pdoc.resource else { return Vec::new() };
-    let mut pc = Check { doc: pdoc, diags: c.diags };
+    let Resource::Policy(env) = &pdoc.resource else {
+        return Vec::new();
+    };
+    let mut pc = Check {
+        doc: pdoc,
+        diags: c.diags,
+    };
     let mut out = Vec::new();
     for (i, f) in env.spec.filters.iter().enumerate() {
-        out.extend(filter_entry(&mut pc, docs, policies, f, &format!("spec.filters.{i}"), captures, false));
+        out.extend(filter_entry(
+            &mut pc,
+            docs,
+            policies,
+            f,
+            &format!("spec.filters.{i}"),
+            captures,
+            false,
+        ));
     }
     out
 }
@@ -241,11 +297,17 @@ fn invoke(
     if let Some(m) = &inv.mock {
         let mut headers = HeaderMap::new();
         for (n, v) in &m.headers {
-            match (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+            match (
+                HeaderName::from_bytes(n.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
                 (Ok(n), Ok(v)) => {
                     headers.insert(n, v);
                 }
-                _ => c.err(format!("spec.invoke.mock.headers.{n}"), "not a valid header"),
+                _ => c.err(
+                    format!("spec.invoke.mock.headers.{n}"),
+                    "not a valid header",
+                ),
             }
         }
         let body = match &m.body {
@@ -278,7 +340,9 @@ fn invoke(
             .ok()
     });
     let timeout = match &inv.timeout {
-        Some(t) => parse_duration(t).map_err(|e| c.err("spec.invoke.timeout", e)).ok(),
+        Some(t) => parse_duration(t)
+            .map_err(|e| c.err("spec.invoke.timeout", e))
+            .ok(),
         None => Some(svc_timeout.unwrap_or(DEFAULT_TIMEOUT)),
     };
     let mut retry = RetryPolicy::default();
@@ -344,11 +408,15 @@ fn split(
         let svc_name = s.service.clone().unwrap_or_else(|| own.to_string());
         let Some((_, svc)) = services.get_mut(&svc_name) else {
             if !declared(meshgate_api::Kind::Service, &svc_name) {
-                c.err(format!("{p}.service"), format!("unknown Service {svc_name:?}"));
+                c.err(
+                    format!("{p}.service"),
+                    format!("unknown Service {svc_name:?}"),
+                );
             }
             continue;
         };
-        let subset = (!s.subset.is_empty()).then(|| selector(svc, Selector::Labels(s.subset.clone())));
+        let subset =
+            (!s.subset.is_empty()).then(|| selector(svc, Selector::Labels(s.subset.clone())));
         if svc_name == own && !s.subset.is_empty() {
             own_subsets.push(s.subset.clone());
         }
@@ -373,7 +441,10 @@ fn split(
             (None, Some(w)) => {
                 total += w;
                 if total > 100 {
-                    c.err(format!("{p}.weight"), "split weights are percentages and add up to more than 100");
+                    c.err(
+                        format!("{p}.weight"),
+                        "split weights are percentages and add up to more than 100",
+                    );
                 }
                 out.weighted.push((total, target));
             }

@@ -81,7 +81,11 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Source>, Vec<Diagnostic>> {
             Err(e) => diags.push(io_diag(name, &e)),
         }
     }
-    if diags.is_empty() { Ok(sources) } else { Err(diags) }
+    if diags.is_empty() {
+        Ok(sources)
+    } else {
+        Err(diags)
+    }
 }
 
 fn io_diag(file: Arc<str>, e: &std::io::Error) -> Diagnostic {
@@ -105,9 +109,7 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>, diags: &mut Vec<Diagnostic>) {
         };
         entries.sort();
         for e in entries {
-            let yaml = e
-                .extension()
-                .is_some_and(|x| x == "yaml" || x == "yml");
+            let yaml = e.extension().is_some_and(|x| x == "yaml" || x == "yml");
             if e.is_dir() || yaml {
                 collect(&e, out, diags);
             }
@@ -154,7 +156,11 @@ fn de<T: DeserializeOwned>(
 }
 
 fn line_at(text: &str, offset: usize) -> u32 {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() as u32 + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count() as u32
+        + 1
 }
 
 fn is_blank(doc: &str) -> bool {
@@ -206,14 +212,26 @@ fn parse_doc(file: &Arc<str>, span: &DocSpan, text: &str) -> Result<Doc, Diagnos
     if head.api_version != API_VERSION {
         return Err(place(
             "apiVersion",
-            format!("unsupported apiVersion {:?} (expected {API_VERSION:?})", head.api_version),
+            format!(
+                "unsupported apiVersion {:?} (expected {API_VERSION:?})",
+                head.api_version
+            ),
         ));
     }
     let (kind, res) = match head.kind.as_str() {
-        "Gateway" => (Kind::Gateway, Resource::Gateway(de(file, span, text, &resource)?)),
-        "Service" => (Kind::Service, Resource::Service(de(file, span, text, &resource)?)),
+        "Gateway" => (
+            Kind::Gateway,
+            Resource::Gateway(de(file, span, text, &resource)?),
+        ),
+        "Service" => (
+            Kind::Service,
+            Resource::Service(de(file, span, text, &resource)?),
+        ),
         "Api" => (Kind::Api, Resource::Api(de(file, span, text, &resource)?)),
-        "Policy" => (Kind::Policy, Resource::Policy(de(file, span, text, &resource)?)),
+        "Policy" => (
+            Kind::Policy,
+            Resource::Policy(de(file, span, text, &resource)?),
+        ),
         "Consumer" => {
             return Err(place(
                 "kind",
@@ -223,7 +241,9 @@ fn parse_doc(file: &Arc<str>, span: &DocSpan, text: &str) -> Result<Doc, Diagnos
         other => {
             return Err(place(
                 "kind",
-                format!("unknown kind {other:?} (expected Gateway, Service, Api, Consumer or Policy)"),
+                format!(
+                    "unknown kind {other:?} (expected Gateway, Service, Api, Consumer or Policy)"
+                ),
             ));
         }
     };

@@ -63,13 +63,21 @@ impl Check<'_> {
     fn addr(&mut self, path: &str, s: &str) -> Option<SocketAddr> {
         s.parse()
             .map_err(|_| {
-                self.err(path, format!("{s:?} is not an address: use IP:PORT, like 127.0.0.1:8080 or [::1]:8080"))
+                self.err(
+                    path,
+                    format!(
+                        "{s:?} is not an address: use IP:PORT, like 127.0.0.1:8080 or [::1]:8080"
+                    ),
+                )
             })
             .ok()
     }
 
     fn not_built(&mut self, path: &str, what: &str) {
-        self.err(path, format!("{what} is not built yet in this version of meshgate"));
+        self.err(
+            path,
+            format!("{what} is not built yet in this version of meshgate"),
+        );
     }
 }
 
@@ -86,7 +94,10 @@ pub fn validate(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> Checked {
             continue;
         }
         if !seen.insert((doc.kind, doc.name.as_str())) {
-            c.err("metadata.name", format!("duplicate {} {:?}", doc.kind.as_str(), doc.name));
+            c.err(
+                "metadata.name",
+                format!("duplicate {} {:?}", doc.kind.as_str(), doc.name),
+            );
             continue;
         }
         match &doc.resource {
@@ -116,7 +127,8 @@ pub fn validate(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> Checked {
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 253
-        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && !n.starts_with('-')
 }
 
@@ -130,22 +142,33 @@ fn gateway(c: &mut Check<'_>, spec: &GatewaySpec) -> Option<GatewayDraft> {
     for (i, l) in spec.listeners.iter().enumerate() {
         let p = format!("spec.listeners.{i}");
         if !names.insert(l.name.as_str()) {
-            c.err(format!("{p}.name"), format!("duplicate listener name {:?}", l.name));
+            c.err(
+                format!("{p}.name"),
+                format!("duplicate listener name {:?}", l.name),
+            );
         }
         let address = c.addr(&format!("{p}.address"), &l.address);
         let mut certificates = Vec::new();
         match (l.protocol, &l.tls) {
             (ListenerProtocol::Tcp, _) => c.not_built(&format!("{p}.protocol"), "protocol tcp"),
             (ListenerProtocol::Https, None) => {
-                c.err(format!("{p}.tls"), "an https listener needs tls.certificates");
+                c.err(
+                    format!("{p}.tls"),
+                    "an https listener needs tls.certificates",
+                );
             }
             (ListenerProtocol::Https, Some(tls)) => {
                 if tls.certificates.is_empty() {
-                    c.err(format!("{p}.tls.certificates"), "at least one certificate is needed");
+                    c.err(
+                        format!("{p}.tls.certificates"),
+                        "at least one certificate is needed",
+                    );
                 }
                 for (j, cert) in tls.certificates.iter().enumerate() {
                     let cp = format!("{p}.tls.certificates.{j}");
-                    for (field, file) in [("certFile", &cert.cert_file), ("keyFile", &cert.key_file)] {
+                    for (field, file) in
+                        [("certFile", &cert.cert_file), ("keyFile", &cert.key_file)]
+                    {
                         if !std::path::Path::new(file).is_file() {
                             c.err(format!("{cp}.{field}"), format!("{file:?} does not exist"));
                         }
@@ -177,14 +200,18 @@ fn gateway(c: &mut Check<'_>, spec: &GatewaySpec) -> Option<GatewayDraft> {
         .and_then(|a| c.addr("spec.admin.address", &a.address));
     let mut limits = Limits::default();
     if let Some(l) = &spec.limits {
-        let size = |c: &mut Check<'_>, field: &str, v: Option<u64>, min: u64, max: u64| -> Option<u64> {
-            let v = v?;
-            if v < min || v > max {
-                c.err(format!("spec.limits.{field}"), format!("must be between {min} and {max}"));
-                return None;
-            }
-            Some(v)
-        };
+        let size =
+            |c: &mut Check<'_>, field: &str, v: Option<u64>, min: u64, max: u64| -> Option<u64> {
+                let v = v?;
+                if v < min || v > max {
+                    c.err(
+                        format!("spec.limits.{field}"),
+                        format!("must be between {min} and {max}"),
+                    );
+                    return None;
+                }
+                Some(v)
+            };
         if let Some(v) = size(c, "maxHeaderBytes", l.max_header_bytes, 1024, 1 << 20) {
             limits.max_header_bytes = v as usize;
         }
@@ -197,10 +224,19 @@ fn gateway(c: &mut Check<'_>, spec: &GatewaySpec) -> Option<GatewayDraft> {
         if let Some(v) = size(c, "maxBodyBytes", l.max_body_bytes, 0, u64::MAX >> 1) {
             limits.max_body_bytes = v;
         }
-        if let Some(v) = size(c, "maxConcurrentStreams", l.max_concurrent_streams.map(u64::from), 1, 10_000) {
+        if let Some(v) = size(
+            c,
+            "maxConcurrentStreams",
+            l.max_concurrent_streams.map(u64::from),
+            1,
+            10_000,
+        ) {
             limits.max_concurrent_streams = v as u32;
         }
-        if let Some(d) = c.duration("spec.limits.headerReadTimeout", l.header_read_timeout.as_ref()) {
+        if let Some(d) = c.duration(
+            "spec.limits.headerReadTimeout",
+            l.header_read_timeout.as_ref(),
+        ) {
             limits.header_read_timeout = d;
         }
         if let Some(d) = c.duration("spec.limits.idleTimeout", l.idle_timeout.as_ref()) {
@@ -248,7 +284,10 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         }
         None => {}
         Some(_) if !spec.endpoints.is_empty() => {
-            c.err("spec.discovery", "use either endpoints or discovery, not both");
+            c.err(
+                "spec.discovery",
+                "use either endpoints or discovery, not both",
+            );
         }
         Some(d) => {
             if d.registry.is_some() {
@@ -259,7 +298,10 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
                     let refresh = c
                         .duration("spec.discovery.refresh", d.refresh.as_ref())
                         .unwrap_or(DEFAULT_DNS_REFRESH);
-                    match h.rsplit_once(':').map(|(host, port)| (host, port.parse::<u16>())) {
+                    match h
+                        .rsplit_once(':')
+                        .map(|(host, port)| (host, port.parse::<u16>()))
+                    {
                         Some((host, Ok(port))) if !host.is_empty() && port > 0 => {
                             dns = Some(DnsDiscovery {
                                 host: host.to_string(),
@@ -287,11 +329,17 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
             .map_err(|e| c.err("spec.loadBalancer.hashOn", e))
             .ok(),
         (None, LbPolicy::RingHash) => {
-            c.err("spec.loadBalancer.hashOn", "ring-hash needs hashOn (header:NAME, cookie:NAME or ip)");
+            c.err(
+                "spec.loadBalancer.hashOn",
+                "ring-hash needs hashOn (header:NAME, cookie:NAME or ip)",
+            );
             None
         }
         (Some(_), _) => {
-            c.err("spec.loadBalancer.hashOn", "hashOn is only used by the ring-hash policy");
+            c.err(
+                "spec.loadBalancer.hashOn",
+                "hashOn is only used by the ring-hash policy",
+            );
             None
         }
         (None, _) => None,
@@ -338,11 +386,17 @@ fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
         match Method::from_bytes(m.as_bytes()) {
             Ok(method) if m.bytes().all(|b| b.is_ascii_uppercase()) => {
                 if methods.contains(&method) {
-                    c.err(format!("spec.request.methods.{i}"), format!("duplicate method {m}"));
+                    c.err(
+                        format!("spec.request.methods.{i}"),
+                        format!("duplicate method {m}"),
+                    );
                 }
                 methods.push(method);
             }
-            _ => c.err(format!("spec.request.methods.{i}"), format!("{m:?} is not an HTTP method (use upper case, like GET)")),
+            _ => c.err(
+                format!("spec.request.methods.{i}"),
+                format!("{m:?} is not an HTTP method (use upper case, like GET)"),
+            ),
         }
     }
     for (i, h) in r.hosts.iter().enumerate() {
@@ -362,7 +416,12 @@ fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
         let regex = regex::RegexBuilder::new(re)
             .size_limit(1 << 20)
             .build()
-            .map_err(|e| c.err(&p, format!("bad regex: {}", e.to_string().lines().last().unwrap_or(""))))
+            .map_err(|e| {
+                c.err(
+                    &p,
+                    format!("bad regex: {}", e.to_string().lines().last().unwrap_or("")),
+                )
+            })
             .ok();
         if let (Some(name), Some(regex)) = (name, regex) {
             headers.push(HeaderMatch { name, regex });
@@ -378,7 +437,11 @@ fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
         b.max_bytes
     });
     let inv = &spec.invoke;
-    let kinds = [inv.service.is_some(), inv.mock.is_some(), inv.steps.is_some()];
+    let kinds = [
+        inv.service.is_some(),
+        inv.mock.is_some(),
+        inv.steps.is_some(),
+    ];
     match kinds.iter().filter(|k| **k).count() {
         0 => c.err("spec.invoke", "invoke needs one of service, mock or steps"),
         1 => {}
@@ -389,15 +452,24 @@ fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
     }
     if let Some(m) = &inv.mock {
         if http::StatusCode::from_u16(m.status).is_err() || m.status < 200 {
-            c.err("spec.invoke.mock.status", format!("{} is not a final HTTP status", m.status));
+            c.err(
+                "spec.invoke.mock.status",
+                format!("{} is not a final HTTP status", m.status),
+            );
         }
         for n in m.headers.keys() {
             if HeaderName::from_bytes(n.as_bytes()).is_err() {
-                c.err(format!("spec.invoke.mock.headers.{n}"), format!("{n:?} is not a header name"));
+                c.err(
+                    format!("spec.invoke.mock.headers.{n}"),
+                    format!("{n:?} is not a header name"),
+                );
             }
         }
         if inv.path.is_some() || inv.retry.is_some() || !inv.split.is_empty() {
-            c.err("spec.invoke", "mock cannot be combined with path, retry or split");
+            c.err(
+                "spec.invoke",
+                "mock cannot be combined with path, retry or split",
+            );
         }
     }
     (c.diags.len() == before).then_some(())?;
@@ -418,7 +490,9 @@ fn valid_host(h: &str) -> bool {
         && body.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 

@@ -1,4 +1,4 @@
-use crate::{Filter, Flow, FilterResult, Step};
+use crate::{Filter, FilterResult, Flow, Step};
 use meshgate_core::RequestCtx;
 use std::sync::Arc;
 

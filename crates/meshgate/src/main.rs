@@ -8,7 +8,11 @@ use std::process::ExitCode;
 mod demo;
 
 #[derive(Parser, Debug)]
-#[command(name = "meshgate", version, about = "One engine for the API gateway and the service mesh")]
+#[command(
+    name = "meshgate",
+    version,
+    about = "One engine for the API gateway and the service mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

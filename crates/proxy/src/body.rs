@@ -107,7 +107,9 @@ enum Inner {
 
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseBody").field("sent", &self.sent).finish()
+        f.debug_struct("ResponseBody")
+            .field("sent", &self.sent)
+            .finish()
     }
 }
 

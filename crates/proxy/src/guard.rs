@@ -11,6 +11,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use meshgate_core::{ErrorCode, GatewayError, RequestId};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -22,6 +23,8 @@ pub struct GuardLimits {
     pub max_request_line: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// From the first byte of a request head to its end.
+    pub header_read_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,12 +39,19 @@ fn reject(code: ErrorCode, message: &'static str) -> Rejection {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
-    Size { value: u64, digits: u8, ext: bool },
+    Size {
+        value: u64,
+        digits: u8,
+        ext: bool,
+    },
     SizeLf(u64),
     Data(u64),
     DataLf,
     /// A trailer line; `len` bytes so far, `cr` after a CR.
-    Trailer { len: usize, cr: bool },
+    Trailer {
+        len: usize,
+        cr: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +115,11 @@ impl Scanner {
     pub fn consume_length(&mut self, n: u64) {
         if let State::Length(rem) = self.state {
             let left = rem.saturating_sub(n);
-            self.state = if left == 0 { State::Head } else { State::Length(left) };
+            self.state = if left == 0 {
+                State::Head
+            } else {
+                State::Length(left)
+            };
         }
     }
 
@@ -146,16 +160,9 @@ impl Scanner {
 
     fn head(&mut self, data: &[u8]) -> Step {
         // Empty lines before a request line are allowed (RFC 9112 §2.2).
-        let lead = data
-            .windows(2)
-            .take_while(|w| *w == b"\r\n")
-            .count();
+        let lead = data.windows(2).take_while(|w| *w == b"\r\n").count();
         if lead > 0 && data.len() >= lead * 2 {
-            let skip = data[..]
-                .chunks(2)
-                .take_while(|c| *c == b"\r\n")
-                .count()
-                * 2;
+            let skip = data[..].chunks(2).take_while(|c| *c == b"\r\n").count() * 2;
             if skip > 0 {
                 return Step::Pass(skip);
             }
@@ -166,13 +173,19 @@ impl Scanner {
                 return self.fail(reject(ErrorCode::UriTooLong, "request line is too long"));
             }
             if data.len() > self.limits.max_header_bytes {
-                return self.fail(reject(ErrorCode::HeadersTooLarge, "request headers are too large"));
+                return self.fail(reject(
+                    ErrorCode::HeadersTooLarge,
+                    "request headers are too large",
+                ));
             }
             return Step::NeedMore;
         };
         let head_len = end + 4;
         if head_len > self.limits.max_header_bytes + self.limits.max_request_line {
-            return self.fail(reject(ErrorCode::HeadersTooLarge, "request headers are too large"));
+            return self.fail(reject(
+                ErrorCode::HeadersTooLarge,
+                "request headers are too large",
+            ));
         }
         match self.check_head(&data[..end + 1]) {
             Ok(next) => {
@@ -187,7 +200,9 @@ impl Scanner {
         let bad = |m| reject(ErrorCode::InvalidRequest, m);
         let mut lines = head.split(|b| *b == b'\n');
         let first = lines.next().unwrap_or_default();
-        let line = first.strip_suffix(b"\r").ok_or_else(|| bad("bare LF in request line"))?;
+        let line = first
+            .strip_suffix(b"\r")
+            .ok_or_else(|| bad("bare LF in request line"))?;
         if line.len() > self.limits.max_request_line {
             return Err(reject(ErrorCode::UriTooLong, "request line is too long"));
         }
@@ -214,14 +229,22 @@ impl Scanner {
         let mut te: Option<bool> = None;
         let mut upgrade = false;
         for raw in lines {
-            let line = raw.strip_suffix(b"\r").ok_or_else(|| bad("bare LF in header section"))?;
+            let line = raw
+                .strip_suffix(b"\r")
+                .ok_or_else(|| bad("bare LF in header section"))?;
             count += 1;
             header_bytes += raw.len() + 1;
             if count > self.limits.max_headers {
-                return Err(reject(ErrorCode::HeadersTooLarge, "too many request headers"));
+                return Err(reject(
+                    ErrorCode::HeadersTooLarge,
+                    "too many request headers",
+                ));
             }
             if header_bytes > self.limits.max_header_bytes {
-                return Err(reject(ErrorCode::HeadersTooLarge, "request headers are too large"));
+                return Err(reject(
+                    ErrorCode::HeadersTooLarge,
+                    "request headers are too large",
+                ));
             }
             if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
                 return Err(bad("obsolete line folding in a header"));
@@ -229,12 +252,18 @@ impl Scanner {
             if line.contains(&b'\r') {
                 return Err(bad("bare CR in a header"));
             }
-            let colon = line.iter().position(|b| *b == b':').ok_or_else(|| bad("header without ':'"))?;
+            let colon = line
+                .iter()
+                .position(|b| *b == b':')
+                .ok_or_else(|| bad("header without ':'"))?;
             let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
             if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
                 return Err(bad("invalid header name"));
             }
-            if value.iter().any(|b| *b == 0 || (*b < 0x20 && *b != b'\t') || *b == 0x7f) {
+            if value
+                .iter()
+                .any(|b| *b == 0 || (*b < 0x20 && *b != b'\t') || *b == 0x7f)
+            {
                 return Err(bad("control character in a header value"));
             }
             if name.eq_ignore_ascii_case(b"content-length") {
@@ -244,7 +273,9 @@ impl Scanner {
                 if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
                     return Err(bad("invalid Content-Length"));
                 }
-                let v = std::str::from_utf8(value).ok().and_then(|s| s.parse::<u64>().ok());
+                let v = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok());
                 length = Some(v.ok_or_else(|| bad("invalid Content-Length"))?);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 if te.is_some() {
@@ -254,7 +285,9 @@ impl Scanner {
                     return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
                 }
                 if !value.eq_ignore_ascii_case(b"chunked") {
-                    return Err(bad("unsupported Transfer-Encoding (only chunked is accepted)"));
+                    return Err(bad(
+                        "unsupported Transfer-Encoding (only chunked is accepted)",
+                    ));
                 }
                 te = Some(true);
             } else if name.eq_ignore_ascii_case(b"upgrade") {
@@ -264,10 +297,20 @@ impl Scanner {
         if te.is_some() && length.is_some() {
             return Err(bad("both Content-Length and Transfer-Encoding"));
         }
-        let after_body = |s: State| if upgrade || method == b"CONNECT" { State::Passthrough } else { s };
+        let after_body = |s: State| {
+            if upgrade || method == b"CONNECT" {
+                State::Passthrough
+            } else {
+                s
+            }
+        };
         Ok(match (te, length) {
             (Some(_), _) if upgrade => State::Passthrough,
-            (Some(_), _) => State::Chunked(Chunk::Size { value: 0, digits: 0, ext: false }),
+            (Some(_), _) => State::Chunked(Chunk::Size {
+                value: 0,
+                digits: 0,
+                ext: false,
+            }),
             (None, Some(n)) if n > 0 && !upgrade => State::Length(n),
             _ => after_body(State::Head),
         })
@@ -294,7 +337,11 @@ impl Scanner {
                         }
                         c
                     }
-                    b';' if digits > 0 => Chunk::Size { value, digits, ext: true },
+                    b';' if digits > 0 => Chunk::Size {
+                        value,
+                        digits,
+                        ext: true,
+                    },
                     _ => {
                         let Some(d) = (b as char).to_digit(16) else {
                             return self.fail(bad("invalid chunk size"));
@@ -302,7 +349,11 @@ impl Scanner {
                         if digits >= 15 {
                             return self.fail(bad("chunk size too large"));
                         }
-                        Chunk::Size { value: value * 16 + u64::from(d), digits: digits + 1, ext }
+                        Chunk::Size {
+                            value: value * 16 + u64::from(d),
+                            digits: digits + 1,
+                            ext,
+                        }
                     }
                 },
                 Chunk::SizeLf(v) if b == b'\n' => {
@@ -318,7 +369,11 @@ impl Scanner {
                     return self.fail(bad("chunk data must end with CRLF"));
                 }
                 Chunk::Data(_) => return self.fail(bad("chunk data must end with CRLF")),
-                Chunk::DataLf => Chunk::Size { value: 0, digits: 0, ext: false },
+                Chunk::DataLf => Chunk::Size {
+                    value: 0,
+                    digits: 0,
+                    ext: false,
+                },
                 Chunk::Trailer { len, cr } => match (b, cr) {
                     (b'\r', false) => Chunk::Trailer { len, cr: true },
                     (b'\n', true) if len == 0 => {
@@ -332,9 +387,15 @@ impl Scanner {
                     _ => {
                         self.trailer_bytes += 1;
                         if self.trailer_bytes > self.limits.max_header_bytes {
-                            return self.fail(reject(ErrorCode::HeadersTooLarge, "trailers are too large"));
+                            return self.fail(reject(
+                                ErrorCode::HeadersTooLarge,
+                                "trailers are too large",
+                            ));
                         }
-                        Chunk::Trailer { len: len + 1, cr: false }
+                        Chunk::Trailer {
+                            len: len + 1,
+                            cr: false,
+                        }
                     }
                 },
             };
@@ -350,8 +411,14 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| *b != b' ' && *b != b'\t').unwrap_or(v.len());
-    let end = v.iter().rposition(|b| *b != b' ' && *b != b'\t').map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|b| *b != b' ' && *b != b'\t')
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| *b != b' ' && *b != b'\t')
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -393,6 +460,8 @@ pub struct Guarded<IO> {
     /// A prepared error response, written when hyper shuts the connection.
     response: Option<Bytes>,
     sink: std::sync::Arc<dyn RejectSink>,
+    /// Armed while a request head is partly received (slowloris defence).
+    header_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<IO> Guarded<IO> {
@@ -405,7 +474,22 @@ impl<IO> Guarded<IO> {
             eof: false,
             response: None,
             sink,
+            header_timer: None,
         }
+    }
+
+    /// While a head is partly received, time it out; otherwise disarm.
+    fn poll_header_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let partial = self.scan.at_boundary() && self.buf.len() > self.ready;
+        if !partial {
+            self.header_timer = None;
+            return false;
+        }
+        let limit = self.scan.limits.header_read_timeout;
+        let timer = self
+            .header_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx).is_ready()
     }
 
     fn scan(&mut self) {
@@ -430,7 +514,11 @@ impl<IO> Guarded<IO> {
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             if this.ready > 0 {
@@ -463,7 +551,19 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
                 }
             }
             this.buf.reserve(8192);
-            let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf))?;
+            let n = match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    if this.poll_header_timer(cx) {
+                        // The head did not arrive in time: close without a response.
+                        this.sink
+                            .rejected(&reject(ErrorCode::InvalidRequest, "header read timeout"));
+                        this.eof = true;
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            };
             if n == 0 {
                 this.eof = true;
                 continue;
@@ -474,7 +574,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 

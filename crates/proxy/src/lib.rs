@@ -1,7 +1,275 @@
-//! placeholder
+//! meshgate's data plane: listeners (HTTP/1.1, h2c, TLS with SNI and ALPN), the
+//! request phases (route → filters → invoke → response filters → completion), the
+//! upstream client, the admin endpoints, metrics and access log, hot reload and
+//! graceful drain. Config arrives as a compiled `Snapshot`; this crate never parses
+//! YAML itself and does not know about the control plane.
+
+mod access_log;
+mod admin;
 mod body;
+mod client;
+mod dispatch;
 mod guard;
+mod invoke;
+mod metrics;
+mod respond;
+mod server;
+mod state;
+mod tls;
+
+use arc_swap::ArcSwap;
+use meshgate_config::{AccessLog, Diagnostic, Snapshot};
+use state::Active;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+
+/// How `meshgate run` was started.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Files and directories to (re)load config from.
+    pub config: Vec<PathBuf>,
+}
+
+/// The outcome of the last reload attempt, for `GET /config`.
+#[derive(Debug, Clone)]
+pub struct ReloadStatus {
+    pub at: SystemTime,
+    pub ok: bool,
+    pub revision: Option<String>,
+    pub errors: Vec<String>,
+}
+
+/// State shared by every listener, connection and the admin server.
 #[derive(Debug)]
-pub struct Options { pub config: Vec<PathBuf> }
-pub async fn run(_o: Options, _s: meshgate_config::Snapshot) -> Result<(), std::io::Error> { Ok(()) }
+pub struct Shared {
+    pub options: Options,
+    pub active: ArcSwap<Active>,
+    pub metrics: metrics::Metrics,
+    listeners: server::Listeners,
+    loggers: access_log::Loggers,
+    last_reload: Mutex<Option<ReloadStatus>>,
+    reload_lock: tokio::sync::Mutex<()>,
+    draining: AtomicBool,
+    drain: watch::Sender<bool>,
+    epoch: Instant,
+}
+
+impl Shared {
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn log_sink(&self, target: &AccessLog) -> Option<access_log::LogSink> {
+        self.loggers.sink(target, &self.metrics.access_log_dropped)
+    }
+
+    fn record(&self, status: ReloadStatus) {
+        if let Ok(mut s) = self.last_reload.lock() {
+            *s = Some(status);
+        }
+    }
+
+    /// Compile the config files again and swap them in. In-flight requests keep
+    /// the snapshot they started with; a bad config changes nothing.
+    pub async fn reload(self: &Arc<Self>, trigger: &str) -> Result<String, Vec<String>> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let paths = self.options.config.clone();
+        let compiled =
+            tokio::task::spawn_blocking(move || meshgate_config::compile_paths(&paths)).await;
+        let (snapshot, diags): (Option<Snapshot>, Vec<Diagnostic>) = match compiled {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "config compile task failed");
+                (None, Vec::new())
+            }
+        };
+        let result = match snapshot {
+            None => Err(if diags.is_empty() {
+                vec!["config compile failed".to_string()]
+            } else {
+                diags.iter().map(|d| d.to_string()).collect()
+            }),
+            Some(s) => self.activate(Arc::new(s)).await.map_err(|e| vec![e]),
+        };
+        match &result {
+            Ok(rev) => {
+                tracing::info!(%trigger, revision = %rev, "config reloaded");
+                self.metrics.reload(true);
+            }
+            Err(errs) => {
+                for e in errs {
+                    tracing::error!(%trigger, "config rejected: {e}");
+                }
+                self.metrics.reload(false);
+            }
+        }
+        self.record(ReloadStatus {
+            at: SystemTime::now(),
+            ok: result.is_ok(),
+            revision: result.as_ref().ok().cloned(),
+            errors: result.as_ref().err().cloned().unwrap_or_default(),
+        });
+        result
+    }
+
+    async fn activate(self: &Arc<Self>, snapshot: Arc<Snapshot>) -> Result<String, String> {
+        let prev = self.active.load_full();
+        if prev.snapshot.revision == snapshot.revision {
+            return Ok(snapshot.revision.clone());
+        }
+        let next = Active::build(snapshot, Some(&prev), &self.metrics);
+        let prepared = self.listeners.prepare(&next).await?;
+        let rev = next.snapshot.revision.clone();
+        self.active.store(Arc::new(next));
+        self.listeners.commit(self, prepared);
+        Ok(rev)
+    }
+}
+
+/// Serve a compiled config until SIGTERM or SIGINT, then drain and return.
+pub async fn run(options: Options, snapshot: Snapshot) -> std::io::Result<()> {
+    let metrics = metrics::Metrics::default();
+    let snapshot = Arc::new(snapshot);
+    let active = Active::build(snapshot.clone(), None, &metrics);
+    let (drain, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        options,
+        active: ArcSwap::from_pointee(active),
+        metrics,
+        listeners: server::Listeners::default(),
+        loggers: access_log::Loggers::default(),
+        last_reload: Mutex::new(None),
+        reload_lock: tokio::sync::Mutex::new(()),
+        draining: AtomicBool::new(false),
+        drain,
+        epoch: Instant::now(),
+    });
+    let prepared = shared
+        .listeners
+        .prepare(&shared.active.load())
+        .await
+        .map_err(std::io::Error::other)?;
+    shared.listeners.commit(&shared, prepared);
+    shared.metrics.reload(true);
+    shared.record(ReloadStatus {
+        at: SystemTime::now(),
+        ok: true,
+        revision: Some(snapshot.revision.clone()),
+        errors: Vec::new(),
+    });
+    let mut admins = Vec::new();
+    for g in &snapshot.gateways {
+        if let Some(addr) = g.admin {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(%addr, "admin listening");
+            admins.push(tokio::spawn(admin::serve(shared.clone(), l)));
+        }
+    }
+    let _watch = watch_files(&shared);
+    tracing::info!(revision = %snapshot.revision, "meshgate ready");
+    wait_for_stop(&shared).await?;
+    drain_all(&shared).await;
+    for a in admins {
+        a.abort();
+    }
+    Ok(())
+}
+
+async fn wait_for_stop(shared: &Arc<Shared>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                let _ = shared.reload("SIGHUP").await;
+            }
+        }
+    }
+}
+
+/// Stop accepting, tell every connection to finish (GOAWAY on h2, `Connection:
+/// close` on h1), and wait for them up to the grace period.
+async fn drain_all(shared: &Arc<Shared>) {
+    let grace = shared
+        .active
+        .load()
+        .snapshot
+        .gateways
+        .iter()
+        .map(|g| g.drain_timeout)
+        .max()
+        .unwrap_or(Duration::from_secs(30));
+    tracing::info!(?grace, "draining");
+    shared.draining.store(true, Ordering::Relaxed);
+    shared.listeners.stop_all();
+    let _ = shared.drain.send(true);
+    let deadline = Instant::now() + grace;
+    while shared.metrics.downstream_connections.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = shared.metrics.downstream_connections.get();
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "grace period over; closing remaining connections"
+        );
+    } else {
+        tracing::info!("drained");
+    }
+}
+
+/// Reload when a config file changes (debounced). The watcher lives as long as the
+/// returned value.
+fn watch_files(shared: &Arc<Shared>) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res
+            && (ev.kind.is_modify() || ev.kind.is_create() || ev.kind.is_remove())
+        {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(
+        |e| tracing::warn!(error = %e, "file watching unavailable; use SIGHUP or POST /reload"),
+    )
+    .ok()?;
+    for p in &shared.options.config {
+        // Watch directories, and a file's directory (editors replace files).
+        let target = if p.is_dir() {
+            p.clone()
+        } else {
+            p.parent().map(PathBuf::from).unwrap_or_else(|| p.clone())
+        };
+        let target = if target.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            target
+        };
+        if let Err(e) = watcher.watch(&target, RecursiveMode::Recursive) {
+            tracing::warn!(path = %target.display(), error = %e, "cannot watch");
+        }
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Debounce: editors write in several steps.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while rx.try_recv().is_ok() {}
+            let _ = shared.reload("file change").await;
+        }
+    });
+    Some(watcher)
+}

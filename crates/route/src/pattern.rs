@@ -34,7 +34,10 @@ impl fmt::Display for PatternError {
         match self {
             Self::NotAbsolute => f.write_str("path must start with '/'"),
             Self::PartialCapture(s) => {
-                write!(f, "segment {s:?}: a capture must be a whole segment like {{name}}")
+                write!(
+                    f,
+                    "segment {s:?}: a capture must be a whole segment like {{name}}"
+                )
             }
             Self::BadCaptureName(s) => write!(
                 f,
@@ -75,7 +78,8 @@ impl PathPattern {
         }
         let parts: Vec<&str> = body.split('/').collect();
         for (i, part) in parts.iter().enumerate() {
-            let seg = if let Some(inner) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            let seg = if let Some(inner) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}'))
+            {
                 let (rest, name) = match inner.strip_prefix('*') {
                     Some(n) => (true, n),
                     None => (false, inner),
@@ -99,8 +103,7 @@ impl PathPattern {
                 return Err(PatternError::PartialCapture((*part).to_string()));
             } else {
                 let normal = crate::normalize_path(&format!("/{part}"));
-                if part.is_empty() || *part == "." || *part == ".." || !matches!(normal, Ok(None))
-                {
+                if part.is_empty() || *part == "." || *part == ".." || !matches!(normal, Ok(None)) {
                     return Err(PatternError::NotNormal((*part).to_string()));
                 }
                 Segment::Literal((*part).into())
@@ -173,6 +176,9 @@ mod tests {
         let a = PathPattern::parse("/u/{id}").map(|p| p.shape());
         let b = PathPattern::parse("/u/{uid}").map(|p| p.shape());
         assert_eq!(a, b);
-        assert_eq!(PathPattern::parse("/").map(|p| p.shape()), Ok("/".to_string()));
+        assert_eq!(
+            PathPattern::parse("/").map(|p| p.shape()),
+            Ok("/".to_string())
+        );
     }
 }

@@ -97,6 +97,9 @@ mod tests {
             RewriteTemplate::parse("/x/{nope}", &known),
             Err(RewriteError::UnknownCapture("nope".into()))
         );
-        assert_eq!(RewriteTemplate::parse("/x/{id", &known), Err(RewriteError::Unclosed));
+        assert_eq!(
+            RewriteTemplate::parse("/x/{id", &known),
+            Err(RewriteError::Unclosed)
+        );
     }
 }

@@ -173,7 +173,11 @@ impl<T> RouterBuilder<T> {
         let hosts: Vec<Option<String>> = if route.hosts.is_empty() {
             vec![None]
         } else {
-            route.hosts.iter().map(|h| Some(h.to_ascii_lowercase())).collect()
+            route
+                .hosts
+                .iter()
+                .map(|h| Some(h.to_ascii_lowercase()))
+                .collect()
         };
         // Check every host first so a tie leaves nothing half-inserted.
         for host in &hosts {
@@ -297,10 +301,16 @@ impl<T> Router<T> {
             .or_else(|| {
                 self.wildcard
                     .iter()
-                    .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+                    .filter(|(suffix, _)| {
+                        host.len() > suffix.len() && host.ends_with(suffix.as_str())
+                    })
                     .find_map(|(_, t)| search.walk(&t.root, body, 1))
             })
-            .or_else(|| self.any.as_ref().and_then(|t| search.walk(&t.root, body, 1)));
+            .or_else(|| {
+                self.any
+                    .as_ref()
+                    .and_then(|t| search.walk(&t.root, body, 1))
+            });
         match found {
             Some(idx) => {
                 let names = &self.names[idx];

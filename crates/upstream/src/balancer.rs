@@ -130,7 +130,10 @@ mod tests {
         assert_eq!(by_header, Ok(Some(hash_bytes(b"u1"))));
         let by_cookie = HashOn::parse("cookie:sid").map(|k| k.hash(&h, ip));
         assert_eq!(by_cookie, Ok(Some(hash_bytes(b"abc"))));
-        assert_eq!(HashOn::parse("cookie:none").map(|k| k.hash(&h, ip)), Ok(None));
+        assert_eq!(
+            HashOn::parse("cookie:none").map(|k| k.hash(&h, ip)),
+            Ok(None)
+        );
         assert!(HashOn::parse("ip").is_ok());
         assert!(HashOn::parse("body:x").is_err());
     }

@@ -16,7 +16,8 @@ pub enum Selector {
 
 impl Selector {
     fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        let has = |sel: &BTreeMap<String, String>| sel.iter().all(|(k, v)| labels.get(k) == Some(v));
+        let has =
+            |sel: &BTreeMap<String, String>| sel.iter().all(|(k, v)| labels.get(k) == Some(v));
         match self {
             Self::Labels(sel) => has(sel),
             Self::NoneOf(sels) => !sels.iter().any(has),
@@ -51,7 +52,6 @@ impl Endpoint {
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
-
 }
 
 /// Counts a request against its endpoint until dropped (least-request input).
@@ -219,8 +219,11 @@ impl Cluster {
                 Arc::new(e)
             })
             .collect();
-        self.set
-            .store(Arc::new(EndpointSet::build(eps, &self.selectors, self.policy)));
+        self.set.store(Arc::new(EndpointSet::build(
+            eps,
+            &self.selectors,
+            self.policy,
+        )));
     }
 
     pub fn endpoints(&self) -> Arc<EndpointSet> {
@@ -231,7 +234,12 @@ impl Cluster {
     /// at construction). An empty subset falls back to the whole set, so a grey
     /// release with no matching endpoints degrades to the baseline instead of failing.
     /// `avoid` steers a retry away from the endpoint that just failed when possible.
-    pub fn pick(&self, subset: Option<usize>, hash: Option<u64>, avoid: Option<SocketAddr>) -> Option<Picked> {
+    pub fn pick(
+        &self,
+        subset: Option<usize>,
+        hash: Option<u64>,
+        avoid: Option<SocketAddr>,
+    ) -> Option<Picked> {
         let set = self.set.load();
         let group = match subset.and_then(|s| set.subsets.get(s)) {
             Some(g) if !g.members.is_empty() => g,
@@ -277,7 +285,10 @@ impl Cluster {
                 Some(if load(b) < load(a) { b } else { a })
             }
             LbPolicy::RingHash => match hash {
-                Some(h) => group.ring.lookup(h).and_then(|p| group.members.get(p).copied()),
+                Some(h) => group
+                    .ring
+                    .lookup(h)
+                    .and_then(|p| group.members.get(p).copied()),
                 None => group.weighted_random(),
             },
         }

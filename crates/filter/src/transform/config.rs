@@ -79,8 +79,10 @@ impl TransformConfig {
                 .collect(),
             query_remove: self.request.query.remove.clone(),
             path,
-            response_headers: HeaderOps::compile(&self.response.headers, "config.response.headers")?,
+            response_headers: HeaderOps::compile(
+                &self.response.headers,
+                "config.response.headers",
+            )?,
         })
     }
 }
-

@@ -23,7 +23,10 @@ pub struct Transform {
 }
 
 impl Transform {
-    pub fn from_config(value: &serde_json::Value, captures: &[Arc<str>]) -> Result<Self, BuildError> {
+    pub fn from_config(
+        value: &serde_json::Value,
+        captures: &[Arc<str>],
+    ) -> Result<Self, BuildError> {
         let cfg: TransformConfig = serde_json::from_value(value.clone())
             .map_err(|e| BuildError::new("config", e.to_string()))?;
         cfg.compile(captures)
@@ -37,7 +40,11 @@ impl Transform {
         }
     }
 
-    fn edit_uri(&self, ctx: &RequestCtx, req: &mut http::request::Parts) -> Result<(), GatewayError> {
+    fn edit_uri(
+        &self,
+        ctx: &RequestCtx,
+        req: &mut http::request::Parts,
+    ) -> Result<(), GatewayError> {
         if self.query_set.is_empty() && self.query_remove.is_empty() && self.path.is_none() {
             return Ok(());
         }
@@ -46,7 +53,13 @@ impl Transform {
             None => req.uri.path().to_string(),
         };
         let mut pairs: Vec<(String, String)> = Vec::new();
-        for kv in req.uri.query().unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        for kv in req
+            .uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|s| !s.is_empty())
+        {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             let drop = self.query_remove.iter().any(|r| r == k)
                 || self.query_set.iter().any(|(s, _)| s == k);
@@ -60,12 +73,22 @@ impl Transform {
             pq.push('?');
             let joined: Vec<String> = pairs
                 .iter()
-                .map(|(k, v)| if v.is_empty() { k.clone() } else { format!("{k}={v}") })
+                .map(|(k, v)| {
+                    if v.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{k}={v}")
+                    }
+                })
                 .collect();
             pq.push_str(&joined.join("&"));
         }
-        let pq = PathAndQuery::try_from(pq)
-            .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, format!("transform produced a bad path: {e}")))?;
+        let pq = PathAndQuery::try_from(pq).map_err(|e| {
+            GatewayError::new(
+                ErrorCode::InvalidRequest,
+                format!("transform produced a bad path: {e}"),
+            )
+        })?;
         let mut parts = req.uri.clone().into_parts();
         parts.path_and_query = Some(pq);
         req.uri = http::Uri::from_parts(parts)

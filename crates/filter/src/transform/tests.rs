@@ -31,11 +31,17 @@ fn edits_headers_query_and_path() {
     let t = Transform::from_config(&cfg, &["id".into()]).unwrap_or_else(|e| panic!("{e}"));
     let mut c = ctx();
     let mut r = req("/users/42?secret=1&keep=2&v=old");
-    assert!(matches!(t.on_request(&mut c, &mut r), Step::Done(Ok(Flow::Continue))));
+    assert!(matches!(
+        t.on_request(&mut c, &mut r),
+        Step::Done(Ok(Flow::Continue))
+    ));
     assert_eq!(r.uri.to_string(), "/internal/42?keep=2&v=a%20b");
     assert!(r.headers.get("x-drop").is_none());
     assert_eq!(r.headers.get_all("x-keep").iter().count(), 2);
-    assert_eq!(r.headers.get("x-set").map(|v| v.as_bytes()), Some(&b"a"[..]));
+    assert_eq!(
+        r.headers.get("x-set").map(|v| v.as_bytes()),
+        Some(&b"a"[..])
+    );
     let (mut resp, ()) = http::Response::new(()).into_parts();
     t.on_response(&c, &mut resp);
     assert!(resp.headers.contains_key("x-out"));
@@ -53,6 +59,8 @@ fn rejects_bad_config() {
 #[test]
 fn path_template_must_use_known_captures() {
     let cfg = serde_json::json!({"request": {"path": "/x/{nope}"}});
-    let e = Transform::from_config(&cfg, &["id".into()]).err().map(|e| e.path);
+    let e = Transform::from_config(&cfg, &["id".into()])
+        .err()
+        .map(|e| e.path);
     assert_eq!(e.as_deref(), Some("config.request.path"));
 }

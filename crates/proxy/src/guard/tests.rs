@@ -4,6 +4,7 @@ const LIMITS: GuardLimits = GuardLimits {
     max_request_line: 64,
     max_header_bytes: 256,
     max_headers: 5,
+    header_read_timeout: std::time::Duration::from_secs(1),
 };
 
 /// Feed the whole input and describe the outcome: how many bytes passed, and the
@@ -41,29 +42,68 @@ fn holds_incomplete_heads() {
     assert_eq!(run(b"GET / HTTP/1.1\r\nHost: a\r\n"), (0, None));
     assert_eq!(run(b"PRI * HTTP/2"), (0, None));
     // a body may arrive in pieces
-    assert_eq!(run(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").0, 42);
+    assert_eq!(
+        run(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").0,
+        42
+    );
 }
 
 #[test]
 fn rejects_smuggling_and_malformed_heads() {
     let bad: &[(&[u8], &str)] = &[
-        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", "both Content-Length and Transfer-Encoding"),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", "both Content-Length and Transfer-Encoding"),
-        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n", "duplicate Content-Length"),
-        (b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n", "invalid Content-Length"),
-        (b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n", "invalid Content-Length"),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "unsupported Transfer-Encoding (only chunked is accepted)"),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", "duplicate Transfer-Encoding"),
-        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding in an HTTP/1.0 request"),
-        (b"GET / HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", "obsolete line folding in a header"),
-        (b"GET / HTTP/1.1\r\nX-A: 1\rX-B: 2\r\n\r\n", "bare CR in a header"),
-        (b"GET / HTTP/1.1\r\nX-A: 1\nX-B: 2\r\n\r\n", "bare LF in header section"),
+        (
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "both Content-Length and Transfer-Encoding",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "both Content-Length and Transfer-Encoding",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            "duplicate Content-Length",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n",
+            "invalid Content-Length",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            "invalid Content-Length",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "unsupported Transfer-Encoding (only chunked is accepted)",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "duplicate Transfer-Encoding",
+        ),
+        (
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n",
+            "obsolete line folding in a header",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nX-A: 1\rX-B: 2\r\n\r\n",
+            "bare CR in a header",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nX-A: 1\nX-B: 2\r\n\r\n",
+            "bare LF in header section",
+        ),
         (b"GET / HTTP/1.1\r\nX A: 1\r\n\r\n", "invalid header name"),
         (b"GET / HTTP/1.1\r\nX-A : 1\r\n\r\n", "invalid header name"),
         (b"GET / HTTP/1.1\r\nNoColon\r\n\r\n", "header without ':'"),
         (b"GET  / HTTP/1.1\r\n\r\n", "malformed request line"),
         (b"GET / HTTP/2.0\r\n\r\n", "unsupported HTTP version"),
-        (b"GET / HTTP/1.1\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\nE: 1\r\nF: 1\r\n\r\n", "too many request headers"),
+        (
+            b"GET / HTTP/1.1\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\nE: 1\r\nF: 1\r\n\r\n",
+            "too many request headers",
+        ),
     ];
     for (m, want) in bad {
         assert_eq!(run(m), (0, Some(*want)), "{}", String::from_utf8_lossy(m));
@@ -73,9 +113,15 @@ fn rejects_smuggling_and_malformed_heads() {
 #[test]
 fn enforces_size_limits_before_the_head_completes() {
     let long_line = format!("GET /{} HTTP/1.1\r\n", "a".repeat(100));
-    assert_eq!(run(long_line.as_bytes()), (0, Some("request line is too long")));
+    assert_eq!(
+        run(long_line.as_bytes()),
+        (0, Some("request line is too long"))
+    );
     let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(300));
-    assert_eq!(run(big.as_bytes()), (0, Some("request headers are too large")));
+    assert_eq!(
+        run(big.as_bytes()),
+        (0, Some("request headers are too large"))
+    );
 }
 
 #[test]

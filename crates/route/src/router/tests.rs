@@ -1,10 +1,19 @@
 use super::*;
 
-fn route(hosts: &[&str], path: &str, methods: &[&str], headers: &[(&str, &str)], v: &'static str) -> Route<&'static str> {
+fn route(
+    hosts: &[&str],
+    path: &str,
+    methods: &[&str],
+    headers: &[(&str, &str)],
+    v: &'static str,
+) -> Route<&'static str> {
     Route {
         hosts: hosts.iter().map(|s| s.to_string()).collect(),
         pattern: PathPattern::parse(path).unwrap_or_else(|e| panic!("{path}: {e}")),
-        methods: methods.iter().map(|m| m.parse().unwrap_or(Method::GET)).collect(),
+        methods: methods
+            .iter()
+            .map(|m| m.parse().unwrap_or(Method::GET))
+            .collect(),
         headers: headers
             .iter()
             .map(|(n, r)| HeaderMatch {
@@ -30,9 +39,27 @@ fn table() -> Router<&'static str> {
         route(&[], "/dir", &[], &[], "dir"),
         route(&[], "/ios", &[], &[("x-client", "^ios")], "ios"),
         route(&[], "/ios", &[], &[], "ios-any"),
-        route(&["api.example.com"], "/users/{id}", &["GET"], &[], "exact-host"),
-        route(&["*.example.org"], "/users/{id}", &["GET"], &[], "wild-host"),
-        route(&["*.b.example.org"], "/users/{id}", &["GET"], &[], "wild-host-longer"),
+        route(
+            &["api.example.com"],
+            "/users/{id}",
+            &["GET"],
+            &[],
+            "exact-host",
+        ),
+        route(
+            &["*.example.org"],
+            "/users/{id}",
+            &["GET"],
+            &[],
+            "wild-host",
+        ),
+        route(
+            &["*.b.example.org"],
+            "/users/{id}",
+            &["GET"],
+            &[],
+            "wild-host-longer",
+        ),
         route(&[], "/only-post", &["POST"], &[], "only-post"),
     ];
     for r in routes {
@@ -43,7 +70,13 @@ fn table() -> Router<&'static str> {
     b.build()
 }
 
-fn run(r: &Router<&'static str>, host: &str, method: &str, path: &str, hdrs: &[(&'static str, &'static str)]) -> String {
+fn run(
+    r: &Router<&'static str>,
+    host: &str,
+    method: &str,
+    path: &str,
+    hdrs: &[(&'static str, &'static str)],
+) -> String {
     let mut h = HeaderMap::new();
     for (n, v) in hdrs {
         h.insert(*n, http::HeaderValue::from_static(v));
@@ -51,8 +84,16 @@ fn run(r: &Router<&'static str>, host: &str, method: &str, path: &str, hdrs: &[(
     let m: Method = method.parse().unwrap_or(Method::GET);
     match r.route(host, &m, path, &h) {
         Outcome::Matched(m) => {
-            let caps: Vec<String> = m.captures.iter().map(|(n, s)| format!("{n}={}", &path[s.clone()])).collect();
-            if caps.is_empty() { m.value.to_string() } else { format!("{} {}", m.value, caps.join(",")) }
+            let caps: Vec<String> = m
+                .captures
+                .iter()
+                .map(|(n, s)| format!("{n}={}", &path[s.clone()]))
+                .collect();
+            if caps.is_empty() {
+                m.value.to_string()
+            } else {
+                format!("{} {}", m.value, caps.join(","))
+            }
         }
         Outcome::MethodNotAllowed(a) => format!("405 {a:?}"),
         Outcome::NotFound => "404".to_string(),
@@ -70,7 +111,13 @@ fn specificity_table() {
         // the literal lacks DELETE, so the capture route serves it
         ("x", "DELETE", "/users/me", &[], "delete-user id=me"),
         ("x", "PUT", "/users/42", &[], "405 [GET, DELETE]"),
-        ("x", "GET", "/users/42/files/a/b.txt", &[], "files id=42,path=a/b.txt"),
+        (
+            "x",
+            "GET",
+            "/users/42/files/a/b.txt",
+            &[],
+            "files id=42,path=a/b.txt",
+        ),
         ("x", "GET", "/users/42/files/", &[], "files id=42,path="),
         ("x", "GET", "/users/42/files", &[], "404"),
         ("x", "GET", "/users", &[], "404"),
@@ -83,16 +130,32 @@ fn specificity_table() {
         ("api.example.com", "GET", "/users/1", &[], "exact-host id=1"),
         ("API.Example.com", "GET", "/users/1", &[], "exact-host id=1"),
         ("a.example.org", "GET", "/users/1", &[], "wild-host id=1"),
-        ("a.b.example.org", "GET", "/users/1", &[], "wild-host-longer id=1"),
+        (
+            "a.b.example.org",
+            "GET",
+            "/users/1",
+            &[],
+            "wild-host-longer id=1",
+        ),
         ("example.org", "GET", "/users/1", &[], "get-user id=1"),
         // exact host has no DELETE route: falls through to the any-host table
-        ("api.example.com", "DELETE", "/users/1", &[], "delete-user id=1"),
+        (
+            "api.example.com",
+            "DELETE",
+            "/users/1",
+            &[],
+            "delete-user id=1",
+        ),
         ("x", "GET", "/only-post", &[], "405 [POST]"),
         ("x", "GET", "/nothing", &[], "404"),
         ("x", "GET", "/ADMIN/x", &[], "404"),
     ];
     for (host, method, path, hdrs, want) in cases {
-        assert_eq!(run(&r, host, method, path, hdrs), *want, "{method} {host}{path}");
+        assert_eq!(
+            run(&r, host, method, path, hdrs),
+            *want,
+            "{method} {host}{path}"
+        );
     }
 }
 
@@ -106,7 +169,10 @@ fn ties_are_errors() {
     assert!(b.insert(route(&[], "/u/{x}", &[], &[], "c")).is_err());
     // different methods or headers are not ties
     assert!(b.insert(route(&[], "/u/{x}", &["POST"], &[], "d")).is_ok());
-    assert!(b.insert(route(&[], "/u/{x}", &["GET"], &[("x-a", "1")], "e")).is_ok());
+    assert!(
+        b.insert(route(&[], "/u/{x}", &["GET"], &[("x-a", "1")], "e"))
+            .is_ok()
+    );
     // same host twice in one wildcard class
     assert!(b.insert(route(&["*.a.com"], "/u", &[], &[], "f")).is_ok());
     assert!(b.insert(route(&["*.A.com"], "/u", &[], &[], "g")).is_err());

@@ -27,7 +27,13 @@ fn v2() -> Selector {
 
 #[test]
 fn weighted_round_robin_is_exact_and_smooth() {
-    let c = Cluster::new("s", LbPolicy::RoundRobin, None, vec![], vec![ep(1, 3, "v1"), ep(2, 1, "v1")]);
+    let c = Cluster::new(
+        "s",
+        LbPolicy::RoundRobin,
+        None,
+        vec![],
+        vec![ep(1, 3, "v1"), ep(2, 1, "v1")],
+    );
     assert_eq!(counts(&c, None, 400), [(1, 300), (2, 100)].into());
     assert_eq!(smooth_wrr(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
 }
@@ -35,7 +41,13 @@ fn weighted_round_robin_is_exact_and_smooth() {
 #[test]
 fn random_and_least_request_follow_weights_roughly() {
     for policy in [LbPolicy::Random, LbPolicy::LeastRequest] {
-        let c = Cluster::new("s", policy, None, vec![], vec![ep(1, 1, "v1"), ep(2, 1, "v1")]);
+        let c = Cluster::new(
+            "s",
+            policy,
+            None,
+            vec![],
+            vec![ep(1, 1, "v1"), ep(2, 1, "v1")],
+        );
         let m = counts(&c, None, 2000);
         for (_, n) in m {
             assert!((800..1200).contains(&n), "{policy:?} uneven");
@@ -45,7 +57,13 @@ fn random_and_least_request_follow_weights_roughly() {
 
 #[test]
 fn least_request_avoids_busy_endpoint() {
-    let c = Cluster::new("s", LbPolicy::LeastRequest, None, vec![], vec![ep(1, 1, "v1"), ep(2, 1, "v1")]);
+    let c = Cluster::new(
+        "s",
+        LbPolicy::LeastRequest,
+        None,
+        vec![],
+        vec![ep(1, 1, "v1"), ep(2, 1, "v1")],
+    );
     // hold 50 requests on whichever endpoint the first pick chooses
     let held: Vec<Picked> = (0..50).filter_map(|_| c.pick(None, None, None)).collect();
     let busy: Vec<u16> = held.iter().map(|p| p.endpoint.addr.port()).collect();
@@ -60,7 +78,13 @@ fn least_request_avoids_busy_endpoint() {
 
 #[test]
 fn ring_hash_is_sticky() {
-    let c = Cluster::new("s", LbPolicy::RingHash, None, vec![], vec![ep(1, 1, "v1"), ep(2, 1, "v1"), ep(3, 1, "v1")]);
+    let c = Cluster::new(
+        "s",
+        LbPolicy::RingHash,
+        None,
+        vec![],
+        vec![ep(1, 1, "v1"), ep(2, 1, "v1"), ep(3, 1, "v1")],
+    );
     for h in 0..100u64 {
         let a = c.pick(None, Some(h), None).map(|p| p.endpoint.addr);
         let b = c.pick(None, Some(h), None).map(|p| p.endpoint.addr);
@@ -74,7 +98,11 @@ fn subsets_and_fallback() {
         "s",
         LbPolicy::RoundRobin,
         None,
-        vec![v2(), Selector::Labels(v("v9")), Selector::NoneOf(vec![v("v2")])],
+        vec![
+            v2(),
+            Selector::Labels(v("v9")),
+            Selector::NoneOf(vec![v("v2")]),
+        ],
         vec![ep(1, 1, "v1"), ep(2, 1, "v2")],
     );
     assert_eq!(counts(&c, Some(0), 10), [(2, 10)].into());
@@ -88,7 +116,13 @@ fn subsets_and_fallback() {
 
 #[test]
 fn retry_avoids_failed_endpoint() {
-    let c = Cluster::new("s", LbPolicy::RingHash, None, vec![], vec![ep(1, 1, "v1"), ep(2, 1, "v1")]);
+    let c = Cluster::new(
+        "s",
+        LbPolicy::RingHash,
+        None,
+        vec![],
+        vec![ep(1, 1, "v1"), ep(2, 1, "v1")],
+    );
     let first = c.pick(None, Some(1), None).map(|p| p.endpoint.addr);
     let again = c.pick(None, Some(1), first).map(|p| p.endpoint.addr);
     assert_ne!(first, again);

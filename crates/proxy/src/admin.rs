@@ -1,0 +1,138 @@
+//! The admin listener: `GET /ready`, `GET /metrics`, `GET /config`, `POST /reload`,
+//! `GET /upstreams` (SPEC §5). Bind it to loopback: it has no authentication.
+
+use crate::Shared;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    reply(status, "application/json", format!("{v:#}\n"))
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let resp = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ready") => {
+            if shared.draining() {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else {
+                reply(StatusCode::OK, "text/plain", "ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.encode(),
+        ),
+        (&Method::GET, "/config") => json(StatusCode::OK, &config(&shared)),
+        (&Method::POST, "/reload") => match shared.reload("admin").await {
+            Ok(rev) => json(
+                StatusCode::OK,
+                &json!({"status": "accepted", "revision": rev}),
+            ),
+            Err(errors) => json(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": {"code": "invalid_config", "message": "config rejected; the previous config keeps serving", "diagnostics": errors}}),
+            ),
+        },
+        (&Method::GET, "/upstreams") => json(StatusCode::OK, &upstreams(&shared)),
+        (_, "/ready" | "/metrics" | "/config" | "/reload" | "/upstreams") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": {"code": "method_not_allowed", "message": "wrong method for this endpoint"}}),
+        ),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &json!({"error": {"code": "not_found", "message": "admin endpoints: /ready /metrics /config /reload /upstreams"}}),
+        ),
+    };
+    Ok(resp)
+}
+
+fn config(shared: &Shared) -> serde_json::Value {
+    let active = shared.active.load();
+    let last = shared.last_reload.lock().ok().and_then(|s| s.clone());
+    json!({
+        "revision": active.snapshot.revision,
+        "loadedAt": humantime::format_rfc3339_millis(active.loaded_at).to_string(),
+        "sources": shared.options.config.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "lastReload": last.map(|l| json!({
+            "at": humantime::format_rfc3339_millis(l.at).to_string(),
+            "ok": l.ok,
+            "revision": l.revision,
+            "errors": l.errors,
+        })),
+        "resources": active.snapshot.resources,
+    })
+}
+
+fn upstreams(shared: &Shared) -> serde_json::Value {
+    let active = shared.active.load();
+    let services: Vec<serde_json::Value> = active
+        .clusters
+        .values()
+        .map(|c| {
+            let set = c.cluster.endpoints();
+            let endpoints: Vec<serde_json::Value> = set
+                .endpoints
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.addr.to_string(),
+                        "weight": e.weight,
+                        "labels": e.labels,
+                        "inFlight": e.in_flight(),
+                        "health": "healthy",
+                        "reason": "no health check configured",
+                    })
+                })
+                .collect();
+            json!({
+                "service": c.service.name,
+                "protocol": format!("{:?}", c.service.protocol).to_lowercase(),
+                "loadBalancer": format!("{:?}", c.cluster.policy),
+                "discovery": if c.service.dns.is_some() { "dns" } else { "static" },
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({"revision": active.snapshot.revision, "services": services})
+}

@@ -1,0 +1,336 @@
+//! One request through the phases: normalise → route → limits → filters (global,
+//! then the Api's) → invoke → response filters (reverse) → completion (always).
+
+use crate::Shared;
+use crate::access_log::LogSink;
+use crate::body::{Completion, ResponseBody};
+use crate::invoke::{self, strip_hop_by_hop};
+use crate::metrics::ApiStats;
+use crate::respond::{self, X_REQUEST_ID};
+use crate::state::{Active, GatewayRt, service_of};
+use http::{HeaderValue, Request, Response, header};
+use hyper::body::Incoming;
+use meshgate_config::{Api, Invoke};
+use meshgate_core::{ErrorCode, GatewayError, RequestCtx, RequestId};
+use meshgate_filter::Flow;
+use meshgate_route::{Outcome, normalize_path};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+/// Per-connection facts every request on it shares.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub shared: Arc<Shared>,
+    pub gateway: Arc<str>,
+    pub client: SocketAddr,
+    pub scheme: &'static str,
+    pub activity: crate::server::Activity,
+}
+
+const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-forwarded-host");
+
+/// What the completion hook needs to log and count the request.
+struct Done {
+    conn: Arc<ConnInfo>,
+    ctx: RequestCtx,
+    start: Instant,
+    wall: SystemTime,
+    status: u16,
+    method: http::Method,
+    path: String,
+    version: http::Version,
+    gateway: Arc<str>,
+    api: Option<Arc<Api>>,
+    global: Option<Arc<meshgate_config::Gateway>>,
+    upstream: Option<SocketAddr>,
+    upstream_ms: Option<f64>,
+    stats: Arc<ApiStats>,
+    log: Option<LogSink>,
+}
+
+impl Completion for Done {
+    fn complete(&mut self, bytes_sent: u64, clean: bool) {
+        let a = &self.conn.activity;
+        a.in_flight.fetch_sub(1, Ordering::Relaxed);
+        a.last.store(self.conn.shared.now_ms(), Ordering::Relaxed);
+        let elapsed = self.start.elapsed();
+        self.stats.record(self.status, elapsed.as_secs_f64());
+        let status = http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);
+        if let Some(api) = &self.api {
+            api.chain.on_complete(&self.ctx, status);
+        }
+        if let Some(g) = &self.global {
+            g.global.on_complete(&self.ctx, status);
+        }
+        let Some(log) = &self.log else { return };
+        let line = serde_json::json!({
+            "time": humantime::format_rfc3339_millis(self.wall).to_string(),
+            "requestId": self.ctx.request_id.as_str(),
+            "gateway": &*self.gateway,
+            "api": self.api.as_ref().map(|a| a.name.as_str()),
+            "consumer": self.ctx.consumer.as_ref().map(|c| &*c.name),
+            "client": self.ctx.client_addr.ip().to_string(),
+            "method": self.method.as_str(),
+            "path": self.path,
+            "protocol": format!("{:?}", self.version),
+            "service": self.api.as_deref().map(service_of).filter(|s| !s.is_empty()),
+            "upstream": self.upstream.map(|u| u.to_string()),
+            "status": self.status,
+            "bytesSent": bytes_sent,
+            "complete": clean,
+            "durationMs": (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            "upstreamMs": self.upstream_ms.map(|m| (m * 1e3).round() / 1e3),
+        });
+        log.write(line.to_string());
+    }
+}
+
+pub async fn handle(
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let start = Instant::now();
+    let wall = SystemTime::now();
+    let active = conn.shared.active.load_full();
+    let request_id = RequestId::from_header(req.headers().get(&X_REQUEST_ID));
+    let mut ctx = RequestCtx::new(request_id, conn.client, conn.scheme);
+    ctx.grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let method = req.method().clone();
+    let version = req.version();
+    let path = req.uri().path().to_string();
+    let Some(grt) = active.gateways.get(&*conn.gateway) else {
+        let err = GatewayError::new(
+            ErrorCode::NoRoute,
+            "this listener's gateway is no longer configured",
+        );
+        return Ok(respond::error(&err, &ctx));
+    };
+    conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+    let mut done = Done {
+        conn: conn.clone(),
+        ctx: ctx.clone(),
+        start,
+        wall,
+        status: 0,
+        method,
+        path,
+        version,
+        gateway: conn.gateway.clone(),
+        api: None,
+        global: Some(grt.gateway.clone()),
+        upstream: None,
+        upstream_ms: None,
+        stats: grt.unmatched.clone(),
+        log: conn.shared.log_sink(&grt.gateway.access_log),
+    };
+    let mut resp = match serve(&conn, &active, grt, &mut ctx, &mut done, req).await {
+        Ok(r) => r,
+        Err(e) => respond::error(&e, &ctx),
+    };
+    if !resp.headers().contains_key(&X_REQUEST_ID) {
+        resp.headers_mut()
+            .insert(X_REQUEST_ID, ctx.request_id.header_value().clone());
+    }
+    if conn.shared.draining() && version < http::Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    done.status = resp.status().as_u16();
+    done.ctx = ctx;
+    resp.body_mut().on_complete(Box::new(done));
+    Ok(resp)
+}
+
+fn host_of(req: &Request<Incoming>) -> &str {
+    let raw = req
+        .uri()
+        .host()
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    strip_port(raw)
+}
+
+/// `host:port` → `host`; IPv6 literals keep their brackets.
+fn strip_port(raw: &str) -> &str {
+    if raw.starts_with('[') {
+        return raw.find(']').map_or(raw, |i| &raw[..=i]);
+    }
+    match raw.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => raw,
+    }
+}
+
+async fn serve(
+    conn: &ConnInfo,
+    active: &Arc<Active>,
+    grt: &GatewayRt,
+    ctx: &mut RequestCtx,
+    done: &mut Done,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let gw = &grt.gateway;
+    let normalized = normalize_path(req.uri().path())
+        .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+    let path = normalized.as_deref().unwrap_or(req.uri().path());
+    let host = host_of(&req);
+    let (api_idx, captures) = match gw.router.route(host, req.method(), path, req.headers()) {
+        Outcome::Matched(m) => (
+            *m.value,
+            m.captures
+                .into_iter()
+                .map(|(n, r)| (n, path[r].to_string()))
+                .collect::<Vec<_>>(),
+        ),
+        Outcome::MethodNotAllowed(allow) => {
+            let list: Vec<&str> = allow.iter().map(|m| m.as_str()).collect();
+            let mut e = GatewayError::new(
+                ErrorCode::MethodNotAllowed,
+                format!("method {} is not allowed here", req.method()),
+            );
+            if let Ok(v) = HeaderValue::from_str(&list.join(", ")) {
+                e = e.with_header(header::ALLOW, v);
+            }
+            return Err(e);
+        }
+        Outcome::NotFound => {
+            return Err(GatewayError::new(
+                ErrorCode::NoRoute,
+                format!("no route for {} {}", req.method(), path),
+            ));
+        }
+    };
+    let api = active.snapshot.apis[api_idx].clone();
+    done.stats = grt.api_stats[api_idx].clone();
+    done.api = Some(api.clone());
+    ctx.api = Some(api.name.as_str().into());
+    ctx.captures = captures;
+    let limit = api.max_body_bytes.map_or(gw.limits.max_body_bytes, |l| {
+        l.min(gw.limits.max_body_bytes)
+    });
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("request body is larger than {limit} bytes"),
+        ));
+    }
+    let client_host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    let (mut parts, body) = req.into_parts();
+    if let Some(p) = normalized {
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{p}?{q}"),
+            None => p,
+        };
+        parts.uri = http::Uri::try_from(pq)
+            .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+    } else if parts.uri.scheme().is_some() {
+        // absolute-form or h2: keep only path and query for the upstream
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        parts.uri = http::Uri::try_from(pq)
+            .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+    }
+    for chain in [&gw.global, &api.chain] {
+        if let Flow::Respond(r) = chain.on_request(ctx, &mut parts).await? {
+            return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
+        }
+    }
+    let up = match &api.invoke {
+        Invoke::Mock(m) => {
+            let mut r = Response::new(ResponseBody::full(m.body.clone()));
+            *r.status_mut() = m.status;
+            *r.headers_mut() = m.headers.clone();
+            return Ok(finish(r, ctx, &api, gw));
+        }
+        Invoke::Upstream(up) => up,
+    };
+    if let Some(t) = &up.rewrite {
+        let p = t.render(|n| ctx.capture(n));
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{p}?{q}"),
+            None => p,
+        };
+        parts.uri = http::Uri::try_from(pq)
+            .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+    }
+    forwarding_headers(&mut parts.headers, ctx, conn, client_host.as_deref());
+    let started = Instant::now();
+    let answer = invoke::call(active, up, ctx, parts, body, limit).await?;
+    done.upstream = Some(answer.endpoint);
+    done.upstream_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+    let (mut rparts, rbody) = answer.response.into_parts();
+    strip_hop_by_hop(&mut rparts.headers, false);
+    let resp = Response::from_parts(rparts, ResponseBody::upstream(rbody));
+    Ok(finish(resp, ctx, &api, gw))
+}
+
+fn forwarding_headers(
+    h: &mut http::HeaderMap,
+    ctx: &RequestCtx,
+    conn: &ConnInfo,
+    host: Option<&str>,
+) {
+    strip_hop_by_hop(h, ctx.grpc);
+    h.insert(X_REQUEST_ID, ctx.request_id.header_value().clone());
+    let ip = conn.client.ip().to_string();
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
+    if let Some(host) = host {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            if !h.contains_key(header::HOST) {
+                h.insert(header::HOST, v.clone());
+            }
+            h.insert(X_FORWARDED_HOST, v);
+        }
+    }
+}
+
+/// Response-phase filters, in reverse order: the Api's, then the global ones.
+fn finish(
+    resp: Response<ResponseBody>,
+    ctx: &RequestCtx,
+    api: &Api,
+    gw: &meshgate_config::Gateway,
+) -> Response<ResponseBody> {
+    if api.chain.is_empty() && gw.global.is_empty() {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    api.chain.on_response(ctx, &mut parts);
+    gw.global.on_response(ctx, &mut parts);
+    Response::from_parts(parts, body)
+}

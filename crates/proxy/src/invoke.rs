@@ -1,0 +1,303 @@
+//! The invoke phase for an upstream Api: split → balance → connect → retry/timeout.
+
+use crate::body::{LimitedIncoming, UpstreamBody};
+use crate::state::{Active, ClusterRt};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use meshgate_config::{Split, Target, Upstream};
+use meshgate_core::{ErrorCode, GatewayError, RequestCtx};
+use meshgate_upstream::TryOutcome;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Bodies up to this size are buffered when retries are configured, so a retry can
+/// replay them; larger bodies stream and are never replayed.
+const REPLAY_BUFFER: u64 = 64 * 1024;
+
+/// What the upstream answered, and which endpoint did.
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub endpoint: SocketAddr,
+}
+
+fn pick_target<'a>(split: &'a Split, headers: &HeaderMap) -> &'a Target {
+    for (conds, target) in &split.matched {
+        if conds
+            .iter()
+            .all(|(n, v)| headers.get(n).is_some_and(|h| h.as_bytes() == v.as_bytes()))
+        {
+            return target;
+        }
+    }
+    if let Some((last, _)) = split.weighted.last() {
+        let roll = fastrand::u32(0..100);
+        if roll < *last
+            && let Some((_, t)) = split.weighted.iter().find(|(cum, _)| roll < *cum)
+        {
+            return t;
+        }
+    }
+    &split.baseline
+}
+
+/// Parse `grpc-timeout` (`1S`, `500m`, `100u`...).
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (num, unit) = v.split_at(v.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Prepare the body once: replayable when small and retries may need it.
+async fn prepare_body(
+    body: Incoming,
+    parts: &http::request::Parts,
+    limit: u64,
+    exceeded: &Arc<AtomicBool>,
+    retries: bool,
+) -> Result<UpstreamBody, GatewayError> {
+    use http_body::Body;
+    if body.is_end_stream() {
+        return Ok(UpstreamBody::Empty);
+    }
+    let len = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let limited = LimitedIncoming {
+        inner: body,
+        remaining: limit,
+        exceeded: exceeded.clone(),
+    };
+    match len {
+        Some(n) if retries && n <= REPLAY_BUFFER => {
+            let collected = UpstreamBody::Stream(limited).collect().await.map_err(|_| {
+                if exceeded.load(Ordering::Relaxed) {
+                    GatewayError::new(ErrorCode::PayloadTooLarge, "request body is too large")
+                } else {
+                    GatewayError::new(ErrorCode::InvalidRequest, "request body ended early")
+                }
+            })?;
+            Ok(UpstreamBody::Full(Some(collected.to_bytes())))
+        }
+        _ => Ok(UpstreamBody::Stream(limited)),
+    }
+}
+
+fn replay(body: &UpstreamBody) -> Option<UpstreamBody> {
+    match body {
+        UpstreamBody::Empty => Some(UpstreamBody::Empty),
+        UpstreamBody::Full(b) => Some(UpstreamBody::Full(b.clone())),
+        UpstreamBody::Stream(_) => None,
+    }
+}
+
+fn upstream_error(outcome: TryOutcome, service: &str) -> GatewayError {
+    match outcome {
+        TryOutcome::ConnectFailure => GatewayError::new(
+            ErrorCode::UpstreamUnavailable,
+            format!("could not connect to service {service:?}"),
+        ),
+        TryOutcome::Reset => GatewayError::new(
+            ErrorCode::UpstreamUnavailable,
+            format!("service {service:?} closed the connection before answering"),
+        ),
+        TryOutcome::Timeout => GatewayError::new(
+            ErrorCode::UpstreamTimeout,
+            format!("service {service:?} did not answer in time"),
+        ),
+        TryOutcome::Status(_) => {
+            GatewayError::new(ErrorCode::UpstreamUnavailable, "upstream error")
+        }
+    }
+}
+
+/// Call the upstream for `up`, with retries and timeouts. `parts` already carries
+/// the rewritten path and the forwarding headers.
+pub async fn call(
+    active: &Active,
+    up: &Upstream,
+    ctx: &RequestCtx,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    body_limit: u64,
+) -> Result<Answer, GatewayError> {
+    let start = Instant::now();
+    let target = pick_target(&up.split, &parts.headers);
+    let name = target.service.as_deref().unwrap_or(&up.service);
+    let rt: &Arc<ClusterRt> = active.clusters.get(name).ok_or_else(|| {
+        GatewayError::new(
+            ErrorCode::NoHealthyUpstream,
+            format!("service {name:?} is not configured"),
+        )
+    })?;
+    let mut timeout = up.timeout;
+    if ctx.grpc
+        && let Some(t) = grpc_timeout(&parts.headers)
+    {
+        timeout = timeout.min(t);
+    }
+    let deadline = start + timeout;
+    let hash = rt
+        .cluster
+        .hash_on
+        .as_ref()
+        .and_then(|h| h.hash(&parts.headers, ctx.client_addr.ip()));
+    let exceeded = Arc::new(AtomicBool::new(false));
+    let retries = up.retry.attempts > 0;
+    let mut body = prepare_body(body, &parts, body_limit, &exceeded, retries).await?;
+    // A streamed body is consumed by its first try, so only buffered ones retry.
+    let replayable = !matches!(body, UpstreamBody::Stream(_));
+    let path_and_query = parts.uri.path_and_query().cloned();
+    if rt.service.protocol != meshgate_config::UpstreamProtocol::Http1 {
+        // HTTP/2 carries the authority in :authority; a differing Host is malformed.
+        parts.headers.remove(header::HOST);
+    }
+    let mut avoid = None;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let Some(picked) = rt.cluster.pick(target.subset, hash, avoid) else {
+            return Err(GatewayError::new(
+                ErrorCode::NoHealthyUpstream,
+                format!("service {name:?} has no endpoints"),
+            ));
+        };
+        let endpoint = picked.endpoint.addr;
+        let uri = http::Uri::builder()
+            .scheme("http")
+            .authority(picked.endpoint.authority.clone())
+            .path_and_query(
+                path_and_query
+                    .clone()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            )
+            .build()
+            .map_err(|e| GatewayError::new(ErrorCode::Internal, e.to_string()))?;
+        let this_body = match replay(&body) {
+            Some(copy) => copy,
+            None => std::mem::replace(&mut body, UpstreamBody::Empty),
+        };
+        let mut req = Request::new(this_body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = parts.headers.clone();
+        if rt.service.protocol != meshgate_config::UpstreamProtocol::Http1 {
+            *req.version_mut() = http::Version::HTTP_2;
+        }
+        let now = Instant::now();
+        let remaining = deadline.saturating_duration_since(now);
+        let try_timeout = up
+            .retry
+            .per_try_timeout
+            .map_or(remaining, |p| p.min(remaining));
+        rt.stats.active.inc();
+        let result = tokio::time::timeout(try_timeout, rt.client.request(req)).await;
+        rt.stats.active.dec();
+        rt.stats.duration.observe(now.elapsed().as_secs_f64());
+        drop(picked);
+        let outcome = match result {
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                let out = TryOutcome::Status(status);
+                if replayable
+                    && Instant::now() < deadline
+                    && up.retry.allows(&parts.method, tries, out)
+                {
+                    drop(resp);
+                    out
+                } else {
+                    return Ok(Answer {
+                        response: resp,
+                        endpoint,
+                    });
+                }
+            }
+            Ok(Err(e)) => {
+                if exceeded.load(Ordering::Relaxed) {
+                    return Err(GatewayError::new(
+                        ErrorCode::PayloadTooLarge,
+                        "request body is too large",
+                    ));
+                }
+                if e.is_connect() {
+                    rt.stats.connect_errors.inc();
+                    TryOutcome::ConnectFailure
+                } else {
+                    tracing::debug!(error = %e, %endpoint, "upstream request failed");
+                    TryOutcome::Reset
+                }
+            }
+            Err(_) => {
+                rt.stats.timeouts.inc();
+                TryOutcome::Timeout
+            }
+        };
+        let time_left = Instant::now() < deadline;
+        if !(replayable && time_left && up.retry.allows(&parts.method, tries, outcome)) {
+            let err = upstream_error(outcome, name);
+            return Err(if outcome == TryOutcome::Timeout && !time_left {
+                GatewayError::new(
+                    ErrorCode::UpstreamTimeout,
+                    format!("service {name:?} did not answer within {timeout:?}"),
+                )
+            } else {
+                err
+            });
+        }
+        rt.stats.retries.inc();
+        avoid = Some(endpoint);
+        // A short jittered pause so a retry does not hit the same failure instantly.
+        let pause = Duration::from_millis(fastrand::u64(5..25));
+        if Instant::now() + pause < deadline {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// Headers the next hop must not see (RFC 9110 §7.6.1), plus those named in
+/// `Connection`. `keep_te_trailers` keeps `te: trailers`, which gRPC needs.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| header::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::HeaderName::from_static("keep-alive"),
+        header::HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(n);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    headers.remove(header::TE);
+    if keep_te_trailers && te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}

@@ -1,0 +1,290 @@
+//! Prometheus metrics. Label sets are resolved when a snapshot is activated, so the
+//! request path only increments atomics it already holds.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub gateway: String,
+    pub api: String,
+    pub service: String,
+    pub status_class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub gateway: String,
+    pub api: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistFamily<ApiLabels>,
+    upstream_duration: HistFamily<ServiceLabels>,
+    upstream_connect_errors: Family<ServiceLabels, Counter>,
+    upstream_timeouts: Family<ServiceLabels, Counter>,
+    upstream_retries: Family<ServiceLabels, Counter>,
+    upstream_connections: Family<ServiceLabels, Gauge>,
+    upstream_requests_active: Family<ServiceLabels, Gauge>,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub rejected: Family<ReasonLabels, Counter>,
+    pub downstream_connections: Gauge,
+    pub access_log_dropped: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("meshgate");
+        let m = Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency),
+            upstream_duration: Family::new_with_constructor(latency),
+            upstream_connect_errors: Family::default(),
+            upstream_timeouts: Family::default(),
+            upstream_retries: Family::default(),
+            upstream_connections: Family::default(),
+            upstream_requests_active: Family::default(),
+            reloads: Family::default(),
+            rejected: Family::default(),
+            downstream_connections: Gauge::default(),
+            access_log_dropped: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by gateway, Api, Service and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Downstream request duration, first byte in to last byte out",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Upstream time to response headers, per try",
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            "upstream_connect_errors",
+            "Upstream connection failures",
+            m.upstream_connect_errors.clone(),
+        );
+        registry.register(
+            "upstream_timeouts",
+            "Upstream tries that timed out",
+            m.upstream_timeouts.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Upstream retries",
+            m.upstream_retries.clone(),
+        );
+        registry.register(
+            "upstream_connections",
+            "Open upstream connections (the pool size)",
+            m.upstream_connections.clone(),
+        );
+        registry.register(
+            "upstream_requests_active",
+            "Upstream requests in flight",
+            m.upstream_requests_active.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result (accepted, rejected)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "downstream_rejected",
+            "Requests refused before routing, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "downstream_connections",
+            "Open downstream connections",
+            m.downstream_connections.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+/// Handles for one (gateway, Api): indexed by status class 1xx..5xx.
+#[derive(Debug)]
+pub struct ApiStats {
+    by_class: [Counter; 5],
+    duration: Histogram,
+}
+
+impl ApiStats {
+    pub fn record(&self, status: u16, seconds: f64) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceStats {
+    pub duration: Histogram,
+    pub connect_errors: Counter,
+    pub timeouts: Counter,
+    pub retries: Counter,
+    pub connections: Gauge,
+    pub active: Gauge,
+}
+
+impl Metrics {
+    pub fn api(&self, gateway: &str, api: &str, service: &str) -> ApiStats {
+        let class = |c: &str| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    gateway: gateway.into(),
+                    api: api.into(),
+                    service: service.into(),
+                    status_class: c.into(),
+                })
+                .clone()
+        };
+        ApiStats {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: self
+                .request_duration
+                .get_or_create(&ApiLabels {
+                    gateway: gateway.into(),
+                    api: api.into(),
+                })
+                .clone(),
+        }
+    }
+
+    pub fn service(&self, service: &str) -> ServiceStats {
+        let l = ServiceLabels {
+            service: service.into(),
+        };
+        ServiceStats {
+            duration: self.upstream_duration.get_or_create(&l).clone(),
+            connect_errors: self.upstream_connect_errors.get_or_create(&l).clone(),
+            timeouts: self.upstream_timeouts.get_or_create(&l).clone(),
+            retries: self.upstream_retries.get_or_create(&l).clone(),
+            connections: self.upstream_connections.get_or_create(&l).clone(),
+            active: self.upstream_requests_active.get_or_create(&l).clone(),
+        }
+    }
+
+    pub fn reload(&self, accepted: bool) {
+        let result = if accepted { "accepted" } else { "rejected" };
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        openmetrics_to_prometheus(&out)
+    }
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family `x` has samples
+/// `x_total`. The classic text format (what `promtool check metrics` and most
+/// scrapers' fallback parse) names the family after its samples and has no `# EOF`.
+fn openmetrics_to_prometheus(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                };
+                out.push_str(kind);
+                out.push_str(&name);
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_is_classic_text_format() {
+        let m = Metrics::default();
+        m.api("g", "a", "s").record(200, 0.01);
+        m.reload(true);
+        let text = m.encode();
+        assert!(text.contains("# TYPE meshgate_requests_total counter"));
+        assert!(text.contains("# HELP meshgate_requests_total "));
+        assert!(text.contains(
+            "meshgate_requests_total{gateway=\"g\",api=\"a\",service=\"s\",status_class=\"2xx\"} 1"
+        ));
+        assert!(!text.contains("# EOF"));
+    }
+}

@@ -1,0 +1,318 @@
+//! Listeners and connections: accept, optional TLS, the HTTP/1 guard, hyper's
+//! HTTP/1.1 + HTTP/2 server, idle timeout and graceful drain per connection.
+
+use crate::Shared;
+use crate::dispatch::{self, ConnInfo};
+use crate::guard::{GuardLimits, Guarded, RejectSink, Rejection};
+use crate::metrics::ReasonLabels;
+use crate::state::Active;
+use arc_swap::ArcSwapOption;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use meshgate_config::{Limits, ListenerProtocol};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    gateway: String,
+    address: SocketAddr,
+    protocol: ListenerProtocol,
+}
+
+#[derive(Debug)]
+struct Running {
+    stop: watch::Sender<bool>,
+    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+}
+
+/// The listeners currently serving, reconciled with each new config.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    running: Mutex<HashMap<Key, Running>>,
+}
+
+/// Sockets bound and TLS configs built for a config not yet active.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    bind: Vec<(Key, TcpListener, Option<Arc<rustls::ServerConfig>>)>,
+    tls: Vec<(Key, Option<Arc<rustls::ServerConfig>>)>,
+    keep: Vec<Key>,
+}
+
+impl Listeners {
+    /// Bind new listeners and build TLS configs. Nothing changes on failure.
+    pub async fn prepare(&self, active: &Active) -> Result<Prepared, String> {
+        let mut p = Prepared::default();
+        let running: Vec<Key> = self
+            .running
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        for g in &active.snapshot.gateways {
+            for l in &g.listeners {
+                let key = Key {
+                    gateway: g.name.clone(),
+                    address: l.address,
+                    protocol: l.protocol,
+                };
+                let tls = match l.protocol {
+                    ListenerProtocol::Https => Some(
+                        crate::tls::server_config(&l.certificates)
+                            .map_err(|e| format!("listener {:?}: {e}", l.name))?,
+                    ),
+                    _ => None,
+                };
+                if running.contains(&key) {
+                    p.tls.push((key.clone(), tls));
+                    p.keep.push(key);
+                } else {
+                    let socket = bind(l.address).map_err(|e| {
+                        format!("listener {:?}: cannot listen on {}: {e}", l.name, l.address)
+                    })?;
+                    p.bind.push((key, socket, tls));
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// Start new listeners, update TLS on kept ones, stop the rest.
+    pub fn commit(&self, shared: &Arc<Shared>, p: Prepared) {
+        let Ok(mut running) = self.running.lock() else {
+            return;
+        };
+        for (key, tls) in p.tls {
+            if let Some(r) = running.get(&key) {
+                r.tls.store(tls);
+            }
+        }
+        let mut keep = p.keep;
+        for (key, socket, tls) in p.bind {
+            let (stop, stop_rx) = watch::channel(false);
+            let tls = Arc::new(ArcSwapOption::new(tls));
+            tracing::info!(gateway = %key.gateway, address = %key.address, protocol = ?key.protocol, "listening");
+            tokio::spawn(accept_loop(
+                shared.clone(),
+                key.gateway.clone().into(),
+                socket,
+                tls.clone(),
+                stop_rx,
+            ));
+            keep.push(key.clone());
+            running.insert(key, Running { stop, tls });
+        }
+        running.retain(|k, r| {
+            let stays = keep.contains(k);
+            if !stays {
+                tracing::info!(gateway = %k.gateway, address = %k.address, "listener removed");
+                let _ = r.stop.send(true);
+            }
+            stays
+        });
+    }
+
+    /// Stop accepting everywhere (drain).
+    pub fn stop_all(&self) {
+        if let Ok(mut running) = self.running.lock() {
+            for r in running.values() {
+                let _ = r.stop.send(true);
+            }
+            running.clear();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    gateway: Arc<str>,
+    listener: TcpListener,
+    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let gateway = gateway.clone();
+        let tls = tls.load_full();
+        tokio::spawn(async move {
+            shared.metrics.downstream_connections.inc();
+            serve_conn(&shared, gateway, stream, client, tls).await;
+            shared.metrics.downstream_connections.dec();
+        });
+    }
+}
+
+struct Rejections(Arc<Shared>);
+
+impl RejectSink for Rejections {
+    fn rejected(&self, r: &Rejection) {
+        self.0
+            .metrics
+            .rejected
+            .get_or_create(&ReasonLabels {
+                reason: r.code.as_str().into(),
+            })
+            .inc();
+    }
+}
+
+fn limits_for(shared: &Shared, gateway: &str) -> Limits {
+    shared
+        .active
+        .load()
+        .gateways
+        .get(gateway)
+        .map(|g| g.gateway.limits)
+        .unwrap_or_default()
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // The guard times header reads; hyper's timer would also cut idle keep-alive.
+        .header_read_timeout(None)
+        .max_buf_size((limits.max_header_bytes + limits.max_request_line + 4096).max(8192))
+        .max_headers(limits.max_headers + 1)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .adaptive_window(true);
+    b
+}
+
+/// Request activity on one connection, for the idle timeout.
+#[derive(Debug, Default)]
+pub struct Activity {
+    pub in_flight: AtomicUsize,
+    /// Milliseconds since the process epoch of the last request start or end.
+    pub last: AtomicU64,
+}
+
+async fn serve_conn(
+    shared: &Arc<Shared>,
+    gateway: Arc<str>,
+    stream: TcpStream,
+    client: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let limits = limits_for(shared, &gateway);
+    let guard_limits = GuardLimits {
+        max_request_line: limits.max_request_line,
+        max_header_bytes: limits.max_header_bytes,
+        max_headers: limits.max_headers,
+        header_read_timeout: limits.header_read_timeout,
+    };
+    let sink: Arc<dyn RejectSink> = Arc::new(Rejections(shared.clone()));
+    let info = Arc::new(ConnInfo {
+        shared: shared.clone(),
+        gateway,
+        client,
+        scheme: if tls.is_some() { "https" } else { "http" },
+        activity: Activity::default(),
+    });
+    info.activity.last.store(shared.now_ms(), Ordering::Relaxed);
+    let b = builder(&limits);
+    match tls {
+        None => {
+            let io = TokioIo::new(Guarded::new(stream, guard_limits, sink));
+            drive(b, io, info, limits.idle_timeout).await;
+        }
+        Some(cfg) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            let tls_stream =
+                match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%client, error = %e, "tls handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                drive(
+                    b.http2_only(),
+                    TokioIo::new(tls_stream),
+                    info,
+                    limits.idle_timeout,
+                )
+                .await;
+            } else {
+                let io = TokioIo::new(Guarded::new(tls_stream, guard_limits, sink));
+                drive(b, io, info, limits.idle_timeout).await;
+            }
+        }
+    }
+}
+
+async fn drive<IO>(b: auto::Builder<TokioExecutor>, io: IO, info: Arc<ConnInfo>, idle: Duration)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc_info = info.clone();
+    let svc = hyper::service::service_fn(move |req| dispatch::handle(svc_info.clone(), req));
+    let conn = b.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let mut drain = info.shared.drain.subscribe();
+    let tick = (idle / 4).max(Duration::from_millis(250));
+    let mut interval = tokio::time::interval(tick);
+    interval.tick().await;
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(client = %info.client, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = drain.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = interval.tick(), if !closing => {
+                let a = &info.activity;
+                let since = info.shared.now_ms().saturating_sub(a.last.load(Ordering::Relaxed));
+                if a.in_flight.load(Ordering::Relaxed) == 0 && since >= idle.as_millis() as u64 {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The running state: the active snapshot with its per-Service runtime, swapped whole
+//! on reload. Each request loads one `Arc<Active>` and keeps it to the end, so
+//! in-flight work finishes on the config it started with.
+
+use crate::client::{self, UpstreamClient};
+use crate::metrics::{ApiStats, Metrics, ServiceStats};
+use meshgate_config::{Api, Gateway, Invoke, Service, Snapshot};
+use meshgate_upstream::{Cluster, Endpoint};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A Service's runtime: balancer state, connection pool, DNS refresh.
+#[derive(Debug)]
+pub struct ClusterRt {
+    pub service: Arc<Service>,
+    pub cluster: Arc<Cluster>,
+    pub client: UpstreamClient,
+    pub stats: ServiceStats,
+    _dns: Option<AbortOnDrop>,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl ClusterRt {
+    fn new(service: Arc<Service>, metrics: &Metrics) -> Arc<Self> {
+        let endpoints = service
+            .endpoints
+            .iter()
+            .map(|e| Endpoint::new(e.address, e.weight, e.labels.clone()))
+            .collect();
+        let cluster = Arc::new(Cluster::new(
+            service.name.clone(),
+            service.policy,
+            service.hash_on.clone(),
+            service.selectors.clone(),
+            endpoints,
+        ));
+        let stats = metrics.service(&service.name);
+        let client = client::build(&service, stats.connections.clone());
+        let dns = service.dns.clone().map(|d| {
+            let cluster = cluster.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    match tokio::net::lookup_host((d.host.as_str(), d.port)).await {
+                        Ok(addrs) => {
+                            let mut addrs: Vec<_> = addrs.collect();
+                            addrs.sort();
+                            addrs.dedup();
+                            let eps = addrs
+                                .into_iter()
+                                .map(|a| Endpoint::new(a, 1, Default::default()))
+                                .collect();
+                            cluster.update(eps);
+                        }
+                        // Keep the last good endpoints when resolution fails.
+                        Err(e) => {
+                            tracing::warn!(host = %d.host, error = %e, "dns resolution failed")
+                        }
+                    }
+                    tokio::time::sleep(d.refresh).await;
+                }
+            }))
+        });
+        Arc::new(Self {
+            service,
+            cluster,
+            client,
+            stats,
+            _dns: dns,
+        })
+    }
+}
+
+/// A gateway with its metric handles, one per Api (by index) plus unmatched traffic.
+#[derive(Debug)]
+pub struct GatewayRt {
+    pub gateway: Arc<Gateway>,
+    pub api_stats: Vec<Arc<ApiStats>>,
+    pub unmatched: Arc<ApiStats>,
+}
+
+/// Everything a request needs, for one config revision.
+#[derive(Debug)]
+pub struct Active {
+    pub snapshot: Arc<Snapshot>,
+    pub gateways: HashMap<String, GatewayRt>,
+    pub clusters: HashMap<String, Arc<ClusterRt>>,
+    pub loaded_at: std::time::SystemTime,
+}
+
+impl Active {
+    /// Build the runtime for a snapshot, reusing clusters (pools, counters) of
+    /// Services that did not change.
+    pub fn build(snapshot: Arc<Snapshot>, prev: Option<&Active>, metrics: &Metrics) -> Self {
+        let clusters = snapshot
+            .services
+            .iter()
+            .map(|(name, svc)| {
+                let reuse = prev
+                    .and_then(|p| p.clusters.get(name))
+                    .filter(|c| *c.service == **svc)
+                    .cloned();
+                (
+                    name.clone(),
+                    reuse.unwrap_or_else(|| ClusterRt::new(svc.clone(), metrics)),
+                )
+            })
+            .collect();
+        let gateways = snapshot
+            .gateways
+            .iter()
+            .map(|g| {
+                let api_stats = snapshot
+                    .apis
+                    .iter()
+                    .map(|a| Arc::new(metrics.api(&g.name, &a.name, service_of(a))))
+                    .collect();
+                let rt = GatewayRt {
+                    gateway: g.clone(),
+                    api_stats,
+                    unmatched: Arc::new(metrics.api(&g.name, "", "")),
+                };
+                (g.name.clone(), rt)
+            })
+            .collect();
+        Self {
+            snapshot,
+            gateways,
+            clusters,
+            loaded_at: std::time::SystemTime::now(),
+        }
+    }
+}
+
+pub fn service_of(api: &Api) -> &str {
+    match &api.invoke {
+        Invoke::Upstream(u) => &u.service,
+        Invoke::Mock(_) => "",
+    }
+}
