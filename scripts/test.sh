@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: set-up, formatting, lints, unit and table
+# tests, docs, then end-to-end tests of the built binary against real peers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "set-up (Debian packages, Python venv)"
+bash scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets -q -- -D warnings
+
+step "cargo test (unit, table and diagnostics tests)"
+cargo test --workspace -q 2>&1 | tee /tmp/meshgate-cargo-test.log | grep -E "^(test result|running|error|failures)|FAILED|panicked" || true
+if grep -qE "FAILED|error(\[|:)" /tmp/meshgate-cargo-test.log; then
+  cat /tmp/meshgate-cargo-test.log
+  echo "cargo test failed" >&2
+  exit 1
+fi
+
+step "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
+
+step "build the binary for end-to-end tests"
+cargo build -p meshgate -q
+export MESHGATE_BIN="$PWD/target/debug/meshgate"
+
+step "end-to-end tests (real binary, real peers)"
+.venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider "$@"

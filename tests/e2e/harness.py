@@ -1,0 +1,289 @@
+"""Test harness: the real meshgate binary and real peers on loopback ports chosen
+at run time. Every process a test starts is stopped by its own PID."""
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = os.environ.get("MESHGATE_BIN", str(ROOT / "target" / "debug" / "meshgate"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"port {port} did not open")
+
+
+# ---------------------------------------------------------------- HTTP backend
+
+
+class Backend:
+    """A real HTTP/1.1 server with behaviours chosen by path:
+    /slow?ms=N  /status/NNN  /reset  /flaky (503 once per key, then 200)
+    anything else: echo the request as JSON. Records every request it sees."""
+
+    def __init__(self, name="backend"):
+        self.name = name
+        self.port = free_port()
+        self.requests = []
+        self.lock = threading.Lock()
+        self.flaky_seen = set()
+        backend = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _body(self):
+                n = int(self.headers.get("content-length") or 0)
+                if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().strip() or b"0", 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            break
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                    return data
+                return self.rfile.read(n) if n else b""
+
+            def _handle(self):
+                body = self._body()
+                path, _, query = self.path.partition("?")
+                rec = {
+                    "backend": backend.name,
+                    "method": self.command,
+                    "path": path,
+                    "query": query,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": body.decode("latin-1"),
+                }
+                with backend.lock:
+                    backend.requests.append(rec)
+                if path.startswith("/slow"):
+                    ms = int(dict(p.split("=") for p in query.split("&") if "=" in p).get("ms", "1000"))
+                    time.sleep(ms / 1000)
+                if path.startswith("/status/"):
+                    return self._send(int(path.split("/")[2]), rec)
+                if path.startswith("/flaky"):
+                    key = rec["headers"].get("x-key", "")
+                    with backend.lock:
+                        first = key not in backend.flaky_seen
+                        backend.flaky_seen.add(key)
+                    return self._send(503 if first else 200, rec)
+                if path.startswith("/reset"):
+                    self.send_response(200)
+                    self.send_header("content-length", "100000")
+                    self.end_headers()
+                    self.wfile.write(b"x" * 1000)
+                    self.wfile.flush()
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.connection.close()
+                    return
+                self._send(200, rec)
+
+            def _send(self, status, rec):
+                data = json.dumps(rec).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.send_header("x-backend", backend.name)
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def addr(self):
+        return f"127.0.0.1:{self.port}"
+
+    def count(self):
+        with self.lock:
+            return len(self.requests)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ---------------------------------------------------------------- meshgate
+
+
+def gateway_yaml(port, admin_port, extra_listener="", limits="", access_log=None):
+    log = f"\n  accessLog: {{path: {access_log}}}" if access_log else ""
+    return f"""apiVersion: meshgate.io/v1
+kind: Gateway
+metadata: {{name: public}}
+spec:
+  listeners:
+    - {{name: web, address: "127.0.0.1:{port}", protocol: http}}{extra_listener}
+  admin: {{address: "127.0.0.1:{admin_port}"}}
+  drainTimeout: 5s{limits}{log}
+"""
+
+
+class Gateway:
+    """A meshgate process on a config directory it owns."""
+
+    def __init__(self, tmp_path, resources, limits="", extra_listener="", access_log=None, start=True):
+        self.dir = Path(tmp_path) / "config"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.log_path = Path(tmp_path) / "access.log"
+        gw = gateway_yaml(self.port, self.admin_port, extra_listener, limits, access_log or self.log_path)
+        (self.dir / "00-gateway.yaml").write_text(gw)
+        self.write(resources)
+        self.proc = None
+        if start:
+            self.start()
+
+    def write(self, resources, name="10-resources.yaml"):
+        (self.dir / name).write_text(resources)
+
+    def start(self):
+        self.stderr = open(self.dir.parent / "meshgate.stderr", "w")
+        self.proc = subprocess.Popen([BIN, "run", "-c", str(self.dir)], stdout=subprocess.DEVNULL, stderr=self.stderr)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"meshgate exited {self.proc.returncode}: {self.logs()}")
+            try:
+                if self.admin("GET", "/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("meshgate did not become ready: " + self.logs())
+
+    def logs(self):
+        try:
+            return (self.dir.parent / "meshgate.stderr").read_text()
+        except OSError:
+            return ""
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def admin(self, method, path, body=None):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", method=method, data=body)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def access_log(self):
+        try:
+            return [json.loads(l) for l in self.log_path.read_text().splitlines() if l.strip()]
+        except OSError:
+            return []
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+
+# ---------------------------------------------------------------- clients
+
+
+def curl(*args, timeout=10):
+    """Run curl; return (status, headers dict (lower-case, last wins), body, exit code)."""
+    cmd = ["curl", "-sS", "-D", "-", "--max-time", str(timeout), *args]
+    p = subprocess.run(cmd, capture_output=True, timeout=timeout + 5)
+    out = p.stdout
+    status, headers, body = 0, {}, out
+    # Skip interim (1xx) heads.
+    while out.startswith(b"HTTP/"):
+        head, _, rest = out.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for l in lines[1:]:
+            k, _, v = l.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        body = rest
+        out = rest if status < 200 else b""
+    return status, headers, body, p.returncode
+
+
+def raw(port, data, timeout=3.0):
+    """Send raw bytes; return everything the server sends until it closes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        chunks = []
+        while True:
+            try:
+                c = s.recv(65536)
+            except socket.timeout:
+                chunks.append(b"<timeout>")
+                break
+            if not c:
+                break
+            chunks.append(c)
+        return b"".join(chunks)
+    finally:
+        s.close()
+
+
+def service(name, *backends, extra=""):
+    eps = "\n".join(f'    - {{address: "{b.addr}"}}' for b in backends)
+    return f"""---
+apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  endpoints:
+{eps}{extra}
+"""
+
+
+def api(name, path, invoke, methods=None, extra=""):
+    m = f"\n    methods: [{', '.join(methods)}]" if methods else ""
+    return f"""---
+apiVersion: meshgate.io/v1
+kind: Api
+metadata: {{name: {name}}}
+spec:
+  request:
+    path: "{path}"{m}
+  invoke: {invoke}{extra}
+"""
