@@ -218,6 +218,9 @@ impl Scanner {
         if method.is_empty() || target.is_empty() || !method.iter().all(|b| is_tchar(*b)) {
             return Err(bad("malformed request line"));
         }
+        if !target.iter().all(|b| (0x21..0x7f).contains(b)) {
+            return Err(bad("invalid character in the request target"));
+        }
         let http10 = match version {
             b"HTTP/1.1" => false,
             b"HTTP/1.0" => true,
@@ -462,6 +465,9 @@ pub struct Guarded<IO> {
     sink: std::sync::Arc<dyn RejectSink>,
     /// Armed while a request head is partly received (slowloris defence).
     header_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Where the current message starts in `buf`, while hyper has not seen its
+    /// head: a bad body can then still be refused whole.
+    msg_start: Option<usize>,
 }
 
 impl<IO> Guarded<IO> {
@@ -475,6 +481,7 @@ impl<IO> Guarded<IO> {
             response: None,
             sink,
             header_timer: None,
+            msg_start: None,
         }
     }
 
@@ -497,12 +504,20 @@ impl<IO> Guarded<IO> {
             let at_boundary = self.scan.at_boundary();
             match self.scan.step(&self.buf[self.ready..]) {
                 Step::Pass(0) | Step::NeedMore => return,
-                Step::Pass(n) => self.ready += n,
+                Step::Pass(n) => {
+                    if at_boundary {
+                        self.msg_start = Some(self.ready);
+                    }
+                    self.ready += n;
+                }
                 Step::Reject(r) => {
                     self.sink.rejected(&r);
-                    // Mid-body, hyper is already busy with the request: just cut it off.
-                    if at_boundary {
+                    // Refuse the whole message while hyper has not seen its head; once it
+                    // has, hyper is busy with the request and it can only be cut off.
+                    let unseen = if at_boundary { Some(self.ready) } else { self.msg_start };
+                    if let Some(start) = unseen {
                         self.response = Some(error_response(&r));
+                        self.ready = start;
                     }
                     self.buf.truncate(self.ready);
                     self.eof = true;
@@ -526,6 +541,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
                 out.put_slice(&this.buf[..n]);
                 this.buf.advance(n);
                 this.ready -= n;
+                // Once a byte of the current message went to hyper, its head is seen.
+                this.msg_start = this.msg_start.and_then(|m| m.checked_sub(n));
                 return Poll::Ready(Ok(()));
             }
             if this.eof {

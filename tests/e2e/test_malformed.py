@@ -1,0 +1,122 @@
+"""Malformed, ambiguous and oversized requests: a clear 4xx, the connection closed,
+and nothing reaches the upstream."""
+
+import json
+import socket
+
+import pytest
+
+from harness import Gateway, api, curl, raw, service
+
+LIMITS = """
+  limits: {maxHeaderBytes: 4096, maxHeaders: 20, maxRequestLine: 1024, maxBodyBytes: 1000, headerReadTimeout: 1s}"""
+
+
+@pytest.fixture
+def gw(tmp_path, backend, gateways):
+    g = Gateway(tmp_path, service("up", backend) + api("all", "/{*rest}", "{service: up}"), limits=LIMITS)
+    gateways.append(g)
+    return g
+
+
+def status_of(resp):
+    return int(resp.split(b" ", 2)[1]) if resp.startswith(b"HTTP/1.1 ") else None
+
+
+def body_of(resp):
+    return json.loads(resp.partition(b"\r\n\r\n")[2])
+
+
+SMUGGLING = [
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabc",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\rX-B: 2\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-A : 1\r\n\r\n",
+    b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/9.9\r\nHost: a\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("req", SMUGGLING, ids=range(len(SMUGGLING)))
+def test_ambiguous_framing_is_refused(gw, backend, req):
+    resp = raw(gw.port, req)
+    assert status_of(resp) == 400, resp
+    assert b"connection: close" in resp.lower()
+    assert body_of(resp)["error"]["code"] == "invalid_request"
+    assert backend.count() == 0, "nothing may reach the upstream"
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [b"zz\r\nabc\r\n0\r\n\r\n", b"ffffffffffffffffff\r\n", b"3\r\nabcdef\r\n0\r\n\r\n", b"-1\r\n"],
+)
+def test_bad_chunk_sizes_never_complete_upstream(gw, backend, chunk):
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    resp = raw(gw.port, head + chunk)
+    # Sent in one packet the whole message is checked before hyper sees it: 400.
+    assert status_of(resp) == 400, resp
+    assert backend.count() == 0
+
+
+def test_oversized_headers_431(gw, backend):
+    big = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n"
+    resp = raw(gw.port, big)
+    assert status_of(resp) == 431
+    assert body_of(resp)["error"]["code"] == "headers_too_large"
+    many = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(30)) + b"\r\n"
+    assert status_of(raw(gw.port, many)) == 431
+    assert backend.count() == 0
+
+
+def test_long_request_line_414(gw, backend):
+    resp = raw(gw.port, b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status_of(resp) == 414
+    assert backend.count() == 0
+
+
+def test_body_too_large_413_before_body_is_read(gw, backend):
+    # Only the head is sent: the gateway must answer without waiting for the body.
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=3)
+    s.sendall(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n")
+    resp = s.recv(65536)
+    s.close()
+    assert status_of(resp) == 413, resp
+    assert body_of(resp)["error"]["code"] == "payload_too_large"
+    assert backend.count() == 0
+
+
+def test_chunked_body_over_limit_413(gw, backend):
+    status, _, body, _ = curl(gw.url + "/x", "-H", "Transfer-Encoding: chunked", "--data-binary", "a" * 5000)
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+
+
+def test_h2_body_over_limit_413(gw, backend):
+    status, _, body, _ = curl("--http2-prior-knowledge", gw.url + "/x", "--data-binary", "a" * 5000)
+    assert status == 413
+
+
+def test_slow_headers_are_cut_off(gw, backend):
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")  # never finished
+    s.settimeout(4)
+    data = s.recv(100)
+    s.close()
+    assert data == b"", "connection closed after headerReadTimeout"
+    assert backend.count() == 0
+
+
+def test_good_requests_still_pass_after_limits(gw, backend):
+    status, _, body, _ = curl(gw.url + "/x", "--data-binary", "a" * 900)
+    assert status == 200 and json.loads(body)["body"] == "a" * 900
+    status, _, body, _ = curl(gw.url + "/x", "-H", "Transfer-Encoding: chunked", "--data-binary", "b" * 900)
+    assert status == 200 and json.loads(body)["body"] == "b" * 900
+    # pipelined requests on one connection
+    resp = raw(gw.port, b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert resp.count(b"HTTP/1.1 200") == 2
