@@ -108,10 +108,10 @@ pub fn scan(text: &str) -> Vec<DocSpan> {
                         }
                         *key = Some(value.into_owned());
                     }
-                } else if let Some(p) = node_path(&mut stack) {
-                    if let Some(d) = cur.as_mut() {
-                        d.lines.entry(p).or_insert(line);
-                    }
+                } else if let Some(p) = node_path(&mut stack)
+                    && let Some(d) = cur.as_mut()
+                {
+                    d.lines.entry(p).or_insert(line);
                 }
             }
             Event::MappingStart(..) | Event::SequenceStart(..) => {

@@ -14,6 +14,10 @@ use meshgate_upstream::{RetryOn, RetryPolicy, Selector};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// When the request path failed its own checks its captures are unknown; filters
+/// are then checked against none (a template naming one says it is undefined).
+const ANY_CAPTURES: &[Arc<str>] = &[];
+
 pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Option<Snapshot> {
     let Checked {
         gateways,
@@ -25,7 +29,10 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
     let declared = |kind: meshgate_api::Kind, name: &str| {
         docs.iter().any(|d| d.kind == kind && d.name == name)
     };
-    if gateways.is_empty() && !docs.iter().any(|d| d.kind == meshgate_api::Kind::Gateway) {
+    if gateways.is_empty()
+        && !had_errors
+        && !docs.iter().any(|d| d.kind == meshgate_api::Kind::Gateway)
+    {
         diags.push(Diagnostic {
             file: docs.first().map_or_else(|| "-".into(), |d| d.file.clone()),
             line: 1,
@@ -66,13 +73,14 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
 
     let mut built_apis: Vec<Arc<Api>> = Vec::new();
     let mut api_drafts: Vec<(usize, ApiDraft)> = Vec::new();
-    for (i, draft) in apis {
-        let doc = &docs[i];
+    let mut drafts: BTreeMap<usize, ApiDraft> = apis.into_iter().collect();
+    for (i, doc) in docs.iter().enumerate() {
         let Resource::Api(env) = &doc.resource else {
             continue;
         };
+        let draft = drafts.remove(&i);
         let mut c = Check { doc, diags };
-        for (j, g) in draft.gateways.iter().enumerate() {
+        for (j, g) in env.spec.gateways.iter().enumerate() {
             if !gateway_names.contains(&g.as_str()) && !declared(meshgate_api::Kind::Gateway, g) {
                 c.err(
                     format!("spec.gateways.{j}"),
@@ -80,16 +88,17 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
                 );
             }
         }
-        let captures = captures_of(&draft);
-        let chain = api_chain(&mut c, docs, &policies, &env.spec, &captures);
+        // Without a valid request path the captures are unknown: skip capture checks.
+        let captures = draft.as_ref().map(captures_of);
+        let chain = api_chain(&mut c, docs, &policies, &env.spec, captures.as_deref());
         let invoke = invoke(
             &mut c,
             &env.spec.invoke,
             &mut services,
-            &captures,
+            captures.as_deref(),
             &declared,
         );
-        if let (Some(chain), Some(invoke)) = (chain, invoke) {
+        if let (Some(chain), Some(invoke), Some(draft)) = (chain, invoke, draft) {
             built_apis.push(Arc::new(Api {
                 name: doc.name.clone(),
                 chain,
@@ -112,7 +121,7 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
                 &policies,
                 p,
                 &format!("spec.policies.{j}"),
-                &[],
+                Some(&[]),
             ));
         }
         let mut builder = Router::builder();
@@ -181,7 +190,7 @@ fn api_chain(
     docs: &[Doc],
     policies: &BTreeMap<String, usize>,
     spec: &ApiSpec,
-    captures: &[Arc<str>],
+    captures: Option<&[Arc<str>]>,
 ) -> Option<Chain> {
     let before = c.diags.len();
     let mut filters: Vec<Arc<dyn Filter>> = Vec::new();
@@ -214,17 +223,20 @@ fn filter_entry(
     policies: &BTreeMap<String, usize>,
     f: &FilterRef,
     path: &str,
-    captures: &[Arc<str>],
+    captures: Option<&[Arc<str>]>,
     allow_policy: bool,
 ) -> Vec<Arc<dyn Filter>> {
     match (&f.name, &f.policy) {
-        (Some(name), None) => match meshgate_filter::build(name, f.config.as_ref(), captures) {
-            Ok(filter) => vec![filter],
-            Err(e) => {
-                c.err(format!("{path}.{}", e.path), e.message);
-                Vec::new()
+        (Some(name), None) => {
+            match meshgate_filter::build(name, f.config.as_ref(), captures.unwrap_or(ANY_CAPTURES))
+            {
+                Ok(filter) => vec![filter],
+                Err(e) => {
+                    c.err(format!("{path}.{}", e.path), e.message);
+                    Vec::new()
+                }
             }
-        },
+        }
         (None, Some(p)) if allow_policy => {
             policy_filters(c, docs, policies, p, &format!("{path}.policy"), captures)
         }
@@ -252,7 +264,7 @@ fn policy_filters(
     policies: &BTreeMap<String, usize>,
     name: &str,
     path: &str,
-    captures: &[Arc<str>],
+    captures: Option<&[Arc<str>]>,
 ) -> Vec<Arc<dyn Filter>> {
     let Some(&pi) = policies.get(name) else {
         if !docs
@@ -290,7 +302,7 @@ fn invoke(
     c: &mut Check<'_>,
     inv: &InvokeSpec,
     services: &mut BTreeMap<String, (usize, Service)>,
-    captures: &[Arc<str>],
+    captures: Option<&[Arc<str>]>,
     declared: &dyn Fn(meshgate_api::Kind, &str) -> bool,
 ) -> Option<Invoke> {
     let before = c.diags.len();
@@ -327,18 +339,21 @@ fn invoke(
         }));
     }
     let name = inv.service.as_ref()?;
-    let Some((_, svc)) = services.get(name) else {
-        if !declared(meshgate_api::Kind::Service, name) {
-            c.err("spec.invoke.service", format!("unknown Service {name:?}"));
+    let svc_timeout = match services.get(name) {
+        Some((_, svc)) => svc.timeout,
+        None => {
+            if !declared(meshgate_api::Kind::Service, name) {
+                c.err("spec.invoke.service", format!("unknown Service {name:?}"));
+            }
+            None
         }
-        return None;
     };
-    let svc_timeout = svc.timeout;
-    let rewrite = inv.path.as_ref().and_then(|p| {
-        RewriteTemplate::parse(p, captures)
+    let rewrite = match (&inv.path, captures) {
+        (Some(p), Some(caps)) => RewriteTemplate::parse(p, caps)
             .map_err(|e| c.err("spec.invoke.path", e.to_string()))
-            .ok()
-    });
+            .ok(),
+        _ => None,
+    };
     let timeout = match &inv.timeout {
         Some(t) => parse_duration(t)
             .map_err(|e| c.err("spec.invoke.timeout", e))
@@ -371,7 +386,7 @@ fn invoke(
         }
     }
     let split = split(c, inv, name, services, declared);
-    (c.diags.len() == before).then(|| {
+    (c.diags.len() == before && services.contains_key(name)).then(|| {
         Invoke::Upstream(Upstream {
             service: name.clone(),
             rewrite,

@@ -309,13 +309,13 @@ fn forwarding_headers(
         h.insert(X_FORWARDED_FOR, v);
     }
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
-    if let Some(host) = host {
-        if let Ok(v) = HeaderValue::from_str(host) {
-            if !h.contains_key(header::HOST) {
-                h.insert(header::HOST, v.clone());
-            }
-            h.insert(X_FORWARDED_HOST, v);
+    if let Some(host) = host
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        if !h.contains_key(header::HOST) {
+            h.insert(header::HOST, v.clone());
         }
+        h.insert(X_FORWARDED_HOST, v);
     }
 }
 

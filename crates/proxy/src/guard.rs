@@ -514,7 +514,11 @@ impl<IO> Guarded<IO> {
                     self.sink.rejected(&r);
                     // Refuse the whole message while hyper has not seen its head; once it
                     // has, hyper is busy with the request and it can only be cut off.
-                    let unseen = if at_boundary { Some(self.ready) } else { self.msg_start };
+                    let unseen = if at_boundary {
+                        Some(self.ready)
+                    } else {
+                        self.msg_start
+                    };
                     if let Some(start) = unseen {
                         self.response = Some(error_response(&r));
                         self.ready = start;

@@ -103,7 +103,8 @@ fn run(
 #[test]
 fn specificity_table() {
     let r = table();
-    let cases: &[(&str, &str, &str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("x", "GET", "/", &[], "root"),
         ("x", "GET", "/users/42", &[], "get-user id=42"),
         ("x", "DELETE", "/users/42", &[], "delete-user id=42"),
