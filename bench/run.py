@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""meshgate beside nginx, same machine, same run (method: shared/BENCHMARKING.md).
+
+Both proxies run one worker pinned to CPU 0, logs off, HTTP/1.1 keep-alive to the
+same one-thread backend; the backend and the load generator share CPU 1. Rounds
+alternate meshgate and nginx; the figure to compare is requests per proxy
+CPU-second (utime+stime from /proc), reported as the median of per-round ratios.
+
+Usage: bench/run.py [--rounds 3] [--duration 10]   (run from the repository root)
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"port {port} never opened")
+
+
+def start(cmd, cpu, **kw):
+    p = subprocess.Popen(["taskset", "-c", str(cpu), *cmd], start_new_session=True, **kw)
+    try:  # shield the measured process from other sessions' load (needs root)
+        Path(f"/proc/{p.pid}/autogroup").write_text("-15")
+    except OSError:
+        pass
+    return p
+
+
+def tree(pid):
+    """pid and its descendants (nginx master + worker)."""
+    out = [pid]
+    try:
+        kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    except OSError:
+        kids = []
+    for k in kids:
+        out += tree(int(k))
+    return out
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / TICK
+
+
+def rss_mib(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{p}/status").read_text())
+            total += int(m.group(1)) if m else 0
+        except OSError:
+            pass
+    return total / 1024
+
+
+def others_cpu():
+    """Jiffies of all processes on the machine, to report background load."""
+    return sum(int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:4]) / TICK
+
+
+def parse_ms(v):
+    v = v.strip()
+    for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if v.endswith(unit):
+            return float(v[: -len(unit)]) * f
+    return float(v)
+
+
+def wrk(url, conns, duration):
+    out = subprocess.run(
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", url],
+        capture_output=True, text=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    p50 = parse_ms(re.search(r"50%\s+(\S+)", out).group(1))
+    p99 = parse_ms(re.search(r"99%\s+(\S+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "requests": total, "p50": p50, "p99": p99, "errors": int(errors.group(1)) if errors else 0}
+
+
+def h2load(url, duration):
+    out = subprocess.run(
+        ["taskset", "-c", "1", "h2load", "-t1", "-c10", "-m10", "-D", str(duration), url],
+        capture_output=True, text=True,
+    ).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done", out).group(1))
+    m = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    return {"rps": rps, "requests": done, "p50": parse_ms(m.group(3)) if m else 0, "p99": 0.0, "errors": 0}
+
+
+def measure(target, kind, url, conns, duration):
+    pid = target["proc"].pid
+    c0, o0 = cpu_seconds(pid), others_cpu()
+    r = wrk(url, conns, duration) if kind == "h1" else h2load(url, duration)
+    c1, o1 = cpu_seconds(pid), others_cpu()
+    r["cpu"] = c1 - c0
+    r["per_cpu_s"] = r["requests"] / max(r["cpu"], 1e-6)
+    r["machine_cpu"] = o1 - o0
+    return r
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log crit;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend {{ server 127.0.0.1:{backend}; keepalive 128; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{h1};
+    listen 127.0.0.1:{h2} http2;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+
+MESHGATE_CONF = """apiVersion: meshgate.io/v1
+kind: Gateway
+metadata: {{name: bench}}
+spec:
+  listeners: [{{name: web, address: "127.0.0.1:{port}"}}]
+  accessLog: {{path: "off"}}
+---
+apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: backend}}
+spec:
+  endpoints: [{{address: "127.0.0.1:{backend}"}}]
+---
+apiVersion: meshgate.io/v1
+kind: Api
+metadata: {{name: all}}
+spec:
+  request: {{path: "/{{*rest}}"}}
+  invoke: {{service: backend}}
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--no-build", action="store_true")
+    a = ap.parse_args()
+    for tool in ("wrk", "h2load", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: run scripts/setup.sh")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not a.no_build:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshgate"], cwd=ROOT, check=True)
+    rel = ROOT / "target" / "release"
+    tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
+    procs = []
+    try:
+        backend = free_port()
+        procs.append(start([str(rel / "bench-backend"), f"127.0.0.1:{backend}"], 1))
+        wait_port(backend)
+        mg_port = free_port()
+        (tmp / "mg.yaml").write_text(MESHGATE_CONF.format(port=mg_port, backend=backend))
+        env = dict(os.environ, MESHGATE_WORKERS="1", MESHGATE_LOG="warn")
+        mg = start([str(rel / "meshgate"), "run", "-c", str(tmp / "mg.yaml")], 0, env=env, stdout=subprocess.DEVNULL)
+        procs.append(mg)
+        wait_port(mg_port)
+        ng_h1, ng_h2 = free_port(), free_port()
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, backend=backend, h1=ng_h1, h2=ng_h2))
+        ng = start([nginx, "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")], 0)
+        procs.append(ng)
+        wait_port(ng_h1)
+        time.sleep(0.5)
+        targets = {
+            "meshgate": {"proc": mg, "h1": f"http://127.0.0.1:{mg_port}/", "h2": f"http://127.0.0.1:{mg_port}/"},
+            "nginx": {"proc": ng, "h1": f"http://127.0.0.1:{ng_h1}/", "h2": f"http://127.0.0.1:{ng_h2}/"},
+        }
+        idle_rss = {n: rss_mib(t["proc"].pid) for n, t in targets.items()}
+        # warm-up
+        for t in targets.values():
+            wrk(t["h1"], 50, 2)
+            h2load(t["h2"], 2)
+        scenarios = [("HTTP/1.1 c50", "h1", 50), ("HTTP/1.1 c10", "h1", 10), ("h2c c10 m10", "h2", 10)]
+        results = {(s[0], n): [] for s in scenarios for n in targets}
+        peak_rss = {n: 0.0 for n in targets}
+        for rnd in range(a.rounds):
+            for label, kind, conns in scenarios:
+                for name, t in targets.items():
+                    r = measure(t, kind, t[kind], conns, a.duration)
+                    results[(label, name)].append(r)
+                    peak_rss[name] = max(peak_rss[name], rss_mib(t["proc"].pid))
+                    print(f"round {rnd + 1} {label:13} {name:9} {r['rps']:>9.0f} req/s  "
+                          f"{r['per_cpu_s']:>9.0f} req/CPU-s  p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  "
+                          f"errors {r['errors']}", flush=True)
+        print()
+        print("| scenario | proxy | req/s | req per proxy CPU-s | ratio vs nginx (median of rounds) | p50 ms | p99 ms |")
+        print("|---|---|---|---|---|---|---|")
+        for label, _, _ in scenarios:
+            base = results[(label, "nginx")]
+            for name in targets:
+                rs = results[(label, name)]
+                ratios = [r["per_cpu_s"] / b["per_cpu_s"] for r, b in zip(rs, base)]
+                med = lambda k: statistics.median(x[k] for x in rs)
+                p99 = f"{med('p99'):.2f}" if kind_has_p99(label) else "n/a"
+                print(f"| {label} | {name} | {med('rps'):,.0f} | {med('per_cpu_s'):,.0f} | "
+                      f"{statistics.median(ratios):.2f} | {med('p50'):.2f} | {p99} |")
+        print()
+        for name in targets:
+            print(f"{name}: idle RSS {idle_rss[name]:.1f} MiB, peak RSS under load {peak_rss[name]:.1f} MiB, "
+                  f"idle after {rss_mib(targets[name]['proc'].pid):.1f} MiB")
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kind_has_p99(label):
+    return not label.startswith("h2c")
+
+
+if __name__ == "__main__":
+    main()
