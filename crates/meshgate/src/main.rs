@@ -102,10 +102,18 @@ where
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .enable_all()
-        .build();
+    // One worker (like nginx's worker_processes 1): a current-thread runtime has no
+    // work-stealing or cross-thread wake-ups to pay for.
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
     let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {

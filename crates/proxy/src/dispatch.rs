@@ -26,6 +26,8 @@ pub struct ConnInfo {
     pub shared: Arc<Shared>,
     pub gateway: Arc<str>,
     pub client: SocketAddr,
+    /// The client address as a header value, for X-Forwarded-For.
+    pub client_ip: HeaderValue,
     pub scheme: &'static str,
     pub activity: crate::server::Activity,
 }
@@ -37,13 +39,11 @@ const X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-
 /// What the completion hook needs to log and count the request.
 struct Done {
     conn: Arc<ConnInfo>,
-    ctx: RequestCtx,
+    ctx: Option<RequestCtx>,
     start: Instant,
-    wall: SystemTime,
     status: u16,
-    method: http::Method,
-    path: String,
-    version: http::Version,
+    /// Only gathered when an access log is on.
+    line: Option<LineFacts>,
     gateway: Arc<str>,
     api: Option<Arc<Api>>,
     global: Option<Arc<meshgate_config::Gateway>>,
@@ -51,6 +51,14 @@ struct Done {
     upstream_ms: Option<f64>,
     stats: Arc<ApiStats>,
     log: Option<LogSink>,
+}
+
+/// Request facts only the access log needs.
+struct LineFacts {
+    wall: SystemTime,
+    method: http::Method,
+    path: String,
+    version: http::Version,
 }
 
 impl Completion for Done {
@@ -61,23 +69,26 @@ impl Completion for Done {
         let elapsed = self.start.elapsed();
         self.stats.record(self.status, elapsed.as_secs_f64());
         let status = http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);
+        let Some(ctx) = &self.ctx else { return };
         if let Some(api) = &self.api {
-            api.chain.on_complete(&self.ctx, status);
+            api.chain.on_complete(ctx, status);
         }
         if let Some(g) = &self.global {
-            g.global.on_complete(&self.ctx, status);
+            g.global.on_complete(ctx, status);
         }
-        let Some(log) = &self.log else { return };
+        let (Some(log), Some(facts)) = (&self.log, &self.line) else {
+            return;
+        };
         let line = serde_json::json!({
-            "time": humantime::format_rfc3339_millis(self.wall).to_string(),
-            "requestId": self.ctx.request_id.as_str(),
+            "time": humantime::format_rfc3339_millis(facts.wall).to_string(),
+            "requestId": ctx.request_id.as_str(),
             "gateway": &*self.gateway,
             "api": self.api.as_ref().map(|a| a.name.as_str()),
-            "consumer": self.ctx.consumer.as_ref().map(|c| &*c.name),
-            "client": self.ctx.client_addr.ip().to_string(),
-            "method": self.method.as_str(),
-            "path": self.path,
-            "protocol": format!("{:?}", self.version),
+            "consumer": ctx.consumer.as_ref().map(|c| &*c.name),
+            "client": ctx.client_addr.ip().to_string(),
+            "method": facts.method.as_str(),
+            "path": facts.path,
+            "protocol": format!("{:?}", facts.version),
             "service": self.api.as_deref().map(service_of).filter(|s| !s.is_empty()),
             "upstream": self.upstream.map(|u| u.to_string()),
             "status": self.status,
@@ -95,7 +106,6 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
-    let wall = SystemTime::now();
     let active = conn.shared.active.load_full();
     let request_id = RequestId::from_header(req.headers().get(&X_REQUEST_ID));
     let mut ctx = RequestCtx::new(request_id, conn.client, conn.scheme);
@@ -103,33 +113,35 @@ pub async fn handle(
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let method = req.method().clone();
     let version = req.version();
-    let path = req.uri().path().to_string();
-    let Some(grt) = active.gateways.get(&*conn.gateway) else {
+    let Some(grt) = active.gateway(&conn.gateway) else {
         let err = GatewayError::new(
             ErrorCode::NoRoute,
             "this listener's gateway is no longer configured",
         );
         return Ok(respond::error(&err, &ctx));
     };
+    let log = conn.shared.log_sink(&grt.gateway.access_log);
+    let line = log.as_ref().map(|_| LineFacts {
+        wall: SystemTime::now(),
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        version,
+    });
     conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
     let mut done = Done {
         conn: conn.clone(),
-        ctx: ctx.clone(),
+        ctx: None,
         start,
-        wall,
         status: 0,
-        method,
-        path,
-        version,
+        line,
         gateway: conn.gateway.clone(),
         api: None,
         global: Some(grt.gateway.clone()),
         upstream: None,
         upstream_ms: None,
         stats: grt.unmatched.clone(),
-        log: conn.shared.log_sink(&grt.gateway.access_log),
+        log,
     };
     let mut resp = match serve(&conn, &active, grt, &mut ctx, &mut done, req).await {
         Ok(r) => r,
@@ -144,7 +156,7 @@ pub async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     done.status = resp.status().as_u16();
-    done.ctx = ctx;
+    done.ctx = Some(ctx);
     resp.body_mut().on_complete(Box::new(done));
     Ok(resp)
 }
@@ -230,16 +242,13 @@ async fn serve(
             format!("request body is larger than {limit} bytes"),
         ));
     }
-    let client_host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
+    let client_host = match req.headers().get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
     let (mut parts, body) = req.into_parts();
     if let Some(p) = normalized {
         let pq = match parts.uri.query() {
@@ -281,9 +290,10 @@ async fn serve(
         parts.uri = http::Uri::try_from(pq)
             .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
     }
-    forwarding_headers(&mut parts.headers, ctx, conn, client_host.as_deref());
+    forwarding_headers(&mut parts.headers, ctx, conn, client_host);
     let started = Instant::now();
-    let answer = invoke::call(active, up, ctx, parts, body, limit).await?;
+    let own = active.api_clusters[api_idx].as_ref();
+    let answer = invoke::call(active, own, up, ctx, parts, body, limit).await?;
     done.upstream = Some(answer.endpoint);
     done.upstream_ms = Some(started.elapsed().as_secs_f64() * 1e3);
     let (mut rparts, rbody) = answer.response.into_parts();
@@ -296,22 +306,19 @@ fn forwarding_headers(
     h: &mut http::HeaderMap,
     ctx: &RequestCtx,
     conn: &ConnInfo,
-    host: Option<&str>,
+    host: Option<HeaderValue>,
 ) {
     strip_hop_by_hop(h, ctx.grpc);
     h.insert(X_REQUEST_ID, ctx.request_id.header_value().clone());
-    let ip = conn.client.ip().to_string();
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.client.ip())).ok(),
+        None => Some(conn.client_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR, v);
     }
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
-    if let Some(host) = host
-        && let Ok(v) = HeaderValue::from_str(host)
-    {
+    if let Some(v) = host {
         if !h.contains_key(header::HOST) {
             h.insert(header::HOST, v.clone());
         }

@@ -130,6 +130,7 @@ fn upstream_error(outcome: TryOutcome, service: &str) -> GatewayError {
 /// the rewritten path and the forwarding headers.
 pub async fn call(
     active: &Active,
+    own: Option<&Arc<ClusterRt>>,
     up: &Upstream,
     ctx: &RequestCtx,
     mut parts: http::request::Parts,
@@ -139,12 +140,15 @@ pub async fn call(
     let start = Instant::now();
     let target = pick_target(&up.split, &parts.headers);
     let name = target.service.as_deref().unwrap_or(&up.service);
-    let rt: &Arc<ClusterRt> = active.clusters.get(name).ok_or_else(|| {
-        GatewayError::new(
-            ErrorCode::NoHealthyUpstream,
-            format!("service {name:?} is not configured"),
-        )
-    })?;
+    let rt: &Arc<ClusterRt> = match (&target.service, own) {
+        (None, Some(rt)) => rt,
+        _ => active.clusters.get(name).ok_or_else(|| {
+            GatewayError::new(
+                ErrorCode::NoHealthyUpstream,
+                format!("service {name:?} is not configured"),
+            )
+        })?,
+    };
     let mut timeout = up.timeout;
     if ctx.grpc
         && let Some(t) = grpc_timeout(&parts.headers)
@@ -162,7 +166,11 @@ pub async fn call(
     let mut body = prepare_body(body, &parts, body_limit, &exceeded, retries).await?;
     // A streamed body is consumed by its first try, so only buffered ones retry.
     let replayable = !matches!(body, UpstreamBody::Stream(_));
-    let path_and_query = parts.uri.path_and_query().cloned();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     if rt.service.protocol != meshgate_config::UpstreamProtocol::Http1 {
         // HTTP/2 carries the authority in :authority; a differing Host is malformed.
         parts.headers.remove(header::HOST);
@@ -178,15 +186,11 @@ pub async fn call(
             ));
         };
         let endpoint = picked.endpoint.addr;
-        let uri = http::Uri::builder()
-            .scheme("http")
-            .authority(picked.endpoint.authority.clone())
-            .path_and_query(
-                path_and_query
-                    .clone()
-                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-            )
-            .build()
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(picked.endpoint.authority.clone());
+        uri.path_and_query = Some(path_and_query.clone());
+        let uri = http::Uri::from_parts(uri)
             .map_err(|e| GatewayError::new(ErrorCode::Internal, e.to_string()))?;
         let this_body = match replay(&body) {
             Some(copy) => copy,
@@ -195,7 +199,13 @@ pub async fn call(
         let mut req = Request::new(this_body);
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
-        *req.headers_mut() = parts.headers.clone();
+        // The last possible try takes the headers instead of copying them.
+        let last = !replayable || tries > up.retry.attempts;
+        *req.headers_mut() = if last {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
         if rt.service.protocol != meshgate_config::UpstreamProtocol::Http1 {
             *req.version_mut() = http::Version::HTTP_2;
         }
@@ -272,6 +282,20 @@ pub async fn call(
 /// Headers the next hop must not see (RFC 9110 §7.6.1), plus those named in
 /// `Connection`. `keep_te_trailers` keeps `te: trailers`, which gRPC needs.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // Most messages carry none: one pass over the names is cheaper than the removals.
+    let any = headers.keys().any(|k| {
+        k == header::CONNECTION
+            || k == header::TRANSFER_ENCODING
+            || k == header::UPGRADE
+            || k == header::TE
+            || k == header::PROXY_AUTHENTICATE
+            || k == header::PROXY_AUTHORIZATION
+            || k.as_str() == "keep-alive"
+            || k.as_str() == "proxy-connection"
+    });
+    if !any {
+        return;
+    }
     let named: Vec<header::HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -191,8 +191,7 @@ fn limits_for(shared: &Shared, gateway: &str) -> Limits {
     shared
         .active
         .load()
-        .gateways
-        .get(gateway)
+        .gateway(gateway)
         .map(|g| g.gateway.limits)
         .unwrap_or_default()
 }
@@ -241,6 +240,8 @@ async fn serve_conn(
         shared: shared.clone(),
         gateway,
         client,
+        client_ip: http::HeaderValue::from_str(&client.ip().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
         scheme: if tls.is_some() { "https" } else { "http" },
         activity: Activity::default(),
     });

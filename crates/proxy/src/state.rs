@@ -90,16 +90,25 @@ pub struct GatewayRt {
 #[derive(Debug)]
 pub struct Active {
     pub snapshot: Arc<Snapshot>,
-    pub gateways: HashMap<String, GatewayRt>,
+    /// Few per process: found by a linear scan, no hashing on the request path.
+    pub gateways: Vec<GatewayRt>,
     pub clusters: HashMap<String, Arc<ClusterRt>>,
+    /// Each Api's own Service runtime, by Api index (None for mocks).
+    pub api_clusters: Vec<Option<Arc<ClusterRt>>>,
     pub loaded_at: std::time::SystemTime,
+}
+
+impl Active {
+    pub fn gateway(&self, name: &str) -> Option<&GatewayRt> {
+        self.gateways.iter().find(|g| g.gateway.name == name)
+    }
 }
 
 impl Active {
     /// Build the runtime for a snapshot, reusing clusters (pools, counters) of
     /// Services that did not change.
     pub fn build(snapshot: Arc<Snapshot>, prev: Option<&Active>, metrics: &Metrics) -> Self {
-        let clusters = snapshot
+        let clusters: HashMap<String, Arc<ClusterRt>> = snapshot
             .services
             .iter()
             .map(|(name, svc)| {
@@ -122,18 +131,23 @@ impl Active {
                     .iter()
                     .map(|a| Arc::new(metrics.api(&g.name, &a.name, service_of(a))))
                     .collect();
-                let rt = GatewayRt {
+                GatewayRt {
                     gateway: g.clone(),
                     api_stats,
                     unmatched: Arc::new(metrics.api(&g.name, "", "")),
-                };
-                (g.name.clone(), rt)
+                }
             })
+            .collect();
+        let api_clusters = snapshot
+            .apis
+            .iter()
+            .map(|a| clusters.get(service_of(a)).cloned())
             .collect();
         Self {
             snapshot,
             gateways,
             clusters,
+            api_clusters,
             loaded_at: std::time::SystemTime::now(),
         }
     }

@@ -83,9 +83,12 @@ impl Entry {
     }
 }
 
+/// Literal children are looked up on every request: a fast, seeded hash beats SipHash.
+type Literals = HashMap<Box<str>, Node, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 struct Node {
-    literals: HashMap<Box<str>, Node>,
+    literals: Literals,
     capture: Option<Box<Node>>,
     /// Entries whose template ends here.
     end: Vec<Entry>,
