@@ -93,6 +93,19 @@ class Backend:
                         first = key not in backend.flaky_seen
                         backend.flaky_seen.add(key)
                     return self._send(503 if first else 200, rec)
+                if path.startswith("/stream"):
+                    # n chunks, one every ms milliseconds: tests that bodies stream.
+                    q = dict(p.split("=") for p in query.split("&") if "=" in p)
+                    self.send_response(200)
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                    for i in range(int(q.get("n", "3"))):
+                        chunk = f"chunk{i}\n".encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                        time.sleep(int(q.get("ms", "300")) / 1000)
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
                 if path.startswith("/reset"):
                     self.send_response(200)
                     self.send_header("content-length", "100000")

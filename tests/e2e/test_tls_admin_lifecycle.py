@@ -134,3 +134,22 @@ def test_sigterm_drains_in_flight_and_exits_zero(tmp_path, backend, gateways):
     assert status == 200 and rc == 0
     assert headers.get("connection") == "close"
     assert g.proc.wait(10) == 0
+
+
+def test_sigterm_drains_http2_with_goaway(tmp_path, backend, gateways):
+    g = Gateway(tmp_path, service("up", backend) + api("slow", "/slow", "{service: up}"))
+    gateways.append(g)
+    result = {}
+
+    def slow_request():
+        result["r"] = curl("--http2-prior-knowledge", g.url + "/slow?ms=1000")
+
+    t = threading.Thread(target=slow_request)
+    t.start()
+    time.sleep(0.3)
+    g.proc.send_signal(15)
+    t.join()
+    status, _, body, rc = result["r"]
+    assert status == 200 and rc == 0, "the in-flight h2 stream completes after GOAWAY"
+    assert json.loads(body)["path"] == "/slow"
+    assert g.proc.wait(10) == 0

@@ -199,3 +199,21 @@ spec:
     _, ups = g.admin("GET", "/upstreams")
     named = [s for s in json.loads(ups)["services"] if s["service"] == "named"][0]
     assert any(e["address"].endswith(f":{backend.port}") for e in named["endpoints"])
+
+
+@pytest.mark.parametrize("proto", [[], ["--http2-prior-knowledge"]])
+def test_response_bodies_stream(tmp_path, backend, gateways, proto):
+    """The first chunk reaches the client long before the upstream finishes."""
+    g = Gateway(tmp_path, service("up", backend) + api("s", "/stream", "{service: up}"))
+    gateways.append(g)
+    import subprocess
+    t0 = time.time()
+    p = subprocess.Popen(["curl", "-sN", *proto, g.url + "/stream?n=4&ms=400"], stdout=subprocess.PIPE)
+    first = p.stdout.readline()
+    t_first = time.time() - t0
+    rest = p.stdout.read()
+    p.wait()
+    total = time.time() - t0
+    assert first == b"chunk0\n"
+    assert rest == b"chunk1\nchunk2\nchunk3\n"
+    assert t_first < 0.5 and total > 1.2, (t_first, total)

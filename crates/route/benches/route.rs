@@ -14,7 +14,10 @@ fn router(n: usize) -> Router<usize> {
             0 => (format!("/svc{i}/users/{{id}}"), vec![]),
             1 => (format!("/svc{i}/orders/{{id}}/items/{{item}}"), vec![]),
             2 => (format!("/svc{i}/files/{{*rest}}"), vec![]),
-            _ => (format!("/svc{i}/health"), vec![format!("api{}.example.com", i % 50)]),
+            _ => (
+                format!("/svc{i}/health"),
+                vec![format!("api{}.example.com", i % 50)],
+            ),
         };
         let pattern = match PathPattern::parse(&path) {
             Ok(p) => p,
@@ -41,7 +44,14 @@ fn bench(c: &mut Criterion) {
         let last = n - 3; // an `orders` route near the end of insertion order
         let path = format!("/svc{last}/orders/42/items/7");
         c.bench_function(&format!("route {n} apis: capture match"), |b| {
-            b.iter(|| black_box(r.route(black_box("api.example.com"), &Method::GET, black_box(&path), &headers)))
+            b.iter(|| {
+                black_box(r.route(
+                    black_box("api.example.com"),
+                    &Method::GET,
+                    black_box(&path),
+                    &headers,
+                ))
+            })
         });
         let rest = format!("/svc{}/files/a/b/c.txt", n - 2);
         c.bench_function(&format!("route {n} apis: rest match"), |b| {
