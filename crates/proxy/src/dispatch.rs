@@ -46,7 +46,7 @@ struct Done {
     line: Option<LineFacts>,
     gateway: Arc<str>,
     api: Option<Arc<Api>>,
-    global: Option<Arc<meshgate_config::Gateway>>,
+    gateway_cfg: Arc<meshgate_config::Gateway>,
     upstream: Option<SocketAddr>,
     upstream_ms: Option<f64>,
     stats: Arc<ApiStats>,
@@ -63,19 +63,18 @@ struct LineFacts {
 
 impl Completion for Done {
     fn complete(&mut self, bytes_sent: u64, clean: bool) {
+        let now = Instant::now();
         let a = &self.conn.activity;
         a.in_flight.fetch_sub(1, Ordering::Relaxed);
-        a.last.store(self.conn.shared.now_ms(), Ordering::Relaxed);
-        let elapsed = self.start.elapsed();
+        a.last.store(self.conn.shared.ms_at(now), Ordering::Relaxed);
+        let elapsed = now.saturating_duration_since(self.start);
         self.stats.record(self.status, elapsed.as_secs_f64());
         let status = http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);
         let Some(ctx) = &self.ctx else { return };
         if let Some(api) = &self.api {
             api.chain.on_complete(ctx, status);
         }
-        if let Some(g) = &self.global {
-            g.global.on_complete(ctx, status);
-        }
+        self.gateway_cfg.global.on_complete(ctx, status);
         let (Some(log), Some(facts)) = (&self.log, &self.line) else {
             return;
         };
@@ -121,7 +120,7 @@ pub async fn handle(
         );
         return Ok(respond::error(&err, &ctx));
     };
-    let log = conn.shared.log_sink(&grt.gateway.access_log);
+    let log = grt.log.clone();
     let line = log.as_ref().map(|_| LineFacts {
         wall: SystemTime::now(),
         method: req.method().clone(),
@@ -137,7 +136,7 @@ pub async fn handle(
         line,
         gateway: conn.gateway.clone(),
         api: None,
-        global: Some(grt.gateway.clone()),
+        gateway_cfg: grt.gateway.clone(),
         upstream: None,
         upstream_ms: None,
         stats: grt.unmatched.clone(),

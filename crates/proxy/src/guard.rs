@@ -160,12 +160,9 @@ impl Scanner {
 
     fn head(&mut self, data: &[u8]) -> Step {
         // Empty lines before a request line are allowed (RFC 9112 §2.2).
-        let lead = data.windows(2).take_while(|w| *w == b"\r\n").count();
-        if lead > 0 && data.len() >= lead * 2 {
-            let skip = data[..].chunks(2).take_while(|c| *c == b"\r\n").count() * 2;
-            if skip > 0 {
-                return Step::Pass(skip);
-            }
+        let skip = data.chunks_exact(2).take_while(|c| *c == b"\r\n").count() * 2;
+        if skip > 0 {
+            return Step::Pass(skip);
         }
         let Some(end) = find(data, b"\r\n\r\n") else {
             let line_end = find(data, b"\r\n").unwrap_or(data.len());

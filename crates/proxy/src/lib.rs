@@ -18,7 +18,7 @@ mod state;
 mod tls;
 
 use arc_swap::ArcSwap;
-use meshgate_config::{AccessLog, Diagnostic, Snapshot};
+use meshgate_config::{Diagnostic, Snapshot};
 use state::Active;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,11 +64,12 @@ impl Shared {
     }
 
     pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.ms_at(Instant::now())
     }
 
-    fn log_sink(&self, target: &AccessLog) -> Option<access_log::LogSink> {
-        self.loggers.sink(target, &self.metrics.access_log_dropped)
+    /// Milliseconds since start-up at `now` (one clock read serves several uses).
+    pub fn ms_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     fn record(&self, status: ReloadStatus) {
@@ -125,7 +126,7 @@ impl Shared {
         if prev.snapshot.revision == snapshot.revision {
             return Ok(snapshot.revision.clone());
         }
-        let next = Active::build(snapshot, Some(&prev), &self.metrics);
+        let next = Active::build(snapshot, Some(&prev), &self.metrics, &self.loggers);
         let prepared = self.listeners.prepare(&next).await?;
         let rev = next.snapshot.revision.clone();
         self.active.store(Arc::new(next));
@@ -137,15 +138,16 @@ impl Shared {
 /// Serve a compiled config until SIGTERM or SIGINT, then drain and return.
 pub async fn run(options: Options, snapshot: Snapshot) -> std::io::Result<()> {
     let metrics = metrics::Metrics::default();
+    let loggers = access_log::Loggers::default();
     let snapshot = Arc::new(snapshot);
-    let active = Active::build(snapshot.clone(), None, &metrics);
+    let active = Active::build(snapshot.clone(), None, &metrics, &loggers);
     let (drain, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         options,
         active: ArcSwap::from_pointee(active),
         metrics,
         listeners: server::Listeners::default(),
-        loggers: access_log::Loggers::default(),
+        loggers,
         last_reload: Mutex::new(None),
         reload_lock: tokio::sync::Mutex::new(()),
         draining: AtomicBool::new(false),

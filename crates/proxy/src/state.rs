@@ -82,6 +82,8 @@ impl ClusterRt {
 #[derive(Debug)]
 pub struct GatewayRt {
     pub gateway: Arc<Gateway>,
+    /// The access-log writer, resolved once per snapshot.
+    pub log: Option<crate::access_log::LogSink>,
     pub api_stats: Vec<Arc<ApiStats>>,
     pub unmatched: Arc<ApiStats>,
 }
@@ -107,7 +109,12 @@ impl Active {
 impl Active {
     /// Build the runtime for a snapshot, reusing clusters (pools, counters) of
     /// Services that did not change.
-    pub fn build(snapshot: Arc<Snapshot>, prev: Option<&Active>, metrics: &Metrics) -> Self {
+    pub fn build(
+        snapshot: Arc<Snapshot>,
+        prev: Option<&Active>,
+        metrics: &Metrics,
+        loggers: &crate::access_log::Loggers,
+    ) -> Self {
         let clusters: HashMap<String, Arc<ClusterRt>> = snapshot
             .services
             .iter()
@@ -133,6 +140,7 @@ impl Active {
                     .collect();
                 GatewayRt {
                     gateway: g.clone(),
+                    log: loggers.sink(&g.access_log, &metrics.access_log_dropped),
                     api_stats,
                     unmatched: Arc::new(metrics.api(&g.name, "", "")),
                 }

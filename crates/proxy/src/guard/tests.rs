@@ -152,3 +152,71 @@ fn pipelined_message_after_a_body_is_checked_too() {
     assert_eq!(passed, 41);
     assert_eq!(why, Some("duplicate Content-Length"));
 }
+
+mod random {
+    //! Fuzz-style property tests (cargo-fuzz needs nightly, which this toolchain
+    //! lacks): random and mutated byte streams never panic the scanner, and nothing
+    //! after a rejection is ever passed on.
+    use super::*;
+    use proptest::prelude::*;
+
+    const SEED: &[&[u8]] = &[
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ];
+
+    fn feed(input: &[u8], split: usize) -> (usize, bool) {
+        let mut s = Scanner::new(LIMITS);
+        let mut passed = 0;
+        let mut rejected = false;
+        // Deliver in two reads, as a socket might.
+        let cut = split.min(input.len());
+        for end in [cut, input.len()] {
+            loop {
+                match s.step(&input[passed..end]) {
+                    Step::Pass(0) | Step::NeedMore => break,
+                    Step::Pass(n) => {
+                        assert!(!rejected, "bytes passed after a rejection");
+                        passed += n;
+                        assert!(passed <= end);
+                    }
+                    Step::Reject(_) => {
+                        rejected = true;
+                        break;
+                    }
+                }
+            }
+            if rejected {
+                break;
+            }
+        }
+        (passed, rejected)
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600), split in 0usize..600) {
+            let _ = feed(&bytes, split);
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(seed in 0usize..4, muts in prop::collection::vec((0usize..80, any::<u8>()), 1..6), split in 0usize..100) {
+            let mut m = SEED[seed].to_vec();
+            m.extend_from_slice(SEED[0]);
+            for (pos, b) in muts {
+                let i = pos % m.len();
+                m[i] = b;
+            }
+            let _ = feed(&m, split);
+        }
+
+        #[test]
+        fn split_points_do_not_change_the_verdict(seed in 0usize..3, split in 0usize..120) {
+            let whole = feed(SEED[seed], usize::MAX);
+            let parts = feed(SEED[seed], split);
+            prop_assert_eq!(whole, parts);
+        }
+    }
+}
