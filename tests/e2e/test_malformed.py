@@ -3,6 +3,7 @@ and nothing reaches the upstream."""
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -120,3 +121,41 @@ def test_good_requests_still_pass_after_limits(gw, backend):
     # pipelined requests on one connection
     resp = raw(gw.port, b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     assert resp.count(b"HTTP/1.1 200") == 2
+
+
+def test_idle_connections_are_closed(tmp_path, backend, gateways):
+    g = Gateway(tmp_path, service("up", backend) + api("all", "/{*rest}", "{service: up}"),
+                limits="\n  limits: {idleTimeout: 1s}")
+    gateways.append(g)
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+
+    def response():
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+        while len(body) < length:
+            body += s.recv(65536)
+        return head
+
+    s.sendall(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert response().startswith(b"HTTP/1.1 200")
+    # keep-alive: the connection stays usable for a moment...
+    time.sleep(0.3)
+    s.sendall(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert response().startswith(b"HTTP/1.1 200")
+    # ...and is closed by the gateway once idle for longer than idleTimeout
+    t = time.time()
+    assert s.recv(100) == b""
+    assert 0.8 < time.time() - t < 3.5
+    s.close()
+
+
+def test_http2_max_concurrent_streams_is_advertised(tmp_path, backend, gateways):
+    g = Gateway(tmp_path, service("up", backend) + api("all", "/{*rest}", "{service: up}"),
+                limits="\n  limits: {maxConcurrentStreams: 7}")
+    gateways.append(g)
+    import subprocess
+    out = subprocess.run(["nghttp", "-nv", g.url + "/x"], capture_output=True, text=True, timeout=10).stdout
+    assert "SETTINGS_MAX_CONCURRENT_STREAMS(0x03):7" in out, out

@@ -192,7 +192,7 @@ pub struct EndpointSpec {
 pub struct DiscoverySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<String>,
-    /// How often DNS names are re-resolved (the resolver does not expose record TTLs).
+    /// The longest time between DNS resolutions; records are re-resolved on their TTL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -25,6 +25,8 @@ pub struct RequestCtx {
     pub captures: Vec<(Arc<str>, String)>,
     /// The authenticated caller, set by an auth filter.
     pub consumer: Option<Consumer>,
+    /// The peer's verified workload identity (a SPIFFE ID), set by mesh mTLS.
+    pub identity: Option<Arc<str>>,
     /// True for `content-type: application/grpc*`: errors become `grpc-status`.
     pub grpc: bool,
 }
@@ -45,6 +47,7 @@ impl RequestCtx {
             api: None,
             captures: Vec::new(),
             consumer: None,
+            identity: None,
             grpc: false,
         }
     }

@@ -8,6 +8,7 @@ mod access_log;
 mod admin;
 mod body;
 mod client;
+mod discovery;
 mod dispatch;
 mod guard;
 mod invoke;

@@ -44,30 +44,10 @@ impl ClusterRt {
         ));
         let stats = metrics.service(&service.name);
         let client = client::build(&service, stats.connections.clone());
-        let dns = service.dns.clone().map(|d| {
-            let cluster = cluster.clone();
-            AbortOnDrop(tokio::spawn(async move {
-                loop {
-                    match tokio::net::lookup_host((d.host.as_str(), d.port)).await {
-                        Ok(addrs) => {
-                            let mut addrs: Vec<_> = addrs.collect();
-                            addrs.sort();
-                            addrs.dedup();
-                            let eps = addrs
-                                .into_iter()
-                                .map(|a| Endpoint::new(a, 1, Default::default()))
-                                .collect();
-                            cluster.update(eps);
-                        }
-                        // Keep the last good endpoints when resolution fails.
-                        Err(e) => {
-                            tracing::warn!(host = %d.host, error = %e, "dns resolution failed")
-                        }
-                    }
-                    tokio::time::sleep(d.refresh).await;
-                }
-            }))
-        });
+        let dns = service
+            .dns
+            .clone()
+            .map(|d| AbortOnDrop(tokio::spawn(crate::discovery::follow(cluster.clone(), d))));
         Arc::new(Self {
             service,
             cluster,
