@@ -159,3 +159,34 @@ def test_http2_max_concurrent_streams_is_advertised(tmp_path, backend, gateways)
     import subprocess
     out = subprocess.run(["nghttp", "-nv", g.url + "/x"], capture_output=True, text=True, timeout=10).stdout
     assert "SETTINGS_MAX_CONCURRENT_STREAMS(0x03):7" in out, out
+
+
+def test_refused_requests_are_access_logged(gw, backend):
+    resp = raw(gw.port, SMUGGLING[0])
+    rid = [l.split(b":", 1)[1].strip().decode() for l in resp.split(b"\r\n") if l.lower().startswith(b"x-request-id")][0]
+    assert body_of(resp)["error"]["requestId"] == rid
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        lines = [e for e in gw.access_log() if e.get("requestId") == rid]
+        if lines:
+            break
+        time.sleep(0.05)
+    assert lines, "a refused request still gets its access-log line"
+    assert lines[0]["status"] == 400 and lines[0]["error"] == "invalid_request"
+    assert lines[0]["message"] == "both Content-Length and Transfer-Encoding"
+
+
+@pytest.mark.parametrize("mode", ["length", "chunked", "h2"])
+def test_large_uploads_arrive_intact(tmp_path, backend, gateways, mode):
+    """8 MiB streams through the gateway, byte for byte, however it is framed."""
+    import hashlib
+    g = Gateway(tmp_path, service("up", backend) + api("all", "/{*rest}", "{service: up}"))
+    gateways.append(g)
+    data = bytes(range(256)) * (8 * 4096)
+    f = tmp_path / "upload.bin"
+    f.write_bytes(data)
+    args = {"length": [], "chunked": ["-H", "Transfer-Encoding: chunked"], "h2": ["--http2-prior-knowledge"]}[mode]
+    status, _, body, rc = curl(*args, g.url + "/up", "--data-binary", f"@{f}", timeout=30)
+    assert status == 200 and rc == 0
+    seen = json.loads(body)["body"].encode("latin-1")
+    assert hashlib.sha256(seen).hexdigest() == hashlib.sha256(data).hexdigest()

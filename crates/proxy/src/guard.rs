@@ -427,8 +427,7 @@ fn is_tchar(b: u8) -> bool {
 }
 
 /// The bytes of a complete HTTP/1.1 error response that closes the connection.
-pub fn error_response(r: &Rejection) -> Bytes {
-    let id = RequestId::generate();
+pub fn error_response(r: &Rejection, id: &RequestId) -> Bytes {
     let body = GatewayError::new(r.code, r.message).json_body(id.as_str());
     let status = r.code.status();
     let head = format!(
@@ -444,9 +443,9 @@ pub fn error_response(r: &Rejection) -> Bytes {
     out.freeze()
 }
 
-/// Told about every rejection (metrics).
+/// Told about every rejection (metrics, access log), with the id the client sees.
 pub trait RejectSink: Send + Sync + 'static {
-    fn rejected(&self, r: &Rejection);
+    fn rejected(&self, r: &Rejection, id: &RequestId);
 }
 
 /// An IO wrapper that feeds hyper only checked bytes.
@@ -508,7 +507,8 @@ impl<IO> Guarded<IO> {
                     self.ready += n;
                 }
                 Step::Reject(r) => {
-                    self.sink.rejected(&r);
+                    let id = RequestId::generate();
+                    self.sink.rejected(&r, &id);
                     // Refuse the whole message while hyper has not seen its head; once it
                     // has, hyper is busy with the request and it can only be cut off.
                     let unseen = if at_boundary {
@@ -517,7 +517,7 @@ impl<IO> Guarded<IO> {
                         self.msg_start
                     };
                     if let Some(start) = unseen {
-                        self.response = Some(error_response(&r));
+                        self.response = Some(error_response(&r, &id));
                         self.ready = start;
                     }
                     self.buf.truncate(self.ready);
@@ -574,8 +574,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
                 Poll::Pending => {
                     if this.poll_header_timer(cx) {
                         // The head did not arrive in time: close without a response.
-                        this.sink
-                            .rejected(&reject(ErrorCode::InvalidRequest, "header read timeout"));
+                        let timeout = reject(ErrorCode::InvalidRequest, "header read timeout");
+                        this.sink.rejected(&timeout, &RequestId::generate());
                         this.eof = true;
                         continue;
                     }

@@ -173,17 +173,39 @@ async fn accept_loop(
     }
 }
 
-struct Rejections(Arc<Shared>);
+/// Counts refused requests and gives each an access-log line: a request the guard
+/// refuses never reaches dispatch, but an SRE still wants to see it.
+struct Rejections {
+    shared: Arc<Shared>,
+    gateway: Arc<str>,
+    client: SocketAddr,
+}
 
 impl RejectSink for Rejections {
-    fn rejected(&self, r: &Rejection) {
-        self.0
+    fn rejected(&self, r: &Rejection, id: &meshgate_core::RequestId) {
+        self.shared
             .metrics
             .rejected
             .get_or_create(&ReasonLabels {
                 reason: r.code.as_str().into(),
             })
             .inc();
+        let active = self.shared.active.load();
+        let Some(log) = active.gateway(&self.gateway).and_then(|g| g.log.as_ref()) else {
+            return;
+        };
+        let line = serde_json::json!({
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "requestId": id.as_str(),
+            "gateway": &*self.gateway,
+            "api": null,
+            "client": self.client.ip().to_string(),
+            "status": r.code.status().as_u16(),
+            "error": r.code.as_str(),
+            "message": r.message,
+            "complete": false,
+        });
+        log.write(line.to_string());
     }
 }
 
@@ -235,7 +257,11 @@ async fn serve_conn(
         max_headers: limits.max_headers,
         header_read_timeout: limits.header_read_timeout,
     };
-    let sink: Arc<dyn RejectSink> = Arc::new(Rejections(shared.clone()));
+    let sink: Arc<dyn RejectSink> = Arc::new(Rejections {
+        shared: shared.clone(),
+        gateway: gateway.clone(),
+        client,
+    });
     let info = Arc::new(ConnInfo {
         shared: shared.clone(),
         gateway,
