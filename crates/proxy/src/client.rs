@@ -33,7 +33,9 @@ pub fn build(service: &Service, connections: Gauge) -> UpstreamClient {
         .pool_max_idle_per_host(usize::MAX)
         // A request whose pooled connection closed under it was never seen by the
         // upstream: hyper may resend it safely.
-        .retry_canceled_requests(true);
+        .retry_canceled_requests(true)
+        // One flattened write per request (see the server's writev note).
+        .http1_writev(false);
     if service.protocol != UpstreamProtocol::Http1 {
         b.http2_only(true)
             .http2_adaptive_window(true)
