@@ -67,6 +67,8 @@ impl Completion for Done {
         let a = &self.conn.activity;
         a.in_flight.fetch_sub(1, Ordering::Relaxed);
         a.last.store(self.conn.shared.ms_at(now), Ordering::Relaxed);
+        a.answered.fetch_add(1, Ordering::Release);
+        a.answer_waker.wake();
         let elapsed = now.saturating_duration_since(self.start);
         self.stats.record(self.status, elapsed.as_secs_f64());
         let status = http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);

@@ -84,6 +84,9 @@ pub struct Scanner {
     limits: GuardLimits,
     /// Bytes of a chunked body's trailer section seen so far (bounded like headers).
     trailer_bytes: usize,
+    /// Header lines (byte ranges within the head just passed) to remove before hyper
+    /// sees them: upgrade requests are served as plain HTTP/1.1.
+    strip: Vec<std::ops::Range<usize>>,
 }
 
 impl Scanner {
@@ -92,7 +95,13 @@ impl Scanner {
             state: State::Start,
             limits,
             trailer_bytes: 0,
+            strip: Vec::new(),
         }
+    }
+
+    /// Header lines to cut from the head the last `Step::Pass` covered.
+    pub fn take_strip(&mut self) -> Vec<std::ops::Range<usize>> {
+        std::mem::take(&mut self.strip)
     }
 
     pub fn is_passthrough(&self) -> bool {
@@ -193,7 +202,8 @@ impl Scanner {
         }
     }
 
-    fn check_head(&self, head: &[u8]) -> Result<State, Rejection> {
+    fn check_head(&mut self, head: &[u8]) -> Result<State, Rejection> {
+        self.strip.clear();
         let bad = |m| reject(ErrorCode::InvalidRequest, m);
         let mut lines = head.split(|b| *b == b'\n');
         let first = lines.next().unwrap_or_default();
@@ -225,10 +235,12 @@ impl Scanner {
         };
         let mut count = 0usize;
         let mut header_bytes = 0usize;
+        let mut offset = first.len() + 1;
         let mut length: Option<u64> = None;
         let mut te: Option<bool> = None;
-        let mut upgrade = false;
         for raw in lines {
+            let line_start = offset;
+            offset += raw.len() + 1;
             let line = raw
                 .strip_suffix(b"\r")
                 .ok_or_else(|| bad("bare LF in header section"))?;
@@ -290,29 +302,27 @@ impl Scanner {
                     ));
                 }
                 te = Some(true);
-            } else if name.eq_ignore_ascii_case(b"upgrade") {
-                upgrade = true;
+            } else if name.eq_ignore_ascii_case(b"upgrade")
+                || name.eq_ignore_ascii_case(b"http2-settings")
+            {
+                self.strip.push(line_start..offset);
             }
         }
         if te.is_some() && length.is_some() {
             return Err(bad("both Content-Length and Transfer-Encoding"));
         }
-        let after_body = |s: State| {
-            if upgrade || method == b"CONNECT" {
-                State::Passthrough
-            } else {
-                s
-            }
-        };
+        // Upgrades (WebSocket, h2c) and CONNECT are not served yet: such a request is
+        // answered as plain HTTP/1.1, so the bytes after it are HTTP/1 messages and
+        // stay under the guard. Switching to passthrough here would let the next
+        // pipelined request skip every check.
         Ok(match (te, length) {
-            (Some(_), _) if upgrade => State::Passthrough,
             (Some(_), _) => State::Chunked(Chunk::Size {
                 value: 0,
                 digits: 0,
                 ext: false,
             }),
-            (None, Some(n)) if n > 0 && !upgrade => State::Length(n),
-            _ => after_body(State::Head),
+            (None, Some(n)) if n > 0 => State::Length(n),
+            _ => State::Head,
         })
     }
 
@@ -443,9 +453,15 @@ pub fn error_response(r: &Rejection, id: &RequestId) -> Bytes {
     out.freeze()
 }
 
-/// Told about every rejection (metrics, access log), with the id the client sees.
+/// The connection around the guard: told about every rejection (metrics, access
+/// log), and asked how many requests hyper has answered, so a refusal never cuts
+/// off the responses to requests pipelined before it.
 pub trait RejectSink: Send + Sync + 'static {
     fn rejected(&self, r: &Rejection, id: &RequestId);
+    /// Requests on this connection whose responses are complete.
+    fn answered(&self) -> u64;
+    /// Wake `waker` when `answered` grows.
+    fn wait_answered(&self, waker: &std::task::Waker);
 }
 
 /// An IO wrapper that feeds hyper only checked bytes.
@@ -464,6 +480,8 @@ pub struct Guarded<IO> {
     /// Where the current message starts in `buf`, while hyper has not seen its
     /// head: a bad body can then still be refused whole.
     msg_start: Option<usize>,
+    /// Requests checked and handed on (or about to be).
+    heads: u64,
 }
 
 impl<IO> Guarded<IO> {
@@ -478,7 +496,27 @@ impl<IO> Guarded<IO> {
             sink,
             header_timer: None,
             msg_start: None,
+            heads: 0,
         }
+    }
+
+    /// Remove header lines (`strip`, relative to `start`) from the head at
+    /// `buf[start..start + len]`; returns the head's new length. Only upgrade
+    /// requests take this path.
+    fn cut(&mut self, start: usize, len: usize, strip: &[std::ops::Range<usize>]) -> usize {
+        let head = &self.buf[start..start + len];
+        let mut kept = Vec::with_capacity(len);
+        let mut pos = 0;
+        for r in strip {
+            kept.extend_from_slice(&head[pos..r.start]);
+            pos = r.end;
+        }
+        kept.extend_from_slice(&head[pos..]);
+        let tail = self.buf.split_off(start + len);
+        self.buf.truncate(start);
+        self.buf.extend_from_slice(&kept);
+        self.buf.extend_from_slice(&tail);
+        kept.len()
     }
 
     /// While a head is partly received, time it out; otherwise disarm.
@@ -501,8 +539,14 @@ impl<IO> Guarded<IO> {
             match self.scan.step(&self.buf[self.ready..]) {
                 Step::Pass(0) | Step::NeedMore => return,
                 Step::Pass(n) => {
-                    if at_boundary {
+                    let mut n = n;
+                    if at_boundary && !self.buf[self.ready..].starts_with(b"\r\n") {
                         self.msg_start = Some(self.ready);
+                        self.heads += 1;
+                        let strip = self.scan.take_strip();
+                        if !strip.is_empty() {
+                            n = self.cut(self.ready, n, &strip);
+                        }
                     }
                     self.ready += n;
                 }
@@ -519,6 +563,10 @@ impl<IO> Guarded<IO> {
                     if let Some(start) = unseen {
                         self.response = Some(error_response(&r, &id));
                         self.ready = start;
+                        if !at_boundary {
+                            // the refused message's head was counted when it passed
+                            self.heads -= 1;
+                        }
                     }
                     self.buf.truncate(self.ready);
                     self.eof = true;
@@ -547,6 +595,14 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
+                // Before a prepared refusal, let hyper answer every request it already
+                // has: EOF now would make it drop them as if the client had left.
+                if this.response.is_some() && this.sink.answered() < this.heads {
+                    this.sink.wait_answered(cx.waker());
+                    if this.sink.answered() < this.heads {
+                        return Poll::Pending;
+                    }
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.buf.is_empty() {

@@ -179,6 +179,7 @@ struct Rejections {
     shared: Arc<Shared>,
     gateway: Arc<str>,
     client: SocketAddr,
+    info: Arc<ConnInfo>,
 }
 
 impl RejectSink for Rejections {
@@ -206,6 +207,14 @@ impl RejectSink for Rejections {
             "complete": false,
         });
         log.write(line.to_string());
+    }
+
+    fn answered(&self) -> u64 {
+        self.info.activity.answered.load(Ordering::Acquire)
+    }
+
+    fn wait_answered(&self, waker: &std::task::Waker) {
+        self.info.activity.answer_waker.register(waker);
     }
 }
 
@@ -244,6 +253,9 @@ pub struct Activity {
     pub in_flight: AtomicUsize,
     /// Milliseconds since the process epoch of the last request start or end.
     pub last: AtomicU64,
+    /// Requests whose responses are complete (for the guard's orderly refusals).
+    pub answered: AtomicU64,
+    pub answer_waker: futures_util::task::AtomicWaker,
 }
 
 async fn serve_conn(
@@ -260,11 +272,6 @@ async fn serve_conn(
         max_headers: limits.max_headers,
         header_read_timeout: limits.header_read_timeout,
     };
-    let sink: Arc<dyn RejectSink> = Arc::new(Rejections {
-        shared: shared.clone(),
-        gateway: gateway.clone(),
-        client,
-    });
     let info = Arc::new(ConnInfo {
         shared: shared.clone(),
         gateway,
@@ -275,6 +282,12 @@ async fn serve_conn(
         activity: Activity::default(),
     });
     info.activity.last.store(shared.now_ms(), Ordering::Relaxed);
+    let sink: Arc<dyn RejectSink> = Arc::new(Rejections {
+        shared: shared.clone(),
+        gateway: info.gateway.clone(),
+        client,
+        info: info.clone(),
+    });
     let b = builder(&limits);
     match tls {
         None => {

@@ -146,6 +146,30 @@ fn rejects_bad_chunked_framing_after_the_head() {
 }
 
 #[test]
+fn an_upgrade_request_does_not_end_checking() {
+    let m = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let (passed, why) = run(m);
+    assert_eq!(passed, 59);
+    assert_eq!(why, Some("both Content-Length and Transfer-Encoding"));
+}
+
+#[test]
+fn upgrade_header_lines_are_marked_for_removal() {
+    let head = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\nX: 1\r\n\r\n";
+    let mut s = Scanner::new(LIMITS);
+    assert_eq!(s.step(head), Step::Pass(head.len()));
+    let strip = s.take_strip();
+    let mut kept = Vec::new();
+    let mut pos = 0;
+    for r in &strip {
+        kept.extend_from_slice(&head[pos..r.start]);
+        pos = r.end;
+    }
+    kept.extend_from_slice(&head[pos..]);
+    assert_eq!(kept, b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n");
+}
+
+#[test]
 fn pipelined_message_after_a_body_is_checked_too() {
     let m = b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
     let (passed, why) = run(m);
