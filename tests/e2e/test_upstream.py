@@ -217,3 +217,19 @@ def test_response_bodies_stream(tmp_path, backend, gateways, proto):
     assert first == b"chunk0\n"
     assert rest == b"chunk1\nchunk2\nchunk3\n"
     assert t_first < 0.5 and total > 1.2, (t_first, total)
+
+
+def test_per_try_timeout_then_retry(tmp_path, backend, gateways):
+    g = Gateway(tmp_path, service("up", backend) + api(
+        "slow", "/slow", '{service: up, timeout: 2s, retry: {attempts: 1, on: [timeout], perTryTimeout: 200ms}}'))
+    gateways.append(g)
+    t = time.time()
+    status, _, body, _ = curl(g.url + "/slow?ms=700")
+    took = time.time() - t
+    assert status == 504 and json.loads(body)["error"]["code"] == "upstream_timeout"
+    assert 0.38 < took < 0.9, took
+    time.sleep(0.8)  # let the backend's slow handlers finish recording
+    assert backend.count() == 2, "one retry after the first per-try timeout"
+    _, metrics = g.admin("GET", "/metrics")
+    assert 'meshgate_upstream_timeouts_total{service="up"} 2' in metrics
+    assert 'meshgate_upstream_retries_total{service="up"} 1' in metrics
