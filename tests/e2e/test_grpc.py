@@ -129,3 +129,38 @@ def test_gateway_errors_are_grpc_status(channel):
     with pytest.raises(grpc.RpcError) as e:
         channel.unary_unary("/test.Nothing/Unary", **IDENTITY)(b"", timeout=5)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_grpc_over_tls_with_alpn_h2(tmp_path, grpc_server, gateways):
+    import subprocess
+    from harness import free_port
+    key, crt = tmp_path / "gw.key", tmp_path / "gw.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "2", "-subj", "/CN=gw.test", "-addext", "subjectAltName=DNS:gw.test",
+         "-keyout", str(key), "-out", str(crt)],
+        check=True, capture_output=True,
+    )
+    tls_port = free_port()
+    extra = f"""
+    - name: secure
+      address: "127.0.0.1:{tls_port}"
+      protocol: https
+      tls: {{certificates: [{{certFile: "{crt}", keyFile: "{key}", hosts: [gw.test]}}]}}"""
+    res = f"""---
+apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: echo}}
+spec:
+  protocol: grpc
+  endpoints: [{{address: "127.0.0.1:{grpc_server}"}}]
+""" + api("echo", "/test.Echo/{method}", "{service: echo}", methods=["POST"])
+    g = Gateway(tmp_path, res, extra_listener=extra)
+    gateways.append(g)
+    creds = grpc.ssl_channel_credentials(root_certificates=crt.read_bytes())
+    ch = grpc.secure_channel(f"127.0.0.1:{tls_port}", creds, options=(("grpc.ssl_target_name_override", "gw.test"),))
+    resp, info = ch.unary_unary("/test.Echo/Unary", **IDENTITY).with_call(b"tls", timeout=5)
+    assert resp == b"echo:tls"
+    assert ("x-trailer", "t1") in info.trailing_metadata()
+    assert list(ch.unary_stream("/test.Echo/Stream", **IDENTITY)(b"3", timeout=5)) == [b"msg0", b"msg1", b"msg2"]
+    ch.close()
