@@ -49,24 +49,20 @@ def grpc_server():
     server.stop(0)
 
 
+def grpc_service(name, port):
+    return f"""---
+apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  protocol: grpc
+  endpoints: [{{address: "127.0.0.1:{port}"}}]
+"""
+
+
 @pytest.fixture
 def gw(tmp_path, grpc_server, gateways):
-    dead = free_port()
-    res = f"""---
-apiVersion: meshgate.io/v1
-kind: Service
-metadata: {{name: echo}}
-spec:
-  protocol: grpc
-  endpoints: [{{address: "127.0.0.1:{grpc_server}"}}]
----
-apiVersion: meshgate.io/v1
-kind: Service
-metadata: {{name: dead}}
-spec:
-  protocol: grpc
-  endpoints: [{{address: "127.0.0.1:{dead}"}}]
-""" + api("echo", "/test.Echo/{method}", "{service: echo, timeout: 5s}", methods=["POST"]) + api(
+    res = grpc_service("echo", grpc_server) + grpc_service("dead", free_port()) + api("echo", "/test.Echo/{method}", "{service: echo, timeout: 5s}", methods=["POST"]) + api(
         "dead", "/test.Dead/{method}", "{service: dead}", methods=["POST"]
     )
     g = Gateway(tmp_path, res)
@@ -147,14 +143,7 @@ def test_grpc_over_tls_with_alpn_h2(tmp_path, grpc_server, gateways):
       address: "127.0.0.1:{tls_port}"
       protocol: https
       tls: {{certificates: [{{certFile: "{crt}", keyFile: "{key}", hosts: [gw.test]}}]}}"""
-    res = f"""---
-apiVersion: meshgate.io/v1
-kind: Service
-metadata: {{name: echo}}
-spec:
-  protocol: grpc
-  endpoints: [{{address: "127.0.0.1:{grpc_server}"}}]
-""" + api("echo", "/test.Echo/{method}", "{service: echo}", methods=["POST"])
+    res = grpc_service("echo", grpc_server) + api("echo", "/test.Echo/{method}", "{service: echo}", methods=["POST"])
     g = Gateway(tmp_path, res, extra_listener=extra)
     gateways.append(g)
     creds = grpc.ssl_channel_credentials(root_certificates=crt.read_bytes())

@@ -116,10 +116,14 @@ pub async fn handle(
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let version = req.version();
     let Some(grt) = active.gateway(&conn.gateway) else {
+        // The listener's gateway went away in a reload: answer, and count the answer
+        // like any other so the connection's bookkeeping stays exact.
         let err = GatewayError::new(
             ErrorCode::NoRoute,
             "this listener's gateway is no longer configured",
         );
+        conn.activity.answered.fetch_add(1, Ordering::Release);
+        conn.activity.answer_waker.wake();
         return Ok(respond::error(&err, &ctx));
     };
     let log = grt.log.clone();
