@@ -17,12 +17,14 @@ step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -q -- -D warnings
 
 step "cargo test (unit, table and diagnostics tests)"
-cargo test --workspace -q 2>&1 | tee /tmp/meshgate-cargo-test.log | grep -E "^(test result|running|error|failures)|FAILED|panicked" || true
-if grep -qE "FAILED|error(\[|:)" /tmp/meshgate-cargo-test.log; then
-  cat /tmp/meshgate-cargo-test.log
+log=$(mktemp)
+if ! cargo test --workspace -q >"$log" 2>&1; then
+  cat "$log"
   echo "cargo test failed" >&2
   exit 1
 fi
+grep -E "^test result" "$log" | awk '{p+=$4; f+=$6} END {printf "%d passed, %d failed\n", p, f}'
+rm -f "$log"
 
 step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
