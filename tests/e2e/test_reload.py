@@ -138,3 +138,41 @@ def test_listener_added_by_reload(tmp_path, backend, gateways):
     assert status == 200, body
     with urllib.request.urlopen(f"http://127.0.0.1:{extra}/m") as r:
         assert r.read() == b"a"
+
+
+def test_reload_removes_listener_and_its_connections_and_moves_admin(tmp_path, backend, gateways):
+    import socket
+    from harness import free_port, gateway_yaml
+    g = Gateway(tmp_path, resources(backend, "a"))
+    gateways.append(g)
+    extra = free_port()
+    (g.dir / "00-gateway.yaml").write_text(
+        gateway_yaml(g.port, g.admin_port, f'\n    - {{name: extra, address: "127.0.0.1:{extra}", protocol: http}}'))
+    assert g.admin("POST", "/reload")[0] == 200
+    # a keep-alive connection on the extra listener
+    s = socket.create_connection(("127.0.0.1", extra), timeout=5)
+    s.sendall(b"GET /m HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    # remove the extra listener and move the admin listener in one reload
+    new_admin = free_port()
+    (g.dir / "00-gateway.yaml").write_text(gateway_yaml(g.port, new_admin))
+    assert g.admin("POST", "/reload")[0] == 200
+    # the idle connection on the removed listener is closed, new ones are refused
+    s.settimeout(3)
+    assert s.recv(100) == b""
+    s.close()
+    try:
+        socket.create_connection(("127.0.0.1", extra), timeout=1).close()
+        assert False, "the removed listener still accepts"
+    except OSError:
+        pass
+    old_admin = g.admin_port
+    g.admin_port = new_admin
+    assert g.admin("GET", "/ready") == (200, "ready\n")
+    try:
+        socket.create_connection(("127.0.0.1", old_admin), timeout=1).close()
+        assert False, "the old admin address still accepts"
+    except OSError:
+        pass
+    with urllib.request.urlopen(g.url + "/m") as r:
+        assert r.read() == b"a"

@@ -136,3 +136,70 @@ fn upstreams(shared: &Shared) -> serde_json::Value {
         .collect();
     json!({"revision": active.snapshot.revision, "services": services})
 }
+
+/// The admin listeners, reconciled with each config like the data listeners.
+#[derive(Debug, Default)]
+pub struct Admins {
+    running: std::sync::Mutex<
+        std::collections::HashMap<std::net::SocketAddr, tokio::task::JoinHandle<()>>,
+    >,
+}
+
+/// Admin sockets bound for a config not yet active.
+#[derive(Debug, Default)]
+pub struct PreparedAdmins {
+    bind: Vec<(std::net::SocketAddr, tokio::net::TcpListener)>,
+    wanted: Vec<std::net::SocketAddr>,
+}
+
+impl Admins {
+    /// Bind admin addresses the config adds. Nothing changes on failure.
+    pub async fn prepare(
+        &self,
+        snapshot: &meshgate_config::Snapshot,
+    ) -> Result<PreparedAdmins, String> {
+        let running: Vec<std::net::SocketAddr> = self
+            .running
+            .lock()
+            .map(|r| r.keys().copied().collect())
+            .unwrap_or_default();
+        let mut p = PreparedAdmins::default();
+        for addr in snapshot.gateways.iter().filter_map(|g| g.admin) {
+            p.wanted.push(addr);
+            if !running.contains(&addr) {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("admin: cannot listen on {addr}: {e}"))?;
+                p.bind.push((addr, l));
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn commit(&self, shared: &Arc<Shared>, p: PreparedAdmins) {
+        let Ok(mut running) = self.running.lock() else {
+            return;
+        };
+        for (addr, l) in p.bind {
+            tracing::info!(%addr, "admin listening");
+            running.insert(addr, tokio::spawn(serve(shared.clone(), l)));
+        }
+        running.retain(|addr, task| {
+            let keep = p.wanted.contains(addr);
+            if !keep {
+                tracing::info!(%addr, "admin listener removed");
+                task.abort();
+            }
+            keep
+        });
+    }
+
+    pub fn stop_all(&self) {
+        if let Ok(mut running) = self.running.lock() {
+            for t in running.values() {
+                t.abort();
+            }
+            running.clear();
+        }
+    }
+}

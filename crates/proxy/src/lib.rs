@@ -51,6 +51,7 @@ pub struct Shared {
     pub active: ArcSwap<Active>,
     pub metrics: metrics::Metrics,
     listeners: server::Listeners,
+    admins: admin::Admins,
     loggers: access_log::Loggers,
     last_reload: Mutex<Option<ReloadStatus>>,
     reload_lock: tokio::sync::Mutex<()>,
@@ -129,9 +130,11 @@ impl Shared {
         }
         let next = Active::build(snapshot, Some(&prev), &self.metrics, &self.loggers);
         let prepared = self.listeners.prepare(&next).await?;
+        let admins = self.admins.prepare(&next.snapshot).await?;
         let rev = next.snapshot.revision.clone();
         self.active.store(Arc::new(next));
         self.listeners.commit(self, prepared);
+        self.admins.commit(self, admins);
         Ok(rev)
     }
 }
@@ -148,6 +151,7 @@ pub async fn run(options: Options, snapshot: Snapshot) -> std::io::Result<()> {
         active: ArcSwap::from_pointee(active),
         metrics,
         listeners: server::Listeners::default(),
+        admins: admin::Admins::default(),
         loggers,
         last_reload: Mutex::new(None),
         reload_lock: tokio::sync::Mutex::new(()),
@@ -168,21 +172,17 @@ pub async fn run(options: Options, snapshot: Snapshot) -> std::io::Result<()> {
         revision: Some(snapshot.revision.clone()),
         errors: Vec::new(),
     });
-    let mut admins = Vec::new();
-    for g in &snapshot.gateways {
-        if let Some(addr) = g.admin {
-            let l = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(%addr, "admin listening");
-            admins.push(tokio::spawn(admin::serve(shared.clone(), l)));
-        }
-    }
+    let admins = shared
+        .admins
+        .prepare(&snapshot)
+        .await
+        .map_err(std::io::Error::other)?;
+    shared.admins.commit(&shared, admins);
     let _watch = watch_files(&shared);
     tracing::info!(revision = %snapshot.revision, "meshgate ready");
     wait_for_stop(&shared).await?;
     drain_all(&shared).await;
-    for a in admins {
-        a.abort();
-    }
+    shared.admins.stop_all();
     Ok(())
 }
 

@@ -165,9 +165,10 @@ async fn accept_loop(
         let shared = shared.clone();
         let gateway = gateway.clone();
         let tls = tls.load_full();
+        let removed = stop.clone();
         tokio::spawn(async move {
             shared.metrics.downstream_connections.inc();
-            serve_conn(&shared, gateway, stream, client, tls).await;
+            serve_conn(&shared, gateway, stream, client, tls, removed).await;
             shared.metrics.downstream_connections.dec();
         });
     }
@@ -264,6 +265,7 @@ async fn serve_conn(
     stream: TcpStream,
     client: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
+    removed: watch::Receiver<bool>,
 ) {
     let limits = limits_for(shared, &gateway);
     let guard_limits = GuardLimits {
@@ -292,7 +294,7 @@ async fn serve_conn(
     match tls {
         None => {
             let io = TokioIo::new(Guarded::new(stream, guard_limits, sink));
-            drive(b, io, info, limits.idle_timeout).await;
+            drive(b, io, info, limits.idle_timeout, removed).await;
         }
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
@@ -313,18 +315,27 @@ async fn serve_conn(
                     TokioIo::new(tls_stream),
                     info,
                     limits.idle_timeout,
+                    removed,
                 )
                 .await;
             } else {
                 let io = TokioIo::new(Guarded::new(tls_stream, guard_limits, sink));
-                drive(b, io, info, limits.idle_timeout).await;
+                drive(b, io, info, limits.idle_timeout, removed).await;
             }
         }
     }
 }
 
-async fn drive<IO>(b: auto::Builder<TokioExecutor>, io: IO, info: Arc<ConnInfo>, idle: Duration)
-where
+/// Serve one connection until it ends. It is asked to finish (GOAWAY on h2,
+/// `Connection: close` on h1) on drain, when idle too long, or when a reload removes
+/// its listener.
+async fn drive<IO>(
+    b: auto::Builder<TokioExecutor>,
+    io: IO,
+    info: Arc<ConnInfo>,
+    idle: Duration,
+    mut removed: watch::Receiver<bool>,
+) where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let svc_info = info.clone();
@@ -345,6 +356,10 @@ where
                 return;
             }
             _ = drain.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = removed.changed(), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
