@@ -44,7 +44,6 @@ struct Done {
     status: u16,
     /// Only gathered when an access log is on.
     line: Option<LineFacts>,
-    gateway: Arc<str>,
     api: Option<Arc<Api>>,
     gateway_cfg: Arc<meshgate_config::Gateway>,
     upstream: Option<SocketAddr>,
@@ -83,7 +82,7 @@ impl Completion for Done {
         let line = serde_json::json!({
             "time": humantime::format_rfc3339_millis(facts.wall).to_string(),
             "requestId": ctx.request_id.as_str(),
-            "gateway": &*self.gateway,
+            "gateway": self.gateway_cfg.name,
             "api": self.api.as_ref().map(|a| a.name.as_str()),
             "consumer": ctx.consumer.as_ref().map(|c| &*c.name),
             "client": ctx.client_addr.ip().to_string(),
@@ -140,7 +139,6 @@ pub async fn handle(
         start,
         status: 0,
         line,
-        gateway: conn.gateway.clone(),
         api: None,
         gateway_cfg: grt.gateway.clone(),
         upstream: None,
@@ -255,23 +253,7 @@ async fn serve(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
     let (mut parts, body) = req.into_parts();
-    if let Some(p) = normalized {
-        let pq = match parts.uri.query() {
-            Some(q) => format!("{p}?{q}"),
-            None => p,
-        };
-        parts.uri = http::Uri::try_from(pq)
-            .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
-    } else if parts.uri.scheme().is_some() {
-        // absolute-form or h2: keep only path and query for the upstream
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        parts.uri = http::Uri::try_from(pq)
-            .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
-    }
+    set_path(&mut parts.uri, normalized)?;
     for chain in [&gw.global, &api.chain] {
         if let Flow::Respond(r) = chain.on_request(ctx, &mut parts).await? {
             return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
@@ -287,13 +269,7 @@ async fn serve(
         Invoke::Upstream(up) => up,
     };
     if let Some(t) = &up.rewrite {
-        let p = t.render(|n| ctx.capture(n));
-        let pq = match parts.uri.query() {
-            Some(q) => format!("{p}?{q}"),
-            None => p,
-        };
-        parts.uri = http::Uri::try_from(pq)
-            .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+        set_path(&mut parts.uri, Some(t.render(|n| ctx.capture(n))))?;
     }
     forwarding_headers(&mut parts.headers, ctx, conn, client_host);
     let started = Instant::now();
@@ -305,6 +281,23 @@ async fn serve(
     strip_hop_by_hop(&mut rparts.headers, false);
     let resp = Response::from_parts(rparts, ResponseBody::upstream(rbody));
     Ok(finish(resp, ctx, &api, gw))
+}
+
+/// Point the request at `path` (or keep its own), keeping the query and dropping
+/// any scheme and authority (absolute-form, HTTP/2): the upstream URI is built per
+/// try from the path and query alone.
+fn set_path(uri: &mut http::Uri, path: Option<String>) -> Result<(), GatewayError> {
+    if path.is_none() && uri.scheme().is_none() {
+        return Ok(());
+    }
+    let p = path.unwrap_or_else(|| uri.path().to_string());
+    let pq = match uri.query() {
+        Some(q) => format!("{p}?{q}"),
+        None => p,
+    };
+    *uri = http::Uri::try_from(pq)
+        .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+    Ok(())
 }
 
 fn forwarding_headers(

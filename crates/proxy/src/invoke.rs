@@ -106,7 +106,9 @@ fn replay(body: &UpstreamBody) -> Option<UpstreamBody> {
     }
 }
 
-fn upstream_error(outcome: TryOutcome, service: &str) -> GatewayError {
+/// The error for a try that may not be retried. `expired` is the overall timeout
+/// when it, rather than a per-try timeout, ran out.
+fn upstream_error(outcome: TryOutcome, service: &str, expired: Option<Duration>) -> GatewayError {
     match outcome {
         TryOutcome::ConnectFailure => GatewayError::new(
             ErrorCode::UpstreamUnavailable,
@@ -118,8 +120,13 @@ fn upstream_error(outcome: TryOutcome, service: &str) -> GatewayError {
         ),
         TryOutcome::Timeout => GatewayError::new(
             ErrorCode::UpstreamTimeout,
-            format!("service {service:?} did not answer in time"),
+            match expired {
+                Some(t) => format!("service {service:?} did not answer within {t:?}"),
+                None => format!("service {service:?} did not answer in time"),
+            },
         ),
+        // A status is only an error when a retry on it ran out of time or tries; the
+        // response itself is returned otherwise.
         TryOutcome::Status(_) => {
             GatewayError::new(ErrorCode::UpstreamUnavailable, "upstream error")
         }
@@ -259,15 +266,11 @@ pub async fn call(
         };
         let time_left = Instant::now() < deadline;
         if !(replayable && time_left && up.retry.allows(&parts.method, tries, outcome)) {
-            let err = upstream_error(outcome, name);
-            return Err(if outcome == TryOutcome::Timeout && !time_left {
-                GatewayError::new(
-                    ErrorCode::UpstreamTimeout,
-                    format!("service {name:?} did not answer within {timeout:?}"),
-                )
-            } else {
-                err
-            });
+            return Err(upstream_error(
+                outcome,
+                name,
+                (!time_left).then_some(timeout),
+            ));
         }
         rt.stats.retries.inc();
         avoid = Some(endpoint);

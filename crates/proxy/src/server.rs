@@ -176,32 +176,28 @@ async fn accept_loop(
 
 /// Counts refused requests and gives each an access-log line: a request the guard
 /// refuses never reaches dispatch, but an SRE still wants to see it.
-struct Rejections {
-    shared: Arc<Shared>,
-    gateway: Arc<str>,
-    client: SocketAddr,
-    info: Arc<ConnInfo>,
-}
+struct Rejections(Arc<ConnInfo>);
 
 impl RejectSink for Rejections {
     fn rejected(&self, r: &Rejection, id: &meshgate_core::RequestId) {
-        self.shared
+        self.0
+            .shared
             .metrics
             .rejected
             .get_or_create(&ReasonLabels {
                 reason: r.code.as_str().into(),
             })
             .inc();
-        let active = self.shared.active.load();
-        let Some(log) = active.gateway(&self.gateway).and_then(|g| g.log.as_ref()) else {
+        let active = self.0.shared.active.load();
+        let Some(log) = active.gateway(&self.0.gateway).and_then(|g| g.log.as_ref()) else {
             return;
         };
         let line = serde_json::json!({
             "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             "requestId": id.as_str(),
-            "gateway": &*self.gateway,
+            "gateway": &*self.0.gateway,
             "api": null,
-            "client": self.client.ip().to_string(),
+            "client": self.0.client.ip().to_string(),
             "status": r.code.status().as_u16(),
             "error": r.code.as_str(),
             "message": r.message,
@@ -211,11 +207,11 @@ impl RejectSink for Rejections {
     }
 
     fn answered(&self) -> u64 {
-        self.info.activity.answered.load(Ordering::Acquire)
+        self.0.activity.answered.load(Ordering::Acquire)
     }
 
     fn wait_answered(&self, waker: &std::task::Waker) {
-        self.info.activity.answer_waker.register(waker);
+        self.0.activity.answer_waker.register(waker);
     }
 }
 
@@ -284,12 +280,7 @@ async fn serve_conn(
         activity: Activity::default(),
     });
     info.activity.last.store(shared.now_ms(), Ordering::Relaxed);
-    let sink: Arc<dyn RejectSink> = Arc::new(Rejections {
-        shared: shared.clone(),
-        gateway: info.gateway.clone(),
-        client,
-        info: info.clone(),
-    });
+    let sink: Arc<dyn RejectSink> = Arc::new(Rejections(info.clone()));
     let b = builder(&limits);
     match tls {
         None => {
