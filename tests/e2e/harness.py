@@ -4,6 +4,7 @@ at run time. Every process a test starts is stopped by its own PID."""
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -300,3 +301,46 @@ spec:
     path: "{path}"{m}
   invoke: {invoke}{extra}
 """
+
+
+class Nginx:
+    """A real nginx, one worker, in the foreground, configured with `http_block` (the
+    body of its `http {}`); `{port}` in it is replaced by a port chosen now."""
+
+    def __init__(self, tmp_path, http_block):
+        self.port = free_port()
+        self.dir = tmp_path / f"nginx-{self.port}"
+        self.dir.mkdir()
+        body = http_block.replace("{port}", str(self.port))
+        temps = "\n".join(
+            f"  {k}_temp_path {self.dir}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (self.dir / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+{temps}
+  access_log {self.dir}/access.log;
+{body}
+}}
+""")
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(self.dir / "nginx.conf"), "-e", str(self.dir / "error.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_port(self.port)
+
+    @property
+    def addr(self):
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -1,5 +1,6 @@
 //! Request and response bodies without boxing: an enum over what the proxy sends.
 
+use crate::h1::H1Body;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -103,6 +104,7 @@ pub struct ResponseBody {
 enum Inner {
     Full(Option<Bytes>),
     Upstream(Incoming),
+    H1(H1Body),
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -137,6 +139,15 @@ impl ResponseBody {
         }
     }
 
+    pub fn h1(b: H1Body) -> Self {
+        Self {
+            inner: Inner::H1(b),
+            sent: 0,
+            clean: false,
+            done: None,
+        }
+    }
+
     pub fn on_complete(&mut self, c: Box<dyn Completion>) {
         self.done = Some(c);
     }
@@ -158,7 +169,7 @@ impl Drop for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -167,7 +178,8 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let out = match &mut this.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         };
         match &out {
             Poll::Ready(Some(Ok(f))) => {
@@ -189,6 +201,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
             Inner::Upstream(b) => b.is_end_stream(),
+            Inner::H1(b) => b.is_end_stream(),
         }
     }
 
@@ -196,6 +209,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Upstream(b) => b.size_hint(),
+            Inner::H1(b) => b.size_hint(),
         }
     }
 }

@@ -1,7 +1,9 @@
-//! The upstream HTTP client: hyper-util's pooled client over a connector that counts
-//! open connections, one client per Service.
+//! The upstream clients, one per Service: the inline HTTP/1.1 client (`h1.rs`), or
+//! for HTTP/2 and gRPC hyper-util's pooled client over a connector that counts open
+//! connections.
 
 use crate::body::UpstreamBody;
+use crate::h1::H1Pool;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -11,13 +13,36 @@ use prometheus_client::metrics::gauge::Gauge;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
 pub type UpstreamClient = Client<CountingConnector, UpstreamBody>;
 
-pub fn build(service: &Service, connections: Gauge) -> UpstreamClient {
+/// How a Service is called.
+#[derive(Debug)]
+pub enum Transport {
+    H1(Arc<H1Pool>),
+    H2(UpstreamClient),
+}
+
+/// How long an unused upstream connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub fn build(service: &Service, connections: Gauge) -> Transport {
+    if service.protocol == UpstreamProtocol::Http1 {
+        Transport::H1(H1Pool::new(
+            service.connect_timeout,
+            IDLE_TIMEOUT,
+            connections,
+        ))
+    } else {
+        Transport::H2(build_h2(service, connections))
+    }
+}
+
+fn build_h2(service: &Service, connections: Gauge) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(service.connect_timeout));
@@ -29,19 +54,15 @@ pub fn build(service: &Service, connections: Gauge) -> UpstreamClient {
     let mut b = Client::builder(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(IDLE_TIMEOUT)
         .pool_max_idle_per_host(usize::MAX)
         // A request whose pooled connection closed under it was never seen by the
         // upstream: hyper may resend it safely.
         .retry_canceled_requests(true)
-        // One flattened write per request (see the server's writev note).
-        .http1_writev(false);
-    if service.protocol != UpstreamProtocol::Http1 {
-        b.http2_only(true)
-            .http2_adaptive_window(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_while_idle(false);
-    }
+        .http2_only(true)
+        .http2_adaptive_window(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_while_idle(false);
     b.build(connector)
 }
 

@@ -279,7 +279,7 @@ async fn serve(
     done.upstream_ms = Some(started.elapsed().as_secs_f64() * 1e3);
     let (mut rparts, rbody) = answer.response.into_parts();
     strip_hop_by_hop(&mut rparts.headers, false);
-    let resp = Response::from_parts(rparts, ResponseBody::upstream(rbody));
+    let resp = Response::from_parts(rparts, rbody);
     Ok(finish(resp, ctx, &api, gw))
 }
 

@@ -1,6 +1,7 @@
 //! The invoke phase for an upstream Api: split → balance → connect → retry/timeout.
 
-use crate::body::{LimitedIncoming, UpstreamBody};
+use crate::body::{LimitedIncoming, ResponseBody, UpstreamBody};
+use crate::client::Transport;
 use crate::state::{Active, ClusterRt};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
@@ -19,8 +20,14 @@ const REPLAY_BUFFER: u64 = 64 * 1024;
 
 /// What the upstream answered, and which endpoint did.
 pub struct Answer {
-    pub response: Response<Incoming>,
+    pub response: Response<ResponseBody>,
     pub endpoint: SocketAddr,
+}
+
+/// A failed try, from either transport.
+struct TryError {
+    connect: bool,
+    error: Box<dyn std::error::Error + Send + Sync>,
 }
 
 fn pick_target<'a>(split: &'a Split, headers: &HeaderMap) -> &'a Target {
@@ -178,7 +185,7 @@ pub async fn call(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    if rt.service.protocol != meshgate_config::UpstreamProtocol::Http1 {
+    if matches!(rt.transport, Transport::H2(_)) {
         // HTTP/2 carries the authority in :authority; a differing Host is malformed.
         parts.headers.remove(header::HOST);
     }
@@ -193,29 +200,10 @@ pub async fn call(
             ));
         };
         let endpoint = picked.endpoint.addr;
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(picked.endpoint.authority.clone());
-        uri.path_and_query = Some(path_and_query.clone());
-        let uri = http::Uri::from_parts(uri)
-            .map_err(|e| GatewayError::new(ErrorCode::Internal, e.to_string()))?;
         let this_body = match replay(&body) {
             Some(copy) => copy,
             None => std::mem::replace(&mut body, UpstreamBody::Empty),
         };
-        let mut req = Request::new(this_body);
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
-        // The last possible try takes the headers instead of copying them.
-        let last = !replayable || tries > up.retry.attempts;
-        *req.headers_mut() = if last {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
-        };
-        if rt.service.protocol != meshgate_config::UpstreamProtocol::Http1 {
-            *req.version_mut() = http::Version::HTTP_2;
-        }
         let now = Instant::now();
         let remaining = deadline.saturating_duration_since(now);
         let try_timeout = up
@@ -223,7 +211,53 @@ pub async fn call(
             .per_try_timeout
             .map_or(remaining, |p| p.min(remaining));
         rt.stats.active.inc();
-        let result = tokio::time::timeout(try_timeout, rt.client.request(req)).await;
+        let result = match &rt.transport {
+            Transport::H1(pool) => {
+                let send = pool.send(
+                    endpoint,
+                    &picked.endpoint.authority,
+                    &parts.method,
+                    &path_and_query,
+                    &parts.headers,
+                    this_body,
+                );
+                match tokio::time::timeout(try_timeout, send).await {
+                    Ok(Ok(resp)) => Ok(Ok(resp.map(ResponseBody::h1))),
+                    Ok(Err(e)) => Ok(Err(TryError {
+                        connect: e.is_connect(),
+                        error: Box::new(e),
+                    })),
+                    Err(elapsed) => Err(elapsed),
+                }
+            }
+            Transport::H2(client) => {
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(http::uri::Scheme::HTTP);
+                uri.authority = Some(picked.endpoint.authority.clone());
+                uri.path_and_query = Some(path_and_query.clone());
+                let uri = http::Uri::from_parts(uri)
+                    .map_err(|e| GatewayError::new(ErrorCode::Internal, e.to_string()))?;
+                let mut req = Request::new(this_body);
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = uri;
+                *req.version_mut() = http::Version::HTTP_2;
+                // The last possible try takes the headers instead of copying them.
+                let last = !replayable || tries > up.retry.attempts;
+                *req.headers_mut() = if last {
+                    std::mem::take(&mut parts.headers)
+                } else {
+                    parts.headers.clone()
+                };
+                match tokio::time::timeout(try_timeout, client.request(req)).await {
+                    Ok(Ok(resp)) => Ok(Ok(resp.map(ResponseBody::upstream))),
+                    Ok(Err(e)) => Ok(Err(TryError {
+                        connect: e.is_connect(),
+                        error: Box::new(e),
+                    })),
+                    Err(elapsed) => Err(elapsed),
+                }
+            }
+        };
         rt.stats.active.dec();
         rt.stats.duration.observe(now.elapsed().as_secs_f64());
         drop(picked);
@@ -251,11 +285,11 @@ pub async fn call(
                         "request body is too large",
                     ));
                 }
-                if e.is_connect() {
+                if e.connect {
                     rt.stats.connect_errors.inc();
                     TryOutcome::ConnectFailure
                 } else {
-                    tracing::debug!(error = %e, %endpoint, "upstream request failed");
+                    tracing::debug!(error = %e.error, %endpoint, "upstream request failed");
                     TryOutcome::Reset
                 }
             }

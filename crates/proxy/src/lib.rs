@@ -11,6 +11,7 @@ mod client;
 mod discovery;
 mod dispatch;
 mod guard;
+mod h1;
 mod invoke;
 mod metrics;
 mod respond;

@@ -2,7 +2,7 @@
 //! on reload. Each request loads one `Arc<Active>` and keeps it to the end, so
 //! in-flight work finishes on the config it started with.
 
-use crate::client::{self, UpstreamClient};
+use crate::client::{self, Transport};
 use crate::metrics::{ApiStats, Metrics, ServiceStats};
 use meshgate_config::{Api, Gateway, Invoke, Service, Snapshot};
 use meshgate_upstream::{Cluster, Endpoint};
@@ -14,9 +14,10 @@ use std::sync::Arc;
 pub struct ClusterRt {
     pub service: Arc<Service>,
     pub cluster: Arc<Cluster>,
-    pub client: UpstreamClient,
+    pub transport: Transport,
     pub stats: ServiceStats,
     _dns: Option<AbortOnDrop>,
+    _sweep: Option<AbortOnDrop>,
 }
 
 #[derive(Debug)]
@@ -43,7 +44,14 @@ impl ClusterRt {
             endpoints,
         ));
         let stats = metrics.service(&service.name);
-        let client = client::build(&service, stats.connections.clone());
+        let transport = client::build(&service, stats.connections.clone());
+        let sweep = match &transport {
+            Transport::H1(pool) => Some(AbortOnDrop(tokio::spawn(crate::h1::H1Pool::sweep(
+                Arc::downgrade(pool),
+                std::time::Duration::from_secs(15),
+            )))),
+            Transport::H2(_) => None,
+        };
         let dns = service
             .dns
             .clone()
@@ -51,9 +59,10 @@ impl ClusterRt {
         Arc::new(Self {
             service,
             cluster,
-            client,
+            transport,
             stats,
             _dns: dns,
+            _sweep: sweep,
         })
     }
 }

@@ -1,0 +1,790 @@
+//! The HTTP/1.1 upstream client, driven inline by the request's own task.
+//!
+//! hyper's pooled client hands every request to a separate connection task through a
+//! channel; on a one-core proxy that hand-off and the second state machine cost more
+//! than the proxying itself. Here the request task writes the head, reads and parses
+//! the response head, and the response body reads straight from the socket as the
+//! downstream connection polls it (pingora's design). A connection goes back to the
+//! pool only after its response was read to the end with nothing left over.
+//!
+//! HTTP/2 upstreams still use hyper's client (see `client.rs`).
+
+use crate::body::UpstreamBody;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
+use http::{Method, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Most header fields a response head may carry.
+const MAX_HEADERS: usize = 128;
+/// Largest response head (status line and fields) accepted.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Longest chunk-size line or trailer field accepted.
+const MAX_LINE: usize = 8 * 1024;
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// Idle connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 512;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("connect: {0}")]
+    Connect(io::Error),
+    #[error("connect: timed out")]
+    ConnectTimeout,
+    #[error("the connection closed before a response arrived")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("invalid response from upstream: {0}")]
+    Protocol(&'static str),
+    #[error("request body: {0}")]
+    RequestBody(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl H1Error {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::ConnectTimeout)
+    }
+}
+
+/// Keep-alive connections per endpoint, most recently used first out.
+#[derive(Debug)]
+pub struct H1Pool {
+    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    open: Gauge,
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One upstream connection and the bytes read from it but not yet used.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    open: Gauge,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl Conn {
+    /// Whether an idle connection can take a request: the peer has not closed it and
+    /// sent nothing unasked. Costs no system call unless the socket became readable.
+    fn usable(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Read more bytes into `buf`; `Ok(0)` is end of stream.
+    async fn fill(&mut self) -> io::Result<usize> {
+        loop {
+            self.buf.reserve(READ_CHUNK);
+            match self.io.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.io.readable().await?,
+                r => return r,
+            }
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            if let Err(e) = std::task::ready!(self.io.poll_read_ready(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            self.buf.reserve(READ_CHUNK);
+            match self.io.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+impl H1Pool {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration, open: Gauge) -> Arc<Self> {
+        Arc::new(Self {
+            idle: Mutex::new(HashMap::new()),
+            connect_timeout,
+            idle_timeout,
+            open,
+        })
+    }
+
+    /// Close connections idle for longer than the idle timeout or closed by the peer;
+    /// runs until the pool is dropped.
+    pub async fn sweep(pool: Weak<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(pool) = pool.upgrade() else { return };
+            let now = Instant::now();
+            let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            idle.retain(|_, q| {
+                q.retain(|i| now.duration_since(i.since) < pool.idle_timeout && i.conn.usable());
+                !q.is_empty()
+            });
+        }
+    }
+
+    /// A pooled connection to `addr`, and whether it was reused.
+    async fn checkout(&self, addr: SocketAddr) -> Result<(Conn, bool), H1Error> {
+        {
+            let now = Instant::now();
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(q) = idle.get_mut(&addr) {
+                while let Some(i) = q.pop_back() {
+                    if now.duration_since(i.since) < self.idle_timeout && i.conn.usable() {
+                        return Ok((i.conn, true));
+                    }
+                }
+            }
+        }
+        let io = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| H1Error::ConnectTimeout)?
+            .map_err(H1Error::Connect)?;
+        io.set_nodelay(true).map_err(H1Error::Connect)?;
+        self.open.inc();
+        Ok((
+            Conn {
+                io,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                open: self.open.clone(),
+            },
+            false,
+        ))
+    }
+
+    fn checkin(&self, addr: SocketAddr, conn: Conn) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let q = idle.entry(addr).or_default();
+        while q
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
+            || q.len() >= MAX_IDLE_PER_ENDPOINT
+        {
+            q.pop_front();
+        }
+        q.push_back(Idle { conn, since: now });
+    }
+
+    /// Send one request to `addr` and read the response head. The body streams from
+    /// the returned response. A reused connection the peer closed before answering is
+    /// replaced once by a fresh one when the request may be sent again.
+    pub async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        authority: &Authority,
+        method: &Method,
+        path: &PathAndQuery,
+        headers: &HeaderMap,
+        body: UpstreamBody,
+    ) -> Result<Response<H1Body>, H1Error> {
+        let framing = RequestFraming::of(&body, headers);
+        let mut head = encode_head(method, path, authority, headers, framing);
+        let resend =
+            matches!(body, UpstreamBody::Empty | UpstreamBody::Full(_)) && (method.is_idempotent());
+        let mut body = body;
+        loop {
+            let (mut conn, reused) = self.checkout(addr).await?;
+            let this_body = match &body {
+                UpstreamBody::Empty => UpstreamBody::Empty,
+                UpstreamBody::Full(b) => UpstreamBody::Full(b.clone()),
+                UpstreamBody::Stream(_) => std::mem::replace(&mut body, UpstreamBody::Empty),
+            };
+            match exchange(&mut conn, &mut head, this_body, framing, method).await {
+                Ok(parsed) => return Ok(self.respond(addr, conn, parsed)),
+                Err(H1Error::Closed) if reused && resend => {
+                    tracing::debug!(%addr, "pooled connection was closed by the upstream; resending");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn respond(self: &Arc<Self>, addr: SocketAddr, mut conn: Conn, p: Parsed) -> Response<H1Body> {
+        let mut resp = Response::new(H1Body::empty());
+        *resp.status_mut() = p.status;
+        *resp.headers_mut() = p.headers;
+        let state = match p.framing {
+            ResponseFraming::Length(n) if conn.buf.len() as u64 >= n => {
+                // The whole body already arrived with the head: the connection is
+                // free again before the downstream write.
+                let data = conn.buf.split_to(n as usize).freeze();
+                if p.reusable && conn.buf.is_empty() {
+                    self.checkin(addr, conn);
+                }
+                *resp.body_mut() = H1Body::full(data);
+                return resp;
+            }
+            ResponseFraming::Length(n) => State::Length(n),
+            ResponseFraming::Chunked => State::Chunked(Chunked::Size),
+            ResponseFraming::Eof => State::Eof,
+        };
+        *resp.body_mut() = H1Body {
+            state,
+            conn: Some(conn),
+            reusable: p.reusable,
+            home: Some((self.clone(), addr)),
+            full: None,
+            trailers: None,
+        };
+        resp
+    }
+}
+
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestFraming {
+    /// No body, and the client's own `content-length` (if any, it is 0) kept.
+    None,
+    /// A body of known size: `content-length` written by us.
+    Length(u64),
+    /// The client's `content-length` kept and the bytes copied as they come.
+    Declared,
+    Chunked,
+}
+
+impl RequestFraming {
+    fn of(body: &UpstreamBody, headers: &HeaderMap) -> Self {
+        match body {
+            UpstreamBody::Empty | UpstreamBody::Full(None) => Self::None,
+            UpstreamBody::Full(Some(b)) => Self::Length(b.len() as u64),
+            UpstreamBody::Stream(_) if headers.contains_key(header::CONTENT_LENGTH) => {
+                Self::Declared
+            }
+            UpstreamBody::Stream(_) => Self::Chunked,
+        }
+    }
+}
+
+fn encode_head(
+    method: &Method,
+    path: &PathAndQuery,
+    authority: &Authority,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_str().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(authority.as_str().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in headers {
+        // The body is sent at once, so there is nothing to wait for.
+        if name == header::EXPECT
+            || (name == header::CONTENT_LENGTH
+                && matches!(framing, RequestFraming::Length(_) | RequestFraming::Chunked))
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RequestFraming::None | RequestFraming::Declared => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A parsed response head.
+struct Parsed {
+    status: StatusCode,
+    headers: HeaderMap,
+    framing: ResponseFraming,
+    reusable: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ResponseFraming {
+    Length(u64),
+    Chunked,
+    Eof,
+}
+
+/// Write the request and read the final response head.
+async fn exchange(
+    conn: &mut Conn,
+    head: &mut Vec<u8>,
+    mut body: UpstreamBody,
+    framing: RequestFraming,
+    method: &Method,
+) -> Result<Parsed, H1Error> {
+    let head_len = head.len();
+    match &body {
+        UpstreamBody::Empty | UpstreamBody::Full(None) => conn.io.write_all(head).await?,
+        UpstreamBody::Full(Some(b)) => {
+            head.extend_from_slice(b);
+            let r = conn.io.write_all(head).await;
+            head.truncate(head_len);
+            r?;
+        }
+        UpstreamBody::Stream(_) => {
+            conn.io.write_all(head).await?;
+            let chunked = framing == RequestFraming::Chunked;
+            let mut out = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(H1Error::RequestBody)?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    out.clear();
+                    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    out.extend_from_slice(&data);
+                    out.extend_from_slice(b"\r\n");
+                    conn.io.write_all(&out).await?;
+                } else {
+                    conn.io.write_all(&data).await?;
+                }
+            }
+            if chunked {
+                conn.io.write_all(b"0\r\n\r\n").await?;
+            }
+        }
+    }
+    loop {
+        if let Some(parsed) = parse_head(&mut conn.buf, method)? {
+            return Ok(parsed);
+        }
+        if conn.buf.len() > MAX_HEAD_BYTES {
+            return Err(H1Error::Protocol("response head too large"));
+        }
+        if conn.fill().await? == 0 {
+            return Err(if conn.buf.is_empty() {
+                H1Error::Closed
+            } else {
+                H1Error::Protocol("connection closed in the response head")
+            });
+        }
+    }
+}
+
+/// Parse a response head from the front of `buf`, consuming it. Informational (1xx)
+/// responses are skipped. `None` when more bytes are needed.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1Error> {
+    loop {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut slots);
+        let n = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(H1Error::Protocol("too many header fields"));
+            }
+            Err(_) => return Err(H1Error::Protocol("malformed response head")),
+        };
+        let code = resp.code.unwrap_or(0);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| H1Error::Protocol("invalid status code"))?;
+        if status.is_informational() {
+            if code == 101 {
+                return Err(H1Error::Protocol("unexpected protocol switch"));
+            }
+            buf.advance(n);
+            continue;
+        }
+        let http10 = resp.version == Some(0);
+        // Header values are slices of the head; keep them as views of one buffer.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = resp.headers.len();
+        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+            *span = (
+                h.name.as_ptr() as usize - base,
+                h.name.len(),
+                h.value.as_ptr() as usize - base,
+                h.value.len(),
+            );
+        }
+        let head = buf.split_to(n).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut transfer_coded = false;
+        let mut close = http10;
+        for &(no, nl, vo, vl) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[no..no + nl])
+                .map_err(|_| H1Error::Protocol("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vo..vo + vl))
+                .map_err(|_| H1Error::Protocol("invalid header value"))?;
+            if name == header::CONTENT_LENGTH {
+                let v = parse_length(value.as_bytes())
+                    .ok_or(H1Error::Protocol("invalid content-length"))?;
+                if length.is_some_and(|l| l != v) {
+                    return Err(H1Error::Protocol("conflicting content-length"));
+                }
+                length = Some(v);
+            } else if name == header::TRANSFER_ENCODING {
+                transfer_coded = true;
+                chunked = value
+                    .as_bytes()
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name == header::CONNECTION {
+                for token in value.as_bytes().split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if http10 && token.eq_ignore_ascii_case(b"keep-alive") {
+                        close = false;
+                    }
+                }
+            }
+            headers.append(name, value);
+        }
+        // RFC 9112 §6.3.
+        let bodyless = method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let framing = if bodyless {
+            ResponseFraming::Length(0)
+        } else if transfer_coded {
+            // Transfer-Encoding overrides Content-Length; such a message must not be
+            // followed by another on the same connection.
+            if length.is_some() {
+                close = true;
+            }
+            if chunked {
+                ResponseFraming::Chunked
+            } else {
+                ResponseFraming::Eof
+            }
+        } else if let Some(n) = length {
+            ResponseFraming::Length(n)
+        } else {
+            ResponseFraming::Eof
+        };
+        let reusable = !close && !matches!(framing, ResponseFraming::Eof);
+        return Ok(Some(Parsed {
+            status,
+            headers,
+            framing,
+            reusable,
+        }));
+    }
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+#[derive(Debug)]
+enum State {
+    Length(u64),
+    Chunked(Chunked),
+    Eof,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunked {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// The response body, read from the upstream connection as it is polled. The
+/// connection returns to its pool when the body ended cleanly; dropped early, it is
+/// closed.
+#[derive(Debug)]
+pub struct H1Body {
+    state: State,
+    conn: Option<Conn>,
+    reusable: bool,
+    home: Option<(Arc<H1Pool>, SocketAddr)>,
+    full: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("upstream closed the connection before the body ended")]
+    Truncated,
+    #[error("invalid chunked body from upstream: {0}")]
+    Chunked(&'static str),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl H1Body {
+    fn empty() -> Self {
+        Self::full(Bytes::new())
+    }
+
+    fn full(data: Bytes) -> Self {
+        Self {
+            state: State::Done,
+            conn: None,
+            reusable: false,
+            home: None,
+            full: (!data.is_empty()).then_some(data),
+            trailers: None,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.buf.is_empty()
+            && let Some((pool, addr)) = self.home.take()
+        {
+            pool.checkin(addr, conn);
+        }
+    }
+
+    /// The next frame from bytes already read, or `None` when more are needed.
+    fn decode(&mut self) -> Result<Option<Frame<Bytes>>, BodyError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        let buf = &mut conn.buf;
+        loop {
+            match &mut self.state {
+                State::Done => return Ok(None),
+                State::Eof => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Frame::data(buf.split().freeze())));
+                }
+                State::Length(rem) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = (*rem).min(buf.len() as u64) as usize;
+                    *rem -= take as u64;
+                    let data = buf.split_to(take).freeze();
+                    if *rem == 0 {
+                        self.finish();
+                    }
+                    return Ok(Some(Frame::data(data)));
+                }
+                State::Chunked(c) => match *c {
+                    Chunked::Size => {
+                        let Some(line) = take_line(buf)? else {
+                            return Ok(None);
+                        };
+                        let size = parse_chunk_size(&line)?;
+                        *c = if size == 0 {
+                            Chunked::Trailers
+                        } else {
+                            Chunked::Data(size)
+                        };
+                    }
+                    Chunked::Data(rem) => {
+                        if buf.is_empty() {
+                            return Ok(None);
+                        }
+                        let take = rem.min(buf.len() as u64) as usize;
+                        let data = buf.split_to(take).freeze();
+                        *c = if rem == take as u64 {
+                            Chunked::DataEnd
+                        } else {
+                            Chunked::Data(rem - take as u64)
+                        };
+                        return Ok(Some(Frame::data(data)));
+                    }
+                    Chunked::DataEnd => {
+                        if buf.len() < 2 {
+                            return Ok(None);
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err(BodyError::Chunked("chunk data not followed by CRLF"));
+                        }
+                        buf.advance(2);
+                        *c = Chunked::Size;
+                    }
+                    Chunked::Trailers => {
+                        let Some(line) = take_line(buf)? else {
+                            return Ok(None);
+                        };
+                        if line.is_empty() {
+                            self.finish();
+                            return Ok(self.trailers.take().map(Frame::trailers));
+                        }
+                        let (name, value) = parse_trailer(&line)?;
+                        let t = self.trailers.get_or_insert_with(HeaderMap::new);
+                        if t.len() >= MAX_HEADERS {
+                            return Err(BodyError::Chunked("too many trailer fields"));
+                        }
+                        t.append(name, value);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// One CRLF-terminated line from the front of `buf`, without the CRLF.
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, BodyError> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => {
+            if i == 0 || buf[i - 1] != b'\r' {
+                return Err(BodyError::Chunked("line not ended by CRLF"));
+            }
+            let line = buf.split_to(i + 1).freeze();
+            Ok(Some(line.slice(..i - 1)))
+        }
+        None if buf.len() > MAX_LINE => Err(BodyError::Chunked("line too long")),
+        None => Ok(None),
+    }
+}
+
+fn parse_chunk_size(line: &[u8]) -> Result<u64, BodyError> {
+    let digits = line
+        .iter()
+        .position(|&b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    if digits == 0 || digits > 15 {
+        return Err(BodyError::Chunked("invalid chunk size"));
+    }
+    let rest = &line[digits..];
+    // Extensions (`;name=value`) are allowed and ignored, after optional whitespace.
+    if !rest.is_empty() && !rest.trim_ascii_start().starts_with(b";") {
+        return Err(BodyError::Chunked("invalid chunk size"));
+    }
+    let mut n = 0u64;
+    for &d in &line[..digits] {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => d - b'A' + 10,
+        };
+        n = (n << 4) | u64::from(v);
+    }
+    Ok(n)
+}
+
+fn parse_trailer(line: &Bytes) -> Result<(HeaderName, HeaderValue), BodyError> {
+    let colon = line
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(BodyError::Chunked("invalid trailer field"))?;
+    let name = HeaderName::from_bytes(&line[..colon])
+        .map_err(|_| BodyError::Chunked("invalid trailer field name"))?;
+    let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
+        .map_err(|_| BodyError::Chunked("invalid trailer field value"))?;
+    Ok((name, value))
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.full.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        loop {
+            match this.decode() {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            if matches!(this.state, State::Done) {
+                return Poll::Ready(None);
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match std::task::ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    if matches!(this.state, State::Eof) {
+                        this.state = State::Done;
+                        this.conn = None;
+                        return Poll::Ready(None);
+                    }
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(BodyError::Truncated)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.full.is_none() && matches!(self.state, State::Done) && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.full, &self.state) {
+            (Some(b), _) => SizeHint::with_exact(b.len() as u64),
+            (None, State::Done) => SizeHint::with_exact(0),
+            (None, State::Length(n)) => SizeHint::with_exact(*n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,350 @@
+use super::*;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+fn head(raw: &str, method: &Method) -> Result<Option<Parsed>, H1Error> {
+    let mut buf = BytesMut::from(raw.as_bytes());
+    parse_head(&mut buf, method)
+}
+
+fn framing_of(raw: &str, method: &Method) -> (String, bool) {
+    match head(raw, method) {
+        Ok(Some(p)) => (format!("{:?}", p.framing), p.reusable),
+        Ok(None) => ("partial".into(), false),
+        Err(e) => (format!("error: {e}"), false),
+    }
+}
+
+#[test]
+fn response_framing_follows_rfc_9112() {
+    let get = Method::GET;
+    let cases: &[(&str, &Method, &str, bool)] = &[
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            &get,
+            "Length(5)",
+            true,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            &get,
+            "Chunked",
+            true,
+        ),
+        // Transfer-Encoding wins over Content-Length, and the connection closes after.
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+            &get,
+            "Chunked",
+            false,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            &get,
+            "Eof",
+            false,
+        ),
+        ("HTTP/1.1 200 OK\r\n\r\n", &get, "Eof", false),
+        ("HTTP/1.1 204 No Content\r\n\r\n", &get, "Length(0)", true),
+        (
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n",
+            &get,
+            "Length(0)",
+            true,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+            &Method::HEAD,
+            "Length(0)",
+            true,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\n",
+            &get,
+            "Length(1)",
+            false,
+        ),
+        (
+            "HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n",
+            &get,
+            "Length(1)",
+            false,
+        ),
+        (
+            "HTTP/1.0 200 OK\r\ncontent-length: 1\r\nconnection: keep-alive\r\n\r\n",
+            &get,
+            "Length(1)",
+            true,
+        ),
+        // Informational responses are skipped.
+        (
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n",
+            &get,
+            "Length(2)",
+            true,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\n",
+            &get,
+            "Length(2)",
+            true,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n",
+            &get,
+            "error: invalid response from upstream: conflicting content-length",
+            false,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\n",
+            &get,
+            "error: invalid response from upstream: invalid content-length",
+            false,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            &get,
+            "error: invalid response from upstream: invalid content-length",
+            false,
+        ),
+        (
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            &get,
+            "error: invalid response from upstream: unexpected protocol switch",
+            false,
+        ),
+        ("HTTP/1.1 200 OK\r\ncontent-len", &get, "partial", false),
+        (
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            &get,
+            "error: invalid response from upstream: malformed response head",
+            false,
+        ),
+        (
+            "garbage\r\n\r\n",
+            &get,
+            "error: invalid response from upstream: malformed response head",
+            false,
+        ),
+    ];
+    for (raw, method, want, reusable) in cases {
+        let (got, reuse) = framing_of(raw, method);
+        assert_eq!(&got, want, "{raw:?}");
+        assert_eq!(reuse, *reusable, "reusable for {raw:?}");
+    }
+}
+
+#[test]
+fn response_headers_keep_order_and_repeats() {
+    let raw = "HTTP/1.1 404 Not Found\r\nSet-Cookie: a=1\r\nX-Y: z\r\nset-cookie: b=2\r\ncontent-length: 0\r\n\r\nrest";
+    let mut buf = BytesMut::from(raw.as_bytes());
+    let p = parse_head(&mut buf, &Method::GET).unwrap_or_else(|e| panic!("{e}"));
+    let p = p.unwrap_or_else(|| panic!("partial"));
+    assert_eq!(p.status, StatusCode::NOT_FOUND);
+    let cookies: Vec<_> = p.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert_eq!(p.headers["x-y"], "z");
+    assert_eq!(&buf[..], b"rest", "only the head is consumed");
+}
+
+#[test]
+fn chunk_sizes() {
+    let ok: &[(&[u8], u64)] = &[
+        (b"0", 0),
+        (b"a", 10),
+        (b"FF", 255),
+        (b"10;ext=1", 16),
+        (b"10 ;x", 16),
+    ];
+    for (line, n) in ok {
+        assert_eq!(parse_chunk_size(line).ok(), Some(*n), "{line:?}");
+    }
+    for line in [&b""[..], b"x", b"-1", b"1x", b"0x10", b"1000000000000000"] {
+        assert!(parse_chunk_size(line).is_err(), "{line:?}");
+    }
+}
+
+/// A one-shot upstream: accepts connections and answers each request with the next
+/// raw response from `script`, recording the requests it read.
+async fn upstream(
+    script: Vec<&'static [u8]>,
+) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let task = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let (mut s, _) = l.accept().await.unwrap_or_else(|e| panic!("{e}"));
+        for reply in script {
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            s.write_all(reply).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        seen
+    });
+    (addr, task)
+}
+
+async fn get(
+    pool: &Arc<H1Pool>,
+    addr: SocketAddr,
+) -> Result<(StatusCode, Bytes, Option<HeaderMap>), String> {
+    let authority = Authority::from_static("up.test");
+    let path = PathAndQuery::from_static("/p?q=1");
+    let resp = pool
+        .send(
+            addr,
+            &authority,
+            &Method::GET,
+            &path,
+            &HeaderMap::new(),
+            UpstreamBody::Empty,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let collected = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let trailers = collected.trailers().cloned();
+    Ok((status, collected.to_bytes(), trailers))
+}
+
+fn pool() -> Arc<H1Pool> {
+    H1Pool::new(
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+        Gauge::default(),
+    )
+}
+
+#[tokio::test]
+async fn chunked_body_with_trailers_then_reuse() {
+    let (addr, task) = upstream(vec![
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\ngrpc-status: 0\r\n\r\n",
+        b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+    ])
+    .await;
+    let pool = pool();
+    let (status, body, trailers) = get(&pool, addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "hello world");
+    assert_eq!(
+        trailers.and_then(|t| t.get("grpc-status").cloned()),
+        Some(HeaderValue::from_static("0"))
+    );
+    // The second request reuses the connection: the upstream accepts only one.
+    let (status, body, _) = get(&pool, addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"ok"[..]));
+    let seen = task.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        seen[0].starts_with("GET /p?q=1 HTTP/1.1\r\nhost: up.test\r\n"),
+        "{seen:?}"
+    );
+    assert_eq!(pool.open.get(), 1);
+}
+
+#[tokio::test]
+async fn truncated_bodies_are_errors() {
+    let (addr, _task) = upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"]).await;
+    let err = get(&pool(), addr).await.err().unwrap_or_default();
+    assert!(err.contains("before the body ended"), "{err}");
+
+    let (addr, _task) = upstream(vec![
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+    ])
+    .await;
+    let err = get(&pool(), addr).await.err().unwrap_or_default();
+    assert!(err.contains("before the body ended"), "{err}");
+
+    let (addr, _task) = upstream(vec![
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+    ])
+    .await;
+    let err = get(&pool(), addr).await.err().unwrap_or_default();
+    assert!(err.contains("invalid chunk size"), "{err}");
+}
+
+#[tokio::test]
+async fn body_until_close_is_complete_at_eof() {
+    let (addr, _task) = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"]).await;
+    let pool = pool();
+    let (_, body, _) = get(&pool, addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(body, "all of it");
+    assert_eq!(pool.open.get(), 0, "a body framed by close is not pooled");
+}
+
+#[tokio::test]
+async fn refused_connection_is_a_connect_error() {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    drop(l);
+    let authority = Authority::from_static("up.test");
+    let err = pool()
+        .send(
+            addr,
+            &authority,
+            &Method::GET,
+            &PathAndQuery::from_static("/"),
+            &HeaderMap::new(),
+            UpstreamBody::Empty,
+        )
+        .await
+        .err();
+    assert!(err.is_some_and(|e| e.is_connect()));
+}
+
+#[tokio::test]
+async fn closed_pooled_connection_is_replaced() {
+    // First connection answers once then closes; the pooled connection is dead and a
+    // fresh one answers the second request.
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        for body in [&b"one"[..], b"two"] {
+            let (mut s, _) = l.accept().await.unwrap_or_else(|e| panic!("{e}"));
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let mut reply = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n".to_vec();
+            reply.extend_from_slice(body);
+            let _ = s.write_all(&reply).await;
+        }
+    });
+    let pool = pool();
+    let (_, body, _) = get(&pool, addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(body, "one");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (_, body, _) = get(&pool, addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(body, "two");
+}
+
+#[test]
+fn request_heads() {
+    let mut h = HeaderMap::new();
+    h.insert("x-a", HeaderValue::from_static("1"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("4"));
+    h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+    let a = Authority::from_static("svc:80");
+    let p = PathAndQuery::from_static("/x");
+    let text = |f| String::from_utf8(encode_head(&Method::POST, &p, &a, &h, f)).unwrap_or_default();
+    assert_eq!(
+        text(RequestFraming::Length(4)),
+        "POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\ncontent-length: 4\r\n\r\n"
+    );
+    assert_eq!(
+        text(RequestFraming::Declared),
+        "POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\ncontent-length: 4\r\n\r\n"
+    );
+    assert_eq!(
+        text(RequestFraming::Chunked),
+        "POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+}
