@@ -179,6 +179,7 @@ class Gateway:
         (self.dir / "00-gateway.yaml").write_text(gw)
         self.write(resources)
         self.proc = None
+        self.config_arg = self.dir
         if start:
             self.start()
 
@@ -187,7 +188,7 @@ class Gateway:
 
     def start(self):
         self.stderr = open(self.dir.parent / "meshgate.stderr", "w")
-        self.proc = subprocess.Popen([BIN, "run", "-c", str(self.dir)], stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.proc = subprocess.Popen([BIN, "run", "-c", str(self.config_arg)], stdout=subprocess.DEVNULL, stderr=self.stderr)
         deadline = time.time() + 15
         while time.time() < deadline:
             if self.proc.poll() is not None:

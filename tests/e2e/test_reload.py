@@ -176,3 +176,26 @@ def test_reload_removes_listener_and_its_connections_and_moves_admin(tmp_path, b
         pass
     with urllib.request.urlopen(g.url + "/m") as r:
         assert r.read() == b"a"
+
+
+def test_file_watch_reloads_for_the_config_file_only(tmp_path, backend, gateways):
+    """`-c FILE` watches FILE's directory; other files changing there do not reload."""
+    g = Gateway(tmp_path, resources(backend, "one"), start=False)
+    single = g.dir / "all.yaml"
+    parts = [g.dir / "00-gateway.yaml", g.dir / "10-resources.yaml"]
+    single.write_text("".join(p.read_text() for p in parts))
+    for p in parts:
+        p.unlink()
+    g.config_arg = single
+    g.start()
+    gateways.append(g)
+    rev = revision(g)
+    for i in range(5):
+        (g.dir / "neighbour.log").write_text(f"line {i}\n")
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert revision(g) == rev, "a neighbouring file must not cause a reload"
+    single.write_text(single.read_text().replace("one", "two"))
+    wait_revision_change(g, rev)
+    with urllib.request.urlopen(g.url + "/m") as r:
+        assert r.read() == b"two"

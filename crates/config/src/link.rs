@@ -100,7 +100,7 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
         );
         if let (Some(chain), Some(invoke), Some(draft)) = (chain, invoke, draft) {
             built_apis.push(Arc::new(Api {
-                name: doc.name.clone(),
+                name: doc.name.as_str().into(),
                 chain,
                 invoke,
                 max_body_bytes: draft.max_body_bytes,

@@ -125,7 +125,7 @@ pub struct Service {
 
 #[derive(Debug)]
 pub struct Api {
-    pub name: String,
+    pub name: Arc<str>,
     pub chain: Chain,
     pub invoke: Invoke,
     /// Per-Api request body limit (below the gateway's).

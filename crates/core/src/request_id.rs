@@ -32,8 +32,12 @@ impl RequestId {
         for (i, b) in buf.iter_mut().enumerate() {
             *b = HEX[((n >> (i * 4)) & 0xf) as usize];
         }
-        // Hex digits are always a valid header value.
-        Self(HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0")))
+        // Hex digits are always a valid header value. An owned buffer makes clones
+        // (request and response headers, logs) reference counts, not copies.
+        Self(
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+                .unwrap_or_else(|_| HeaderValue::from_static("0")),
+        )
     }
 
     pub fn header_value(&self) -> &HeaderValue {

@@ -83,7 +83,7 @@ impl Completion for Done {
             "time": humantime::format_rfc3339_millis(facts.wall).to_string(),
             "requestId": ctx.request_id.as_str(),
             "gateway": self.gateway_cfg.name,
-            "api": self.api.as_ref().map(|a| a.name.as_str()),
+            "api": self.api.as_ref().map(|a| &*a.name),
             "consumer": ctx.consumer.as_ref().map(|c| &*c.name),
             "client": ctx.client_addr.ip().to_string(),
             "method": facts.method.as_str(),
@@ -204,9 +204,8 @@ async fn serve(
     let (api_idx, captures) = match gw.router.route(host, req.method(), path, req.headers()) {
         Outcome::Matched(m) => (
             *m.value,
-            m.captures
-                .into_iter()
-                .map(|(n, r)| (n, path[r].to_string()))
+            m.captures()
+                .map(|(n, r)| (n.clone(), path[r].to_string()))
                 .collect::<Vec<_>>(),
         ),
         Outcome::MethodNotAllowed(allow) => {
@@ -230,7 +229,7 @@ async fn serve(
     let api = active.snapshot.apis[api_idx].clone();
     done.stats = grt.api_stats[api_idx].clone();
     done.api = Some(api.clone());
-    ctx.api = Some(api.name.as_str().into());
+    ctx.api = Some(api.name.clone());
     ctx.captures = captures;
     let limit = api.max_body_bytes.map_or(gw.limits.max_body_bytes, |l| {
         l.min(gw.limits.max_body_bytes)
@@ -272,11 +271,10 @@ async fn serve(
         set_path(&mut parts.uri, Some(t.render(|n| ctx.capture(n))))?;
     }
     forwarding_headers(&mut parts.headers, ctx, conn, client_host);
-    let started = Instant::now();
     let own = active.api_clusters[api_idx].as_ref();
     let answer = invoke::call(active, own, up, ctx, parts, body, limit).await?;
     done.upstream = Some(answer.endpoint);
-    done.upstream_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+    done.upstream_ms = Some(answer.elapsed.as_secs_f64() * 1e3);
     let (mut rparts, rbody) = answer.response.into_parts();
     strip_hop_by_hop(&mut rparts.headers, false);
     let resp = Response::from_parts(rparts, rbody);

@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Most header fields a response head may carry.
@@ -81,6 +81,8 @@ struct Idle {
 pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
+    /// The request head is encoded here; kept to save an allocation per request.
+    head: Vec<u8>,
     open: Gauge,
 }
 
@@ -106,27 +108,18 @@ impl Conn {
     }
 
     /// Read more bytes into `buf`; `Ok(0)` is end of stream.
+    ///
+    /// Reads go through `AsyncRead`, not `try_read`: tokio then treats a short read as
+    /// proof the socket is drained and clears its readiness, so the next request on
+    /// this connection costs no `EAGAIN` read (and `usable` no probe).
     async fn fill(&mut self) -> io::Result<usize> {
-        loop {
-            self.buf.reserve(READ_CHUNK);
-            match self.io.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.io.readable().await?,
-                r => return r,
-            }
-        }
+        self.buf.reserve(READ_CHUNK);
+        self.io.read_buf(&mut self.buf).await
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            if let Err(e) = std::task::ready!(self.io.poll_read_ready(cx)) {
-                return Poll::Ready(Err(e));
-            }
-            self.buf.reserve(READ_CHUNK);
-            match self.io.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
+        self.buf.reserve(READ_CHUNK);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 }
 
@@ -178,6 +171,7 @@ impl H1Pool {
             Conn {
                 io,
                 buf: BytesMut::with_capacity(READ_CHUNK),
+                head: Vec::with_capacity(1024),
                 open: self.open.clone(),
             },
             false,
@@ -211,7 +205,6 @@ impl H1Pool {
         body: UpstreamBody,
     ) -> Result<Response<H1Body>, H1Error> {
         let framing = RequestFraming::of(&body, headers);
-        let mut head = encode_head(method, path, authority, headers, framing);
         let resend =
             matches!(body, UpstreamBody::Empty | UpstreamBody::Full(_)) && (method.is_idempotent());
         let mut body = body;
@@ -222,7 +215,12 @@ impl H1Pool {
                 UpstreamBody::Full(b) => UpstreamBody::Full(b.clone()),
                 UpstreamBody::Stream(_) => std::mem::replace(&mut body, UpstreamBody::Empty),
             };
-            match exchange(&mut conn, &mut head, this_body, framing, method).await {
+            let mut head = std::mem::take(&mut conn.head);
+            head.clear();
+            encode_head(&mut head, method, path, authority, headers, framing);
+            let result = exchange(&mut conn, &mut head, this_body, framing, method).await;
+            conn.head = head;
+            match result {
                 Ok(parsed) => return Ok(self.respond(addr, conn, parsed)),
                 Err(H1Error::Closed) if reused && resend => {
                     tracing::debug!(%addr, "pooled connection was closed by the upstream; resending");
@@ -289,13 +287,13 @@ impl RequestFraming {
 }
 
 fn encode_head(
+    out: &mut Vec<u8>,
     method: &Method,
     path: &PathAndQuery,
     authority: &Authority,
     headers: &HeaderMap,
     framing: RequestFraming,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512);
+) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_str().as_bytes());
@@ -328,7 +326,6 @@ fn encode_head(
         RequestFraming::None | RequestFraming::Declared => {}
     }
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// A parsed response head.
@@ -448,7 +445,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
             );
         }
         let head = buf.split_to(n).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for the headers the gateway adds (x-request-id...) without a regrowth.
+        let mut headers = HeaderMap::with_capacity(count + 4);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut transfer_coded = false;

@@ -22,6 +22,8 @@ const REPLAY_BUFFER: u64 = 64 * 1024;
 pub struct Answer {
     pub response: Response<ResponseBody>,
     pub endpoint: SocketAddr,
+    /// From the first try's start to the answering try's response head.
+    pub elapsed: Duration,
 }
 
 /// A failed try, from either transport.
@@ -191,6 +193,7 @@ pub async fn call(
     }
     let mut avoid = None;
     let mut tries = 0u32;
+    let mut now = start;
     loop {
         tries += 1;
         let Some(picked) = rt.cluster.pick(target.subset, hash, avoid) else {
@@ -204,12 +207,13 @@ pub async fn call(
             Some(copy) => copy,
             None => std::mem::replace(&mut body, UpstreamBody::Empty),
         };
-        let now = Instant::now();
-        let remaining = deadline.saturating_duration_since(now);
-        let try_timeout = up
+        // Clock reads are counted on the request path: one before and one after
+        // each try.
+        let try_deadline = up
             .retry
             .per_try_timeout
-            .map_or(remaining, |p| p.min(remaining));
+            .map_or(deadline, |p| (now + p).min(deadline));
+        let try_deadline = tokio::time::Instant::from_std(try_deadline);
         rt.stats.active.inc();
         let result = match &rt.transport {
             Transport::H1(pool) => {
@@ -221,7 +225,7 @@ pub async fn call(
                     &parts.headers,
                     this_body,
                 );
-                match tokio::time::timeout(try_timeout, send).await {
+                match tokio::time::timeout_at(try_deadline, send).await {
                     Ok(Ok(resp)) => Ok(Ok(resp.map(ResponseBody::h1))),
                     Ok(Err(e)) => Ok(Err(TryError {
                         connect: e.is_connect(),
@@ -248,7 +252,7 @@ pub async fn call(
                 } else {
                     parts.headers.clone()
                 };
-                match tokio::time::timeout(try_timeout, client.request(req)).await {
+                match tokio::time::timeout_at(try_deadline, client.request(req)).await {
                     Ok(Ok(resp)) => Ok(Ok(resp.map(ResponseBody::upstream))),
                     Ok(Err(e)) => Ok(Err(TryError {
                         connect: e.is_connect(),
@@ -259,22 +263,23 @@ pub async fn call(
             }
         };
         rt.stats.active.dec();
-        rt.stats.duration.observe(now.elapsed().as_secs_f64());
+        let end = Instant::now();
+        rt.stats
+            .duration
+            .observe(end.saturating_duration_since(now).as_secs_f64());
         drop(picked);
         let outcome = match result {
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
                 let out = TryOutcome::Status(status);
-                if replayable
-                    && Instant::now() < deadline
-                    && up.retry.allows(&parts.method, tries, out)
-                {
+                if replayable && up.retry.allows(&parts.method, tries, out) && end < deadline {
                     drop(resp);
                     out
                 } else {
                     return Ok(Answer {
                         response: resp,
                         endpoint,
+                        elapsed: end.saturating_duration_since(start),
                     });
                 }
             }
@@ -298,7 +303,7 @@ pub async fn call(
                 TryOutcome::Timeout
             }
         };
-        let time_left = Instant::now() < deadline;
+        let time_left = end < deadline;
         if !(replayable && time_left && up.retry.allows(&parts.method, tries, outcome)) {
             return Err(upstream_error(
                 outcome,
@@ -310,9 +315,10 @@ pub async fn call(
         avoid = Some(endpoint);
         // A short jittered pause so a retry does not hit the same failure instantly.
         let pause = Duration::from_millis(fastrand::u64(5..25));
-        if Instant::now() + pause < deadline {
+        if end + pause < deadline {
             tokio::time::sleep(pause).await;
         }
+        now = Instant::now();
     }
 }
 

@@ -239,9 +239,21 @@ async fn drain_all(shared: &Arc<Shared>) {
 fn watch_files(shared: &Arc<Shared>) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // A config file's whole directory is watched, but only changes to the config
+    // itself count: other files there (logs, pid files) must not cause reloads.
+    let ours: Vec<PathBuf> = shared
+        .options
+        .config
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
             && (ev.kind.is_modify() || ev.kind.is_create() || ev.kind.is_remove())
+            && ev
+                .paths
+                .iter()
+                .any(|p| ours.iter().any(|o| p.starts_with(o)))
         {
             let _ = tx.send(());
         }

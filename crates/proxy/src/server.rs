@@ -320,12 +320,16 @@ async fn serve_conn(
 /// Serve one connection until it ends. It is asked to finish (GOAWAY on h2,
 /// `Connection: close` on h1) on drain, when idle too long, or when a reload removes
 /// its listener.
+///
+/// Those signals are watched by a small task of their own that raises a flag: the
+/// connection's task wakes for every read and write of every request on it, and
+/// checking one flag there is much cheaper than polling three signal futures.
 async fn drive<IO>(
     b: auto::Builder<TokioExecutor>,
     io: IO,
     info: Arc<ConnInfo>,
     idle: Duration,
-    mut removed: watch::Receiver<bool>,
+    removed: watch::Receiver<bool>,
 ) where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -333,35 +337,64 @@ async fn drive<IO>(
     let svc = hyper::service::service_fn(move |req| dispatch::handle(svc_info.clone(), req));
     let conn = b.serve_connection(io, svc);
     tokio::pin!(conn);
+    let stop = Arc::new(StopFlag::default());
+    let watcher = tokio::spawn(watch_stop(info.clone(), idle, removed, stop.clone()));
+    let stopped = std::future::poll_fn(|cx| {
+        if stop.raised.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(());
+        }
+        stop.waker.register(cx.waker());
+        if stop.raised.load(Ordering::Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    });
+    let result = tokio::select! {
+        biased;
+        r = conn.as_mut() => r,
+        () = stopped => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    watcher.abort();
+    if let Err(e) = result {
+        tracing::debug!(client = %info.client, error = %e, "connection ended with an error");
+    }
+}
+
+/// Raised once when a connection should finish.
+#[derive(Debug, Default)]
+struct StopFlag {
+    raised: std::sync::atomic::AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+/// Raise `stop` on drain, on removal of the listener, or after `idle` with no request.
+async fn watch_stop(
+    info: Arc<ConnInfo>,
+    idle: Duration,
+    mut removed: watch::Receiver<bool>,
+    stop: Arc<StopFlag>,
+) {
     let mut drain = info.shared.drain.subscribe();
     let tick = (idle / 4).max(Duration::from_millis(250));
     let mut interval = tokio::time::interval(tick);
     interval.tick().await;
-    let mut closing = false;
     loop {
         tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(client = %info.client, error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            _ = drain.changed(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            _ = removed.changed(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            _ = interval.tick(), if !closing => {
+            _ = drain.changed() => break,
+            _ = removed.changed() => break,
+            _ = interval.tick() => {
                 let a = &info.activity;
                 let since = info.shared.now_ms().saturating_sub(a.last.load(Ordering::Relaxed));
                 if a.in_flight.load(Ordering::Relaxed) == 0 && since >= idle.as_millis() as u64 {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
+                    break;
                 }
             }
         }
     }
+    stop.raised.store(true, Ordering::Release);
+    stop.waker.wake();
 }

@@ -128,7 +128,16 @@ pub enum Outcome<'a, T> {
 #[derive(Debug)]
 pub struct Match<'a, T> {
     pub value: &'a T,
-    pub captures: Vec<(Arc<str>, std::ops::Range<usize>)>,
+    /// Capture names in template order; `spans[i]` is where `names[i]` matched.
+    pub names: &'a [Arc<str>],
+    pub spans: Vec<std::ops::Range<usize>>,
+}
+
+impl<T> Match<'_, T> {
+    /// Each capture's name and byte range in the routed path.
+    pub fn captures(&self) -> impl ExactSizeIterator<Item = (&Arc<str>, std::ops::Range<usize>)> {
+        self.names.iter().zip(self.spans.iter().cloned())
+    }
 }
 
 #[derive(Debug)]
@@ -315,14 +324,11 @@ impl<T> Router<T> {
                     .and_then(|t| search.walk(&t.root, body, 1))
             });
         match found {
-            Some(idx) => {
-                let names = &self.names[idx];
-                let captures = names.iter().cloned().zip(search.spans.drain(..)).collect();
-                Outcome::Matched(Match {
-                    value: &self.values[idx],
-                    captures,
-                })
-            }
+            Some(idx) => Outcome::Matched(Match {
+                value: &self.values[idx],
+                names: &self.names[idx],
+                spans: search.spans,
+            }),
             None if !search.allow.is_empty() => Outcome::MethodNotAllowed(search.allow),
             None => Outcome::NotFound,
         }

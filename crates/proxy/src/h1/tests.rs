@@ -334,7 +334,11 @@ fn request_heads() {
     h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
     let a = Authority::from_static("svc:80");
     let p = PathAndQuery::from_static("/x");
-    let text = |f| String::from_utf8(encode_head(&Method::POST, &p, &a, &h, f)).unwrap_or_default();
+    let text = |f| {
+        let mut out = Vec::new();
+        encode_head(&mut out, &Method::POST, &p, &a, &h, f);
+        String::from_utf8(out).unwrap_or_default()
+    };
     assert_eq!(
         text(RequestFraming::Length(4)),
         "POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\ncontent-length: 4\r\n\r\n"

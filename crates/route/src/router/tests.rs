@@ -85,9 +85,8 @@ fn run(
     match r.route(host, &m, path, &h) {
         Outcome::Matched(m) => {
             let caps: Vec<String> = m
-                .captures
-                .iter()
-                .map(|(n, s)| format!("{n}={}", &path[s.clone()]))
+                .captures()
+                .map(|(n, s)| format!("{n}={}", &path[s]))
                 .collect();
             if caps.is_empty() {
                 m.value.to_string()
