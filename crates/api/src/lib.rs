@@ -372,3 +372,81 @@ pub struct PolicySpec {
     #[serde(default)]
     pub filters: Vec<FilterRef>,
 }
+
+// ---------------------------------------------------------------- Consumer
+
+/// An API caller: who it is (groups, labels) and how it proves it (credentials).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsumerSpec {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<CredentialSpec>,
+    /// Parsed now; enforced by the `quota` filter (a later version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum CredentialSpec {
+    Key {
+        key: SecretSpec,
+    },
+    Hmac {
+        #[serde(rename = "keyId")]
+        key_id: String,
+        secret: SecretSpec,
+    },
+    Jwt {
+        issuer: String,
+        subject: String,
+    },
+}
+
+/// A secret: inline, or read from an environment variable or a file when the config
+/// is compiled. Serializing never reveals an inline value.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SecretSpec {
+    Inline(String),
+    From(SecretSource),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+}
+
+/// What an inline secret serializes as (`GET /config`, logs).
+pub const REDACTED: &str = "<redacted>";
+
+impl Serialize for SecretSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Inline(_) => s.serialize_str(REDACTED),
+            Self::From(src) => src.serialize(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QuotaSpec {
+    pub requests: u64,
+    pub per: QuotaPeriod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}

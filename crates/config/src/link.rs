@@ -4,11 +4,11 @@ use crate::diag::Diagnostic;
 use crate::duration::parse_duration;
 use crate::load::{Doc, Resource};
 use crate::model::*;
-use crate::validate::{ApiDraft, Check, Checked, captures_of};
+use crate::validate::{ApiDraft, Check, Checked, ConsumerDraft, captures_of};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use meshgate_api::{ApiSpec, FilterRef, InvokeSpec};
-use meshgate_filter::{Chain, Filter, HeaderOps, Transform};
+use meshgate_filter::{BuildCtx, Chain, ConsumerSet, Filter, HeaderOps, Transform};
 use meshgate_route::{RewriteTemplate, Route, Router};
 use meshgate_upstream::{RetryOn, RetryPolicy, Selector};
 use std::collections::BTreeMap;
@@ -24,6 +24,7 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
         mut services,
         apis,
         policies,
+        consumers,
     } = checked;
     let had_errors = !diags.is_empty();
     let declared = |kind: meshgate_api::Kind, name: &str| {
@@ -71,6 +72,12 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
         }
     }
 
+    let consumers = Arc::new(consumer_set(docs, consumers, diags));
+    let refs = Refs {
+        docs,
+        policies: &policies,
+        consumers: &consumers,
+    };
     let mut built_apis: Vec<Arc<Api>> = Vec::new();
     let mut api_drafts: Vec<(usize, ApiDraft)> = Vec::new();
     let mut drafts: BTreeMap<usize, ApiDraft> = apis.into_iter().collect();
@@ -90,7 +97,7 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
         }
         // Without a valid request path the captures are unknown: skip capture checks.
         let captures = draft.as_ref().map(captures_of);
-        let chain = api_chain(&mut c, docs, &policies, &env.spec, captures.as_deref());
+        let chain = api_chain(&mut c, &refs, &env.spec, captures.as_deref());
         let invoke = invoke(
             &mut c,
             &env.spec.invoke,
@@ -117,8 +124,7 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
         for (j, p) in g.policies.iter().enumerate() {
             filters.extend(policy_filters(
                 &mut c,
-                docs,
-                &policies,
+                &refs,
                 p,
                 &format!("spec.policies.{j}"),
                 Some(&[]),
@@ -181,14 +187,21 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
             .map(|(n, (_, s))| (n, Arc::new(s)))
             .collect(),
         apis: built_apis,
+        consumers,
         resources: docs.iter().map(|d| d.resource.to_json()).collect(),
     })
 }
 
+/// What filter entries may refer to.
+struct Refs<'a> {
+    docs: &'a [Doc],
+    policies: &'a BTreeMap<String, usize>,
+    consumers: &'a Arc<ConsumerSet>,
+}
+
 fn api_chain(
     c: &mut Check<'_>,
-    docs: &[Doc],
-    policies: &BTreeMap<String, usize>,
+    refs: &Refs<'_>,
     spec: &ApiSpec,
     captures: Option<&[Arc<str>]>,
 ) -> Option<Chain> {
@@ -204,7 +217,7 @@ fn api_chain(
     }
     for (i, f) in spec.filters.iter().enumerate() {
         let path = format!("spec.filters.{i}");
-        filters.extend(filter_entry(c, docs, policies, f, &path, captures, true));
+        filters.extend(filter_entry(c, refs, f, &path, captures, true));
     }
     (c.diags.len() == before).then(|| Chain::new(filters))
 }
@@ -219,8 +232,7 @@ fn meshgate_filter_header_cfg(h: &meshgate_api::HeaderOpsSpec) -> meshgate_filte
 
 fn filter_entry(
     c: &mut Check<'_>,
-    docs: &[Doc],
-    policies: &BTreeMap<String, usize>,
+    refs: &Refs<'_>,
     f: &FilterRef,
     path: &str,
     captures: Option<&[Arc<str>]>,
@@ -228,8 +240,11 @@ fn filter_entry(
 ) -> Vec<Arc<dyn Filter>> {
     match (&f.name, &f.policy) {
         (Some(name), None) => {
-            match meshgate_filter::build(name, f.config.as_ref(), captures.unwrap_or(ANY_CAPTURES))
-            {
+            let ctx = BuildCtx {
+                captures: captures.unwrap_or(ANY_CAPTURES),
+                consumers: refs.consumers,
+            };
+            match meshgate_filter::build(name, f.config.as_ref(), ctx) {
                 Ok(filter) => vec![filter],
                 Err(e) => {
                     c.err(format!("{path}.{}", e.path), e.message);
@@ -238,7 +253,7 @@ fn filter_entry(
             }
         }
         (None, Some(p)) if allow_policy => {
-            policy_filters(c, docs, policies, p, &format!("{path}.policy"), captures)
+            policy_filters(c, refs, p, &format!("{path}.policy"), captures)
         }
         (None, Some(_)) => {
             c.err(
@@ -260,14 +275,14 @@ fn filter_entry(
 
 fn policy_filters(
     c: &mut Check<'_>,
-    docs: &[Doc],
-    policies: &BTreeMap<String, usize>,
+    refs: &Refs<'_>,
     name: &str,
     path: &str,
     captures: Option<&[Arc<str>]>,
 ) -> Vec<Arc<dyn Filter>> {
-    let Some(&pi) = policies.get(name) else {
-        if !docs
+    let Some(&pi) = refs.policies.get(name) else {
+        if !refs
+            .docs
             .iter()
             .any(|d| d.kind == meshgate_api::Kind::Policy && d.name == name)
         {
@@ -275,7 +290,7 @@ fn policy_filters(
         }
         return Vec::new();
     };
-    let pdoc = &docs[pi];
+    let pdoc = &refs.docs[pi];
     let Resource::Policy(env) = &pdoc.resource else {
         return Vec::new();
     };
@@ -287,8 +302,7 @@ fn policy_filters(
     for (i, f) in env.spec.filters.iter().enumerate() {
         out.extend(filter_entry(
             &mut pc,
-            docs,
-            policies,
+            refs,
             f,
             &format!("spec.filters.{i}"),
             captures,
@@ -473,4 +487,32 @@ fn split(
         out.baseline.subset = Some(selector(svc, Selector::NoneOf(own_subsets)));
     }
     out
+}
+
+/// Index the Consumers; a key held by two Consumers is an error on both.
+fn consumer_set(
+    docs: &[Doc],
+    drafts: Vec<(usize, ConsumerDraft)>,
+    diags: &mut Vec<Diagnostic>,
+) -> ConsumerSet {
+    let mut set = ConsumerSet::default();
+    for (i, d) in drafts {
+        let consumer = set.add(meshgate_core::Consumer {
+            name: docs[i].name.as_str().into(),
+            groups: d.groups.iter().map(|g| g.as_str().into()).collect(),
+        });
+        for (j, key) in d.keys {
+            if let Err(meshgate_filter::Conflict::Key(other)) = set.add_key(&consumer, &key) {
+                Check {
+                    doc: &docs[i],
+                    diags,
+                }
+                .err(
+                    format!("spec.credentials.{j}.key"),
+                    format!("the same key is already a credential of Consumer {other:?}"),
+                );
+            }
+        }
+    }
+    set
 }

@@ -1,7 +1,8 @@
 use crate::diag::Diagnostic;
 use crate::index::{DocSpan, scan};
 use meshgate_api::{
-    API_VERSION, ApiSpec, Envelope, GatewaySpec, Head, Kind, PolicySpec, ServiceSpec,
+    API_VERSION, ApiSpec, ConsumerSpec, Envelope, GatewaySpec, Head, Kind, PolicySpec,
+    ServiceSpec,
 };
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ pub enum Resource {
     Service(Envelope<ServiceSpec>),
     Api(Envelope<ApiSpec>),
     Policy(Envelope<PolicySpec>),
+    Consumer(Envelope<ConsumerSpec>),
 }
 
 impl Resource {
@@ -30,6 +32,7 @@ impl Resource {
             Self::Service(e) => serde_json::to_value(e),
             Self::Api(e) => serde_json::to_value(e),
             Self::Policy(e) => serde_json::to_value(e),
+            Self::Consumer(e) => serde_json::to_value(e),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
@@ -232,12 +235,10 @@ fn parse_doc(file: &Arc<str>, span: &DocSpan, text: &str) -> Result<Doc, Diagnos
             Kind::Policy,
             Resource::Policy(de(file, span, text, &resource)?),
         ),
-        "Consumer" => {
-            return Err(place(
-                "kind",
-                "kind Consumer is not built yet in this version of meshgate".into(),
-            ));
-        }
+        "Consumer" => (
+            Kind::Consumer,
+            Resource::Consumer(de(file, span, text, &resource)?),
+        ),
         other => {
             return Err(place(
                 "kind",

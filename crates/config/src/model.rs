@@ -28,7 +28,8 @@ pub struct Snapshot {
     pub gateways: Vec<Arc<Gateway>>,
     pub services: BTreeMap<String, Arc<Service>>,
     pub apis: Vec<Arc<Api>>,
-    /// The resources as JSON, for `GET /config`.
+    pub consumers: Arc<meshgate_filter::ConsumerSet>,
+    /// The resources as JSON, for `GET /config` (inline secrets redacted).
     pub resources: Vec<serde_json::Value>,
 }
 

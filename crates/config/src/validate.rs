@@ -5,7 +5,9 @@ use crate::duration::parse_duration;
 use crate::load::{Doc, Resource};
 use crate::model::*;
 use http::{HeaderName, Method};
-use meshgate_api::{ApiSpec, GatewaySpec, ServiceSpec};
+use meshgate_api::{
+    ApiSpec, ConsumerSpec, CredentialSpec, GatewaySpec, SecretSource, SecretSpec, ServiceSpec,
+};
 use meshgate_route::{HeaderMatch, PathPattern};
 use meshgate_upstream::{HashOn, LbPolicy};
 use std::collections::{BTreeMap, HashSet};
@@ -42,6 +44,96 @@ pub struct Checked {
     pub services: BTreeMap<String, (usize, Service)>,
     pub apis: Vec<(usize, ApiDraft)>,
     pub policies: BTreeMap<String, usize>,
+    pub consumers: Vec<(usize, ConsumerDraft)>,
+}
+
+/// A Consumer with its secrets resolved.
+#[derive(Debug)]
+pub struct ConsumerDraft {
+    pub groups: Vec<String>,
+    /// API keys, with the index of their credential entry.
+    pub keys: Vec<(usize, Vec<u8>)>,
+}
+
+fn consumer(c: &mut Check<'_>, spec: &ConsumerSpec) -> Option<ConsumerDraft> {
+    let before = c.diags.len();
+    for (j, g) in spec.groups.iter().enumerate() {
+        if g.is_empty() {
+            c.err(format!("spec.groups.{j}"), "a group name must not be empty");
+        }
+    }
+    let mut keys = Vec::new();
+    for (j, cred) in spec.credentials.iter().enumerate() {
+        match cred {
+            CredentialSpec::Key { key } => {
+                if let Some(k) = secret(c, key, &format!("spec.credentials.{j}.key")) {
+                    keys.push((j, k));
+                }
+            }
+            CredentialSpec::Hmac { .. } | CredentialSpec::Jwt { .. } => c.err(
+                format!("spec.credentials.{j}.type"),
+                "hmac and jwt credentials are not built yet in this version of meshgate",
+            ),
+        }
+    }
+    if let Some(q) = &spec.quota
+        && q.requests == 0
+    {
+        c.err("spec.quota.requests", "must be at least 1");
+    }
+    (c.diags.len() == before).then(|| ConsumerDraft {
+        groups: spec.groups.clone(),
+        keys,
+    })
+}
+
+/// Resolve a secret: inline, `{env: NAME}` or `{file: PATH}` (relative to the config
+/// file). Messages never include the secret.
+fn secret(c: &mut Check<'_>, s: &SecretSpec, path: &str) -> Option<Vec<u8>> {
+    let value = match s {
+        SecretSpec::Inline(v) => v.as_bytes().to_vec(),
+        SecretSpec::From(SecretSource {
+            env: Some(name),
+            file: None,
+        }) => match std::env::var_os(name) {
+            Some(v) => v.into_encoded_bytes(),
+            None => {
+                c.err(path, format!("environment variable {name:?} is not set"));
+                return None;
+            }
+        },
+        SecretSpec::From(SecretSource {
+            env: None,
+            file: Some(f),
+        }) => {
+            let base = std::path::Path::new(&*c.doc.file)
+                .parent()
+                .unwrap_or(std::path::Path::new(""));
+            let full = base.join(f);
+            match std::fs::read(&full) {
+                // A trailing newline is the editor's, not the secret's.
+                Ok(mut v) => {
+                    while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                        v.pop();
+                    }
+                    v
+                }
+                Err(e) => {
+                    c.err(path, format!("cannot read {}: {e}", full.display()));
+                    return None;
+                }
+            }
+        }
+        SecretSpec::From(_) => {
+            c.err(path, "give exactly one of env or file");
+            return None;
+        }
+    };
+    if value.is_empty() {
+        c.err(path, "the secret is empty");
+        return None;
+    }
+    Some(value)
 }
 
 /// Collects diagnostics for one document.
@@ -118,6 +210,11 @@ pub fn validate(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> Checked {
             }
             Resource::Policy(_) => {
                 out.policies.insert(doc.name.clone(), i);
+            }
+            Resource::Consumer(e) => {
+                if let Some(d) = consumer(&mut c, &e.spec) {
+                    out.consumers.push((i, d));
+                }
             }
         }
     }

@@ -6,14 +6,17 @@
 //! the proxy. Filters that need I/O (token introspection, Redis) return a boxed future;
 //! the rest answer synchronously, so a chain of simple filters allocates nothing.
 
+mod auth;
 mod chain;
+mod consumers;
 mod header_ops;
 mod registry;
 mod transform;
 
 pub use chain::Chain;
 pub use header_ops::{HeaderOps, HeaderOpsConfig};
-pub use registry::{BuildError, build, is_known};
+pub use consumers::{Conflict, ConsumerSet};
+pub use registry::{BuildCtx, BuildError, build, is_known};
 pub use transform::Transform;
 
 use bytes::Bytes;

@@ -1,4 +1,5 @@
 use crate::Filter;
+use crate::consumers::ConsumerSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -28,11 +29,9 @@ impl fmt::Display for BuildError {
 /// Filters the SPEC names that later work will add; naming one is a clear error
 /// until it exists, never a silent no-op.
 const PLANNED: &[&str] = &[
-    "key-auth",
     "hmac-auth",
     "jwt",
     "oauth2-introspection",
-    "acl",
     "ip-restriction",
     "cors",
     "waf",
@@ -46,9 +45,20 @@ const PLANNED: &[&str] = &[
     "authz",
 ];
 
+const BUILT: &[&str] = &["transform", "key-auth", "acl"];
+
 /// True for names that are built in or planned (used for "did you mean" style errors).
 pub fn is_known(name: &str) -> bool {
-    name == "transform" || PLANNED.contains(&name)
+    BUILT.contains(&name) || PLANNED.contains(&name)
+}
+
+/// What building a filter may consult besides its own config.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildCtx<'a> {
+    /// The Api's path captures, for templates.
+    pub captures: &'a [Arc<str>],
+    /// The snapshot's Consumers, for auth filters.
+    pub consumers: &'a Arc<ConsumerSet>,
 }
 
 /// Build a built-in filter from its config. The one place that knows every built-in:
@@ -56,19 +66,27 @@ pub fn is_known(name: &str) -> bool {
 pub fn build(
     name: &str,
     config: Option<&serde_json::Value>,
-    captures: &[Arc<str>],
+    ctx: BuildCtx<'_>,
 ) -> Result<Arc<dyn Filter>, BuildError> {
     let empty = serde_json::Value::Object(Default::default());
     let config = config.unwrap_or(&empty);
     match name {
-        "transform" => Ok(Arc::new(crate::Transform::from_config(config, captures)?)),
+        "transform" => Ok(Arc::new(crate::Transform::from_config(
+            config,
+            ctx.captures,
+        )?)),
+        "key-auth" => Ok(Arc::new(crate::auth::KeyAuth::from_config(
+            config,
+            ctx.consumers,
+        )?)),
+        "acl" => Ok(Arc::new(crate::auth::Acl::from_config(config)?)),
         n if PLANNED.contains(&n) => Err(BuildError::new(
             "name",
             format!("filter {n:?} is not built yet in this version of meshgate"),
         )),
         n => Err(BuildError::new(
             "name",
-            format!("unknown filter {n:?} (built in: transform)"),
+            format!("unknown filter {n:?} (built in: {})", BUILT.join(", ")),
         )),
     }
 }

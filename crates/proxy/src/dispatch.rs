@@ -305,6 +305,7 @@ fn forwarding_headers(
     host: Option<HeaderValue>,
 ) {
     strip_hop_by_hop(h, ctx.grpc);
+    identity_headers(h, ctx);
     h.insert(X_REQUEST_ID, ctx.request_id.header_value().clone());
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.client.ip())).ok(),
@@ -319,6 +320,27 @@ fn forwarding_headers(
             h.insert(header::HOST, v.clone());
         }
         h.insert(X_FORWARDED_HOST, v);
+    }
+}
+
+const X_CONSUMER_NAME: header::HeaderName = header::HeaderName::from_static("x-consumer-name");
+const X_CONSUMER_GROUPS: header::HeaderName =
+    header::HeaderName::from_static("x-consumer-groups");
+
+/// The identity headers are the gateway's alone: whatever the client sent under
+/// these names is dropped, and they are set from the authenticated Consumer.
+fn identity_headers(h: &mut http::HeaderMap, ctx: &RequestCtx) {
+    h.remove(X_CONSUMER_NAME);
+    h.remove(X_CONSUMER_GROUPS);
+    let Some(c) = &ctx.consumer else { return };
+    if let Ok(v) = HeaderValue::from_str(&c.name) {
+        h.insert(X_CONSUMER_NAME, v);
+    }
+    if !c.groups.is_empty() {
+        let groups: Vec<&str> = c.groups.iter().map(|g| &**g).collect();
+        if let Ok(v) = HeaderValue::from_str(&groups.join(",")) {
+            h.insert(X_CONSUMER_GROUPS, v);
+        }
     }
 }
 

@@ -1,0 +1,147 @@
+//! `key-auth`: an API key from a header or a query parameter resolves the Consumer.
+
+use crate::consumers::ConsumerSet;
+use crate::registry::BuildError;
+use crate::{Filter, Flow, Step};
+use http::HeaderName;
+use meshgate_core::{ErrorCode, GatewayError, RequestCtx};
+use serde::Deserialize;
+use std::sync::Arc;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Config {
+    #[serde(default = "default_header")]
+    header: String,
+    #[serde(default)]
+    query: Option<String>,
+    /// Remove the key header before forwarding (the query key is always removed).
+    #[serde(default = "yes")]
+    hide_credentials: bool,
+}
+
+fn default_header() -> String {
+    "x-api-key".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug)]
+pub struct KeyAuth {
+    header: HeaderName,
+    query: Option<String>,
+    hide: bool,
+    consumers: Arc<ConsumerSet>,
+}
+
+impl KeyAuth {
+    pub fn from_config(
+        value: &serde_json::Value,
+        consumers: &Arc<ConsumerSet>,
+    ) -> Result<Self, BuildError> {
+        let cfg: Config = serde_json::from_value(value.clone())
+            .map_err(|e| BuildError::new("config", e.to_string()))?;
+        let header = HeaderName::from_bytes(cfg.header.as_bytes()).map_err(|_| {
+            BuildError::new(
+                "config.header",
+                format!("{:?} is not a valid header name", cfg.header),
+            )
+        })?;
+        if cfg.query.as_deref().is_some_and(str::is_empty) {
+            return Err(BuildError::new("config.query", "must not be empty"));
+        }
+        Ok(Self {
+            header,
+            query: cfg.query,
+            hide: cfg.hide_credentials,
+            consumers: consumers.clone(),
+        })
+    }
+
+    /// Every key the request presents: each header value and each query occurrence.
+    /// The query occurrences are removed from the URI.
+    fn take_keys(&self, req: &mut http::request::Parts) -> Result<Vec<Vec<u8>>, GatewayError> {
+        let mut keys: Vec<Vec<u8>> = req
+            .headers
+            .get_all(&self.header)
+            .iter()
+            .map(|v| v.as_bytes().to_vec())
+            .collect();
+        if self.hide {
+            req.headers.remove(&self.header);
+        }
+        if let Some(param) = &self.query
+            && let Some(q) = req.uri.query()
+        {
+            let mut kept: Vec<&str> = Vec::new();
+            let mut found = false;
+            for pair in q.split('&') {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                if decode(k).as_deref() == Some(param.as_bytes()) {
+                    keys.push(decode(v).unwrap_or_default());
+                    found = true;
+                } else {
+                    kept.push(pair);
+                }
+            }
+            if found {
+                let pq = if kept.is_empty() {
+                    req.uri.path().to_string()
+                } else {
+                    format!("{}?{}", req.uri.path(), kept.join("&"))
+                };
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(pq.parse().map_err(|_| {
+                    GatewayError::new(ErrorCode::InvalidRequest, "invalid request target")
+                })?);
+                req.uri = http::Uri::from_parts(parts).map_err(|_| {
+                    GatewayError::new(ErrorCode::InvalidRequest, "invalid request target")
+                })?;
+            }
+        }
+        Ok(keys)
+    }
+}
+
+fn decode(s: &str) -> Option<Vec<u8>> {
+    let plus = s.replace('+', " ");
+    Some(percent_encoding::percent_decode_str(&plus).collect())
+}
+
+fn unauthorized(message: &str) -> GatewayError {
+    GatewayError::new(ErrorCode::Unauthorized, message)
+}
+
+impl Filter for KeyAuth {
+    fn name(&self) -> &'static str {
+        "key-auth"
+    }
+
+    fn on_request<'a>(
+        &'a self,
+        ctx: &'a mut RequestCtx,
+        req: &'a mut http::request::Parts,
+    ) -> Step<'a> {
+        let keys = match self.take_keys(req) {
+            Ok(k) => k,
+            Err(e) => return Step::Done(Err(e)),
+        };
+        let Some(first) = keys.first() else {
+            return Step::Done(Err(unauthorized("missing API key")));
+        };
+        if keys.iter().any(|k| k != first) {
+            return Step::Done(Err(unauthorized(
+                "ambiguous request: more than one API key",
+            )));
+        }
+        match self.consumers.by_key(first) {
+            Some(c) => {
+                ctx.consumer = Some((**c).clone());
+                Step::Done(Ok(Flow::Continue))
+            }
+            None => Step::Done(Err(unauthorized("invalid API key"))),
+        }
+    }
+}
