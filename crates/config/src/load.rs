@@ -1,8 +1,7 @@
 use crate::diag::Diagnostic;
 use crate::index::{DocSpan, scan};
 use meshgate_api::{
-    API_VERSION, ApiSpec, ConsumerSpec, Envelope, GatewaySpec, Head, Kind, PolicySpec,
-    ServiceSpec,
+    API_VERSION, ApiSpec, ConsumerSpec, Envelope, GatewaySpec, Head, Kind, PolicySpec, ServiceSpec,
 };
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};

@@ -14,8 +14,8 @@ mod registry;
 mod transform;
 
 pub use chain::Chain;
-pub use header_ops::{HeaderOps, HeaderOpsConfig};
 pub use consumers::{Conflict, ConsumerSet};
+pub use header_ops::{HeaderOps, HeaderOpsConfig};
 pub use registry::{BuildCtx, BuildError, build, is_known};
 pub use transform::Transform;
 

@@ -324,8 +324,7 @@ fn forwarding_headers(
 }
 
 const X_CONSUMER_NAME: header::HeaderName = header::HeaderName::from_static("x-consumer-name");
-const X_CONSUMER_GROUPS: header::HeaderName =
-    header::HeaderName::from_static("x-consumer-groups");
+const X_CONSUMER_GROUPS: header::HeaderName = header::HeaderName::from_static("x-consumer-groups");
 
 /// The identity headers are the gateway's alone: whatever the client sent under
 /// these names is dropped, and they are set from the authenticated Consumer.
