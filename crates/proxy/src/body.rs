@@ -116,14 +116,18 @@ impl std::fmt::Debug for ResponseBody {
 }
 
 impl ResponseBody {
-    pub fn full(b: impl Into<Bytes>) -> Self {
-        let b = b.into();
+    fn of(inner: Inner) -> Self {
         Self {
-            inner: Inner::Full((!b.is_empty()).then_some(b)),
+            inner,
             sent: 0,
             clean: false,
             done: None,
         }
+    }
+
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        let b = b.into();
+        Self::of(Inner::Full((!b.is_empty()).then_some(b)))
     }
 
     pub fn empty() -> Self {
@@ -131,21 +135,11 @@ impl ResponseBody {
     }
 
     pub fn upstream(b: Incoming) -> Self {
-        Self {
-            inner: Inner::Upstream(b),
-            sent: 0,
-            clean: false,
-            done: None,
-        }
+        Self::of(Inner::Upstream(b))
     }
 
     pub fn h1(b: H1Body) -> Self {
-        Self {
-            inner: Inner::H1(b),
-            sent: 0,
-            clean: false,
-            done: None,
-        }
+        Self::of(Inner::H1(b))
     }
 
     pub fn on_complete(&mut self, c: Box<dyn Completion>) {

@@ -32,6 +32,22 @@ struct TryError {
     error: Box<dyn std::error::Error + Send + Sync>,
 }
 
+type Tried = Result<Result<Response<ResponseBody>, TryError>, tokio::time::error::Elapsed>;
+
+/// One transport's try result in the common shape.
+fn settle<B, E: std::error::Error + Send + Sync + 'static>(
+    r: Result<Result<Response<B>, E>, tokio::time::error::Elapsed>,
+    wrap: fn(B) -> ResponseBody,
+    is_connect: fn(&E) -> bool,
+) -> Tried {
+    r.map(|r| {
+        r.map(|resp| resp.map(wrap)).map_err(|e| TryError {
+            connect: is_connect(&e),
+            error: Box::new(e),
+        })
+    })
+}
+
 fn pick_target<'a>(split: &'a Split, headers: &HeaderMap) -> &'a Target {
     for (conds, target) in &split.matched {
         if conds
@@ -225,14 +241,8 @@ pub async fn call(
                     &parts.headers,
                     this_body,
                 );
-                match tokio::time::timeout_at(try_deadline, send).await {
-                    Ok(Ok(resp)) => Ok(Ok(resp.map(ResponseBody::h1))),
-                    Ok(Err(e)) => Ok(Err(TryError {
-                        connect: e.is_connect(),
-                        error: Box::new(e),
-                    })),
-                    Err(elapsed) => Err(elapsed),
-                }
+                let r = tokio::time::timeout_at(try_deadline, send).await;
+                settle(r, ResponseBody::h1, crate::h1::H1Error::is_connect)
             }
             Transport::H2(client) => {
                 let mut uri = http::uri::Parts::default();
@@ -252,14 +262,12 @@ pub async fn call(
                 } else {
                     parts.headers.clone()
                 };
-                match tokio::time::timeout_at(try_deadline, client.request(req)).await {
-                    Ok(Ok(resp)) => Ok(Ok(resp.map(ResponseBody::upstream))),
-                    Ok(Err(e)) => Ok(Err(TryError {
-                        connect: e.is_connect(),
-                        error: Box::new(e),
-                    })),
-                    Err(elapsed) => Err(elapsed),
-                }
+                let r = tokio::time::timeout_at(try_deadline, client.request(req)).await;
+                settle(
+                    r,
+                    ResponseBody::upstream,
+                    hyper_util::client::legacy::Error::is_connect,
+                )
             }
         };
         rt.stats.active.dec();
