@@ -70,3 +70,11 @@ pub trait Filter: Send + Sync + 'static {
 
     fn on_complete(&self, _ctx: &RequestCtx, _status: http::StatusCode) {}
 }
+
+/// `uri` with its path and query replaced by `pq`, scheme and authority kept.
+pub(crate) fn with_path_and_query(uri: &http::Uri, pq: String) -> Result<http::Uri, String> {
+    let pq = http::uri::PathAndQuery::try_from(pq).map_err(|e| e.to_string())?;
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq);
+    http::Uri::from_parts(parts).map_err(|e| e.to_string())
+}

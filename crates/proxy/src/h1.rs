@@ -231,32 +231,32 @@ impl H1Pool {
     }
 
     fn respond(self: &Arc<Self>, addr: SocketAddr, mut conn: Conn, p: Parsed) -> Response<H1Body> {
-        let mut resp = Response::new(H1Body::empty());
-        *resp.status_mut() = p.status;
-        *resp.headers_mut() = p.headers;
-        let state = match p.framing {
+        let body = match p.framing {
+            // The whole body already arrived with the head: the connection is free
+            // again before the downstream write.
             ResponseFraming::Length(n) if conn.buf.len() as u64 >= n => {
-                // The whole body already arrived with the head: the connection is
-                // free again before the downstream write.
                 let data = conn.buf.split_to(n as usize).freeze();
                 if p.reusable && conn.buf.is_empty() {
                     self.checkin(addr, conn);
                 }
-                *resp.body_mut() = H1Body::full(data);
-                return resp;
+                H1Body::full(data)
             }
-            ResponseFraming::Length(n) => State::Length(n),
-            ResponseFraming::Chunked => State::Chunked(Chunked::Size),
-            ResponseFraming::Eof => State::Eof,
+            framing => H1Body {
+                state: match framing {
+                    ResponseFraming::Length(n) => State::Length(n),
+                    ResponseFraming::Chunked => State::Chunked(Chunked::Size),
+                    ResponseFraming::Eof => State::Eof,
+                },
+                conn: Some(conn),
+                reusable: p.reusable,
+                home: Some((self.clone(), addr)),
+                full: None,
+                trailers: None,
+            },
         };
-        *resp.body_mut() = H1Body {
-            state,
-            conn: Some(conn),
-            reusable: p.reusable,
-            home: Some((self.clone(), addr)),
-            full: None,
-            trailers: None,
-        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = p.status;
+        *resp.headers_mut() = p.headers;
         resp
     }
 }
@@ -563,10 +563,6 @@ pub enum BodyError {
 }
 
 impl H1Body {
-    fn empty() -> Self {
-        Self::full(Bytes::new())
-    }
-
     fn full(data: Bytes) -> Self {
         Self {
             state: State::Done,

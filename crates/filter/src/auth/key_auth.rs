@@ -92,11 +92,7 @@ impl KeyAuth {
                 } else {
                     format!("{}?{}", req.uri.path(), kept.join("&"))
                 };
-                let mut parts = http::uri::Parts::default();
-                parts.path_and_query = Some(pq.parse().map_err(|_| {
-                    GatewayError::new(ErrorCode::InvalidRequest, "invalid request target")
-                })?);
-                req.uri = http::Uri::from_parts(parts).map_err(|_| {
+                req.uri = crate::with_path_and_query(&req.uri, pq).map_err(|_| {
                     GatewayError::new(ErrorCode::InvalidRequest, "invalid request target")
                 })?;
             }

@@ -8,7 +8,6 @@ mod tests;
 pub use config::TransformConfig;
 
 use crate::{BuildError, Filter, Flow, HeaderOps, Step};
-use http::uri::PathAndQuery;
 use meshgate_core::{ErrorCode, GatewayError, RequestCtx};
 use meshgate_route::RewriteTemplate;
 use std::sync::Arc;
@@ -83,16 +82,12 @@ impl Transform {
                 .collect();
             pq.push_str(&joined.join("&"));
         }
-        let pq = PathAndQuery::try_from(pq).map_err(|e| {
+        req.uri = crate::with_path_and_query(&req.uri, pq).map_err(|e| {
             GatewayError::new(
                 ErrorCode::InvalidRequest,
                 format!("transform produced a bad path: {e}"),
             )
         })?;
-        let mut parts = req.uri.clone().into_parts();
-        parts.path_and_query = Some(pq);
-        req.uri = http::Uri::from_parts(parts)
-            .map_err(|e| GatewayError::new(ErrorCode::Internal, e.to_string()))?;
         Ok(())
     }
 }
