@@ -12,7 +12,6 @@
 //! reading the files named on the command line ([`load_paths`]).
 
 mod diag;
-mod duration;
 mod index;
 mod link;
 mod load;
@@ -20,8 +19,8 @@ mod model;
 mod validate;
 
 pub use diag::Diagnostic;
-pub use duration::parse_duration;
 pub use load::{Source, load_paths};
+pub use meshgate_core::parse_duration;
 pub use model::*;
 
 /// Compile sources into a snapshot. Returns the snapshot only when there are no

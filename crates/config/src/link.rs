@@ -1,13 +1,13 @@
 //! Stage 3: resolve references, build routers and filter chains, freeze a Snapshot.
 
 use crate::diag::Diagnostic;
-use crate::duration::parse_duration;
 use crate::load::{Doc, Resource};
 use crate::model::*;
 use crate::validate::{ApiDraft, Check, Checked, ConsumerDraft, captures_of};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use meshgate_api::{ApiSpec, FilterRef, InvokeSpec};
+use meshgate_core::parse_duration;
 use meshgate_filter::{BuildCtx, Chain, ConsumerSet, Filter, HeaderOps, Transform};
 use meshgate_route::{RewriteTemplate, Route, Router};
 use meshgate_upstream::{RetryOn, RetryPolicy, Selector};

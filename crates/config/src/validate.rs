@@ -1,13 +1,13 @@
 //! Stage 2: check each document on its own, collecting every problem.
 
 use crate::diag::Diagnostic;
-use crate::duration::parse_duration;
 use crate::load::{Doc, Resource};
 use crate::model::*;
 use http::{HeaderName, Method};
 use meshgate_api::{
     ApiSpec, ConsumerSpec, CredentialSpec, GatewaySpec, SecretSource, SecretSpec, ServiceSpec,
 };
+use meshgate_core::parse_duration;
 use meshgate_route::{HeaderMatch, PathPattern};
 use meshgate_upstream::{HashOn, LbPolicy};
 use std::collections::{BTreeMap, HashSet};

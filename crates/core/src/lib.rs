@@ -2,9 +2,11 @@
 //! type every layer returns, request ids, and the typed per-request context that filters
 //! read and write. It holds no I/O and no policy; it must stay small.
 
+mod duration;
 mod error;
 mod request_id;
 
+pub use duration::parse_duration;
 pub use error::{ErrorCode, GatewayError};
 pub use request_id::RequestId;
 
@@ -29,6 +31,9 @@ pub struct RequestCtx {
     pub identity: Option<Arc<str>>,
     /// True for `content-type: application/grpc*`: errors become `grpc-status`.
     pub grpc: bool,
+    /// State a filter keeps from its request phase to its response phase, keyed by a
+    /// type private to that filter. Empty (and unallocated) unless a filter uses it.
+    pub extensions: http::Extensions,
 }
 
 /// The caller as authentication established it.
@@ -49,6 +54,7 @@ impl RequestCtx {
             consumer: None,
             identity: None,
             grpc: false,
+            extensions: http::Extensions::new(),
         }
     }
 

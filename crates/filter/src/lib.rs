@@ -6,6 +6,7 @@
 //! the proxy. Filters that need I/O (token introspection, Redis) return a boxed future;
 //! the rest answer synchronously, so a chain of simple filters allocates nothing.
 
+mod access;
 mod auth;
 mod chain;
 mod consumers;

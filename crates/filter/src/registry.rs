@@ -32,8 +32,6 @@ const PLANNED: &[&str] = &[
     "hmac-auth",
     "jwt",
     "oauth2-introspection",
-    "ip-restriction",
-    "cors",
     "waf",
     "rate-limit",
     "quota",
@@ -45,7 +43,7 @@ const PLANNED: &[&str] = &[
     "authz",
 ];
 
-const BUILT: &[&str] = &["transform", "key-auth", "acl"];
+const BUILT: &[&str] = &["transform", "key-auth", "acl", "ip-restriction", "cors"];
 
 /// True for names that are built in or planned (used for "did you mean" style errors).
 pub fn is_known(name: &str) -> bool {
@@ -80,6 +78,8 @@ pub fn build(
             ctx.consumers,
         )?)),
         "acl" => Ok(Arc::new(crate::auth::Acl::from_config(config)?)),
+        "ip-restriction" => Ok(Arc::new(crate::access::IpRestriction::from_config(config)?)),
+        "cors" => Ok(Arc::new(crate::access::Cors::from_config(config)?)),
         n if PLANNED.contains(&n) => Err(BuildError::new(
             "name",
             format!("filter {n:?} is not built yet in this version of meshgate"),
