@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use meshgate_api::{ApiSpec, FilterRef, InvokeSpec};
 use meshgate_core::parse_duration;
-use meshgate_filter::{BuildCtx, Chain, ConsumerSet, Filter, HeaderOps, Transform};
+use meshgate_filter::{BuildCtx, Chain, Conflict, ConsumerSet, Filter, HeaderOps, Transform};
 use meshgate_route::{RewriteTemplate, Route, Router};
 use meshgate_upstream::{RetryOn, RetryPolicy, Selector};
 use std::collections::BTreeMap;
@@ -243,6 +243,7 @@ fn filter_entry(
             let ctx = BuildCtx {
                 captures: captures.unwrap_or(ANY_CAPTURES),
                 consumers: refs.consumers,
+                base: std::path::Path::new(&*c.doc.file).parent(),
             };
             match meshgate_filter::build(name, f.config.as_ref(), ctx) {
                 Ok(filter) => vec![filter],
@@ -501,16 +502,29 @@ fn consumer_set(
             name: docs[i].name.as_str().into(),
             groups: d.groups.iter().map(|g| g.as_str().into()).collect(),
         });
+        let mut clash = |j: usize, field: &str, what: &str, other: String| {
+            Check {
+                doc: &docs[i],
+                diags: &mut *diags,
+            }
+            .err(
+                format!("spec.credentials.{j}.{field}"),
+                format!("the same {what} is already a credential of Consumer {other:?}"),
+            );
+        };
         for (j, key) in d.keys {
-            if let Err(meshgate_filter::Conflict::Key(other)) = set.add_key(&consumer, &key) {
-                Check {
-                    doc: &docs[i],
-                    diags,
-                }
-                .err(
-                    format!("spec.credentials.{j}.key"),
-                    format!("the same key is already a credential of Consumer {other:?}"),
-                );
+            if let Err(Conflict(other)) = set.add_key(&consumer, &key) {
+                clash(j, "key", "key", other);
+            }
+        }
+        for (j, key_id, secret) in d.hmac {
+            if let Err(Conflict(other)) = set.add_hmac(&consumer, &key_id, &secret) {
+                clash(j, "keyId", "HMAC key id", other);
+            }
+        }
+        for (j, issuer, subject) in d.jwts {
+            if let Err(Conflict(other)) = set.add_jwt(&consumer, &issuer, &subject) {
+                clash(j, "subject", "JWT issuer and subject", other);
             }
         }
     }

@@ -53,6 +53,10 @@ pub struct ConsumerDraft {
     pub groups: Vec<String>,
     /// API keys, with the index of their credential entry.
     pub keys: Vec<(usize, Vec<u8>)>,
+    /// HMAC signing keys: credential index, key id, secret.
+    pub hmac: Vec<(usize, String, Vec<u8>)>,
+    /// JWT identities: credential index, issuer, subject.
+    pub jwts: Vec<(usize, String, String)>,
 }
 
 fn consumer(c: &mut Check<'_>, spec: &ConsumerSpec) -> Option<ConsumerDraft> {
@@ -62,7 +66,7 @@ fn consumer(c: &mut Check<'_>, spec: &ConsumerSpec) -> Option<ConsumerDraft> {
             c.err(format!("spec.groups.{j}"), "a group name must not be empty");
         }
     }
-    let mut keys = Vec::new();
+    let (mut keys, mut hmac, mut jwts) = (Vec::new(), Vec::new(), Vec::new());
     for (j, cred) in spec.credentials.iter().enumerate() {
         match cred {
             CredentialSpec::Key { key } => {
@@ -70,10 +74,29 @@ fn consumer(c: &mut Check<'_>, spec: &ConsumerSpec) -> Option<ConsumerDraft> {
                     keys.push((j, k));
                 }
             }
-            CredentialSpec::Hmac { .. } | CredentialSpec::Jwt { .. } => c.err(
-                format!("spec.credentials.{j}.type"),
-                "hmac and jwt credentials are not built yet in this version of meshgate",
-            ),
+            CredentialSpec::Hmac { key_id, secret: s } => {
+                let at = format!("spec.credentials.{j}.secret");
+                if key_id.is_empty() {
+                    c.err(format!("spec.credentials.{j}.keyId"), "must not be empty");
+                } else if let Some(k) = secret(c, s, &at) {
+                    // RFC 2104 keys shorter than the hash output weaken HMAC-SHA256.
+                    if k.len() < 32 {
+                        c.err(at, "an HMAC secret must be at least 32 bytes");
+                    } else {
+                        hmac.push((j, key_id.clone(), k));
+                    }
+                }
+            }
+            CredentialSpec::Jwt { issuer, subject } => {
+                if issuer.is_empty() || subject.is_empty() {
+                    c.err(
+                        format!("spec.credentials.{j}"),
+                        "a jwt credential needs a non-empty issuer and subject",
+                    );
+                } else {
+                    jwts.push((j, issuer.clone(), subject.clone()));
+                }
+            }
         }
     }
     if let Some(q) = &spec.quota
@@ -84,6 +107,8 @@ fn consumer(c: &mut Check<'_>, spec: &ConsumerSpec) -> Option<ConsumerDraft> {
     (c.diags.len() == before).then(|| ConsumerDraft {
         groups: spec.groups.clone(),
         keys,
+        hmac,
+        jwts,
     })
 }
 

@@ -15,7 +15,7 @@ mod registry;
 mod transform;
 
 pub use chain::Chain;
-pub use consumers::{Conflict, ConsumerSet};
+pub use consumers::{Conflict, ConsumerSet, HmacCredential};
 pub use header_ops::{HeaderOps, HeaderOpsConfig};
 pub use registry::{BuildCtx, BuildError, build, is_known};
 pub use transform::Transform;
@@ -78,4 +78,11 @@ pub(crate) fn with_path_and_query(uri: &http::Uri, pq: String) -> Result<http::U
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(pq);
     http::Uri::from_parts(parts).map_err(|e| e.to_string())
+}
+
+/// A filter's typed config from its `config:` value; errors point at `config`.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+) -> Result<T, registry::BuildError> {
+    T::deserialize(value).map_err(|e| registry::BuildError::new("config", e.to_string()))
 }

@@ -30,7 +30,6 @@ impl fmt::Display for BuildError {
 /// until it exists, never a silent no-op.
 const PLANNED: &[&str] = &[
     "hmac-auth",
-    "jwt",
     "oauth2-introspection",
     "waf",
     "rate-limit",
@@ -43,7 +42,14 @@ const PLANNED: &[&str] = &[
     "authz",
 ];
 
-const BUILT: &[&str] = &["transform", "key-auth", "acl", "ip-restriction", "cors"];
+const BUILT: &[&str] = &[
+    "transform",
+    "key-auth",
+    "acl",
+    "ip-restriction",
+    "cors",
+    "jwt",
+];
 
 /// True for names that are built in or planned (used for "did you mean" style errors).
 pub fn is_known(name: &str) -> bool {
@@ -57,6 +63,8 @@ pub struct BuildCtx<'a> {
     pub captures: &'a [Arc<str>],
     /// The snapshot's Consumers, for auth filters.
     pub consumers: &'a Arc<ConsumerSet>,
+    /// Directory of the config file, for relative paths in filter configs.
+    pub base: Option<&'a std::path::Path>,
 }
 
 /// Build a built-in filter from its config. The one place that knows every built-in:
@@ -80,6 +88,11 @@ pub fn build(
         "acl" => Ok(Arc::new(crate::auth::Acl::from_config(config)?)),
         "ip-restriction" => Ok(Arc::new(crate::access::IpRestriction::from_config(config)?)),
         "cors" => Ok(Arc::new(crate::access::Cors::from_config(config)?)),
+        "jwt" => Ok(Arc::new(crate::auth::Jwt::from_config(
+            config,
+            ctx.consumers,
+            ctx.base,
+        )?)),
         n if PLANNED.contains(&n) => Err(BuildError::new(
             "name",
             format!("filter {n:?} is not built yet in this version of meshgate"),

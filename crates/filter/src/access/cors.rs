@@ -125,8 +125,7 @@ fn list_value(path: &str, items: &[String]) -> Result<HeaderValue, BuildError> {
 
 impl Cors {
     pub fn from_config(value: &serde_json::Value) -> Result<Self, BuildError> {
-        let cfg: Config = serde_json::from_value(value.clone())
-            .map_err(|e| BuildError::new("config", e.to_string()))?;
+        let cfg: Config = crate::parse_config(value)?;
         if cfg.origins.is_empty() {
             return Err(BuildError::new(
                 "config.origins",
@@ -150,7 +149,7 @@ impl Cors {
             .map(|(i, m)| {
                 Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
                     BuildError::new(
-                        format!("config.methods[{i}]"),
+                        format!("config.methods.{i}"),
                         format!("{m:?} is not a method"),
                     )
                 })
@@ -159,7 +158,7 @@ impl Cors {
         for (i, h) in cfg.headers.iter().chain(&cfg.expose_headers).enumerate() {
             if header::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 return Err(BuildError::new(
-                    format!("config.headers[{i}]"),
+                    format!("config.headers.{i}"),
                     format!("{h:?} is not a header name"),
                 ));
             }

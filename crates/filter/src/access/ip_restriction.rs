@@ -43,7 +43,7 @@ pub(crate) fn parse_blocks(field: &str, items: &[String]) -> Result<Vec<IpNet>, 
                 .map(|n| n.trunc())
                 .map_err(|_| {
                     BuildError::new(
-                        format!("config.{field}[{i}]"),
+                        format!("config.{field}.{i}"),
                         format!("{s:?} is not an IP address or CIDR block"),
                     )
                 })
@@ -81,8 +81,7 @@ pub(crate) fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) ->
 
 impl IpRestriction {
     pub fn from_config(value: &serde_json::Value) -> Result<Self, BuildError> {
-        let cfg: Config = serde_json::from_value(value.clone())
-            .map_err(|e| BuildError::new("config", e.to_string()))?;
+        let cfg: Config = crate::parse_config(value)?;
         if cfg.allow.is_empty() && cfg.deny.is_empty() {
             return Err(BuildError::new(
                 "config",
@@ -201,7 +200,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("accepted {v}"))
         };
         let e = err(serde_json::json!({"allow": ["10.0.0.0/8", "10.0.0/33"]}));
-        assert_eq!(e.path, "config.allow[1]");
+        assert_eq!(e.path, "config.allow.1");
         let e = err(serde_json::json!({}));
         assert!(e.message.contains("at least one"), "{e}");
     }

@@ -25,8 +25,7 @@ pub struct Acl {
 
 impl Acl {
     pub fn from_config(value: &serde_json::Value) -> Result<Self, BuildError> {
-        let cfg: Config = serde_json::from_value(value.clone())
-            .map_err(|e| BuildError::new("config", e.to_string()))?;
+        let cfg: Config = crate::parse_config(value)?;
         if cfg.allow.is_empty() && cfg.deny.is_empty() {
             return Err(BuildError::new(
                 "config",

@@ -41,8 +41,7 @@ impl KeyAuth {
         value: &serde_json::Value,
         consumers: &Arc<ConsumerSet>,
     ) -> Result<Self, BuildError> {
-        let cfg: Config = serde_json::from_value(value.clone())
-            .map_err(|e| BuildError::new("config", e.to_string()))?;
+        let cfg: Config = crate::parse_config(value)?;
         let header = HeaderName::from_bytes(cfg.header.as_bytes()).map_err(|_| {
             BuildError::new(
                 "config.header",

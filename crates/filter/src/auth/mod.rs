@@ -1,7 +1,9 @@
 //! Authentication and authorization filters: who is calling, and may they.
 
 mod acl;
+mod jwt;
 mod key_auth;
 
 pub use acl::Acl;
+pub use jwt::Jwt;
 pub use key_auth::KeyAuth;

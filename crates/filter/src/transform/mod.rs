@@ -26,8 +26,7 @@ impl Transform {
         value: &serde_json::Value,
         captures: &[Arc<str>],
     ) -> Result<Self, BuildError> {
-        let cfg: TransformConfig = serde_json::from_value(value.clone())
-            .map_err(|e| BuildError::new("config", e.to_string()))?;
+        let cfg: TransformConfig = crate::parse_config(value)?;
         cfg.compile(captures)
     }
 
