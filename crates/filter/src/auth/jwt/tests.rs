@@ -193,7 +193,7 @@ fn bad_configs_name_the_field() {
     };
     let jwks = json!({"inline": {"keys": [{"kty": "oct", "k": k()}]}});
     let e = err(json!({"providers": [{"jwks": jwks, "algorithms": ["RS256", "none"]}]}));
-    assert_eq!(e.path, "config.providers.0.algorithms[1]");
+    assert_eq!(e.path, "config.providers.0.algorithms.1");
     let e = err(
         json!({"providers": [{"jwks": {"inline": {"keys": [{"kty": "RSA", "use": "enc", "n": "AQAB", "e": "AQAB"}]}}}]}),
     );
