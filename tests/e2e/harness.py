@@ -150,6 +150,87 @@ class Backend:
         self.server.server_close()
 
 
+# ---------------------------------------------------------------- identity provider
+
+
+class Idp:
+    """A real HTTP identity-provider peer: serves `self.jwks` at /jwks.json (status
+    `self.status`; `self.delay` seconds late) and answers RFC 7662 token introspection at
+    /introspect from `self.tokens` (token -> answer dict), checking HTTP Basic client
+    credentials against `self.client`. Records every request as (method, path, headers, body)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.jwks = {"keys": []}
+        self.status = 200
+        self.delay = 0.0
+        self.tokens = {}
+        self.client = ("gw", "gw-secret")
+        self.hits = []
+        self.lock = threading.Lock()
+        idp = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _reply(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                with idp.lock:
+                    idp.hits.append(("GET", self.path, dict(self.headers), b""))
+                time.sleep(idp.delay)
+                if self.path != "/jwks.json":
+                    return self._reply(404, {})
+                self._reply(idp.status, idp.jwks if idp.status == 200 else {"error": "down"})
+
+            def do_POST(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n)
+                with idp.lock:
+                    idp.hits.append(("POST", self.path, dict(self.headers), body))
+                time.sleep(idp.delay)
+                if self.path != "/introspect":
+                    return self._reply(404, {})
+                if idp.status != 200:
+                    return self._reply(idp.status, {"error": "down"})
+                import base64
+                import urllib.parse
+                want = "Basic " + base64.b64encode(f"{idp.client[0]}:{idp.client[1]}".encode()).decode()
+                if self.headers.get("authorization") != want:
+                    return self._reply(401, {"error": "invalid_client"})
+                form = urllib.parse.parse_qs(body.decode())
+                token = form.get("token", [""])[0]
+                self._reply(200, idp.tokens.get(token, {"active": False}))
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def count(self, path):
+        with self.lock:
+            return sum(1 for h in self.hits if h[1] == path)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # ---------------------------------------------------------------- meshgate
 
 

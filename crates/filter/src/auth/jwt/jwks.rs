@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// An unknown `kid` refetches the set at most this often, so a flood of made-up key
-/// ids cannot turn into a flood of requests to the identity provider.
+/// An unknown `kid` refetches the set at most this often (or every `refresh`, when
+/// that is shorter), so a flood of made-up key ids cannot turn into a flood of
+/// requests to the identity provider.
 const MIN_REFETCH: Duration = Duration::from_secs(10);
 
 /// A key usable for verifying signatures.
@@ -174,7 +175,8 @@ impl Remote {
 
     /// May an unknown `kid` trigger a fetch now?
     pub fn may_refetch(&self) -> bool {
-        self.last_fetch().is_none_or(|t| t.elapsed() >= MIN_REFETCH)
+        let gap = self.refresh.min(MIN_REFETCH);
+        self.last_fetch().is_none_or(|t| t.elapsed() >= gap)
     }
 
     /// Fetch the set unless another caller did since `seen` (the generation this
