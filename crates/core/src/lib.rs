@@ -36,6 +36,11 @@ pub struct RequestCtx {
     pub extensions: http::Extensions,
 }
 
+/// The request path exactly as the client sent it, kept in [`RequestCtx::extensions`]
+/// only when normalisation changed it (filters then see the normalised path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginalPath(pub String);
+
 /// The caller as authentication established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumer {

@@ -49,6 +49,27 @@ impl Chain {
         Ok(Flow::Continue)
     }
 
+    /// Does any filter need the buffered request body?
+    pub fn wants_body(&self) -> bool {
+        self.filters.iter().any(|f| f.wants_body())
+    }
+
+    /// Run `on_body` in order for the filters that asked for the body.
+    pub fn on_body(
+        &self,
+        ctx: &mut RequestCtx,
+        req: &http::request::Parts,
+        body: &bytes::Bytes,
+    ) -> FilterResult {
+        for f in self.filters.iter().filter(|f| f.wants_body()) {
+            match f.on_body(ctx, req, body)? {
+                Flow::Continue => {}
+                other => return Ok(other),
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
     /// Run `on_response` in reverse order.
     pub fn on_response(&self, ctx: &RequestCtx, resp: &mut http::response::Parts) {
         for f in self.filters.iter().rev() {

@@ -53,7 +53,8 @@ impl std::fmt::Debug for Step<'_> {
 }
 
 /// One filter in an Api's chain. Phases, in the order the proxy runs them:
-/// `on_request` (chain order) → invoke → `on_response` (reverse order) →
+/// `on_request` (chain order) → `on_body` (chain order, only for filters that want
+/// the body) → invoke → `on_response` (reverse order) →
 /// `on_complete` (always, even when an earlier phase failed).
 pub trait Filter: Send + Sync + 'static {
     /// The built-in's name, as written in `filters:`.
@@ -65,6 +66,22 @@ pub trait Filter: Send + Sync + 'static {
         _req: &'a mut http::request::Parts,
     ) -> Step<'a> {
         Step::Done(Ok(Flow::Continue))
+    }
+
+    /// True when the filter must see the whole request body (`on_body`). The proxy
+    /// then buffers the body, within the Api's size limit, before invoking.
+    fn wants_body(&self) -> bool {
+        false
+    }
+
+    /// The whole request body, after every filter's `on_request` has passed.
+    fn on_body(
+        &self,
+        _ctx: &mut RequestCtx,
+        _req: &http::request::Parts,
+        _body: &Bytes,
+    ) -> FilterResult {
+        Ok(Flow::Continue)
     }
 
     fn on_response(&self, _ctx: &RequestCtx, _resp: &mut http::response::Parts) {}

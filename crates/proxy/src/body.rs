@@ -9,6 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+/// The client's request body as the dispatcher hands it to invoke: still streaming,
+/// or already read whole because a filter needed it.
+#[derive(Debug)]
+pub enum Inbound {
+    Stream(Incoming),
+    Buffered(Bytes),
+}
+
 /// The body sent upstream: nothing, a buffered copy (replayable for retries), or the
 /// client's stream under a size limit.
 #[derive(Debug)]

@@ -3,7 +3,7 @@
 
 use crate::Shared;
 use crate::access_log::LogSink;
-use crate::body::{Completion, ResponseBody};
+use crate::body::{Completion, Inbound, ResponseBody};
 use crate::invoke::{self, strip_hop_by_hop};
 use crate::metrics::ApiStats;
 use crate::respond::{self, X_REQUEST_ID};
@@ -252,12 +252,35 @@ async fn serve(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
     let (mut parts, body) = req.into_parts();
+    if normalized.is_some() {
+        // The path as the client sent it, for filters that check signatures over it.
+        ctx.extensions
+            .insert(meshgate_core::OriginalPath(parts.uri.path().to_string()));
+    }
     set_path(&mut parts.uri, normalized)?;
+    // Filters see the authority the same way over HTTP/1.1 and HTTP/2: as `Host`.
+    if let Some(h) = &client_host
+        && !parts.headers.contains_key(header::HOST)
+    {
+        parts.headers.insert(header::HOST, h.clone());
+    }
     for chain in [&gw.global, &api.chain] {
         if let Flow::Respond(r) = chain.on_request(ctx, &mut parts).await? {
             return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
         }
     }
+    let body = if gw.global.wants_body() || api.chain.wants_body() {
+        let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let bytes = invoke::collect_limited(body, limit, &exceeded).await?;
+        for chain in [&gw.global, &api.chain] {
+            if let Flow::Respond(r) = chain.on_body(ctx, &parts, &bytes)? {
+                return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
+            }
+        }
+        Inbound::Buffered(bytes)
+    } else {
+        Inbound::Stream(body)
+    };
     let up = match &api.invoke {
         Invoke::Mock(m) => {
             let mut r = Response::new(ResponseBody::full(m.body.clone()));

@@ -1,6 +1,6 @@
 //! The invoke phase for an upstream Api: split → balance → connect → retry/timeout.
 
-use crate::body::{LimitedIncoming, ResponseBody, UpstreamBody};
+use crate::body::{Inbound, LimitedIncoming, ResponseBody, UpstreamBody};
 use crate::client::Transport;
 use crate::state::{Active, ClusterRt};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
@@ -89,13 +89,18 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 
 /// Prepare the body once: replayable when small and retries may need it.
 async fn prepare_body(
-    body: Incoming,
+    body: Inbound,
     parts: &http::request::Parts,
     limit: u64,
     exceeded: &Arc<AtomicBool>,
     retries: bool,
 ) -> Result<UpstreamBody, GatewayError> {
     use http_body::Body;
+    let body = match body {
+        Inbound::Buffered(b) if b.is_empty() => return Ok(UpstreamBody::Empty),
+        Inbound::Buffered(b) => return Ok(UpstreamBody::Full(Some(b))),
+        Inbound::Stream(b) => b,
+    };
     if body.is_end_stream() {
         return Ok(UpstreamBody::Empty);
     }
@@ -103,24 +108,37 @@ async fn prepare_body(
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match len {
+        Some(n) if retries && n <= REPLAY_BUFFER => Ok(UpstreamBody::Full(Some(
+            collect_limited(body, limit, exceeded).await?,
+        ))),
+        _ => Ok(UpstreamBody::Stream(LimitedIncoming {
+            inner: body,
+            remaining: limit,
+            exceeded: exceeded.clone(),
+        })),
+    }
+}
+
+/// Read the whole client body, failing with 413 past `limit` bytes.
+pub async fn collect_limited(
+    body: Incoming,
+    limit: u64,
+    exceeded: &Arc<AtomicBool>,
+) -> Result<bytes::Bytes, GatewayError> {
     let limited = LimitedIncoming {
         inner: body,
         remaining: limit,
         exceeded: exceeded.clone(),
     };
-    match len {
-        Some(n) if retries && n <= REPLAY_BUFFER => {
-            let collected = UpstreamBody::Stream(limited).collect().await.map_err(|_| {
-                if exceeded.load(Ordering::Relaxed) {
-                    GatewayError::new(ErrorCode::PayloadTooLarge, "request body is too large")
-                } else {
-                    GatewayError::new(ErrorCode::InvalidRequest, "request body ended early")
-                }
-            })?;
-            Ok(UpstreamBody::Full(Some(collected.to_bytes())))
+    let collected = UpstreamBody::Stream(limited).collect().await.map_err(|_| {
+        if exceeded.load(Ordering::Relaxed) {
+            GatewayError::new(ErrorCode::PayloadTooLarge, "request body is too large")
+        } else {
+            GatewayError::new(ErrorCode::InvalidRequest, "request body ended early")
         }
-        _ => Ok(UpstreamBody::Stream(limited)),
-    }
+    })?;
+    Ok(collected.to_bytes())
 }
 
 fn replay(body: &UpstreamBody) -> Option<UpstreamBody> {
@@ -166,7 +184,7 @@ pub async fn call(
     up: &Upstream,
     ctx: &RequestCtx,
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: Inbound,
     body_limit: u64,
 ) -> Result<Answer, GatewayError> {
     let start = Instant::now();
