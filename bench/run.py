@@ -99,9 +99,10 @@ def parse_ms(v):
     return float(v)
 
 
-def wrk(url, conns, duration):
+def wrk(url, conns, duration, headers=()):
+    extra = [a for h in headers for a in ("-H", h)]
     out = subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", url],
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", *extra, url],
         capture_output=True, text=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -123,10 +124,10 @@ def h2load(url, duration):
     return {"rps": rps, "requests": done, "p50": parse_ms(m.group(3)) if m else 0, "p99": 0.0, "errors": 0}
 
 
-def measure(target, kind, url, conns, duration):
+def measure(target, kind, url, conns, duration, headers=()):
     pid = target["proc"].pid
     c0, o0 = cpu_seconds(pid), others_cpu()
-    r = wrk(url, conns, duration) if kind == "h1" else h2load(url, duration)
+    r = wrk(url, conns, duration, headers) if kind == "h1" else h2load(url, duration)
     c1, o1 = cpu_seconds(pid), others_cpu()
     r["cpu"] = c1 - c0
     r["per_cpu_s"] = r["requests"] / max(r["cpu"], 1e-6)

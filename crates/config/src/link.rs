@@ -498,10 +498,7 @@ fn consumer_set(
 ) -> ConsumerSet {
     let mut set = ConsumerSet::default();
     for (i, d) in drafts {
-        let consumer = set.add(meshgate_core::Consumer {
-            name: docs[i].name.as_str().into(),
-            groups: d.groups.iter().map(|g| g.as_str().into()).collect(),
-        });
+        let consumer = set.add(meshgate_core::Consumer::new(&docs[i].name, &d.groups));
         let mut clash = |j: usize, field: &str, what: &str, other: String| {
             Check {
                 doc: &docs[i],

@@ -25,8 +25,8 @@ pub struct RequestCtx {
     pub api: Option<Arc<str>>,
     /// Path captures from the route template, in template order.
     pub captures: Vec<(Arc<str>, String)>,
-    /// The authenticated caller, set by an auth filter.
-    pub consumer: Option<Consumer>,
+    /// The authenticated caller, set by an auth filter (shared with the snapshot).
+    pub consumer: Option<Arc<Consumer>>,
     /// The peer's verified workload identity (a SPIFFE ID), set by mesh mTLS.
     pub identity: Option<Arc<str>>,
     /// True for `content-type: application/grpc*`: errors become `grpc-status`.
@@ -46,6 +46,24 @@ pub struct OriginalPath(pub String);
 pub struct Consumer {
     pub name: Arc<str>,
     pub groups: Vec<Arc<str>>,
+    /// The identity headers' values, built once per snapshot: `x-consumer-name`,
+    /// and `x-consumer-groups` (absent without groups or when not header-safe).
+    pub name_header: Option<http::HeaderValue>,
+    pub groups_header: Option<http::HeaderValue>,
+}
+
+impl Consumer {
+    pub fn new(name: &str, groups: &[String]) -> Self {
+        let joined = groups.join(",");
+        Self {
+            name: name.into(),
+            groups: groups.iter().map(|g| g.as_str().into()).collect(),
+            name_header: http::HeaderValue::from_str(name).ok(),
+            groups_header: (!groups.is_empty())
+                .then(|| http::HeaderValue::from_str(&joined).ok())
+                .flatten(),
+        }
+    }
 }
 
 impl RequestCtx {

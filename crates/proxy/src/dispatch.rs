@@ -355,14 +355,11 @@ fn identity_headers(h: &mut http::HeaderMap, ctx: &RequestCtx) {
     h.remove(X_CONSUMER_NAME);
     h.remove(X_CONSUMER_GROUPS);
     let Some(c) = &ctx.consumer else { return };
-    if let Ok(v) = HeaderValue::from_str(&c.name) {
-        h.insert(X_CONSUMER_NAME, v);
+    if let Some(v) = &c.name_header {
+        h.insert(X_CONSUMER_NAME, v.clone());
     }
-    if !c.groups.is_empty() {
-        let groups: Vec<&str> = c.groups.iter().map(|g| &**g).collect();
-        if let Ok(v) = HeaderValue::from_str(&groups.join(",")) {
-            h.insert(X_CONSUMER_GROUPS, v);
-        }
+    if let Some(v) = &c.groups_header {
+        h.insert(X_CONSUMER_GROUPS, v.clone());
     }
 }
 

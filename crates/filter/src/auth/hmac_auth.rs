@@ -353,7 +353,7 @@ impl HmacAuth {
         if let Some(n) = nonce {
             self.use_nonce(&key_id, &n, now)?;
         }
-        ctx.consumer = Some((*cred.consumer).clone());
+        ctx.consumer = Some(cred.consumer.clone());
         Ok(DigestCheck {
             covered: covered.contains(&"content-digest"),
         })

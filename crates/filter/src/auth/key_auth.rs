@@ -59,33 +59,30 @@ impl KeyAuth {
         })
     }
 
-    /// Every key the request presents: each header value and each query occurrence.
-    /// The query occurrences are removed from the URI.
-    fn take_keys(&self, req: &mut http::request::Parts) -> Result<Vec<Vec<u8>>, GatewayError> {
-        let mut keys: Vec<Vec<u8>> = req
-            .headers
-            .get_all(&self.header)
-            .iter()
-            .map(|v| v.as_bytes().to_vec())
-            .collect();
-        if self.hide {
+    /// The one key the request presents (header values and query occurrences must
+    /// all agree, or the request is ambiguous). Query occurrences are removed.
+    fn take_key(&self, req: &mut http::request::Parts) -> Result<Key, GatewayError> {
+        let mut key = Key::None;
+        for v in req.headers.get_all(&self.header) {
+            key.offer(Key::Header(v.clone()))?;
+        }
+        if self.hide && !matches!(key, Key::None) {
             req.headers.remove(&self.header);
         }
         if let Some(param) = &self.query
             && let Some(q) = req.uri.query()
         {
             let mut kept: Vec<&str> = Vec::new();
-            let mut found = false;
+            let mut found = Vec::new();
             for pair in q.split('&') {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                 if decode(k).as_deref() == Some(param.as_bytes()) {
-                    keys.push(decode(v).unwrap_or_default());
-                    found = true;
+                    found.push(decode(v).unwrap_or_default());
                 } else {
                     kept.push(pair);
                 }
             }
-            if found {
+            if !found.is_empty() {
                 let pq = if kept.is_empty() {
                     req.uri.path().to_string()
                 } else {
@@ -95,8 +92,40 @@ impl KeyAuth {
                     GatewayError::new(ErrorCode::InvalidRequest, "invalid request target")
                 })?;
             }
+            for f in found {
+                key.offer(Key::Query(f))?;
+            }
         }
-        Ok(keys)
+        Ok(key)
+    }
+}
+
+/// The key found so far: header values are kept by reference count, not copied.
+enum Key {
+    None,
+    Header(http::HeaderValue),
+    Query(Vec<u8>),
+}
+
+impl Key {
+    fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Self::None => None,
+            Self::Header(v) => Some(v.as_bytes()),
+            Self::Query(v) => Some(v),
+        }
+    }
+
+    /// Take `other` as the key, or check it is the same key.
+    fn offer(&mut self, other: Key) -> Result<(), GatewayError> {
+        match self.bytes() {
+            None => *self = other,
+            Some(k) if Some(k) != other.bytes() => {
+                return Err(unauthorized("ambiguous request: more than one API key"));
+            }
+            Some(_) => {}
+        }
+        Ok(())
     }
 }
 
@@ -119,21 +148,16 @@ impl Filter for KeyAuth {
         ctx: &'a mut RequestCtx,
         req: &'a mut http::request::Parts,
     ) -> Step<'a> {
-        let keys = match self.take_keys(req) {
+        let key = match self.take_key(req) {
             Ok(k) => k,
             Err(e) => return Step::Done(Err(e)),
         };
-        let Some(first) = keys.first() else {
+        let Some(first) = key.bytes() else {
             return Step::Done(Err(unauthorized("missing API key")));
         };
-        if keys.iter().any(|k| k != first) {
-            return Step::Done(Err(unauthorized(
-                "ambiguous request: more than one API key",
-            )));
-        }
         match self.consumers.by_key(first) {
             Some(c) => {
-                ctx.consumer = Some((**c).clone());
+                ctx.consumer = Some(c.clone());
                 Step::Done(Ok(Flow::Continue))
             }
             None => Step::Done(Err(unauthorized("invalid API key"))),

@@ -654,7 +654,7 @@ impl Jwt {
             req.headers.insert(h.clone(), value.clone());
         }
         if let Some(c) = &v.consumer {
-            ctx.consumer = Some((**c).clone());
+            ctx.consumer = Some(c.clone());
         }
     }
 
