@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use meshgate_api::{ApiSpec, FilterRef, InvokeSpec};
 use meshgate_core::parse_duration;
-use meshgate_filter::{BuildCtx, Chain, Conflict, ConsumerSet, Filter, HeaderOps, Transform};
+use meshgate_filter::{
+    BuildCtx, Chain, Conflict, ConsumerSet, Filter, HeaderOps, RequestValidator, Transform,
+};
 use meshgate_route::{RewriteTemplate, Route, Router};
 use meshgate_upstream::{RetryOn, RetryPolicy, Selector};
 use std::collections::BTreeMap;
@@ -218,6 +220,15 @@ fn api_chain(
     for (i, f) in spec.filters.iter().enumerate() {
         let path = format!("spec.filters.{i}");
         filters.extend(filter_entry(c, refs, f, &path, captures, true));
+    }
+    // Validation runs after the Api's filters: unauthenticated callers learn nothing
+    // about the API's parameters.
+    let r = &spec.request;
+    let schema = r.body.as_ref().and_then(|b| b.schema.as_ref());
+    match RequestValidator::from_spec(r.params.as_ref(), schema, captures.unwrap_or(ANY_CAPTURES)) {
+        Ok(Some(v)) => filters.push(Arc::new(v)),
+        Ok(None) => {}
+        Err(e) => c.err(format!("spec.request.{}", e.path), e.message),
     }
     (c.diags.len() == before).then(|| Chain::new(filters))
 }

@@ -549,15 +549,7 @@ fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
             headers.push(HeaderMatch { name, regex });
         }
     }
-    if r.params.is_some() {
-        c.not_built("spec.request.params", "request parameter validation");
-    }
-    let max_body_bytes = r.body.as_ref().and_then(|b| {
-        if b.schema.is_some() {
-            c.not_built("spec.request.body.schema", "JSON Schema body validation");
-        }
-        b.max_bytes
-    });
+    let max_body_bytes = r.body.as_ref().and_then(|b| b.max_bytes);
     let inv = &spec.invoke;
     let kinds = [
         inv.service.is_some(),

@@ -13,12 +13,14 @@ mod consumers;
 mod header_ops;
 mod registry;
 mod transform;
+mod validate;
 
 pub use chain::Chain;
 pub use consumers::{Conflict, ConsumerSet, HmacCredential};
 pub use header_ops::{HeaderOps, HeaderOpsConfig};
 pub use registry::{BuildCtx, BuildError, build, is_known};
 pub use transform::Transform;
+pub use validate::RequestValidator;
 
 use bytes::Bytes;
 use meshgate_core::{GatewayError, RequestCtx};
