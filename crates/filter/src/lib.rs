@@ -105,3 +105,46 @@ pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(
 ) -> Result<T, registry::BuildError> {
     T::deserialize(value).map_err(|e| registry::BuildError::new("config", e.to_string()))
 }
+
+/// Every value of query parameter `name` (names and values percent-decoded, `+` as a
+/// space), removing those occurrences from the URI when `remove` is set.
+pub(crate) fn take_query_param(
+    req: &mut http::request::Parts,
+    name: &str,
+    remove: bool,
+) -> Result<Vec<Vec<u8>>, GatewayError> {
+    let Some(q) = req.uri.query() else {
+        return Ok(Vec::new());
+    };
+    let decode = |s: &str| -> Vec<u8> {
+        let plus = s.replace('+', " ");
+        percent_encoding::percent_decode_str(&plus).collect()
+    };
+    let mut kept: Vec<&str> = Vec::new();
+    let mut found = Vec::new();
+    for pair in q.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode(k) == name.as_bytes() {
+            found.push(decode(v));
+            if !remove {
+                kept.push(pair);
+            }
+        } else {
+            kept.push(pair);
+        }
+    }
+    if remove && !found.is_empty() {
+        let pq = if kept.is_empty() {
+            req.uri.path().to_string()
+        } else {
+            format!("{}?{}", req.uri.path(), kept.join("&"))
+        };
+        req.uri = with_path_and_query(&req.uri, pq).map_err(|_| {
+            GatewayError::new(
+                meshgate_core::ErrorCode::InvalidRequest,
+                "invalid request target",
+            )
+        })?;
+    }
+    Ok(found)
+}

@@ -69,30 +69,8 @@ impl KeyAuth {
         if self.hide && !matches!(key, Key::None) {
             req.headers.remove(&self.header);
         }
-        if let Some(param) = &self.query
-            && let Some(q) = req.uri.query()
-        {
-            let mut kept: Vec<&str> = Vec::new();
-            let mut found = Vec::new();
-            for pair in q.split('&') {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                if decode(k).as_deref() == Some(param.as_bytes()) {
-                    found.push(decode(v).unwrap_or_default());
-                } else {
-                    kept.push(pair);
-                }
-            }
-            if !found.is_empty() {
-                let pq = if kept.is_empty() {
-                    req.uri.path().to_string()
-                } else {
-                    format!("{}?{}", req.uri.path(), kept.join("&"))
-                };
-                req.uri = crate::with_path_and_query(&req.uri, pq).map_err(|_| {
-                    GatewayError::new(ErrorCode::InvalidRequest, "invalid request target")
-                })?;
-            }
-            for f in found {
+        if let Some(param) = &self.query {
+            for f in crate::take_query_param(req, param, true)? {
                 key.offer(Key::Query(f))?;
             }
         }
@@ -127,11 +105,6 @@ impl Key {
         }
         Ok(())
     }
-}
-
-fn decode(s: &str) -> Option<Vec<u8>> {
-    let plus = s.replace('+', " ");
-    Some(percent_encoding::percent_decode_str(&plus).collect())
 }
 
 fn unauthorized(message: &str) -> GatewayError {

@@ -1,6 +1,7 @@
 //! Authentication and authorization filters: who is calling, and may they.
 
 mod acl;
+mod bearer;
 mod hmac_auth;
 mod jwt;
 mod key_auth;

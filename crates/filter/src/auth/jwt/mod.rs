@@ -13,6 +13,7 @@
 
 mod jwks;
 
+use super::bearer::BearerSource;
 use crate::consumers::ConsumerSet;
 use crate::registry::BuildError;
 use crate::{Filter, Flow, Step};
@@ -150,10 +151,7 @@ struct Verified {
 pub struct Jwt {
     providers: Vec<Provider>,
     leeway: u64,
-    header: HeaderName,
-    bearer: bool,
-    query: Option<String>,
-    forward: bool,
+    source: BearerSource,
     require_consumer: bool,
     /// Every header any provider sets from claims: always removed from the request.
     claim_headers: Vec<HeaderName>,
@@ -280,12 +278,7 @@ impl Provider {
     }
 }
 
-fn unauthorized(message: impl Into<String>) -> GatewayError {
-    GatewayError::new(ErrorCode::Unauthorized, message).with_header(
-        http::header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer error=\"invalid_token\""),
-    )
-}
+use super::bearer::invalid_token as unauthorized;
 
 fn now_unix() -> u64 {
     SystemTime::now()
@@ -400,12 +393,7 @@ impl Jwt {
             cfg.leeway.as_deref(),
             Duration::from_secs(60),
         )?;
-        let header = HeaderName::from_bytes(cfg.header.as_bytes()).map_err(|_| {
-            BuildError::new(
-                "config.header",
-                format!("{:?} is not a header name", cfg.header),
-            )
-        })?;
+        let source = BearerSource::new(&cfg.header, cfg.query, cfg.forward)?;
         let providers = cfg
             .providers
             .into_iter()
@@ -421,84 +409,13 @@ impl Jwt {
         Ok(Self {
             providers,
             leeway: leeway.as_secs(),
-            bearer: header == http::header::AUTHORIZATION,
-            header,
-            query: cfg.query,
-            forward: cfg.forward,
+            source,
             require_consumer: cfg.require_consumer,
             claim_headers,
             consumers: consumers.clone(),
             cache: Mutex::new(HashMap::default()),
             cache_size: cfg.cache_size,
         })
-    }
-
-    /// The one token the request carries (removed unless forwarded).
-    fn take_token(&self, req: &mut http::request::Parts) -> Result<String, GatewayError> {
-        let mut found: Vec<String> = Vec::new();
-        for v in req.headers.get_all(&self.header) {
-            let s = v
-                .to_str()
-                .map_err(|_| unauthorized("malformed token"))?
-                .trim();
-            let token = if self.bearer {
-                let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
-                if !scheme.eq_ignore_ascii_case("bearer") {
-                    continue;
-                }
-                rest.trim()
-            } else {
-                s
-            };
-            found.push(token.to_string());
-        }
-        if !self.forward && !found.is_empty() {
-            req.headers.remove(&self.header);
-        }
-        if let Some(param) = &self.query
-            && let Some(q) = req.uri.query()
-        {
-            let mut kept = Vec::new();
-            let mut hit = false;
-            for pair in q.split('&') {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                if k == param {
-                    found.push(
-                        percent_encoding::percent_decode_str(v)
-                            .decode_utf8_lossy()
-                            .into_owned(),
-                    );
-                    hit = true;
-                    if self.forward {
-                        kept.push(pair);
-                    }
-                } else {
-                    kept.push(pair);
-                }
-            }
-            if hit && !self.forward {
-                let pq = if kept.is_empty() {
-                    req.uri.path().to_string()
-                } else {
-                    format!("{}?{}", req.uri.path(), kept.join("&"))
-                };
-                req.uri = crate::with_path_and_query(&req.uri, pq).map_err(|_| {
-                    GatewayError::new(ErrorCode::InvalidRequest, "invalid request target")
-                })?;
-            }
-        }
-        let Some(first) = found.first() else {
-            return Err(
-                GatewayError::new(ErrorCode::Unauthorized, "missing bearer token").with_header(
-                    http::header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer"),
-                ),
-            );
-        };
-        if found.iter().any(|t| t != first) {
-            return Err(unauthorized("ambiguous request: more than one token"));
-        }
-        Ok(found.swap_remove(0))
     }
 
     /// The provider for a token: the one naming its `iss`, else one naming no issuer.
@@ -697,7 +614,7 @@ impl Filter for Jwt {
         for h in &self.claim_headers {
             req.headers.remove(h);
         }
-        let token = match self.take_token(req) {
+        let token = match self.source.take(req) {
             Ok(t) => t,
             Err(e) => return Step::Done(Err(e)),
         };
