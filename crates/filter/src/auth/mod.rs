@@ -3,10 +3,12 @@
 mod acl;
 mod bearer;
 mod hmac_auth;
+mod introspection;
 mod jwt;
 mod key_auth;
 
 pub use acl::Acl;
 pub use hmac_auth::HmacAuth;
+pub use introspection::Introspection;
 pub use jwt::Jwt;
 pub use key_auth::KeyAuth;
