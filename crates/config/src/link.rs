@@ -509,7 +509,11 @@ fn consumer_set(
 ) -> ConsumerSet {
     let mut set = ConsumerSet::default();
     for (i, d) in drafts {
-        let consumer = set.add(meshgate_core::Consumer::new(&docs[i].name, &d.groups));
+        let consumer = set.add(meshgate_core::Consumer::new(
+            &docs[i].name,
+            &d.groups,
+            d.labels,
+        ));
         let mut clash = |j: usize, field: &str, what: &str, other: String| {
             Check {
                 doc: &docs[i],

@@ -51,6 +51,7 @@ pub struct Checked {
 #[derive(Debug)]
 pub struct ConsumerDraft {
     pub groups: Vec<String>,
+    pub labels: BTreeMap<String, String>,
     /// API keys, with the index of their credential entry.
     pub keys: Vec<(usize, Vec<u8>)>,
     /// HMAC signing keys: credential index, key id, secret.
@@ -106,6 +107,7 @@ fn consumer(c: &mut Check<'_>, spec: &ConsumerSpec) -> Option<ConsumerDraft> {
     }
     (c.diags.len() == before).then(|| ConsumerDraft {
         groups: spec.groups.clone(),
+        labels: spec.labels.clone(),
         keys,
         hmac,
         jwts,

@@ -46,6 +46,8 @@ pub struct OriginalPath(pub String);
 pub struct Consumer {
     pub name: Arc<str>,
     pub groups: Vec<Arc<str>>,
+    /// The Consumer's labels, for decisions keyed on them (grey release by label).
+    pub labels: std::collections::BTreeMap<String, String>,
     /// The identity headers' values, built once per snapshot: `x-consumer-name`,
     /// and `x-consumer-groups` (absent without groups or when not header-safe).
     pub name_header: Option<http::HeaderValue>,
@@ -53,10 +55,15 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    pub fn new(name: &str, groups: &[String]) -> Self {
+    pub fn new(
+        name: &str,
+        groups: &[String],
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Self {
         let joined = groups.join(",");
         Self {
             name: name.into(),
+            labels,
             groups: groups.iter().map(|g| g.as_str().into()).collect(),
             name_header: http::HeaderValue::from_str(name).ok(),
             groups_header: (!groups.is_empty())
