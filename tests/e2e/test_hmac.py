@@ -184,3 +184,13 @@ def test_signed_request_over_http2(gw):
     status, _, body, _ = curl(*args, gw.url + "/hmac/h2")
     assert status == 200, body
     assert json.loads(body)["headers"]["x-consumer-name"] == "partner-one"
+
+
+def test_hmac_secrets_never_shown(gw):
+    send(signed("GET", gw.url + "/hmac/x"))
+    _, cfg = gw.admin("GET", "/config")
+    assert "partner-one-shared-secret" not in cfg and "partner-two-shared-secret" not in cfg
+    assert "MESHGATE_TEST_HMAC_2" in cfg and "<redacted>" in cfg
+    _, metrics = gw.admin("GET", "/metrics")
+    assert "shared-secret" not in metrics
+    assert "shared-secret" not in gw.log_path.read_text()

@@ -288,3 +288,14 @@ def test_each_token_is_verified_once(gw, backend, idp):
     raw = bytearray(base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)))
     raw[0] ^= 1
     assert_refused(gw, backend, f"{head}.{body}.{b64(bytes(raw))}")
+
+
+def test_symmetric_keys_are_redacted_in_config(tmp_path, backend, gateways):
+    jwks = {"keys": [{"kty": "oct", "kid": "hs", "k": b64(HS_SECRET)}]}
+    g = Gateway(tmp_path, service("up", backend) + api(
+        "inline", "/inline", "{service: up}",
+        extra=jwt_filter(provider(ISS, "{inline: " + json.dumps(jwks) + "}"))))
+    gateways.append(g)
+    assert call(g, mint("HS256"), "/inline")[0] == 200
+    _, cfg = g.admin("GET", "/config")
+    assert b64(HS_SECRET) not in cfg and "<redacted>" in cfg

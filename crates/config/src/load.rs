@@ -25,6 +25,8 @@ pub enum Resource {
 }
 
 impl Resource {
+    /// The resource as shown by `GET /config`: secrets redacted (Consumer secrets by
+    /// their type, secret members of JWKs inside filter configs here).
     pub fn to_json(&self) -> serde_json::Value {
         let v = match self {
             Self::Gateway(e) => serde_json::to_value(e),
@@ -33,7 +35,30 @@ impl Resource {
             Self::Policy(e) => serde_json::to_value(e),
             Self::Consumer(e) => serde_json::to_value(e),
         };
-        v.unwrap_or(serde_json::Value::Null)
+        let mut v = v.unwrap_or(serde_json::Value::Null);
+        redact_jwks(&mut v);
+        v
+    }
+}
+
+/// JWK members that are secret (RFC 7518 §6): the symmetric key and private parts.
+const JWK_SECRETS: &[&str] = &["k", "d", "p", "q", "dp", "dq", "qi", "oth"];
+
+/// Replace the secret members of every JSON Web Key (an object with `kty`).
+fn redact_jwks(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let is_jwk = map.contains_key("kty");
+            for (k, child) in map.iter_mut() {
+                if is_jwk && JWK_SECRETS.contains(&k.as_str()) {
+                    *child = serde_json::Value::String(meshgate_api::REDACTED.into());
+                } else {
+                    redact_jwks(child);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_jwks),
+        _ => {}
     }
 }
 
