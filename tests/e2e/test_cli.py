@@ -15,6 +15,16 @@ def test_validate_ok_on_quickstart():
     assert p.stdout.startswith("ok: 1 gateway(s)")
 
 
+def test_readme_cargo_run_picks_the_gateway_binary():
+    """The README's commands are `cargo run -p meshgate -- ...`; with more than one
+    binary in the package, that only works while `default-run` names meshgate."""
+    p = subprocess.run(["cargo", "run", "-q", "-p", "meshgate", "--", "validate", "-c",
+                        str(ROOT / "examples" / "quickstart")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith("ok: 1 gateway(s), 1 service(s), 4 api(s)")
+
+
 def test_validate_reports_every_problem_with_file_and_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(
