@@ -73,21 +73,26 @@ impl KeySet {
         })
     }
 
-    /// Keys that may verify a token signed with `alg` and naming `kid`.
+    /// Keys that may verify a token signed with `alg` and naming `kid`. A key with a
+    /// different `kid` is skipped; a key without one is still tried (as Envoy does),
+    /// since many key sets name no kids while tokens carry them.
     pub fn candidates<'a>(
         &'a self,
         alg: Algorithm,
         kid: Option<&'a str>,
     ) -> impl Iterator<Item = &'a Key> + 'a {
         self.keys.iter().filter(move |k| {
-            kid.is_none_or(|id| k.kid.as_deref() == Some(id))
+            !matches!((kid, k.kid.as_deref()), (Some(want), Some(have)) if want != have)
                 && k.alg.is_none_or(|a| a == alg)
                 && k.key.family() == alg.family()
         })
     }
 
+    /// Could a key of this set answer to `kid`? (A set with kid-less keys always could.)
     pub fn has_kid(&self, kid: &str) -> bool {
-        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+        self.keys
+            .iter()
+            .any(|k| k.kid.as_deref().is_none_or(|have| have == kid))
     }
 }
 
