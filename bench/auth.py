@@ -33,32 +33,14 @@ KEY = "bench-key-0123456789abcdef"
 
 
 def config(port, backend, jwks):
-    return f"""apiVersion: meshgate.io/v1
-kind: Gateway
-metadata: {{name: bench}}
-spec:
-  listeners: [{{name: web, address: "127.0.0.1:{port}"}}]
-  accessLog: {{path: "off"}}
----
-apiVersion: meshgate.io/v1
-kind: Service
-metadata: {{name: backend}}
-spec:
-  endpoints: [{{address: "127.0.0.1:{backend}"}}]
----
+    """run.py's plain config (one catch-all Api), plus a Consumer and the two auth Apis."""
+    return run.MESHGATE_CONF.format(port=port, backend=backend) + f"""---
 apiVersion: meshgate.io/v1
 kind: Consumer
 metadata: {{name: bench}}
 spec:
   groups: [bench]
   credentials: [{{type: key, key: {KEY}}}]
----
-apiVersion: meshgate.io/v1
-kind: Api
-metadata: {{name: plain}}
-spec:
-  request: {{path: "/plain/{{*rest}}"}}
-  invoke: {{service: backend}}
 ---
 apiVersion: meshgate.io/v1
 kind: Api

@@ -148,3 +148,14 @@ pub(crate) fn take_query_param(
     }
     Ok(found)
 }
+
+/// An optional duration field of a filter config, with its default.
+pub(crate) fn duration_or(
+    field: &str,
+    value: Option<&str>,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, registry::BuildError> {
+    value.map_or(Ok(default), |s| {
+        meshgate_core::parse_duration(s).map_err(|e| registry::BuildError::new(field, e))
+    })
+}

@@ -11,7 +11,7 @@ use crate::consumers::ConsumerSet;
 use crate::registry::BuildError;
 use crate::{Filter, FilterResult, Flow, Step};
 use bytes::Bytes;
-use meshgate_core::{ErrorCode, GatewayError, OriginalPath, RequestCtx, parse_duration};
+use meshgate_core::{ErrorCode, GatewayError, OriginalPath, RequestCtx};
 use serde::Deserialize;
 use sfv::{BareItem, Dictionary, Item, ListEntry, Parser};
 use std::collections::HashMap;
@@ -143,12 +143,11 @@ impl HmacAuth {
         consumers: &Arc<ConsumerSet>,
     ) -> Result<Self, BuildError> {
         let cfg: Config = crate::parse_config(value)?;
-        let skew = cfg
-            .clock_skew
-            .as_deref()
-            .map_or(Ok(Duration::from_secs(300)), |s| {
-                parse_duration(s).map_err(|e| BuildError::new("config.clockSkew", e))
-            })?;
+        let skew = crate::duration_or(
+            "config.clockSkew",
+            cfg.clock_skew.as_deref(),
+            Duration::from_secs(300),
+        )?;
         for (i, c) in cfg.required_components.iter().enumerate() {
             let ok = if c.starts_with('@') {
                 DERIVED.contains(&c.as_str())

@@ -5,12 +5,13 @@
 //! reached is 503 (`failOpen: true` lets such requests through without a Consumer).
 
 use super::bearer::{BearerSource, invalid_token};
+use super::claims::ClaimHeaders;
 use crate::consumers::ConsumerSet;
 use crate::registry::BuildError;
 use crate::{Filter, FilterResult, Flow, Step};
 use base64::Engine as _;
 use http::{HeaderName, HeaderValue};
-use meshgate_core::{Consumer, ErrorCode, GatewayError, RequestCtx, parse_duration};
+use meshgate_core::{Consumer, ErrorCode, GatewayError, RequestCtx};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -71,7 +72,7 @@ pub struct Introspection {
     ttl: Duration,
     fail_open: bool,
     scopes: Vec<String>,
-    claims_to_headers: Vec<(String, HeaderName)>,
+    claims_to_headers: ClaimHeaders,
     source: BearerSource,
     client: reqwest::Client,
     cache: Mutex<HashMap<String, Answer>>,
@@ -101,12 +102,6 @@ pub(crate) fn secret(
             "give the secret as {env: NAME} or {file: PATH} (inline secrets in filter configs would show in /config)".into(),
         )),
     }
-}
-
-fn duration(field: &str, s: Option<&str>, default: Duration) -> Result<Duration, BuildError> {
-    s.map_or(Ok(default), |s| {
-        parse_duration(s).map_err(|e| BuildError::new(field, e))
-    })
 }
 
 /// `application/x-www-form-urlencoded` encoding of one value.
@@ -141,12 +136,12 @@ impl Introspection {
         ));
         let authorization = HeaderValue::from_str(&format!("Basic {basic}"))
             .map_err(|_| BuildError::new("config.clientId", "not usable in a header"))?;
-        let ttl = duration(
+        let ttl = crate::duration_or(
             "config.cacheTtl",
             cfg.cache_ttl.as_deref(),
             Duration::from_secs(60),
         )?;
-        let timeout = duration(
+        let timeout = crate::duration_or(
             "config.timeout",
             cfg.timeout.as_deref(),
             Duration::from_secs(2),
@@ -159,20 +154,8 @@ impl Introspection {
             .map_err(|e| {
                 BuildError::new("config.endpoint", format!("cannot build the client: {e}"))
             })?;
-        let claims_to_headers = cfg
-            .claims_to_headers
-            .iter()
-            .map(|(claim, h)| {
-                HeaderName::from_bytes(h.as_bytes())
-                    .map(|n| (claim.clone(), n))
-                    .map_err(|_| {
-                        BuildError::new(
-                            format!("config.claimsToHeaders.{claim}"),
-                            format!("{h:?} is not a header name"),
-                        )
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        let claims_to_headers =
+            ClaimHeaders::parse("config.claimsToHeaders", &cfg.claims_to_headers)?;
         Ok(Self {
             endpoint: cfg.endpoint,
             authorization,
@@ -254,19 +237,7 @@ impl Introspection {
                     .collect()
             })
             .unwrap_or_default();
-        let headers = self
-            .claims_to_headers
-            .iter()
-            .filter_map(|(claim, h)| {
-                let v = match doc.get(claim)? {
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Number(n) => n.to_string(),
-                    serde_json::Value::Bool(b) => b.to_string(),
-                    _ => return None,
-                };
-                Some((h.clone(), HeaderValue::from_str(&v).ok()?))
-            })
-            .collect();
+        let headers = self.claims_to_headers.values(&doc);
         let consumer = self
             .consumer_claim
             .as_ref()
@@ -320,7 +291,7 @@ impl Filter for Introspection {
         ctx: &'a mut RequestCtx,
         req: &'a mut http::request::Parts,
     ) -> Step<'a> {
-        for (_, h) in &self.claims_to_headers {
+        for h in self.claims_to_headers.names() {
             req.headers.remove(h);
         }
         let token = match self.source.take(req) {

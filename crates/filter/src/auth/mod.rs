@@ -2,6 +2,7 @@
 
 mod acl;
 mod bearer;
+mod claims;
 mod hmac_auth;
 mod introspection;
 mod jwt;

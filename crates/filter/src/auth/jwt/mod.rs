@@ -14,6 +14,7 @@
 mod jwks;
 
 use super::bearer::BearerSource;
+use super::claims::ClaimHeaders;
 use crate::consumers::ConsumerSet;
 use crate::registry::BuildError;
 use crate::{Filter, Flow, Step};
@@ -22,7 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{HeaderName, HeaderValue};
 use jsonwebtoken::Algorithm;
 use jwks::{KeySet, Remote, Source};
-use meshgate_core::{Consumer, ErrorCode, GatewayError, RequestCtx, parse_duration};
+use meshgate_core::{Consumer, ErrorCode, GatewayError, RequestCtx};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -129,7 +130,7 @@ struct Provider {
     audiences: Vec<String>,
     algorithms: Vec<Algorithm>,
     keys: Source,
-    claims_to_headers: Vec<(String, HeaderName)>,
+    claims_to_headers: ClaimHeaders,
     required_claims: Vec<String>,
     require_expiration: bool,
     payload: PayloadKind,
@@ -162,12 +163,6 @@ pub struct Jwt {
 
 /// Tokens without `exp` (when allowed) are re-verified after this long.
 const NO_EXP_CACHE: u64 = 60;
-
-fn duration(field: &str, s: Option<&str>, default: Duration) -> Result<Duration, BuildError> {
-    s.map_or(Ok(default), |s| {
-        parse_duration(s).map_err(|e| BuildError::new(field, e))
-    })
-}
 
 impl Provider {
     fn build(
@@ -229,12 +224,12 @@ impl Provider {
                         "must be an http:// or https:// URL",
                     ));
                 }
-                let refresh = duration(
+                let refresh = crate::duration_or(
                     &at("jwks.refresh"),
                     j.refresh.as_deref(),
                     Duration::from_secs(300),
                 )?;
-                let timeout = duration(
+                let timeout = crate::duration_or(
                     &at("jwks.timeout"),
                     j.timeout.as_deref(),
                     Duration::from_secs(2),
@@ -251,20 +246,7 @@ impl Provider {
                 ));
             }
         };
-        let claims_to_headers = p
-            .claims_to_headers
-            .iter()
-            .map(|(claim, h)| {
-                HeaderName::from_bytes(h.as_bytes())
-                    .map(|n| (claim.clone(), n))
-                    .map_err(|_| {
-                        BuildError::new(
-                            at(&format!("claimsToHeaders.{claim}")),
-                            format!("{h:?} is not a header name"),
-                        )
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        let claims_to_headers = ClaimHeaders::parse(&at("claimsToHeaders"), &p.claims_to_headers)?;
         Ok(Self {
             issuer: p.issuer,
             audiences: p.audiences,
@@ -348,28 +330,6 @@ fn parse(token: &str) -> Result<Parsed<'_>, GatewayError> {
     })
 }
 
-/// A claim as a header value: strings as they are, numbers and booleans printed,
-/// arrays of those joined with commas; objects are skipped.
-fn claim_value(v: &serde_json::Value) -> Option<HeaderValue> {
-    let text = match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Number(n) => n.to_string(),
-        serde_json::Value::Bool(b) => b.to_string(),
-        serde_json::Value::Array(items) => items
-            .iter()
-            .map(|i| match i {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                serde_json::Value::Bool(b) => Some(b.to_string()),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()?
-            .join(","),
-        _ => return None,
-    };
-    HeaderValue::from_str(&text).ok()
-}
-
 fn number(v: &serde_json::Value) -> Option<u64> {
     v.as_u64()
         .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
@@ -388,7 +348,7 @@ impl Jwt {
                 "give at least one provider",
             ));
         }
-        let leeway = duration(
+        let leeway = crate::duration_or(
             "config.leeway",
             cfg.leeway.as_deref(),
             Duration::from_secs(60),
@@ -402,7 +362,7 @@ impl Jwt {
             .collect::<Result<Vec<_>, _>>()?;
         let mut claim_headers: Vec<HeaderName> = providers
             .iter()
-            .flat_map(|p| p.claims_to_headers.iter().map(|(_, h)| h.clone()))
+            .flat_map(|p| p.claims_to_headers.names().cloned())
             .collect();
         claim_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         claim_headers.dedup();
@@ -509,11 +469,7 @@ impl Jwt {
                 )));
             }
         }
-        let headers = p
-            .claims_to_headers
-            .iter()
-            .filter_map(|(claim, h)| Some((h.clone(), claim_value(claims.get(claim)?)?)))
-            .collect();
+        let headers = p.claims_to_headers.values(claims);
         let str_claim = |n: &str| claims.get(n).and_then(|v| v.as_str());
         let consumer = match (str_claim("iss"), str_claim("sub")) {
             (Some(iss), Some(sub)) => self.consumers.by_jwt(iss, sub).cloned(),
