@@ -425,6 +425,33 @@ pub struct SecretSource {
     pub file: Option<String>,
 }
 
+impl SecretSource {
+    /// Read the secret: the variable's value, or the file's bytes (relative to `base`,
+    /// trailing line breaks dropped: they are the editor's, not the secret's).
+    /// Messages never include the secret.
+    pub fn read(&self, base: &std::path::Path) -> Result<Vec<u8>, String> {
+        let value = match (&self.env, &self.file) {
+            (Some(name), None) => std::env::var_os(name)
+                .ok_or_else(|| format!("environment variable {name:?} is not set"))?
+                .into_encoded_bytes(),
+            (None, Some(f)) => {
+                let full = base.join(f);
+                let mut v = std::fs::read(&full)
+                    .map_err(|e| format!("cannot read {}: {e}", full.display()))?;
+                while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    v.pop();
+                }
+                v
+            }
+            _ => return Err("give exactly one of env or file".into()),
+        };
+        if value.is_empty() {
+            return Err("the secret is empty".into());
+        }
+        Ok(value)
+    }
+}
+
 /// What an inline secret serializes as (`GET /config`, logs).
 pub const REDACTED: &str = "<redacted>";
 

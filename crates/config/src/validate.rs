@@ -4,9 +4,7 @@ use crate::diag::Diagnostic;
 use crate::load::{Doc, Resource};
 use crate::model::*;
 use http::{HeaderName, Method};
-use meshgate_api::{
-    ApiSpec, ConsumerSpec, CredentialSpec, GatewaySpec, SecretSource, SecretSpec, ServiceSpec,
-};
+use meshgate_api::{ApiSpec, ConsumerSpec, CredentialSpec, GatewaySpec, SecretSpec, ServiceSpec};
 use meshgate_core::parse_duration;
 use meshgate_route::{HeaderMatch, PathPattern};
 use meshgate_upstream::{HashOn, LbPolicy};
@@ -117,50 +115,17 @@ fn consumer(c: &mut Check<'_>, spec: &ConsumerSpec) -> Option<ConsumerDraft> {
 /// Resolve a secret: inline, `{env: NAME}` or `{file: PATH}` (relative to the config
 /// file). Messages never include the secret.
 fn secret(c: &mut Check<'_>, s: &SecretSpec, path: &str) -> Option<Vec<u8>> {
-    let value = match s {
-        SecretSpec::Inline(v) => v.as_bytes().to_vec(),
-        SecretSpec::From(SecretSource {
-            env: Some(name),
-            file: None,
-        }) => match std::env::var_os(name) {
-            Some(v) => v.into_encoded_bytes(),
-            None => {
-                c.err(path, format!("environment variable {name:?} is not set"));
-                return None;
-            }
-        },
-        SecretSpec::From(SecretSource {
-            env: None,
-            file: Some(f),
-        }) => {
+    let read = match s {
+        SecretSpec::Inline(v) if v.is_empty() => Err("the secret is empty".to_string()),
+        SecretSpec::Inline(v) => Ok(v.as_bytes().to_vec()),
+        SecretSpec::From(src) => {
             let base = std::path::Path::new(&*c.doc.file)
                 .parent()
                 .unwrap_or(std::path::Path::new(""));
-            let full = base.join(f);
-            match std::fs::read(&full) {
-                // A trailing newline is the editor's, not the secret's.
-                Ok(mut v) => {
-                    while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                        v.pop();
-                    }
-                    v
-                }
-                Err(e) => {
-                    c.err(path, format!("cannot read {}: {e}", full.display()));
-                    return None;
-                }
-            }
-        }
-        SecretSpec::From(_) => {
-            c.err(path, "give exactly one of env or file");
-            return None;
+            src.read(base)
         }
     };
-    if value.is_empty() {
-        c.err(path, "the secret is empty");
-        return None;
-    }
-    Some(value)
+    read.map_err(|e| c.err(path, e)).ok()
 }
 
 /// Collects diagnostics for one document.

@@ -106,6 +106,23 @@ pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(
     T::deserialize(value).map_err(|e| registry::BuildError::new("config", e.to_string()))
 }
 
+/// A query-string name or value decoded: `+` is a space, then percent-decoding.
+pub(crate) fn form_decode(s: &str) -> Vec<u8> {
+    let plus = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus).collect()
+}
+
+/// The decoded values of query parameter `name`, in order.
+pub(crate) fn query_values<'q>(
+    query: &'q str,
+    name: &'q str,
+) -> impl Iterator<Item = Vec<u8>> + 'q {
+    query.split('&').filter_map(move |pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (form_decode(k) == name.as_bytes()).then(|| form_decode(v))
+    })
+}
+
 /// Every value of query parameter `name` (names and values percent-decoded, `+` as a
 /// space), removing those occurrences from the URI when `remove` is set.
 pub(crate) fn take_query_param(
@@ -116,16 +133,12 @@ pub(crate) fn take_query_param(
     let Some(q) = req.uri.query() else {
         return Ok(Vec::new());
     };
-    let decode = |s: &str| -> Vec<u8> {
-        let plus = s.replace('+', " ");
-        percent_encoding::percent_decode_str(&plus).collect()
-    };
     let mut kept: Vec<&str> = Vec::new();
     let mut found = Vec::new();
     for pair in q.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if decode(k) == name.as_bytes() {
-            found.push(decode(v));
+        if form_decode(k) == name.as_bytes() {
+            found.push(form_decode(v));
             if !remove {
                 kept.push(pair);
             }

@@ -229,15 +229,10 @@ impl Param {
         };
         match self.location {
             Location::Path => ctx.capture(&self.name).map(decode).into_iter().collect(),
-            Location::Query => req
-                .uri
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .filter_map(|pair| {
-                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    (decode(&k.replace('+', " ")).ok()? == self.name)
-                        .then(|| decode(&v.replace('+', " ")))
+            Location::Query => crate::query_values(req.uri.query().unwrap_or(""), &self.name)
+                .map(|v| {
+                    String::from_utf8(v)
+                        .map_err(|_| invalid(format!("{} is not valid UTF-8", self.describe())))
                 })
                 .collect(),
             Location::Header => req

@@ -5,6 +5,7 @@
 //! reached is 503 (`failOpen: true` lets such requests through without a Consumer).
 
 use super::bearer::{BearerSource, invalid_token};
+use super::cache::{Live, TokenCache};
 use super::claims::ClaimHeaders;
 use crate::consumers::ConsumerSet;
 use crate::registry::BuildError;
@@ -13,8 +14,8 @@ use base64::Engine as _;
 use http::{HeaderName, HeaderValue};
 use meshgate_core::{Consumer, ErrorCode, GatewayError, RequestCtx};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +66,12 @@ struct Answer {
     until: Instant,
 }
 
+impl Live for Answer {
+    fn live(&self) -> bool {
+        self.until > Instant::now()
+    }
+}
+
 #[derive(Debug)]
 pub struct Introspection {
     endpoint: String,
@@ -75,33 +82,29 @@ pub struct Introspection {
     claims_to_headers: ClaimHeaders,
     source: BearerSource,
     client: reqwest::Client,
-    cache: Mutex<HashMap<String, Answer>>,
-    cache_size: usize,
+    cache: TokenCache<Answer>,
     consumer_claim: Option<String>,
     consumers: Arc<ConsumerSet>,
 }
 
-/// A secret from `{env: NAME}` or `{file: PATH}`; inline values are refused because a
-/// filter's config is shown as written by `GET /config`.
-pub(crate) fn secret(
+/// A secret from `{env: NAME}` or `{file: PATH}`, read as a Consumer's secrets are;
+/// inline values are refused because a filter's config is shown as written by
+/// `GET /config`.
+fn secret(
     value: &serde_json::Value,
     field: &str,
     base: Option<&std::path::Path>,
 ) -> Result<String, BuildError> {
-    let err = |m: String| BuildError::new(field, m);
-    match (value.get("env"), value.get("file")) {
-        (Some(serde_json::Value::String(name)), None) => std::env::var(name)
-            .map_err(|_| err(format!("environment variable {name} is not set"))),
-        (None, Some(serde_json::Value::String(file))) => {
-            let path = base.map_or_else(|| file.into(), |b| b.join(file));
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
-            Ok(text.strip_suffix('\n').unwrap_or(&text).to_string())
-        }
-        _ => Err(err(
-            "give the secret as {env: NAME} or {file: PATH} (inline secrets in filter configs would show in /config)".into(),
-        )),
-    }
+    let src = meshgate_api::SecretSource::deserialize(value).map_err(|_| {
+        BuildError::new(
+            field,
+            "give the secret as {env: NAME} or {file: PATH} (inline secrets in filter configs would show in /config)",
+        )
+    })?;
+    let bytes = src
+        .read(base.unwrap_or(std::path::Path::new("")))
+        .map_err(|e| BuildError::new(field, e))?;
+    String::from_utf8(bytes).map_err(|_| BuildError::new(field, "the secret is not UTF-8"))
 }
 
 /// `application/x-www-form-urlencoded` encoding of one value.
@@ -121,12 +124,6 @@ impl Introspection {
         base: Option<&std::path::Path>,
     ) -> Result<Self, BuildError> {
         let cfg: Config = crate::parse_config(value)?;
-        if !(cfg.endpoint.starts_with("http://") || cfg.endpoint.starts_with("https://")) {
-            return Err(BuildError::new(
-                "config.endpoint",
-                "must be an http:// or https:// URL",
-            ));
-        }
         let secret = secret(&cfg.client_secret, "config.clientSecret", base)?;
         // RFC 6749 §2.3.1: id and secret are form-encoded before Basic encoding.
         let basic = base64::engine::general_purpose::STANDARD.encode(format!(
@@ -146,14 +143,7 @@ impl Introspection {
             cfg.timeout.as_deref(),
             Duration::from_secs(2),
         )?;
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| {
-                BuildError::new("config.endpoint", format!("cannot build the client: {e}"))
-            })?;
+        let client = super::idp_client("config.endpoint", &cfg.endpoint, timeout, 0)?;
         let claims_to_headers =
             ClaimHeaders::parse("config.claimsToHeaders", &cfg.claims_to_headers)?;
         Ok(Self {
@@ -165,34 +155,10 @@ impl Introspection {
             claims_to_headers,
             source: BearerSource::new(&cfg.header, cfg.query, cfg.forward)?,
             client,
-            cache: Mutex::new(HashMap::new()),
-            cache_size: cfg.cache_size,
+            cache: TokenCache::new(cfg.cache_size),
             consumer_claim: cfg.consumer_claim,
             consumers: consumers.clone(),
         })
-    }
-
-    fn cached(&self, token: &str) -> Option<Answer> {
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .get(token)
-            .filter(|a| a.until > Instant::now())
-            .cloned()
-    }
-
-    fn remember(&self, token: String, answer: &Answer) {
-        if self.cache_size == 0 {
-            return;
-        }
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= self.cache_size {
-            let now = Instant::now();
-            cache.retain(|_, a| a.until > now);
-            if cache.len() >= self.cache_size {
-                cache.clear();
-            }
-        }
-        cache.insert(token, answer.clone());
     }
 
     /// Ask the endpoint; `Err` when it could not answer.
@@ -298,13 +264,13 @@ impl Filter for Introspection {
             Ok(t) => t,
             Err(e) => return Step::Done(Err(e)),
         };
-        if let Some(answer) = self.cached(&token) {
+        if let Some(answer) = self.cache.get(&token) {
             return Step::Done(self.admit(ctx, req, &answer));
         }
         Step::Pending(Box::pin(async move {
             match self.introspect(&token).await {
                 Ok(answer) => {
-                    self.remember(token, &answer);
+                    self.cache.put(token, answer.clone());
                     self.admit(ctx, req, &answer)
                 }
                 Err(e) => {

@@ -146,21 +146,15 @@ pub struct Remote {
 }
 
 impl Remote {
-    pub fn new(uri: String, refresh: Duration, timeout: Duration) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::limited(3))
-            .build()
-            .map_err(|e| format!("cannot build the JWKS client: {e}"))?;
-        Ok(Self {
+    pub fn new(uri: String, refresh: Duration, client: reqwest::Client) -> Self {
+        Self {
             uri,
             refresh,
             client,
             current: ArcSwapOption::empty(),
             fetched_at: std::sync::Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
-        })
+        }
     }
 
     /// The keys held now, if any fetch has succeeded.

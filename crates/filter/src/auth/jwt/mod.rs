@@ -14,6 +14,7 @@
 mod jwks;
 
 use super::bearer::BearerSource;
+use super::cache::{Live, TokenCache};
 use super::claims::ClaimHeaders;
 use crate::consumers::ConsumerSet;
 use crate::registry::BuildError;
@@ -25,9 +26,9 @@ use jsonwebtoken::Algorithm;
 use jwks::{KeySet, Remote, Source};
 use meshgate_core::{Consumer, ErrorCode, GatewayError, RequestCtx};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Deserialize)]
@@ -157,8 +158,13 @@ pub struct Jwt {
     /// Every header any provider sets from claims: always removed from the request.
     claim_headers: Vec<HeaderName>,
     consumers: Arc<ConsumerSet>,
-    cache: Mutex<HashMap<Box<str>, Arc<Verified>, foldhash::fast::RandomState>>,
-    cache_size: usize,
+    cache: TokenCache<Arc<Verified>>,
+}
+
+impl Live for Verified {
+    fn live(&self) -> bool {
+        now_unix() <= self.until
+    }
 }
 
 /// Tokens without `exp` (when allowed) are re-verified after this long.
@@ -218,12 +224,6 @@ impl Provider {
                 ))
             }
             (None, None, Some(uri)) => {
-                if !(uri.starts_with("http://") || uri.starts_with("https://")) {
-                    return Err(BuildError::new(
-                        at("jwks.uri"),
-                        "must be an http:// or https:// URL",
-                    ));
-                }
                 let refresh = crate::duration_or(
                     &at("jwks.refresh"),
                     j.refresh.as_deref(),
@@ -234,10 +234,8 @@ impl Provider {
                     j.timeout.as_deref(),
                     Duration::from_secs(2),
                 )?;
-                Source::Remote(Arc::new(
-                    Remote::new(uri.clone(), refresh, timeout)
-                        .map_err(|e| BuildError::new(at("jwks.uri"), e))?,
-                ))
+                let client = crate::auth::idp_client(&at("jwks.uri"), uri, timeout, 3)?;
+                Source::Remote(Arc::new(Remote::new(uri.clone(), refresh, client)))
             }
             _ => {
                 return Err(BuildError::new(
@@ -373,8 +371,7 @@ impl Jwt {
             require_consumer: cfg.require_consumer,
             claim_headers,
             consumers: consumers.clone(),
-            cache: Mutex::new(HashMap::default()),
-            cache_size: cfg.cache_size,
+            cache: TokenCache::new(cfg.cache_size),
         })
     }
 
@@ -489,13 +486,7 @@ impl Jwt {
 
     /// A verdict still good: not lapsed, and checked against the provider's keys of now.
     fn cached(&self, token: &str) -> Option<Arc<Verified>> {
-        let v = {
-            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache.get(token)?.clone()
-        };
-        if now_unix() > v.until {
-            return None;
-        }
+        let v = self.cache.get(token)?;
         let current = match &self.providers[v.provider].keys {
             Source::Static(k) => k.generation,
             Source::Remote(r) => {
@@ -505,21 +496,6 @@ impl Jwt {
             }
         };
         (current == v.generation).then_some(v)
-    }
-
-    fn remember(&self, token: String, v: Arc<Verified>) {
-        if self.cache_size == 0 {
-            return;
-        }
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= self.cache_size {
-            let now = now_unix();
-            cache.retain(|_, v| v.until >= now);
-            if cache.len() >= self.cache_size {
-                cache.clear();
-            }
-        }
-        cache.insert(token.into_boxed_str(), v);
     }
 
     fn apply(&self, ctx: &mut RequestCtx, req: &mut http::request::Parts, v: &Verified) {
@@ -536,14 +512,14 @@ impl Jwt {
         &self,
         ctx: &mut RequestCtx,
         req: &mut http::request::Parts,
-        token: String,
+        token: &str,
+        t: &Parsed<'_>,
         provider: usize,
         keys: &KeySet,
     ) -> Result<Flow, GatewayError> {
-        let t = parse(&token)?;
-        let v = Arc::new(self.verify(provider, &t, keys)?);
+        let v = Arc::new(self.verify(provider, t, keys)?);
         self.apply(ctx, req, &v);
-        self.remember(token, v);
+        self.cache.put(token.to_owned(), v);
         Ok(Flow::Continue)
     }
 }
@@ -578,31 +554,37 @@ impl Filter for Jwt {
             self.apply(ctx, req, &v);
             return Step::Done(Ok(Flow::Continue));
         }
-        let (provider, kid) =
-            match parse(&token).and_then(|t| Ok((self.provider_for(t.claims.as_ref())?, t.kid))) {
-                Ok(found) => found,
-                Err(e) => return Step::Done(Err(e)),
-            };
+        let t = match parse(&token) {
+            Ok(t) => t,
+            Err(e) => return Step::Done(Err(e)),
+        };
+        let provider = match self.provider_for(t.claims.as_ref()) {
+            Ok(p) => p,
+            Err(e) => return Step::Done(Err(e)),
+        };
         let remote = match &self.providers[provider].keys {
             Source::Static(keys) => {
-                let keys = keys.clone();
-                return Step::Done(self.finish(ctx, req, token, provider, &keys));
+                return Step::Done(self.finish(ctx, req, &token, &t, provider, keys));
             }
             Source::Remote(r) => r.clone(),
         };
         let held = remote.current();
         if let Some(keys) = &held {
-            let unknown_kid = kid.as_deref().is_some_and(|k| !keys.has_kid(k));
+            let unknown_kid = t.kid.as_deref().is_some_and(|k| !keys.has_kid(k));
             if !(unknown_kid && remote.may_refetch()) {
                 refresh_if_stale(&remote, keys);
-                return Step::Done(self.finish(ctx, req, token, provider, keys));
+                return Step::Done(self.finish(ctx, req, &token, &t, provider, keys));
             }
         }
-        // No keys yet, or a kid the set lacks: fetch now, and wait for it.
+        // No keys yet, or a kid the set lacks: fetch now, and wait for it. (The parse
+        // borrows the token, so the rare waiting path parses it again.)
         Step::Pending(Box::pin(async move {
             let seen = held.as_ref().map(|k| k.generation);
             match remote.fetch(seen).await {
-                Some(keys) => self.finish(ctx, req, token, provider, &keys),
+                Some(keys) => {
+                    let t = parse(&token)?;
+                    self.finish(ctx, req, &token, &t, provider, &keys)
+                }
                 None => Err(GatewayError::new(
                     ErrorCode::NoHealthyUpstream,
                     "the token issuer's keys are not available",
