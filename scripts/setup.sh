@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a fresh Debian machine: the real peers
-# (curl, nginx, promtool, openssl, wrk, h2load) and a Python venv with the clients
+# (curl, nginx, promtool, openssl, wrk, h2load, redis-server) and a Python venv with the clients
 # (pytest, grpcio). Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in curl:curl nginx:nginx-light promtool:prometheus openssl:openssl wrk:wrk h2load:nghttp2-client; do
+for pair in curl:curl nginx:nginx-light promtool:prometheus openssl:openssl wrk:wrk h2load:nghttp2-client redis-server:redis-server; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

@@ -132,6 +132,9 @@ class Backend:
         class Server(http.server.ThreadingHTTPServer):
             daemon_threads = True
             allow_reuse_address = True
+            # socketserver's default backlog of 5 resets connections under the
+            # concurrent load some tests make.
+            request_queue_size = 128
 
         self.server = Server(("127.0.0.1", self.port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -372,6 +375,11 @@ spec:
 """
 
 
+def filters(*items):
+    """An Api's `filters:` block (for `api(..., extra=...)`), one flow-style entry per item."""
+    return "\n  filters:\n" + "".join(f"    - {i}\n" for i in items).rstrip("\n")
+
+
 def api(name, path, invoke, methods=None, extra=""):
     m = f"\n    methods: [{', '.join(methods)}]" if methods else ""
     return f"""---
@@ -421,6 +429,44 @@ http {{
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Redis:
+    """A real redis-server on a port chosen now, no persistence, stopped by its PID.
+    `start()` again reuses the same port (to bring it back after `stop()`)."""
+
+    def __init__(self, tmp_path):
+        self.port = free_port()
+        self.dir = Path(tmp_path) / f"redis-{self.port}"
+        self.dir.mkdir()
+        self.proc = None
+        self.start()
+
+    def start(self):
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+    def cli(self, *args):
+        binary = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        return subprocess.run([binary, "-p", str(self.port), *args], capture_output=True, text=True,
+                              timeout=10).stdout
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

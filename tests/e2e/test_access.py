@@ -4,11 +4,7 @@ import json
 
 import pytest
 
-from harness import Gateway, api, curl, service
-
-
-def filters(*items):
-    return "\n  filters:\n" + "".join(f"    - {i}\n" for i in items).rstrip("\n")
+from harness import Gateway, api, curl, filters, service
 
 
 IP_APIS = [

@@ -251,10 +251,12 @@ fn filter_entry(
 ) -> Vec<Arc<dyn Filter>> {
     match (&f.name, &f.policy) {
         (Some(name), None) => {
+            let site = format!("{:?}/{} {path}", c.doc.kind, c.doc.name);
             let ctx = BuildCtx {
                 captures: captures.unwrap_or(ANY_CAPTURES),
                 consumers: refs.consumers,
                 base: std::path::Path::new(&*c.doc.file).parent(),
+                site: &site,
             };
             match meshgate_filter::build(name, f.config.as_ref(), ctx) {
                 Ok(filter) => vec![filter],

@@ -15,6 +15,8 @@ pub enum ErrorCode {
     NoRoute,
     MethodNotAllowed,
     RateLimited,
+    /// A cluster-wide limit could not be checked and its `failMode` is `closed`.
+    RateLimitUnavailable,
     UpstreamUnavailable,
     CircuitOpen,
     NoHealthyUpstream,
@@ -34,6 +36,7 @@ impl ErrorCode {
             Self::NoRoute => "no_route",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RateLimited => "rate_limited",
+            Self::RateLimitUnavailable => "rate_limit_unavailable",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::CircuitOpen => "circuit_open",
             Self::NoHealthyUpstream => "no_healthy_upstream",
@@ -54,7 +57,9 @@ impl ErrorCode {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
-            Self::CircuitOpen | Self::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CircuitOpen | Self::NoHealthyUpstream | Self::RateLimitUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -69,9 +74,12 @@ impl ErrorCode {
             Self::Unauthorized => 16,                       // UNAUTHENTICATED
             Self::Forbidden => 7,                           // PERMISSION_DENIED
             Self::NoRoute | Self::MethodNotAllowed => 12,   // UNIMPLEMENTED
-            Self::UpstreamUnavailable | Self::CircuitOpen | Self::NoHealthyUpstream => 14, // UNAVAILABLE
-            Self::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
-            Self::Internal => 13,       // INTERNAL
+            Self::UpstreamUnavailable
+            | Self::CircuitOpen
+            | Self::NoHealthyUpstream
+            | Self::RateLimitUnavailable => 14, // UNAVAILABLE
+            Self::UpstreamTimeout => 4,                     // DEADLINE_EXCEEDED
+            Self::Internal => 13,                           // INTERNAL
         }
     }
 }

@@ -41,6 +41,24 @@ pub struct RequestCtx {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginalPath(pub String);
 
+/// The claims of a verified token (jwt) or an active introspection answer, kept in
+/// [`RequestCtx::extensions`] for filters that key on them (`rate-limit` `claim:X`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedClaims(pub Arc<serde_json::Map<String, serde_json::Value>>);
+
+impl VerifiedClaims {
+    /// A claim as key material: strings as they are, numbers and booleans printed.
+    pub fn text(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        match self.0.get(name)? {
+            serde_json::Value::String(s) => Some(s.as_str().into()),
+            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => {
+                Some(v.to_string().into())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The caller as authentication established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumer {

@@ -12,6 +12,7 @@ mod chain;
 mod consumers;
 mod header_ops;
 mod registry;
+mod traffic;
 mod transform;
 mod validate;
 
@@ -19,6 +20,7 @@ pub use chain::Chain;
 pub use consumers::{Conflict, ConsumerSet, HmacCredential};
 pub use header_ops::{HeaderOps, HeaderOpsConfig};
 pub use registry::{BuildCtx, BuildError, build, is_known};
+pub use traffic::{Counters as RateLimitCounters, Outcome as RateLimitOutcome, rate_limit_stats};
 pub use transform::Transform;
 pub use validate::RequestValidator;
 
@@ -171,4 +173,26 @@ pub(crate) fn duration_or(
     value.map_or(Ok(default), |s| {
         meshgate_core::parse_duration(s).map_err(|e| registry::BuildError::new(field, e))
     })
+}
+
+/// A secret in a filter config: `{env: NAME}` or `{file: PATH}` (relative to the
+/// config file). Inline values are refused because a filter's config is shown as
+/// written by `GET /config`.
+pub(crate) fn filter_secret(
+    value: &serde_json::Value,
+    field: &str,
+    base: Option<&std::path::Path>,
+) -> Result<String, registry::BuildError> {
+    use serde::Deserialize;
+    let src = meshgate_api::SecretSource::deserialize(value).map_err(|_| {
+        registry::BuildError::new(
+            field,
+            "give the secret as {env: NAME} or {file: PATH} (inline secrets in filter configs would show in /config)",
+        )
+    })?;
+    let bytes = src
+        .read(base.unwrap_or(std::path::Path::new("")))
+        .map_err(|e| registry::BuildError::new(field, e))?;
+    String::from_utf8(bytes)
+        .map_err(|_| registry::BuildError::new(field, "the secret is not UTF-8"))
 }

@@ -30,7 +30,6 @@ impl fmt::Display for BuildError {
 /// until it exists, never a silent no-op.
 const PLANNED: &[&str] = &[
     "waf",
-    "rate-limit",
     "quota",
     "concurrency-limit",
     "cache",
@@ -47,6 +46,9 @@ const BUILT: &[&str] = &[
     "ip-restriction",
     "cors",
     "jwt",
+    "hmac-auth",
+    "oauth2-introspection",
+    "rate-limit",
 ];
 
 /// True for names that are built in or planned (used for "did you mean" style errors).
@@ -63,6 +65,9 @@ pub struct BuildCtx<'a> {
     pub consumers: &'a Arc<ConsumerSet>,
     /// Directory of the config file, for relative paths in filter configs.
     pub base: Option<&'a std::path::Path>,
+    /// Where the filter is written (`Api/orders spec.filters.1`): stateful filters
+    /// keep their state across reloads under this name and their config.
+    pub site: &'a str,
 }
 
 /// Build a built-in filter from its config. The one place that knows every built-in:
@@ -99,6 +104,9 @@ pub fn build(
             config,
             ctx.consumers,
             ctx.base,
+        )?)),
+        "rate-limit" => Ok(Arc::new(crate::traffic::RateLimit::from_config(
+            config, ctx,
         )?)),
         n if PLANNED.contains(&n) => Err(BuildError::new(
             "name",

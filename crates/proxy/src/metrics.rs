@@ -140,7 +140,40 @@ impl Default for Metrics {
             "Access-log lines dropped because the writer fell behind",
             m.access_log_dropped.clone(),
         );
+        registry.register_collector(Box::new(RateLimitCollector));
         Self { registry, ..m }
+    }
+}
+
+/// `meshgate_rate_limit_decisions_total{limiter, result}`, read from the limiters'
+/// own counters at scrape time (they outlive snapshots, like the limits themselves).
+#[derive(Debug)]
+struct RateLimitCollector;
+
+impl prometheus_client::collector::Collector for RateLimitCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let stats = meshgate_filter::rate_limit_stats();
+        if stats.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "rate_limit_decisions",
+            "Rate-limit decisions by limiter (where the filter is written) and result",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (site, counters) in &stats {
+            for o in meshgate_filter::RateLimitOutcome::ALL {
+                let labels = [("limiter", site.as_str()), ("result", o.as_str())];
+                let c = prometheus_client::metrics::counter::ConstCounter::new(counters.get(o));
+                c.encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 

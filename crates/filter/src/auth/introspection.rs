@@ -63,6 +63,7 @@ struct Answer {
     scopes: Vec<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
     consumer: Option<Arc<Consumer>>,
+    claims: meshgate_core::VerifiedClaims,
     until: Instant,
 }
 
@@ -87,26 +88,6 @@ pub struct Introspection {
     consumers: Arc<ConsumerSet>,
 }
 
-/// A secret from `{env: NAME}` or `{file: PATH}`, read as a Consumer's secrets are;
-/// inline values are refused because a filter's config is shown as written by
-/// `GET /config`.
-fn secret(
-    value: &serde_json::Value,
-    field: &str,
-    base: Option<&std::path::Path>,
-) -> Result<String, BuildError> {
-    let src = meshgate_api::SecretSource::deserialize(value).map_err(|_| {
-        BuildError::new(
-            field,
-            "give the secret as {env: NAME} or {file: PATH} (inline secrets in filter configs would show in /config)",
-        )
-    })?;
-    let bytes = src
-        .read(base.unwrap_or(std::path::Path::new("")))
-        .map_err(|e| BuildError::new(field, e))?;
-    String::from_utf8(bytes).map_err(|_| BuildError::new(field, "the secret is not UTF-8"))
-}
-
 /// `application/x-www-form-urlencoded` encoding of one value.
 fn form(s: &str) -> String {
     const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -124,7 +105,7 @@ impl Introspection {
         base: Option<&std::path::Path>,
     ) -> Result<Self, BuildError> {
         let cfg: Config = crate::parse_config(value)?;
-        let secret = secret(&cfg.client_secret, "config.clientSecret", base)?;
+        let secret = crate::filter_secret(&cfg.client_secret, "config.clientSecret", base)?;
         // RFC 6749 §2.3.1: id and secret are form-encoded before Basic encoding.
         let basic = base64::engine::general_purpose::STANDARD.encode(format!(
             "{}:{}",
@@ -214,6 +195,7 @@ impl Introspection {
             scopes,
             headers,
             consumer,
+            claims: meshgate_core::VerifiedClaims(Arc::new(doc)),
             until: Instant::now() + ttl,
         })
     }
@@ -243,6 +225,7 @@ impl Introspection {
         if let Some(c) = &answer.consumer {
             ctx.consumer = Some(c.clone());
         }
+        ctx.extensions.insert(answer.claims.clone());
         Ok(Flow::Continue)
     }
 }

@@ -141,6 +141,8 @@ struct Provider {
 #[derive(Debug)]
 struct Verified {
     consumer: Option<Arc<Consumer>>,
+    /// The claims set, for filters that key on claims (absent for `payload: any`).
+    claims: Option<meshgate_core::VerifiedClaims>,
     headers: Vec<(HeaderName, HeaderValue)>,
     /// Unix seconds after which the verdict lapses (`exp` + leeway).
     until: u64,
@@ -424,6 +426,7 @@ impl Jwt {
             if p.payload == PayloadKind::Any {
                 return Ok(Verified {
                     consumer: None,
+                    claims: None,
                     headers: Vec::new(),
                     until: now + NO_EXP_CACHE,
                     provider,
@@ -477,6 +480,7 @@ impl Jwt {
         }
         Ok(Verified {
             consumer,
+            claims: Some(meshgate_core::VerifiedClaims(Arc::new(claims.clone()))),
             headers,
             until: exp.map_or(now + NO_EXP_CACHE, |e| e.saturating_add(self.leeway)),
             provider,
@@ -504,6 +508,9 @@ impl Jwt {
         }
         if let Some(c) = &v.consumer {
             ctx.consumer = Some(c.clone());
+        }
+        if let Some(c) = &v.claims {
+            ctx.extensions.insert(c.clone());
         }
     }
 
