@@ -265,5 +265,86 @@ def kind_has_p99(label):
     return not label.startswith("h2c")
 
 
+
+def filter_bench(extra_config, routes, a, services=()):
+    """What filters cost: meshgate plain and nginx plain, then each of `routes`
+    (name, path, headers) on meshgate, measured in turn every round. `extra_config`
+    is YAML appended to the plain config, formatted with the ports of `services`
+    (name -> command line taking the port) and `backend`. Prints each route's
+    requests per proxy CPU-second against meshgate plain and against nginx."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not a.no_build:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshgate"], cwd=ROOT, check=True)
+    rel = ROOT / "target" / "release"
+    tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
+    procs = []
+    try:
+        ports = {"backend": free_port()}
+        procs.append(start([str(rel / "bench-backend"), f"127.0.0.1:{ports['backend']}"], 1))
+        for name, cmd in dict(services).items():
+            ports[name] = free_port()
+            procs.append(start(cmd(ports[name]), 1, stdout=subprocess.DEVNULL))
+        for port in ports.values():
+            wait_port(port)
+        port = free_port()
+        conf = MESHGATE_CONF.format(port=port, backend=ports["backend"]) + extra_config.format(**ports)
+        (tmp / "mg.yaml").write_text(conf)
+        env = dict(os.environ, MESHGATE_WORKERS="1", MESHGATE_LOG="warn")
+        mg = start([str(rel / "meshgate"), "run", "-c", str(tmp / "mg.yaml")], 0, env=env,
+                   stdout=subprocess.DEVNULL)
+        procs.append(mg)
+        wait_port(port)
+        ng_h1, ng_h2 = free_port(), free_port()
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, backend=ports["backend"], h1=ng_h1, h2=ng_h2))
+        ng = start([nginx, "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")], 0)
+        procs.append(ng)
+        wait_port(ng_h1)
+        base = f"http://127.0.0.1:{port}"
+        all_routes = [("nginx plain", ng, f"http://127.0.0.1:{ng_h1}/plain/x", ()),
+                      ("meshgate plain", mg, f"{base}/plain/x", ())]
+        all_routes += [(name, mg, base + path, h) for name, path, h in routes]
+        for _, _, url, h in all_routes:  # warm-up, and a check that every route answers 200
+            r = wrk(url, a.conns, 2, h)
+            if r["errors"]:
+                sys.exit(f"{url} answered non-2xx during warm-up")
+        results = {name: [] for name, *_ in all_routes}
+        for rnd in range(a.rounds):
+            for name, proc, url, h in all_routes:
+                r = measure({"proc": proc}, "h1", url, a.conns, a.duration, h)
+                results[name].append(r)
+                print(f"round {rnd + 1} {name:24} {r['rps']:>9.0f} req/s  {r['per_cpu_s']:>9.0f} req/CPU-s  "
+                      f"p99 {r['p99']:.2f} ms  errors {r['errors']}", flush=True)
+        print()
+        print(f"| route (HTTP/1.1 c{a.conns}) | req/s | req per proxy CPU-s | vs meshgate plain | vs nginx | p99 ms |")
+        print("|---|---|---|---|---|---|")
+        for name, *_ in all_routes:
+            rs = results[name]
+            vs_plain = statistics.median(r["per_cpu_s"] / p["per_cpu_s"] for r, p in zip(rs, results["meshgate plain"]))
+            vs_nginx = statistics.median(r["per_cpu_s"] / p["per_cpu_s"] for r, p in zip(rs, results["nginx plain"]))
+            med = lambda k: statistics.median(x[k] for x in rs)
+            print(f"| {name} | {med('rps'):,.0f} | {med('per_cpu_s'):,.0f} | {vs_plain:.2f} | {vs_nginx:.2f} | "
+                  f"{med('p99'):.2f} |")
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def filter_bench_args(doc):
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--conns", type=int, default=50)
+    ap.add_argument("--no-build", action="store_true")
+    return ap.parse_args()
+
 if __name__ == "__main__":
     main()

@@ -17,6 +17,8 @@ pub enum ErrorCode {
     RateLimited,
     /// A cluster-wide limit could not be checked and its `failMode` is `closed`.
     RateLimitUnavailable,
+    /// A `concurrency-limit` is full (and its queue, if any).
+    ConcurrencyLimited,
     UpstreamUnavailable,
     CircuitOpen,
     NoHealthyUpstream,
@@ -37,6 +39,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RateLimited => "rate_limited",
             Self::RateLimitUnavailable => "rate_limit_unavailable",
+            Self::ConcurrencyLimited => "concurrency_limited",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::CircuitOpen => "circuit_open",
             Self::NoHealthyUpstream => "no_healthy_upstream",
@@ -57,9 +60,10 @@ impl ErrorCode {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
-            Self::CircuitOpen | Self::NoHealthyUpstream | Self::RateLimitUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::CircuitOpen
+            | Self::NoHealthyUpstream
+            | Self::RateLimitUnavailable
+            | Self::ConcurrencyLimited => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -77,7 +81,8 @@ impl ErrorCode {
             Self::UpstreamUnavailable
             | Self::CircuitOpen
             | Self::NoHealthyUpstream
-            | Self::RateLimitUnavailable => 14, // UNAVAILABLE
+            | Self::RateLimitUnavailable
+            | Self::ConcurrencyLimited => 14, // UNAVAILABLE
             Self::UpstreamTimeout => 4,                     // DEADLINE_EXCEEDED
             Self::Internal => 13,                           // INTERNAL
         }

@@ -20,7 +20,7 @@ pub use chain::Chain;
 pub use consumers::{Conflict, ConsumerSet, HmacCredential};
 pub use header_ops::{HeaderOps, HeaderOpsConfig};
 pub use registry::{BuildCtx, BuildError, build, is_known};
-pub use traffic::{Counters as RateLimitCounters, Outcome as RateLimitOutcome, rate_limit_stats};
+pub use traffic::{Kind as LimiterKind, LimiterStats, limiter_stats};
 pub use transform::Transform;
 pub use validate::RequestValidator;
 

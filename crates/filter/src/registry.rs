@@ -29,14 +29,7 @@ impl fmt::Display for BuildError {
 /// Filters the SPEC names that later work will add; naming one is a clear error
 /// until it exists, never a silent no-op.
 const PLANNED: &[&str] = &[
-    "waf",
-    "quota",
-    "concurrency-limit",
-    "cache",
-    "fault",
-    "mirror",
-    "compress",
-    "authz",
+    "waf", "quota", "cache", "fault", "mirror", "compress", "authz",
 ];
 
 const BUILT: &[&str] = &[
@@ -49,6 +42,7 @@ const BUILT: &[&str] = &[
     "hmac-auth",
     "oauth2-introspection",
     "rate-limit",
+    "concurrency-limit",
 ];
 
 /// True for names that are built in or planned (used for "did you mean" style errors).
@@ -106,6 +100,9 @@ pub fn build(
             ctx.base,
         )?)),
         "rate-limit" => Ok(Arc::new(crate::traffic::RateLimit::from_config(
+            config, ctx,
+        )?)),
+        "concurrency-limit" => Ok(Arc::new(crate::traffic::ConcurrencyLimit::from_config(
             config, ctx,
         )?)),
         n if PLANNED.contains(&n) => Err(BuildError::new(

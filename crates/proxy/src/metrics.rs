@@ -145,7 +145,8 @@ impl Default for Metrics {
     }
 }
 
-/// `meshgate_rate_limit_decisions_total{limiter, result}`, read from the limiters'
+/// `meshgate_rate_limit_decisions_total{limiter, result}` and the concurrency-limit
+/// counters and gauge, read from the limiters'
 /// own counters at scrape time (they outlive snapshots, like the limits themselves).
 #[derive(Debug)]
 struct RateLimitCollector;
@@ -156,21 +157,46 @@ impl prometheus_client::collector::Collector for RateLimitCollector {
         mut encoder: prometheus_client::encoding::DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
-        let stats = meshgate_filter::rate_limit_stats();
-        if stats.is_empty() {
-            return Ok(());
+        let stats = meshgate_filter::limiter_stats();
+        for kind in [
+            meshgate_filter::LimiterKind::RateLimit,
+            meshgate_filter::LimiterKind::Concurrency,
+        ] {
+            let of_kind: Vec<_> = stats.iter().filter(|s| s.kind == kind).collect();
+            if of_kind.is_empty() {
+                continue;
+            }
+            let (name, help, results) = kind.metric();
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for s in &of_kind {
+                for (i, result) in results.iter().enumerate() {
+                    let labels = [("limiter", s.site.as_str()), ("result", result)];
+                    let c =
+                        prometheus_client::metrics::counter::ConstCounter::new(s.counters.get(i));
+                    c.encode(family.encode_family(&labels)?)?;
+                }
+            }
         }
-        let mut family = encoder.encode_descriptor(
-            "rate_limit_decisions",
-            "Rate-limit decisions by limiter (where the filter is written) and result",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (site, counters) in &stats {
-            for o in meshgate_filter::RateLimitOutcome::ALL {
-                let labels = [("limiter", site.as_str()), ("result", o.as_str())];
-                let c = prometheus_client::metrics::counter::ConstCounter::new(counters.get(o));
-                c.encode(family.encode_family(&labels)?)?;
+        let in_flight: Vec<_> = stats
+            .iter()
+            .filter_map(|s| Some((&s.site, s.in_flight?)))
+            .collect();
+        if !in_flight.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "concurrency_limit_in_flight",
+                "Requests holding a concurrency-limit slot now",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (site, n) in in_flight {
+                let labels = [("limiter", site.as_str())];
+                let g = prometheus_client::metrics::gauge::ConstGauge::new(n as i64);
+                g.encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())

@@ -6,59 +6,69 @@
 //! (`Api/orders spec.filters.1`) and its config — and a rebuilt filter with the same
 //! identity picks up the same state. Entries go when no snapshot uses them.
 
+mod concurrency;
 mod gcra;
 mod rate_limit;
 
-pub use rate_limit::RateLimit;
+pub(crate) use concurrency::ConcurrencyLimit;
+pub(crate) use rate_limit::RateLimit;
 
 use rate_limit::LocalBuckets;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 
-/// What became of one request at a limiter.
+/// Which kind of limiter a registry entry is, for its metric family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Allowed,
-    Limited,
-    /// The shared store was unreachable and `failMode: open` let the request on.
-    FailedOpen,
-    /// The shared store was unreachable and `failMode: closed` refused it.
-    FailedClosed,
+pub enum Kind {
+    RateLimit,
+    Concurrency,
 }
 
-impl Outcome {
-    pub const ALL: [Outcome; 4] = [
-        Self::Allowed,
-        Self::Limited,
-        Self::FailedOpen,
-        Self::FailedClosed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
+impl Kind {
+    /// Metric family (under `meshgate_`), help, and the result names by index.
+    pub fn metric(self) -> (&'static str, &'static str, &'static [&'static str]) {
         match self {
-            Self::Allowed => "allowed",
-            Self::Limited => "limited",
-            Self::FailedOpen => "failed_open",
-            Self::FailedClosed => "failed_closed",
+            Self::RateLimit => (
+                "rate_limit_decisions",
+                "Rate-limit decisions by limiter (where the filter is written) and result",
+                &["allowed", "limited", "failed_open", "failed_closed"],
+            ),
+            Self::Concurrency => (
+                "concurrency_limit_decisions",
+                "Concurrency-limit decisions by limiter (where the filter is written) and result",
+                &["admitted", "queued", "rejected"],
+            ),
         }
     }
 }
 
-/// Decisions of one limiter, for `meshgate_rate_limit_decisions_total`.
+/// Decision counts of one limiter, indexed as [`Kind::metric`] names them.
 #[derive(Debug, Default)]
 pub struct Counters {
     counts: [AtomicU64; 4],
 }
 
 impl Counters {
-    fn record(&self, o: Outcome) {
-        self.counts[o as usize].fetch_add(1, Ordering::Relaxed);
+    fn record(&self, i: usize) {
+        if let Some(c) = self.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    pub fn get(&self, o: Outcome) -> u64 {
-        self.counts[o as usize].load(Ordering::Relaxed)
+    pub fn get(&self, i: usize) -> u64 {
+        self.counts.get(i).map_or(0, |c| c.load(Ordering::Relaxed))
     }
+}
+
+/// One live limiter, as the metrics endpoint shows it.
+#[derive(Debug)]
+pub struct LimiterStats {
+    pub site: String,
+    pub kind: Kind,
+    pub counters: Arc<Counters>,
+    /// Requests holding a slot now (concurrency limiters).
+    pub in_flight: Option<u64>,
 }
 
 /// The state one filter identity owns.
@@ -66,8 +76,10 @@ impl Counters {
 struct SharedState {
     id: String,
     site: String,
+    kind: Kind,
     counters: Arc<Counters>,
     buckets: Mutex<Option<Arc<LocalBuckets>>>,
+    slots: Mutex<Option<Arc<concurrency::Slots>>>,
 }
 
 impl SharedState {
@@ -77,6 +89,12 @@ impl SharedState {
 
     fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
+    }
+
+    fn slots(&self, max: usize) -> Arc<concurrency::Slots> {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        s.get_or_insert_with(|| Arc::new(concurrency::Slots::new(max)))
+            .clone()
     }
 
     fn buckets(&self, max_keys: usize) -> Arc<LocalBuckets> {
@@ -91,7 +109,7 @@ type Registry = Mutex<HashMap<String, Weak<SharedState>>>;
 static REGISTRY: LazyLock<Registry> = LazyLock::new(Default::default);
 
 /// The state for the filter written at `site` with this config (created or reused).
-fn shared_state(site: &str, config: &serde_json::Value) -> Arc<SharedState> {
+fn shared_state(site: &str, kind: Kind, config: &serde_json::Value) -> Arc<SharedState> {
     let digest = aws_lc_rs::digest::digest(
         &aws_lc_rs::digest::SHA256,
         format!("{site}\n{config}").as_bytes(),
@@ -108,21 +126,32 @@ fn shared_state(site: &str, config: &serde_json::Value) -> Arc<SharedState> {
     let s = Arc::new(SharedState {
         id: id.clone(),
         site: site.to_string(),
+        kind,
         counters: Arc::default(),
         buckets: Mutex::new(None),
+        slots: Mutex::new(None),
     });
     reg.insert(id, Arc::downgrade(&s));
     s
 }
 
 /// Every live limiter's site and decision counts, for the metrics endpoint.
-pub fn rate_limit_stats() -> Vec<(String, Arc<Counters>)> {
+pub fn limiter_stats() -> Vec<LimiterStats> {
     let reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-    let mut out: Vec<(String, Arc<Counters>)> = reg
+    let mut out: Vec<LimiterStats> = reg
         .values()
         .filter_map(Weak::upgrade)
-        .map(|s| (s.site.clone(), s.counters.clone()))
+        .map(|s| LimiterStats {
+            site: s.site.clone(),
+            kind: s.kind,
+            counters: s.counters.clone(),
+            in_flight: s
+                .slots
+                .lock()
+                .ok()
+                .and_then(|sl| sl.as_ref().map(|sl| sl.in_flight())),
+        })
         .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by(|a, b| a.site.cmp(&b.site));
     out
 }

@@ -7,7 +7,7 @@
 //! headers-10) and a refusal carries `Retry-After`.
 
 use super::gcra::{Limit, Report};
-use super::{Counters, Outcome, shared_state};
+use super::{Counters, Kind, shared_state};
 use crate::registry::{BuildCtx, BuildError};
 use crate::{Filter, FilterResult, Flow, Step};
 use http::{HeaderName, HeaderValue};
@@ -128,6 +128,12 @@ impl KeyPart {
     }
 }
 
+/// One part of one request's key.
+enum KeyValue<'a> {
+    Text(std::borrow::Cow<'a, str>),
+    Client(std::net::IpAddr),
+}
+
 /// A named limit with its precomputed header parts.
 #[derive(Debug)]
 struct Policy {
@@ -177,7 +183,7 @@ impl RateLimit {
         };
         let policies = policies(&cfg)?;
         let policy_header = cfg.headers.then(|| policy_header(&policies)).flatten();
-        let shared = shared_state(ctx.site, value);
+        let shared = shared_state(ctx.site, Kind::RateLimit, value);
         let store = match (cfg.scope, &cfg.redis) {
             (Scope::Local, Some(_)) => {
                 return Err(BuildError::new(
@@ -211,16 +217,16 @@ impl RateLimit {
         })
     }
 
-    /// The bucket key for this request. Parts that are absent (no Consumer, header or
+    /// The key parts of this request. Parts that are absent (no Consumer, header or
     /// claim) fall back to the client address, so leaving them out is no way around
     /// the limit.
-    fn key(&self, ctx: &RequestCtx, req: &http::request::Parts) -> String {
-        let mut key = String::new();
-        for (i, part) in self.key.iter().enumerate() {
-            if i > 0 {
-                key.push('\u{1f}');
-            }
-            let value: Option<std::borrow::Cow<'_, str>> = match part {
+    fn key_parts<'a>(
+        &'a self,
+        ctx: &'a RequestCtx,
+        req: &'a http::request::Parts,
+    ) -> impl Iterator<Item = KeyValue<'a>> + 'a {
+        self.key.iter().map(move |part| {
+            let value: Option<std::borrow::Cow<'a, str>> = match part {
                 KeyPart::Consumer => ctx.consumer.as_ref().map(|c| (&*c.name).into()),
                 KeyPart::Ip => None,
                 KeyPart::Api => Some(ctx.api.as_deref().unwrap_or("").into()),
@@ -234,28 +240,53 @@ impl RateLimit {
                     .and_then(|claims| claims.text(c))
                     .map(|v| v.into_owned().into()),
             };
-            match value {
-                Some(v) => {
-                    key.push('=');
-                    key.push_str(&v);
-                }
-                None => {
-                    use std::fmt::Write;
-                    let _ = write!(key, "@{}", ctx.client_addr.ip());
-                }
+            value.map_or(KeyValue::Client(ctx.client_addr.ip()), KeyValue::Text)
+        })
+    }
+
+    /// The key as text, for Redis.
+    fn key_string(&self, ctx: &RequestCtx, req: &http::request::Parts) -> String {
+        use std::fmt::Write;
+        let mut key = String::new();
+        for (i, v) in self.key_parts(ctx, req).enumerate() {
+            if i > 0 {
+                key.push('\u{1f}');
             }
+            let _ = match v {
+                KeyValue::Text(t) => write!(key, "={t}"),
+                KeyValue::Client(ip) => write!(key, "@{ip}"),
+            };
         }
         key
+    }
+
+    /// The key as a seeded hash, for the local buckets (no string is built).
+    fn key_hash(
+        &self,
+        ctx: &RequestCtx,
+        req: &http::request::Parts,
+        seed: &impl BuildHasher,
+    ) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = seed.build_hasher();
+        for v in self.key_parts(ctx, req) {
+            match v {
+                KeyValue::Text(t) => (0u8, &*t).hash(&mut h),
+                KeyValue::Client(ip) => (1u8, ip).hash(&mut h),
+            }
+        }
+        h.finish()
     }
 
     /// Record the reports for the response headers, or refuse.
     fn decide(&self, ctx: &mut RequestCtx, reports: Reports) -> FilterResult {
         let allowed = reports.iter().all(|r| r.allowed);
-        self.counters.record(if allowed {
+        let outcome = if allowed {
             Outcome::Allowed
         } else {
             Outcome::Limited
-        });
+        };
+        self.counters.record(outcome as usize);
         if allowed {
             if self.policy_header.is_some() {
                 ctx.extensions.insert(Decided(reports));
@@ -297,7 +328,7 @@ impl RateLimit {
     fn unavailable(&self, fail: FailMode, error: &str) -> FilterResult {
         match fail {
             FailMode::Open => {
-                self.counters.record(Outcome::FailedOpen);
+                self.counters.record(Outcome::FailedOpen as usize);
                 tracing::warn!(
                     error,
                     "rate-limit store unreachable; admitting (failMode: open)"
@@ -305,7 +336,7 @@ impl RateLimit {
                 Ok(Flow::Continue)
             }
             FailMode::Closed => {
-                self.counters.record(Outcome::FailedClosed);
+                self.counters.record(Outcome::FailedClosed as usize);
                 tracing::warn!(
                     error,
                     "rate-limit store unreachable; refusing (failMode: closed)"
@@ -317,6 +348,15 @@ impl RateLimit {
             }
         }
     }
+}
+
+/// What became of one request (indexes of [`Kind::metric`]'s result names).
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Allowed = 0,
+    Limited = 1,
+    FailedOpen = 2,
+    FailedClosed = 3,
 }
 
 /// Reports of every limit, in config order.
@@ -444,13 +484,14 @@ impl Filter for RateLimit {
         ctx: &'a mut RequestCtx,
         req: &'a mut http::request::Parts,
     ) -> Step<'a> {
-        let key = self.key(ctx, req);
         match &self.store {
             Store::Local(b) => {
-                let reports = b.check(&key, &self.policies, b.now());
+                let key = self.key_hash(ctx, req, &b.hasher);
+                let reports = b.check(key, &self.policies, b.now());
                 Step::Done(self.decide(ctx, reports))
             }
             Store::Cluster(c) => Step::Pending(Box::pin(async move {
+                let key = self.key_string(ctx, req);
                 match c.check(&key, &self.policies).await {
                     Ok(reports) => self.decide(ctx, reports),
                     Err(e) => self.unavailable(c.fail_mode, &e),
@@ -498,9 +539,8 @@ impl LocalBuckets {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    /// Check every limit for `key` at `now`; take a token from each only when all admit.
-    fn check(&self, key: &str, policies: &[Policy], now: u64) -> Reports {
-        let h = self.hasher.hash_one(key);
+    /// Check every limit for the key hashed to `h` at `now`; take a token from each only when all admit.
+    fn check(&self, h: u64, policies: &[Policy], now: u64) -> Reports {
         let shard = &self.shards[(h as usize) % SHARDS];
         let Ok(mut map) = shard.lock() else {
             return Reports::new();
@@ -681,7 +721,7 @@ mod tests {
     fn all_limits_must_admit_and_a_refusal_takes_nothing() {
         let b = LocalBuckets::new(100);
         let p = policies(&[("10/s", 3), ("4/m", 4)]);
-        let allowed = |now| b.check("k", &p, now).iter().all(|r| r.allowed);
+        let allowed = |now| b.check(1, &p, now).iter().all(|r| r.allowed);
         let t0 = 5_000_000_000;
         // Three at once (the per-second burst), then the fourth is refused...
         assert!(allowed(t0) && allowed(t0) && allowed(t0));
@@ -690,11 +730,11 @@ mod tests {
         assert!(allowed(t0 + 100_000_000));
         // Now the per-minute limit (4) is spent even though the per-second one refilled.
         assert!(!allowed(t0 + 2_000_000_000));
-        let r = b.check("k", &p, t0 + 2_000_000_000);
+        let r = b.check(1, &p, t0 + 2_000_000_000);
         let waits: Vec<_> = r.iter().map(|x| x.retry_after).collect();
         assert!(waits[1] > Duration::from_secs(10), "{waits:?}");
         // Another key is untouched.
-        assert!(b.check("other", &p, t0).iter().all(|r| r.allowed));
+        assert!(b.check(2, &p, t0).iter().all(|r| r.allowed));
     }
 
     #[test]
@@ -702,7 +742,7 @@ mod tests {
         let b = LocalBuckets::new(SHARDS * 10);
         let p = policies(&[("1/s", 1)]);
         for i in 0..1000 {
-            b.check(&format!("k{i}"), &p, 1_000);
+            b.check(i, &p, 1_000);
         }
         let total: usize = b
             .shards
@@ -712,7 +752,7 @@ mod tests {
         assert!(total <= SHARDS * 10, "{total}");
         // Long after, every bucket has refilled: a new key evicts them rather than others.
         for i in 0..100 {
-            b.check(&format!("n{i}"), &p, 10_000_000_000);
+            b.check(10_000 + i, &p, 10_000_000_000);
         }
         let live: usize = b
             .shards
