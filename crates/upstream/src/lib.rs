@@ -5,9 +5,11 @@
 //! table-testable.
 
 mod balancer;
+mod breaker;
 mod cluster;
 mod retry;
 
 pub use balancer::{HashOn, LbPolicy};
+pub use breaker::{Breaker, BreakerConfig, BreakerState, Refusal, Ticket};
 pub use cluster::{Cluster, Endpoint, EndpointSet, InFlight, Picked, Selector};
 pub use retry::{RetryOn, RetryPolicy, TryOutcome};
