@@ -326,6 +326,38 @@ fn policy_filters(
     out
 }
 
+/// A fixed answer from config (`invoke.mock`, a breaker's `fallback`).
+pub(crate) fn mock(c: &mut Check<'_>, m: &meshgate_api::MockSpec, at: &str) -> Option<Mock> {
+    let before = c.diags.len();
+    let mut headers = HeaderMap::new();
+    for (n, v) in &m.headers {
+        match (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            (Ok(n), Ok(v)) => {
+                headers.insert(n, v);
+            }
+            _ => c.err(format!("{at}.headers.{n}"), "not a valid header"),
+        }
+    }
+    let body = match &m.body {
+        None => Bytes::new(),
+        Some(serde_json::Value::String(s)) => Bytes::from(s.clone()),
+        Some(v) => {
+            headers
+                .entry(http::header::CONTENT_TYPE)
+                .or_insert(HeaderValue::from_static("application/json"));
+            Bytes::from(v.to_string())
+        }
+    };
+    (c.diags.len() == before).then(|| Mock {
+        status: StatusCode::from_u16(m.status).unwrap_or(StatusCode::OK),
+        headers,
+        body,
+    })
+}
+
 fn invoke(
     c: &mut Check<'_>,
     inv: &InvokeSpec,
@@ -335,36 +367,7 @@ fn invoke(
 ) -> Option<Invoke> {
     let before = c.diags.len();
     if let Some(m) = &inv.mock {
-        let mut headers = HeaderMap::new();
-        for (n, v) in &m.headers {
-            match (
-                HeaderName::from_bytes(n.as_bytes()),
-                HeaderValue::from_str(v),
-            ) {
-                (Ok(n), Ok(v)) => {
-                    headers.insert(n, v);
-                }
-                _ => c.err(
-                    format!("spec.invoke.mock.headers.{n}"),
-                    "not a valid header",
-                ),
-            }
-        }
-        let body = match &m.body {
-            None => Bytes::new(),
-            Some(serde_json::Value::String(s)) => Bytes::from(s.clone()),
-            Some(v) => {
-                headers
-                    .entry(http::header::CONTENT_TYPE)
-                    .or_insert(HeaderValue::from_static("application/json"));
-                Bytes::from(v.to_string())
-            }
-        };
-        return Some(Invoke::Mock(Mock {
-            status: StatusCode::from_u16(m.status).unwrap_or(StatusCode::OK),
-            headers,
-            body,
-        }));
+        return mock(c, m, "spec.invoke.mock").map(Invoke::Mock);
     }
     let name = inv.service.as_ref()?;
     let svc_timeout = match services.get(name) {

@@ -122,6 +122,14 @@ pub struct Service {
     pub connect_timeout: Duration,
     /// Every subset some Api's split uses; splits refer to them by index.
     pub selectors: Vec<Selector>,
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// A Service's breaker settings, and what to answer while it refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    pub config: meshgate_upstream::BreakerConfig,
+    pub fallback: Option<Mock>,
 }
 
 #[derive(Debug)]
@@ -139,7 +147,7 @@ pub enum Invoke {
     Upstream(Upstream),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mock {
     pub status: StatusCode,
     pub headers: HeaderMap,

@@ -128,6 +128,60 @@ fn secret(c: &mut Check<'_>, s: &SecretSpec, path: &str) -> Option<Vec<u8>> {
     read.map_err(|e| c.err(path, e)).ok()
 }
 
+/// `circuitBreaker`, with Envoy-like defaults: open at 50% failures over 10 s once 20
+/// requests were seen, for 30 s, then one probe.
+fn circuit_breaker(
+    c: &mut Check<'_>,
+    cb: &meshgate_api::CircuitBreakerSpec,
+) -> Option<crate::CircuitBreaker> {
+    const AT: &str = "spec.circuitBreaker";
+    let before = c.diags.len();
+    if cb.max_connections.is_some() {
+        c.not_built(&format!("{AT}.maxConnections"), "maxConnections");
+    }
+    if cb.max_pending_requests.is_some() {
+        c.not_built(&format!("{AT}.maxPendingRequests"), "maxPendingRequests");
+    }
+    let failure_rate = cb.failure_rate_threshold.unwrap_or(50);
+    if !(1..=100).contains(&failure_rate) {
+        c.err(
+            format!("{AT}.failureRateThreshold"),
+            "a percentage from 1 to 100",
+        );
+    }
+    if cb.max_requests == Some(0) {
+        c.err(format!("{AT}.maxRequests"), "must be at least 1");
+    }
+    let probes = cb.half_open_requests.unwrap_or(1);
+    if probes == 0 {
+        c.err(format!("{AT}.halfOpenRequests"), "must be at least 1");
+    }
+    let window = c
+        .duration(&format!("{AT}.window"), cb.window.as_ref())
+        .unwrap_or(std::time::Duration::from_secs(10));
+    let open_for = c
+        .duration(&format!("{AT}.openFor"), cb.open_for.as_ref())
+        .unwrap_or(std::time::Duration::from_secs(30));
+    if window < std::time::Duration::from_millis(10) {
+        c.err(format!("{AT}.window"), "must be at least 10ms");
+    }
+    let fallback = cb
+        .fallback
+        .as_ref()
+        .and_then(|m| crate::link::mock(c, m, &format!("{AT}.fallback")));
+    (c.diags.len() == before).then(|| crate::CircuitBreaker {
+        config: meshgate_upstream::BreakerConfig {
+            max_requests: cb.max_requests,
+            failure_rate,
+            minimum_requests: cb.minimum_requests.unwrap_or(20),
+            window,
+            open_for,
+            probes,
+        },
+        fallback,
+    })
+}
+
 /// Collects diagnostics for one document.
 pub struct Check<'a> {
     pub doc: &'a Doc,
@@ -437,10 +491,13 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
     let connect_timeout = c
         .duration("spec.connectTimeout", spec.connect_timeout.as_ref())
         .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let circuit_breaker = spec
+        .circuit_breaker
+        .as_ref()
+        .and_then(|cb| circuit_breaker(c, cb));
     for (field, present) in [
         ("healthCheck", spec.health_check.is_some()),
         ("outlierDetection", spec.outlier_detection.is_some()),
-        ("circuitBreaker", spec.circuit_breaker.is_some()),
     ] {
         if present {
             c.not_built(&format!("spec.{field}"), field);
@@ -461,6 +518,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         timeout,
         connect_timeout,
         selectors: Vec::new(),
+        circuit_breaker,
     })
 }
 

@@ -125,11 +125,21 @@ fn upstreams(shared: &Shared) -> serde_json::Value {
                     })
                 })
                 .collect();
+            let breaker = c.breaker.as_ref().map(|b| {
+                let (opened, refused) = b.events();
+                json!({
+                    "state": b.state(std::time::Instant::now()).as_str(),
+                    "inFlight": b.in_flight(),
+                    "opened": opened,
+                    "refused": refused,
+                })
+            });
             json!({
                 "service": c.service.name,
                 "protocol": format!("{:?}", c.service.protocol).to_lowercase(),
                 "loadBalancer": format!("{:?}", c.cluster.policy),
                 "discovery": if c.service.dns.is_some() { "dns" } else { "static" },
+                "circuitBreaker": breaker,
                 "endpoints": endpoints,
             })
         })

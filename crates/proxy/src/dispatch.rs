@@ -296,7 +296,7 @@ async fn serve(
     forwarding_headers(&mut parts.headers, ctx, conn, client_host);
     let own = active.api_clusters[api_idx].as_ref();
     let answer = invoke::call(active, own, up, ctx, parts, body, limit).await?;
-    done.upstream = Some(answer.endpoint);
+    done.upstream = answer.endpoint;
     done.upstream_ms = Some(answer.elapsed.as_secs_f64() * 1e3);
     let (mut rparts, rbody) = answer.response.into_parts();
     strip_hop_by_hop(&mut rparts.headers, false);

@@ -21,7 +21,8 @@ const REPLAY_BUFFER: u64 = 64 * 1024;
 /// What the upstream answered, and which endpoint did.
 pub struct Answer {
     pub response: Response<ResponseBody>,
-    pub endpoint: SocketAddr,
+    /// None for a fallback answered without calling the Service.
+    pub endpoint: Option<SocketAddr>,
     /// From the first try's start to the answering try's response head.
     pub elapsed: Duration,
 }
@@ -183,7 +184,7 @@ pub async fn call(
     own: Option<&Arc<ClusterRt>>,
     up: &Upstream,
     ctx: &RequestCtx,
-    mut parts: http::request::Parts,
+    parts: http::request::Parts,
     body: Inbound,
     body_limit: u64,
 ) -> Result<Answer, GatewayError> {
@@ -199,6 +200,76 @@ pub async fn call(
             )
         })?,
     };
+    let Some(breaker) = &rt.breaker else {
+        return tries(rt, name, target, up, ctx, parts, body, body_limit, start).await;
+    };
+    let ticket = match breaker.admit(start) {
+        Ok(t) => t,
+        Err(refusal) => {
+            rt.stats.breaker_refused.inc();
+            return refused(rt, name, refusal);
+        }
+    };
+    let result = tries(rt, name, target, up, ctx, parts, body, body_limit, start).await;
+    let failed = match &result {
+        Ok(a) => a.response.status().is_server_error(),
+        Err(e) => matches!(
+            e.code,
+            ErrorCode::UpstreamUnavailable | ErrorCode::UpstreamTimeout
+        ),
+    };
+    if breaker.record(ticket, failed, Instant::now()) {
+        rt.stats.breaker_opened.inc();
+        tracing::warn!(service = name, "circuit breaker opened");
+    }
+    result
+}
+
+/// The answer while a Service's breaker refuses: its fallback, or 503 `circuit_open`.
+fn refused(
+    rt: &ClusterRt,
+    name: &str,
+    refusal: meshgate_upstream::Refusal,
+) -> Result<Answer, GatewayError> {
+    let fallback = rt
+        .service
+        .circuit_breaker
+        .as_ref()
+        .and_then(|cb| cb.fallback.as_ref());
+    if let Some(m) = fallback {
+        let mut r = Response::new(ResponseBody::full(m.body.clone()));
+        *r.status_mut() = m.status;
+        *r.headers_mut() = m.headers.clone();
+        return Ok(Answer {
+            response: r,
+            endpoint: None,
+            elapsed: Duration::ZERO,
+        });
+    }
+    let why = match refusal {
+        meshgate_upstream::Refusal::Open => "its circuit breaker is open",
+        meshgate_upstream::Refusal::Full => "it has its maximum of requests in flight",
+    };
+    Err(GatewayError::new(
+        ErrorCode::CircuitOpen,
+        format!("service {name:?} is not being called: {why}"),
+    )
+    .retry_safe())
+}
+
+/// Send the request to the Service's endpoints: balance, connect, retry, time out.
+#[allow(clippy::too_many_arguments)]
+async fn tries(
+    rt: &ClusterRt,
+    name: &str,
+    target: &Target,
+    up: &Upstream,
+    ctx: &RequestCtx,
+    mut parts: http::request::Parts,
+    body: Inbound,
+    body_limit: u64,
+    start: Instant,
+) -> Result<Answer, GatewayError> {
     let mut timeout = up.timeout;
     if ctx.grpc
         && let Some(t) = grpc_timeout(&parts.headers)
@@ -304,7 +375,7 @@ pub async fn call(
                 } else {
                     return Ok(Answer {
                         response: resp,
-                        endpoint,
+                        endpoint: Some(endpoint),
                         elapsed: end.saturating_duration_since(start),
                     });
                 }

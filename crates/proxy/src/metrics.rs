@@ -54,6 +54,8 @@ pub struct Metrics {
     upstream_connect_errors: Family<ServiceLabels, Counter>,
     upstream_timeouts: Family<ServiceLabels, Counter>,
     upstream_retries: Family<ServiceLabels, Counter>,
+    breaker_opened: Family<ServiceLabels, Counter>,
+    breaker_refused: Family<ServiceLabels, Counter>,
     upstream_connections: Family<ServiceLabels, Gauge>,
     upstream_requests_active: Family<ServiceLabels, Gauge>,
     pub reloads: Family<ResultLabels, Counter>,
@@ -72,6 +74,8 @@ impl Default for Metrics {
             upstream_connect_errors: Family::default(),
             upstream_timeouts: Family::default(),
             upstream_retries: Family::default(),
+            breaker_opened: Family::default(),
+            breaker_refused: Family::default(),
             upstream_connections: Family::default(),
             upstream_requests_active: Family::default(),
             reloads: Family::default(),
@@ -109,6 +113,16 @@ impl Default for Metrics {
             "upstream_retries",
             "Upstream retries",
             m.upstream_retries.clone(),
+        );
+        registry.register(
+            "circuit_breaker_opened",
+            "Times a Service's circuit breaker opened",
+            m.breaker_opened.clone(),
+        );
+        registry.register(
+            "circuit_breaker_refused",
+            "Requests a Service's circuit breaker refused (open, or at maxRequests)",
+            m.breaker_refused.clone(),
         );
         registry.register(
             "upstream_connections",
@@ -226,6 +240,8 @@ pub struct ServiceStats {
     pub retries: Counter,
     pub connections: Gauge,
     pub active: Gauge,
+    pub breaker_opened: Counter,
+    pub breaker_refused: Counter,
 }
 
 impl Metrics {
@@ -267,6 +283,8 @@ impl Metrics {
             connect_errors: self.upstream_connect_errors.get_or_create(&l).clone(),
             timeouts: self.upstream_timeouts.get_or_create(&l).clone(),
             retries: self.upstream_retries.get_or_create(&l).clone(),
+            breaker_opened: self.breaker_opened.get_or_create(&l).clone(),
+            breaker_refused: self.breaker_refused.get_or_create(&l).clone(),
             connections: self.upstream_connections.get_or_create(&l).clone(),
             active: self.upstream_requests_active.get_or_create(&l).clone(),
         }

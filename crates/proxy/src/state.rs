@@ -16,6 +16,7 @@ pub struct ClusterRt {
     pub cluster: Arc<Cluster>,
     pub transport: Transport,
     pub stats: ServiceStats,
+    pub breaker: Option<meshgate_upstream::Breaker>,
     _dns: Option<AbortOnDrop>,
     _sweep: Option<AbortOnDrop>,
 }
@@ -56,11 +57,15 @@ impl ClusterRt {
             .dns
             .clone()
             .map(|d| AbortOnDrop(tokio::spawn(crate::discovery::follow(cluster.clone(), d))));
+        let breaker = service.circuit_breaker.as_ref().map(|cb| {
+            meshgate_upstream::Breaker::new(cb.config.clone(), std::time::Instant::now())
+        });
         Arc::new(Self {
             service,
             cluster,
             transport,
             stats,
+            breaker,
             _dns: dns,
             _sweep: sweep,
         })

@@ -169,12 +169,13 @@ impl Breaker {
         })
     }
 
-    /// The outcome of a request let through.
-    pub fn record(&self, mut ticket: Ticket<'_>, failed: bool, now: Instant) {
+    /// The outcome of a request let through. True when this outcome opened the breaker.
+    pub fn record(&self, mut ticket: Ticket<'_>, failed: bool, now: Instant) -> bool {
         let probe = std::mem::replace(&mut ticket.probe, false);
         drop(ticket);
+        let before = self.opened.load(Ordering::Relaxed);
         let Ok(mut inner) = self.inner.lock() else {
-            return;
+            return false;
         };
         let inner = &mut *inner;
         match &mut inner.phase {
@@ -207,7 +208,9 @@ impl Breaker {
                     .buckets
                     .iter()
                     .filter(live)
-                    .fold((0u64, 0u64), |(o, f), s| (o + u64::from(s.1), f + u64::from(s.2)));
+                    .fold((0u64, 0u64), |(o, f), s| {
+                        (o + u64::from(s.1), f + u64::from(s.2))
+                    });
                 let total = ok + bad;
                 if failed
                     && total >= u64::from(self.cfg.minimum_requests)
@@ -219,6 +222,7 @@ impl Breaker {
             // Late answers of requests admitted before the breaker opened.
             _ => {}
         }
+        self.opened.load(Ordering::Relaxed) != before
     }
 
     fn open(&self, inner: &mut Inner, now: Instant) {
@@ -275,7 +279,7 @@ mod tests {
 
     fn call(b: &Breaker, failed: bool, at: Instant) -> Result<(), Refusal> {
         let t = b.admit(at)?;
-        b.record(t, failed, at);
+        let _ = b.record(t, failed, at);
         Ok(())
     }
 
@@ -320,7 +324,11 @@ mod tests {
             let _ = call(&b, false, later);
         }
         let _ = call(&b, true, later);
-        assert_eq!(b.state(later), BreakerState::Closed, "1 of 4 in the window failed");
+        assert_eq!(
+            b.state(later),
+            BreakerState::Closed,
+            "1 of 4 in the window failed"
+        );
     }
 
     #[test]
@@ -337,9 +345,9 @@ mod tests {
         let p1 = b.admit(t1).unwrap_or_else(|e| panic!("{e:?}"));
         let p2 = b.admit(t1).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(b.admit(t1).err(), Some(Refusal::Open));
-        b.record(p1, false, t1);
+        assert!(!b.record(p1, false, t1));
         assert_eq!(b.state(t1), BreakerState::HalfOpen);
-        b.record(p2, false, t1);
+        assert!(!b.record(p2, false, t1));
         assert_eq!(b.state(t1), BreakerState::Closed);
         // Open again, and a failing probe re-opens it for another period.
         for _ in 0..4 {
@@ -367,7 +375,13 @@ mod tests {
     #[test]
     fn max_requests_limits_what_is_in_flight() {
         let t0 = Instant::now();
-        let b = Breaker::new(BreakerConfig { max_requests: Some(2), ..cfg() }, t0);
+        let b = Breaker::new(
+            BreakerConfig {
+                max_requests: Some(2),
+                ..cfg()
+            },
+            t0,
+        );
         let a = b.admit(t0);
         let c = b.admit(t0);
         assert!(a.is_ok() && c.is_ok());
