@@ -63,7 +63,7 @@ spec:
 
 
 def main():
-    a = run.filter_bench_args(__doc__)
+    a = run.bench_args(__doc__)
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pub = json.loads(jwk.JWK.from_pem(private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)).export_public())

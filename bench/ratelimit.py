@@ -40,7 +40,7 @@ CONFIG = (
 
 
 def main():
-    a = run.filter_bench_args(__doc__)
+    a = run.bench_args(__doc__)
     redis = shutil.which("redis-server") or "/usr/bin/redis-server"
     run.filter_bench(CONFIG, [
         ("meshgate rate-limit local", "/local/x", ()),

@@ -179,36 +179,74 @@ spec:
 """
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--no-build", action="store_true")
-    a = ap.parse_args()
-    for tool in ("wrk", "h2load", "taskset"):
-        if not shutil.which(tool):
-            sys.exit(f"{tool} is missing: run scripts/setup.sh")
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not a.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshgate"], cwd=ROOT, check=True)
-    rel = ROOT / "target" / "release"
-    tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
-    procs = []
-    try:
-        backend = free_port()
-        procs.append(start([str(rel / "bench-backend"), f"127.0.0.1:{backend}"], 1))
-        wait_port(backend)
-        mg_port = free_port()
-        (tmp / "mg.yaml").write_text(MESHGATE_CONF.format(port=mg_port, backend=backend))
+class Lab:
+    """The processes of one run: the backend (and any `services`) on CPU 1, meshgate
+    and nginx on CPU 0. `extra_config` is YAML appended to the plain meshgate config,
+    formatted with the ports of `backend` and each service (name -> command line
+    taking the port). Stops everything it started, by process group, on exit."""
+
+    def __init__(self, a, extra_config="", services=()):
+        self.a, self.extra_config, self.services = a, extra_config, dict(services)
+        self.procs = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
+
+    def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self):
+        for tool in ("wrk", "h2load", "taskset"):
+            if not shutil.which(tool):
+                sys.exit(f"{tool} is missing: run scripts/setup.sh")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not self.a.no_build:
+            subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshgate"], cwd=ROOT, check=True)
+        rel = ROOT / "target" / "release"
+        tmp = self.tmp
+        ports = {"backend": free_port()}
+        self.procs.append(start([str(rel / "bench-backend"), f"127.0.0.1:{ports['backend']}"], 1))
+        for name, cmd in self.services.items():
+            ports[name] = free_port()
+            self.procs.append(start(cmd(ports[name]), 1, stdout=subprocess.DEVNULL))
+        for port in ports.values():
+            wait_port(port)
+        self.mg_port = free_port()
+        conf = MESHGATE_CONF.format(port=self.mg_port, backend=ports["backend"])
+        (tmp / "mg.yaml").write_text(conf + self.extra_config.format(**ports))
         env = dict(os.environ, MESHGATE_WORKERS="1", MESHGATE_LOG="warn")
-        mg = start([str(rel / "meshgate"), "run", "-c", str(tmp / "mg.yaml")], 0, env=env, stdout=subprocess.DEVNULL)
-        procs.append(mg)
-        wait_port(mg_port)
-        ng_h1, ng_h2 = free_port(), free_port()
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, backend=backend, h1=ng_h1, h2=ng_h2))
-        ng = start([nginx, "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")], 0)
-        procs.append(ng)
-        wait_port(ng_h1)
+        self.mg = start([str(rel / "meshgate"), "run", "-c", str(tmp / "mg.yaml")], 0, env=env,
+                        stdout=subprocess.DEVNULL)
+        self.procs.append(self.mg)
+        wait_port(self.mg_port)
+        self.ng_h1, self.ng_h2 = free_port(), free_port()
+        (tmp / "nginx.conf").write_text(
+            NGINX_CONF.format(dir=tmp, backend=ports["backend"], h1=self.ng_h1, h2=self.ng_h2))
+        self.ng = start([nginx, "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")], 0)
+        self.procs.append(self.ng)
+        wait_port(self.ng_h1)
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main():
+    a = bench_args(__doc__, conns=False)
+    with Lab(a) as lab:
+        mg, ng, mg_port, ng_h1, ng_h2 = lab.mg, lab.ng, lab.mg_port, lab.ng_h1, lab.ng_h2
         time.sleep(0.5)
         targets = {
             "meshgate": {"proc": mg, "h1": f"http://127.0.0.1:{mg_port}/", "h2": f"http://127.0.0.1:{mg_port}/"},
@@ -247,18 +285,6 @@ def main():
         for name in targets:
             print(f"{name}: idle RSS {idle_rss[name]:.1f} MiB, peak RSS under load {peak_rss[name]:.1f} MiB, "
                   f"idle after {rss_mib(targets[name]['proc'].pid):.1f} MiB")
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except OSError:
-                pass
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def kind_has_p99(label):
@@ -272,33 +298,8 @@ def filter_bench(extra_config, routes, a, services=()):
     is YAML appended to the plain config, formatted with the ports of `services`
     (name -> command line taking the port) and `backend`. Prints each route's
     requests per proxy CPU-second against meshgate plain and against nginx."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not a.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshgate"], cwd=ROOT, check=True)
-    rel = ROOT / "target" / "release"
-    tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
-    procs = []
-    try:
-        ports = {"backend": free_port()}
-        procs.append(start([str(rel / "bench-backend"), f"127.0.0.1:{ports['backend']}"], 1))
-        for name, cmd in dict(services).items():
-            ports[name] = free_port()
-            procs.append(start(cmd(ports[name]), 1, stdout=subprocess.DEVNULL))
-        for port in ports.values():
-            wait_port(port)
-        port = free_port()
-        conf = MESHGATE_CONF.format(port=port, backend=ports["backend"]) + extra_config.format(**ports)
-        (tmp / "mg.yaml").write_text(conf)
-        env = dict(os.environ, MESHGATE_WORKERS="1", MESHGATE_LOG="warn")
-        mg = start([str(rel / "meshgate"), "run", "-c", str(tmp / "mg.yaml")], 0, env=env,
-                   stdout=subprocess.DEVNULL)
-        procs.append(mg)
-        wait_port(port)
-        ng_h1, ng_h2 = free_port(), free_port()
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, backend=ports["backend"], h1=ng_h1, h2=ng_h2))
-        ng = start([nginx, "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")], 0)
-        procs.append(ng)
-        wait_port(ng_h1)
+    with Lab(a, extra_config, services) as lab:
+        mg, ng, port, ng_h1 = lab.mg, lab.ng, lab.mg_port, lab.ng_h1
         base = f"http://127.0.0.1:{port}"
         all_routes = [("nginx plain", ng, f"http://127.0.0.1:{ng_h1}/plain/x", ()),
                       ("meshgate plain", mg, f"{base}/plain/x", ())]
@@ -324,25 +325,14 @@ def filter_bench(extra_config, routes, a, services=()):
             med = lambda k: statistics.median(x[k] for x in rs)
             print(f"| {name} | {med('rps'):,.0f} | {med('per_cpu_s'):,.0f} | {vs_plain:.2f} | {vs_nginx:.2f} | "
                   f"{med('p99'):.2f} |")
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except OSError:
-                pass
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def filter_bench_args(doc):
-    ap = argparse.ArgumentParser(description=doc)
+def bench_args(doc, conns=True):
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--conns", type=int, default=50)
+    if conns:
+        ap.add_argument("--conns", type=int, default=50)
     ap.add_argument("--no-build", action="store_true")
     return ap.parse_args()
 
