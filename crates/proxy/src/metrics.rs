@@ -154,7 +154,7 @@ impl Default for Metrics {
             "Access-log lines dropped because the writer fell behind",
             m.access_log_dropped.clone(),
         );
-        registry.register_collector(Box::new(RateLimitCollector));
+        registry.register_collector(Box::new(LimiterCollector));
         Self { registry, ..m }
     }
 }
@@ -163,9 +163,9 @@ impl Default for Metrics {
 /// counters and gauge, read from the limiters'
 /// own counters at scrape time (they outlive snapshots, like the limits themselves).
 #[derive(Debug)]
-struct RateLimitCollector;
+struct LimiterCollector;
 
-impl prometheus_client::collector::Collector for RateLimitCollector {
+impl prometheus_client::collector::Collector for LimiterCollector {
     fn encode(
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder,

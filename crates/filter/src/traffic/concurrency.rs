@@ -55,7 +55,9 @@ impl Slots {
 /// A held slot, kept in the request context: it is released when the request is
 /// complete (the context is dropped after the response body has been sent).
 #[derive(Debug, Clone)]
-struct Held(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+struct Held {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
@@ -119,7 +121,9 @@ impl ConcurrencyLimit {
         o: Outcome,
     ) -> FilterResult {
         self.counters.record(o as usize);
-        ctx.extensions.insert(Held(Arc::new(permit)));
+        ctx.extensions.insert(Held {
+            _permit: Arc::new(permit),
+        });
         Ok(Flow::Continue)
     }
 

@@ -237,8 +237,7 @@ impl RateLimit {
                 KeyPart::Claim(c) => ctx
                     .extensions
                     .get::<VerifiedClaims>()
-                    .and_then(|claims| claims.text(c))
-                    .map(|v| v.into_owned().into()),
+                    .and_then(|claims| claims.text(c)),
             };
             value.map_or(KeyValue::Client(ctx.client_addr.ip()), KeyValue::Text)
         })
@@ -359,34 +358,28 @@ enum Outcome {
     FailedClosed = 3,
 }
 
-/// Reports of every limit, in config order.
-type Reports = smallvec_like::Reports;
+/// Reports of every limit, in config order: up to [`MAX_LIMITS`], without an
+/// allocation.
+#[derive(Debug, Clone, Copy)]
+struct Reports {
+    items: [Option<Report>; MAX_LIMITS],
+}
 
-mod smallvec_like {
-    use super::{MAX_LIMITS, Report};
-
-    /// Up to [`MAX_LIMITS`] reports without an allocation.
-    #[derive(Debug, Clone, Copy)]
-    pub struct Reports {
-        items: [Option<Report>; MAX_LIMITS],
+impl Reports {
+    fn new() -> Self {
+        Self {
+            items: [None; MAX_LIMITS],
+        }
     }
 
-    impl Reports {
-        pub fn new() -> Self {
-            Self {
-                items: [None; MAX_LIMITS],
-            }
+    fn push(&mut self, r: Report) {
+        if let Some(slot) = self.items.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(r);
         }
+    }
 
-        pub fn push(&mut self, r: Report) {
-            if let Some(slot) = self.items.iter_mut().find(|s| s.is_none()) {
-                *slot = Some(r);
-            }
-        }
-
-        pub fn iter(&self) -> impl Iterator<Item = &Report> {
-            self.items.iter().map_while(Option::as_ref)
-        }
+    fn iter(&self) -> impl Iterator<Item = &Report> {
+        self.items.iter().map_while(Option::as_ref)
     }
 }
 
