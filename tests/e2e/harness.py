@@ -40,7 +40,12 @@ def wait_port(port, timeout=10.0):
 class Backend:
     """A real HTTP/1.1 server with behaviours chosen by path:
     /slow?ms=N  /status/NNN  /reset  /flaky (503 once per key, then 200)
-    anything else: echo the request as JSON. Records every request it sees."""
+    anything else: echo the request as JSON. Records every request it sees.
+
+    On command, for every path: `mode = "fail"` answers 500, `"hang"` holds each
+    request unanswered (until the mode changes), `"reset"` resets the connection
+    without an answer; `refuse()` closes the listening socket so connects are refused,
+    and `heal()` undoes any of these."""
 
     def __init__(self, name="backend"):
         self.name = name
@@ -48,6 +53,7 @@ class Backend:
         self.requests = []
         self.lock = threading.Lock()
         self.flaky_seen = set()
+        self.mode = "ok"
         backend = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -72,6 +78,15 @@ class Backend:
 
             def _handle(self):
                 body = self._body()
+                if backend.mode == "hang":
+                    while backend.mode == "hang":
+                        time.sleep(0.02)
+                    self.close_connection = True
+                    return
+                if backend.mode == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.close_connection = True
+                    return
                 path, _, query = self.path.partition("?")
                 rec = {
                     "backend": backend.name,
@@ -83,6 +98,8 @@ class Backend:
                 }
                 with backend.lock:
                     backend.requests.append(rec)
+                if backend.mode == "fail":
+                    return self._send(500, rec)
                 if path.startswith("/slow"):
                     ms = int(dict(p.split("=") for p in query.split("&") if "=" in p).get("ms", "1000"))
                     time.sleep(ms / 1000)
@@ -136,9 +153,24 @@ class Backend:
             # concurrent load some tests make.
             request_queue_size = 128
 
-        self.server = Server(("127.0.0.1", self.port), Handler)
+        self.server_class, self.handler = Server, Handler
+        self._serve()
+
+    def _serve(self):
+        self.server = self.server_class(("127.0.0.1", self.port), self.handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def refuse(self):
+        """Close the listening socket: new connections are refused."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.server = None
+
+    def heal(self):
+        self.mode = "ok"
+        if self.server is None:
+            self._serve()
 
     @property
     def addr(self):
@@ -149,8 +181,10 @@ class Backend:
             return len(self.requests)
 
     def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.mode = "ok"
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
 
 
 # ---------------------------------------------------------------- identity provider
@@ -373,6 +407,23 @@ spec:
   endpoints:
 {eps}{extra}
 """
+
+
+class Addr:
+    """An endpoint given only by address (a closed port, a process started elsewhere)."""
+
+    def __init__(self, addr, name="addr"):
+        self.addr, self.name = addr, name
+
+
+def validate_service(tmp_path, name, extra):
+    """`meshgate validate` on a Gateway plus one Service with `extra` spec lines; asserts
+    it fails with FILE:LINE diagnostics for that Service and returns its output."""
+    f = tmp_path / "bad.yaml"
+    f.write_text(gateway_yaml(8080, 9901) + service(name, Addr("127.0.0.1:9"), extra=extra))
+    p = subprocess.run([BIN, "validate", "-c", str(f)], capture_output=True, text=True)
+    assert p.returncode == 1 and f"{f}:" in p.stdout and f"Service/{name}: " in p.stdout, p.stdout
+    return p.stdout
 
 
 def filters(*items):

@@ -123,6 +123,10 @@ pub struct Service {
     /// Every subset some Api's split uses; splits refer to them by index.
     pub selectors: Vec<Selector>,
     pub circuit_breaker: Option<CircuitBreaker>,
+    pub health_check: Option<meshgate_upstream::HealthCheckConfig>,
+    pub outlier: Option<meshgate_upstream::OutlierConfig>,
+    /// Percent; see `LoadBalancerSpec::panic_threshold`.
+    pub panic_threshold: u8,
 }
 
 /// A Service's breaker settings, and what to answer while it refuses.

@@ -128,6 +128,184 @@ fn secret(c: &mut Check<'_>, s: &SecretSpec, path: &str) -> Option<Vec<u8>> {
     read.map_err(|e| c.err(path, e)).ok()
 }
 
+/// `healthCheck`: an HTTP GET of `path` every 5 s with a 1 s timeout, 3 failures to
+/// mark an endpoint unhealthy and 2 passes to bring it back; or a TCP connect.
+fn health_check(
+    c: &mut Check<'_>,
+    h: &meshgate_api::HealthCheckSpec,
+) -> Option<meshgate_upstream::HealthCheckConfig> {
+    const AT: &str = "spec.healthCheck";
+    let before = c.diags.len();
+    let probe = match (h.kind.as_deref(), &h.path) {
+        (Some("tcp"), None) => {
+            if h.host.is_some() || !h.expected_statuses.is_empty() {
+                c.err(AT, "host and expectedStatuses apply to http checks only");
+            }
+            Some(meshgate_upstream::Probe::Tcp)
+        }
+        (Some("tcp"), Some(_)) => {
+            c.err(format!("{AT}.path"), "a tcp check has no path");
+            None
+        }
+        (None | Some("http"), Some(path)) => {
+            if !path.starts_with('/') || http::uri::PathAndQuery::try_from(path.as_str()).is_err() {
+                c.err(format!("{AT}.path"), format!("{path:?} is not a path"));
+            }
+            if let Some(host) = &h.host
+                && http::HeaderValue::from_str(host).is_err()
+            {
+                c.err(format!("{AT}.host"), format!("{host:?} is not a host"));
+            }
+            let mut expected = Vec::new();
+            for (i, v) in h.expected_statuses.iter().enumerate() {
+                match status_range(v) {
+                    Some(r) => expected.push(r),
+                    None => c.err(
+                        format!("{AT}.expectedStatuses.{i}"),
+                        format!("{v} is not a status: use 200, 2xx or 200-399"),
+                    ),
+                }
+            }
+            if expected.is_empty() {
+                expected.push((200, 299));
+            }
+            Some(meshgate_upstream::Probe::Http {
+                path: path.clone(),
+                host: h.host.clone(),
+                expected,
+            })
+        }
+        (None | Some("http"), None) => {
+            c.err(
+                format!("{AT}.path"),
+                "an http check needs a path (or set type: tcp)",
+            );
+            None
+        }
+        (Some(other), _) => {
+            c.err(
+                format!("{AT}.type"),
+                format!("{other:?} is not a check type: use http or tcp"),
+            );
+            None
+        }
+    };
+    let interval = c
+        .duration(&format!("{AT}.interval"), h.interval.as_ref())
+        .unwrap_or(std::time::Duration::from_secs(5));
+    let timeout = c
+        .duration(&format!("{AT}.timeout"), h.timeout.as_ref())
+        .unwrap_or(std::time::Duration::from_secs(1));
+    if interval < std::time::Duration::from_millis(100) {
+        c.err(format!("{AT}.interval"), "must be at least 100ms");
+    }
+    if timeout.is_zero() || timeout > interval {
+        c.err(
+            format!("{AT}.timeout"),
+            "must be above zero and at most the interval",
+        );
+    }
+    let unhealthy_threshold = h.unhealthy_threshold.unwrap_or(3);
+    let healthy_threshold = h.healthy_threshold.unwrap_or(2);
+    for (field, v) in [
+        ("unhealthyThreshold", unhealthy_threshold),
+        ("healthyThreshold", healthy_threshold),
+    ] {
+        if v == 0 {
+            c.err(format!("{AT}.{field}"), "must be at least 1");
+        }
+    }
+    let probe = probe?;
+    (c.diags.len() == before).then_some(meshgate_upstream::HealthCheckConfig {
+        probe,
+        interval,
+        timeout,
+        unhealthy_threshold,
+        healthy_threshold,
+    })
+}
+
+/// `200`, `"2xx"` or `"200-399"` as an inclusive range.
+fn status_range(v: &serde_json::Value) -> Option<(u16, u16)> {
+    let valid = |n: u16| (100..=599).contains(&n);
+    let range = match v {
+        serde_json::Value::Number(n) => {
+            let n = u16::try_from(n.as_u64()?).ok()?;
+            (n, n)
+        }
+        serde_json::Value::String(s) => {
+            if let Some(class) = s.strip_suffix("xx") {
+                let c: u16 = class.parse().ok()?;
+                (c * 100, c * 100 + 99)
+            } else if let Some((a, b)) = s.split_once('-') {
+                (a.trim().parse().ok()?, b.trim().parse().ok()?)
+            } else {
+                let n = s.parse().ok()?;
+                (n, n)
+            }
+        }
+        _ => return None,
+    };
+    (valid(range.0) && valid(range.1) && range.0 <= range.1).then_some(range)
+}
+
+/// `outlierDetection`, with Envoy's defaults: eject after 5 consecutive 5xx for 30 s
+/// (times the number of recent ejections, at most 300 s), at most 10% of endpoints.
+fn outlier_detection(
+    c: &mut Check<'_>,
+    o: &meshgate_api::OutlierDetectionSpec,
+) -> Option<meshgate_upstream::OutlierConfig> {
+    const AT: &str = "spec.outlierDetection";
+    let before = c.diags.len();
+    let consecutive_5xx = match (o.consecutive_5xx, o.consecutive_gateway_errors) {
+        (None, None) => Some(5),
+        (n, _) => n,
+    };
+    for (field, v) in [
+        ("consecutive5xx", o.consecutive_5xx),
+        ("consecutiveGatewayErrors", o.consecutive_gateway_errors),
+    ] {
+        if v == Some(0) {
+            c.err(format!("{AT}.{field}"), "must be at least 1");
+        }
+    }
+    let base = c
+        .duration(
+            &format!("{AT}.baseEjectionTime"),
+            o.base_ejection_time.as_ref(),
+        )
+        .unwrap_or(std::time::Duration::from_secs(30));
+    let max = c
+        .duration(
+            &format!("{AT}.maxEjectionTime"),
+            o.max_ejection_time.as_ref(),
+        )
+        .unwrap_or(std::time::Duration::from_secs(300).max(base));
+    if base.is_zero() {
+        c.err(format!("{AT}.baseEjectionTime"), "must be above zero");
+    }
+    if max < base {
+        c.err(
+            format!("{AT}.maxEjectionTime"),
+            "must be at least baseEjectionTime",
+        );
+    }
+    let max_ejection_percent = o.max_ejection_percent.unwrap_or(10);
+    if max_ejection_percent > 100 {
+        c.err(
+            format!("{AT}.maxEjectionPercent"),
+            "a percentage from 0 to 100",
+        );
+    }
+    (c.diags.len() == before).then_some(meshgate_upstream::OutlierConfig {
+        consecutive_5xx,
+        consecutive_gateway_errors: o.consecutive_gateway_errors,
+        base_ejection_time: base,
+        max_ejection_time: max,
+        max_ejection_percent,
+    })
+}
+
 /// `circuitBreaker`, with Envoy-like defaults: open at 50% failures over 10 s once 20
 /// requests were seen, for 30 s, then one probe.
 fn circuit_breaker(
@@ -495,13 +673,19 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         .circuit_breaker
         .as_ref()
         .and_then(|cb| circuit_breaker(c, cb));
-    for (field, present) in [
-        ("healthCheck", spec.health_check.is_some()),
-        ("outlierDetection", spec.outlier_detection.is_some()),
-    ] {
-        if present {
-            c.not_built(&format!("spec.{field}"), field);
-        }
+    let health_check = spec.health_check.as_ref().and_then(|h| health_check(c, h));
+    let outlier = spec
+        .outlier_detection
+        .as_ref()
+        .and_then(|o| outlier_detection(c, o));
+    let panic_threshold = lb
+        .panic_threshold
+        .unwrap_or(meshgate_upstream::DEFAULT_PANIC_THRESHOLD);
+    if panic_threshold > 100 {
+        c.err(
+            "spec.loadBalancer.panicThreshold",
+            "a percentage from 0 to 100",
+        );
     }
     if let Some(t) = &spec.tls
         && t.mode != "disable"
@@ -519,6 +703,9 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         connect_timeout,
         selectors: Vec::new(),
         circuit_breaker,
+        health_check,
+        outlier,
+        panic_threshold,
     })
 }
 

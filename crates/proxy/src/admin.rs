@@ -111,17 +111,32 @@ fn upstreams(shared: &Shared) -> serde_json::Value {
         .values()
         .map(|c| {
             let set = c.cluster.endpoints();
+            let now = std::time::Instant::now();
+            let checked = c.service.health_check.is_some();
+            let detecting = c.service.outlier.is_some();
             let endpoints: Vec<serde_json::Value> = set
                 .endpoints
                 .iter()
                 .map(|e| {
+                    let h = e.health.view(now, checked, detecting);
                     json!({
                         "address": e.addr.to_string(),
                         "weight": e.weight,
                         "labels": e.labels,
                         "inFlight": e.in_flight(),
-                        "health": "healthy",
-                        "reason": "no health check configured",
+                        "health": h.state,
+                        "reason": h.reason,
+                        "healthCheck": checked.then(|| json!({
+                            "checks": h.checks,
+                            "passedInRow": h.passed_in_row,
+                            "failedInRow": h.failed_in_row,
+                        })),
+                        "outlier": detecting.then(|| json!({
+                            "ejected": h.ejected_for.is_some(),
+                            "ejectedForMs": h.ejected_for.map(|d| d.as_millis() as u64),
+                            "ejections": h.ejections,
+                            "consecutiveErrors": h.consecutive_errors,
+                        })),
                     })
                 })
                 .collect();
@@ -140,6 +155,7 @@ fn upstreams(shared: &Shared) -> serde_json::Value {
                 "loadBalancer": format!("{:?}", c.cluster.policy),
                 "discovery": if c.service.dns.is_some() { "dns" } else { "static" },
                 "circuitBreaker": breaker,
+                "panic": set.panic(),
                 "endpoints": endpoints,
             })
         })

@@ -8,7 +8,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use meshgate_config::{Split, Target, Upstream};
 use meshgate_core::{ErrorCode, GatewayError, RequestCtx};
-use meshgate_upstream::TryOutcome;
+use meshgate_upstream::{Observed, TryOutcome};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -364,6 +364,16 @@ async fn tries(
         rt.stats
             .duration
             .observe(end.saturating_duration_since(now).as_secs_f64());
+        if rt.cluster.outlier().is_some() {
+            let seen = match &result {
+                Ok(Ok(r)) if r.status().is_server_error() => Observed::Status(r.status().as_u16()),
+                Ok(Ok(_)) => Observed::Success,
+                _ => Observed::LocalError,
+            };
+            if let Some(until) = rt.cluster.observe(&picked.endpoint, seen, end) {
+                crate::health::ejected(&rt.cluster, &picked.endpoint, until, &rt.stats.health);
+            }
+        }
         drop(picked);
         let outcome = match result {
             Ok(Ok(resp)) => {

@@ -12,6 +12,7 @@ mod discovery;
 mod dispatch;
 mod guard;
 mod h1;
+mod health;
 mod invoke;
 mod metrics;
 mod respond;

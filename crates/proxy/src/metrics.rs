@@ -28,6 +28,18 @@ pub struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceResultLabels {
+    pub service: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceStateLabels {
+    pub service: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -58,6 +70,9 @@ pub struct Metrics {
     breaker_refused: Family<ServiceLabels, Counter>,
     upstream_connections: Family<ServiceLabels, Gauge>,
     upstream_requests_active: Family<ServiceLabels, Gauge>,
+    health_checks: Family<ServiceResultLabels, Counter>,
+    outlier_ejections: Family<ServiceLabels, Counter>,
+    upstream_endpoints: Family<ServiceStateLabels, Gauge>,
     pub reloads: Family<ResultLabels, Counter>,
     pub rejected: Family<ReasonLabels, Counter>,
     pub downstream_connections: Gauge,
@@ -78,6 +93,9 @@ impl Default for Metrics {
             breaker_refused: Family::default(),
             upstream_connections: Family::default(),
             upstream_requests_active: Family::default(),
+            health_checks: Family::default(),
+            outlier_ejections: Family::default(),
+            upstream_endpoints: Family::default(),
             reloads: Family::default(),
             rejected: Family::default(),
             downstream_connections: Gauge::default(),
@@ -133,6 +151,21 @@ impl Default for Metrics {
             "upstream_requests_active",
             "Upstream requests in flight",
             m.upstream_requests_active.clone(),
+        );
+        registry.register(
+            "health_checks",
+            "Active health checks by Service and result (passed, failed)",
+            m.health_checks.clone(),
+        );
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.outlier_ejections.clone(),
+        );
+        registry.register(
+            "upstream_endpoints",
+            "Endpoints by Service and state (healthy, unhealthy, ejected)",
+            m.upstream_endpoints.clone(),
         );
         registry.register(
             "config_reloads",
@@ -242,6 +275,38 @@ pub struct ServiceStats {
     pub active: Gauge,
     pub breaker_opened: Counter,
     pub breaker_refused: Counter,
+    pub health: HealthStats,
+}
+
+/// A Service's health-check and outlier metrics; cheap to clone into its tasks.
+#[derive(Debug, Clone)]
+pub struct HealthStats {
+    pub checks_passed: Counter,
+    pub checks_failed: Counter,
+    pub ejections: Counter,
+    /// Endpoints healthy, unhealthy (failed checks) and ejected.
+    pub endpoints: [Gauge; 3],
+}
+
+impl HealthStats {
+    /// Set the endpoint gauges from the cluster's current set.
+    pub fn publish(&self, cluster: &meshgate_upstream::Cluster) {
+        let set = cluster.endpoints();
+        let mut counts = [0i64; 3];
+        for e in &set.endpoints {
+            let i = if e.health.ejected() {
+                2
+            } else if e.health.usable() {
+                0
+            } else {
+                1
+            };
+            counts[i] += 1;
+        }
+        for (g, n) in self.endpoints.iter().zip(counts) {
+            g.set(n);
+        }
+    }
 }
 
 impl Metrics {
@@ -287,6 +352,41 @@ impl Metrics {
             breaker_refused: self.breaker_refused.get_or_create(&l).clone(),
             connections: self.upstream_connections.get_or_create(&l).clone(),
             active: self.upstream_requests_active.get_or_create(&l).clone(),
+            health: self.health(service),
+        }
+    }
+
+    fn health(&self, service: &str) -> HealthStats {
+        let check = |result: &str| {
+            self.health_checks
+                .get_or_create(&ServiceResultLabels {
+                    service: service.into(),
+                    result: result.into(),
+                })
+                .clone()
+        };
+        let endpoints = |state: &str| {
+            self.upstream_endpoints
+                .get_or_create(&ServiceStateLabels {
+                    service: service.into(),
+                    state: state.into(),
+                })
+                .clone()
+        };
+        HealthStats {
+            checks_passed: check("passed"),
+            checks_failed: check("failed"),
+            ejections: self
+                .outlier_ejections
+                .get_or_create(&ServiceLabels {
+                    service: service.into(),
+                })
+                .clone(),
+            endpoints: [
+                endpoints("healthy"),
+                endpoints("unhealthy"),
+                endpoints("ejected"),
+            ],
         }
     }
 

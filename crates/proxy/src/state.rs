@@ -19,6 +19,7 @@ pub struct ClusterRt {
     pub breaker: Option<meshgate_upstream::Breaker>,
     _dns: Option<AbortOnDrop>,
     _sweep: Option<AbortOnDrop>,
+    _health: Option<AbortOnDrop>,
 }
 
 #[derive(Debug)]
@@ -37,14 +38,27 @@ impl ClusterRt {
             .iter()
             .map(|e| Endpoint::new(e.address, e.weight, e.labels.clone()))
             .collect();
-        let cluster = Arc::new(Cluster::new(
-            service.name.clone(),
-            service.policy,
-            service.hash_on.clone(),
-            service.selectors.clone(),
-            endpoints,
-        ));
+        let cluster = Arc::new(
+            Cluster::new(
+                service.name.clone(),
+                service.policy,
+                service.hash_on.clone(),
+                service.selectors.clone(),
+                endpoints,
+            )
+            .with_health(service.outlier.clone(), service.panic_threshold),
+        );
         let stats = metrics.service(&service.name);
+        stats.health.publish(&cluster);
+        let health = service.health_check.clone().map(|cfg| {
+            let h2 = service.protocol != meshgate_config::UpstreamProtocol::Http1;
+            AbortOnDrop(tokio::spawn(crate::health::check_forever(
+                cluster.clone(),
+                Arc::new(cfg),
+                h2,
+                stats.health.clone(),
+            )))
+        });
         let transport = client::build(&service, stats.connections.clone());
         let sweep = match &transport {
             Transport::H1(pool) => Some(AbortOnDrop(tokio::spawn(crate::h1::H1Pool::sweep(
@@ -68,6 +82,7 @@ impl ClusterRt {
             breaker,
             _dns: dns,
             _sweep: sweep,
+            _health: health,
         })
     }
 }

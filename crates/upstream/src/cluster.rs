@@ -1,9 +1,11 @@
 use crate::balancer::{HashOn, LbPolicy, Ring};
+use crate::health::{self, Health, HealthCheckConfig, Observed, OutlierConfig, Verdict};
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// Which endpoints a subset holds.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -34,6 +36,8 @@ pub struct Endpoint {
     /// `ip:port`, precomputed for the upstream URI.
     pub authority: http::uri::Authority,
     in_flight: Arc<AtomicU32>,
+    /// Kept across endpoint-set rebuilds, like `in_flight`.
+    pub health: Arc<Health>,
 }
 
 impl Endpoint {
@@ -46,6 +50,7 @@ impl Endpoint {
             labels,
             authority,
             in_flight: Arc::new(AtomicU32::new(0)),
+            health: Arc::default(),
         }
     }
 
@@ -73,7 +78,10 @@ pub struct Picked {
 
 #[derive(Debug, Default)]
 struct Group {
+    /// The usable endpoints, or all of them in panic mode.
     members: Vec<usize>,
+    /// Too few endpoints are usable, so health is ignored and all take traffic.
+    panic: bool,
     /// Smooth weighted round-robin order over `members` positions.
     sequence: Vec<u32>,
     /// Cumulative weights, for weighted random picks.
@@ -82,7 +90,25 @@ struct Group {
 }
 
 impl Group {
-    fn build(endpoints: &[Arc<Endpoint>], members: Vec<usize>, policy: LbPolicy) -> Self {
+    /// Balance over the usable `members`; when fewer than `panic_threshold` percent
+    /// of them are usable (or none is), over all of them: Envoy's panic mode, where
+    /// spreading load over doubtful endpoints beats overloading the few left.
+    fn build(
+        endpoints: &[Arc<Endpoint>],
+        mut members: Vec<usize>,
+        policy: LbPolicy,
+        panic_threshold: u8,
+    ) -> Self {
+        let total = members.len();
+        let usable = members
+            .iter()
+            .filter(|&&i| endpoints[i].health.usable())
+            .count();
+        let panic =
+            total > 0 && (usable == 0 || usable * 100 < total * usize::from(panic_threshold));
+        if !panic && usable < total {
+            members.retain(|&i| endpoints[i].health.usable());
+        }
         let weights: Vec<u32> = members.iter().map(|&i| endpoints[i].weight).collect();
         let mut cumulative = Vec::with_capacity(weights.len());
         let mut total = 0u64;
@@ -102,6 +128,7 @@ impl Group {
         Self {
             sequence: smooth_wrr(&weights),
             members,
+            panic,
             cumulative,
             ring,
         }
@@ -155,15 +182,25 @@ pub struct EndpointSet {
 }
 
 impl EndpointSet {
-    fn build(endpoints: Vec<Arc<Endpoint>>, selectors: &[Selector], policy: LbPolicy) -> Self {
-        let all = Group::build(&endpoints, (0..endpoints.len()).collect(), policy);
+    fn build(
+        endpoints: Vec<Arc<Endpoint>>,
+        selectors: &[Selector],
+        policy: LbPolicy,
+        panic_threshold: u8,
+    ) -> Self {
+        let all = Group::build(
+            &endpoints,
+            (0..endpoints.len()).collect(),
+            policy,
+            panic_threshold,
+        );
         let subsets = selectors
             .iter()
             .map(|sel| {
                 let members = (0..endpoints.len())
                     .filter(|&i| sel.matches(&endpoints[i].labels))
                     .collect();
-                Group::build(&endpoints, members, policy)
+                Group::build(&endpoints, members, policy, panic_threshold)
             })
             .collect();
         Self {
@@ -171,6 +208,11 @@ impl EndpointSet {
             all,
             subsets,
         }
+    }
+
+    /// Too few endpoints are usable, so all of them take traffic.
+    pub fn panic(&self) -> bool {
+        self.all.panic
     }
 }
 
@@ -182,9 +224,17 @@ pub struct Cluster {
     pub policy: LbPolicy,
     pub hash_on: Option<HashOn>,
     selectors: Vec<Selector>,
+    outlier: Option<OutlierConfig>,
+    panic_threshold: u8,
     set: ArcSwap<EndpointSet>,
+    /// Serialises set replacements (discovery, ejections, health changes) so none
+    /// is lost to another built from an older set.
+    writer: Mutex<()>,
     cursor: AtomicUsize,
 }
+
+/// Envoy's default: below half the endpoints usable, use them all.
+pub const DEFAULT_PANIC_THRESHOLD: u8 = 50;
 
 impl Cluster {
     pub fn new(
@@ -195,35 +245,120 @@ impl Cluster {
         endpoints: Vec<Endpoint>,
     ) -> Self {
         let eps = endpoints.into_iter().map(Arc::new).collect();
-        let set = EndpointSet::build(eps, &selectors, policy);
+        let set = EndpointSet::build(eps, &selectors, policy, DEFAULT_PANIC_THRESHOLD);
         Self {
             name: name.into(),
             policy,
             hash_on,
             selectors,
+            outlier: None,
+            panic_threshold: DEFAULT_PANIC_THRESHOLD,
             set: ArcSwap::from_pointee(set),
+            writer: Mutex::new(()),
             cursor: AtomicUsize::new(fastrand::usize(..1024)),
         }
     }
 
+    /// Turn on outlier detection and set the panic threshold (percent).
+    pub fn with_health(mut self, outlier: Option<OutlierConfig>, panic_threshold: u8) -> Self {
+        self.outlier = outlier;
+        self.panic_threshold = panic_threshold;
+        let eps = self.set.load().endpoints.clone();
+        self.set = ArcSwap::from_pointee(EndpointSet::build(
+            eps,
+            &self.selectors,
+            self.policy,
+            panic_threshold,
+        ));
+        self
+    }
+
+    pub fn outlier(&self) -> Option<&OutlierConfig> {
+        self.outlier.as_ref()
+    }
+
+    fn store(&self, endpoints: Vec<Arc<Endpoint>>) {
+        self.set.store(Arc::new(EndpointSet::build(
+            endpoints,
+            &self.selectors,
+            self.policy,
+            self.panic_threshold,
+        )));
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tell outlier detection how a try on `endpoint` ended. When this ejects the
+    /// endpoint, returns when the ejection ends: call [`Cluster::restore_due`] then.
+    pub fn observe(&self, endpoint: &Endpoint, o: Observed, now: Instant) -> Option<Instant> {
+        let cfg = self.outlier.as_ref()?;
+        if endpoint.health.observe(o, cfg) != Verdict::Eject {
+            return None;
+        }
+        let _w = self.writer();
+        let set = self.set.load();
+        let ejected = set.endpoints.iter().filter(|e| e.health.ejected()).count();
+        if endpoint.health.ejected()
+            || !health::may_eject(set.endpoints.len(), ejected, cfg.max_ejection_percent)
+        {
+            return None;
+        }
+        let until = endpoint.health.eject(now, cfg);
+        self.store(set.endpoints.clone());
+        Some(until)
+    }
+
+    /// Return ejected endpoints whose time is up; the end of the next ejection still
+    /// running, if any.
+    pub fn restore_due(&self, now: Instant) -> Option<Instant> {
+        let _w = self.writer();
+        let set = self.set.load();
+        let mut back = false;
+        for e in &set.endpoints {
+            back |= e.health.restore_if_due(now);
+        }
+        if back {
+            self.store(set.endpoints.clone());
+        }
+        set.endpoints
+            .iter()
+            .filter_map(|e| e.health.ejected_until())
+            .min()
+    }
+
+    /// Count an active health check of `endpoint`; its new state when this changed it.
+    pub fn checked(
+        &self,
+        endpoint: &Endpoint,
+        result: Result<(), String>,
+        cfg: &HealthCheckConfig,
+    ) -> Option<bool> {
+        let change = endpoint.health.checked(result, cfg);
+        if change.is_some() {
+            let _w = self.writer();
+            self.store(self.set.load().endpoints.clone());
+        }
+        change
+    }
+
     /// Replace the endpoints (DNS refresh, registry change). Endpoints that stay keep
-    /// their in-flight counters.
+    /// their in-flight counters and health.
     pub fn update(&self, endpoints: Vec<Endpoint>) {
+        let _w = self.writer();
         let old = self.set.load();
         let eps = endpoints
             .into_iter()
             .map(|mut e| {
                 if let Some(prev) = old.endpoints.iter().find(|p| p.addr == e.addr) {
                     e.in_flight = prev.in_flight.clone();
+                    e.health = prev.health.clone();
                 }
                 Arc::new(e)
             })
             .collect();
-        self.set.store(Arc::new(EndpointSet::build(
-            eps,
-            &self.selectors,
-            self.policy,
-        )));
+        self.store(eps);
     }
 
     pub fn endpoints(&self) -> Arc<EndpointSet> {

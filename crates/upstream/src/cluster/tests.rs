@@ -133,3 +133,87 @@ fn empty_cluster_picks_nothing() {
     let c = Cluster::new("s", LbPolicy::RoundRobin, None, vec![], vec![]);
     assert!(c.pick(None, None, None).is_none());
 }
+
+fn outlier() -> crate::OutlierConfig {
+    crate::OutlierConfig {
+        consecutive_5xx: Some(2),
+        consecutive_gateway_errors: None,
+        base_ejection_time: std::time::Duration::from_secs(10),
+        max_ejection_time: std::time::Duration::from_secs(300),
+        max_ejection_percent: 50,
+    }
+}
+
+fn four() -> Cluster {
+    Cluster::new(
+        "s",
+        LbPolicy::RoundRobin,
+        None,
+        vec![],
+        (1..=4).map(|p| ep(p, 1, "v1")).collect(),
+    )
+    .with_health(Some(outlier()), 50)
+}
+
+fn fail(c: &Cluster, port: u16, at: Instant) -> Option<Instant> {
+    let set = c.endpoints();
+    let e = set
+        .endpoints
+        .iter()
+        .find(|e| e.addr.port() == port)?
+        .clone();
+    let _ = c.observe(&e, crate::Observed::Status(500), at);
+    c.observe(&e, crate::Observed::LocalError, at)
+}
+
+#[test]
+fn an_ejected_endpoint_leaves_the_rotation_until_its_time_is_up() {
+    let c = four();
+    let t0 = Instant::now();
+    let until = fail(&c, 1, t0);
+    assert_eq!(until, Some(t0 + std::time::Duration::from_secs(10)));
+    assert_eq!(counts(&c, None, 300), [(2, 100), (3, 100), (4, 100)].into());
+    // Nothing is due yet; the pending ejection is reported.
+    assert_eq!(c.restore_due(t0), until);
+    assert_eq!(c.restore_due(t0 + std::time::Duration::from_secs(10)), None);
+    assert_eq!(counts(&c, None, 400).len(), 4);
+}
+
+#[test]
+fn max_ejection_percent_caps_ejections_and_panic_uses_everyone() {
+    let c = four();
+    let t0 = Instant::now();
+    assert!(fail(&c, 1, t0).is_some());
+    assert!(fail(&c, 2, t0).is_some());
+    // 50% of four are out: the third is refused.
+    assert!(fail(&c, 3, t0).is_none());
+    assert_eq!(counts(&c, None, 200), [(3, 100), (4, 100)].into());
+    assert!(!c.endpoints().panic());
+
+    // Health checks fail two of four: with one more below 50% usable, panic mode.
+    let hc = crate::HealthCheckConfig {
+        probe: crate::Probe::Tcp,
+        interval: std::time::Duration::from_secs(1),
+        timeout: std::time::Duration::from_secs(1),
+        unhealthy_threshold: 1,
+        healthy_threshold: 1,
+    };
+    let set = c.endpoints();
+    let e3 = set.endpoints[2].clone();
+    assert_eq!(c.checked(&e3, Err("refused".into()), &hc), Some(false));
+    assert!(c.endpoints().panic());
+    assert_eq!(counts(&c, None, 400).len(), 4, "panic spreads over all");
+    assert_eq!(c.checked(&e3, Ok(()), &hc), Some(true));
+    assert!(!c.endpoints().panic());
+}
+
+#[test]
+fn health_survives_a_discovery_update() {
+    let c = four();
+    let t0 = Instant::now();
+    assert!(fail(&c, 1, t0).is_some());
+    c.update((1..=5).map(|p| ep(p, 1, "v1")).collect());
+    let set = c.endpoints();
+    assert!(set.endpoints[0].health.ejected());
+    assert_eq!(counts(&c, None, 400).len(), 4);
+}
