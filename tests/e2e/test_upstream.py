@@ -2,11 +2,12 @@
 
 import collections
 import json
+import subprocess
 import time
 
 import pytest
 
-from harness import Backend, Gateway, api, curl, free_port, service
+from harness import BIN, Addr, Backend, Gateway, api, curl, free_port, gateway_yaml, service, validate_service
 
 
 def test_refused_is_502_fast(tmp_path, gateways):
@@ -233,3 +234,40 @@ def test_per_try_timeout_then_retry(tmp_path, backend, gateways):
     _, metrics = g.admin("GET", "/metrics")
     assert 'meshgate_upstream_timeouts_total{service="up"} 2' in metrics
     assert 'meshgate_upstream_retries_total{service="up"} 1' in metrics
+
+
+def test_retry_budget_caps_retries_to_a_share_of_traffic(tmp_path, backend, gateways):
+    """A Service failing every request: without a budget each request would be tried
+    three times. The budget (0% of requests plus 1 a second over 3 s) lets only 3
+    retries out; the rest answer the first try's 503 at once."""
+    g = Gateway(tmp_path, service("up", backend, extra="\n  retryBudget: {percent: 0, minRetriesPerSecond: 1, window: 3s}")
+                + api("fail", "/status/{*rest}", '{service: up, retry: {attempts: 2, on: ["503"], backoff: {base: 1ms}}}'))
+    gateways.append(g)
+    statuses = [curl(g.url + "/status/503")[0] for _ in range(10)]
+    assert statuses == [503] * 10
+    assert backend.count() == 13, "10 first tries and the 3 retries the budget allows"
+    _, metrics = g.admin("GET", "/metrics")
+    assert 'meshgate_upstream_retries_total{service="up"} 3' in metrics
+    # The second request's second retry and the first retry of the eight after it.
+    assert 'meshgate_retry_budget_exhausted_total{service="up"} 9' in metrics
+    _, body = g.admin("GET", "/upstreams")
+    budget = next(s for s in json.loads(body)["services"] if s["service"] == "up")["retryBudget"]
+    assert budget == {"percent": 0, "minRetriesPerSecond": 1, "windowMs": 3000, "exhausted": 9}
+
+
+def test_the_default_budget_lets_ordinary_retries_through(tmp_path, backend, gateways):
+    g = Gateway(tmp_path, service("up", backend)
+                + api("fail", "/status/{*rest}", '{service: up, retry: {attempts: 2, on: ["503"]}}'))
+    gateways.append(g)
+    assert [curl(g.url + "/status/503")[0] for _ in range(5)] == [503] * 5
+    assert backend.count() == 15, "3 a second over 10 s: 30 retries before the share matters"
+
+
+def test_bad_retry_settings_are_reported(tmp_path):
+    out = validate_service(tmp_path, "up", "\n  retryBudget: {percent: 5000, window: 10ms}")
+    assert "spec.retryBudget.percent: at most 1000" in out and "spec.retryBudget.window: must be at least 1s" in out
+    f = tmp_path / "api.yaml"
+    f.write_text(gateway_yaml(8080, 9901) + service("up", Addr("127.0.0.1:9"))
+                 + api("a", "/a", "{service: up, retry: {attempts: 1, backoff: {base: 1s, max: 10ms}}}"))
+    p = subprocess.run([BIN, "validate", "-c", str(f)], capture_output=True, text=True)
+    assert p.returncode == 1 and "spec.invoke.retry.backoff.max: must be at least base" in p.stdout, p.stdout

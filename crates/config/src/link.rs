@@ -415,6 +415,9 @@ fn invoke(
                 .map_err(|e| c.err("spec.invoke.retry.perTryTimeout", e))
                 .ok();
         }
+        if let Some(b) = &r.backoff {
+            retry.backoff = backoff(c, b);
+        }
     }
     let split = split(c, inv, name, services, declared);
     (c.diags.len() == before && services.contains_key(name)).then(|| {
@@ -546,4 +549,30 @@ fn consumer_set(
         }
     }
     set
+}
+
+/// `invoke.retry.backoff`: Envoy's defaults, 25 ms base and ten times that at most.
+fn backoff(c: &mut Check<'_>, b: &meshgate_api::BackoffSpec) -> meshgate_upstream::Backoff {
+    const AT: &str = "spec.invoke.retry.backoff";
+    let mut out = meshgate_upstream::Backoff::default();
+    let mut field = |name: &str, v: &Option<String>| {
+        v.as_ref().and_then(|t| {
+            parse_duration(t)
+                .map_err(|e| c.err(format!("{AT}.{name}"), e))
+                .ok()
+        })
+    };
+    let base = field("base", &b.base);
+    let max = field("max", &b.max);
+    if let Some(base) = base {
+        out.base = base;
+        out.max = base.saturating_mul(10);
+    }
+    if let Some(max) = max {
+        out.max = max;
+    }
+    if out.max < out.base {
+        c.err(format!("{AT}.max"), "must be at least base");
+    }
+    out
 }

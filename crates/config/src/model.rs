@@ -127,6 +127,7 @@ pub struct Service {
     pub outlier: Option<meshgate_upstream::OutlierConfig>,
     /// Percent; see `LoadBalancerSpec::panic_threshold`.
     pub panic_threshold: u8,
+    pub retry_budget: meshgate_upstream::BudgetConfig,
 }
 
 /// A Service's breaker settings, and what to answer while it refuses.

@@ -128,6 +128,38 @@ fn secret(c: &mut Check<'_>, s: &SecretSpec, path: &str) -> Option<Vec<u8>> {
     read.map_err(|e| c.err(path, e)).ok()
 }
 
+/// `retryBudget`: retries may add 20% of the requests (that may retry) over 10 s,
+/// plus 3 a second. It is always on; raise it to allow more.
+fn retry_budget(
+    c: &mut Check<'_>,
+    b: Option<&meshgate_api::RetryBudgetSpec>,
+) -> meshgate_upstream::BudgetConfig {
+    const AT: &str = "spec.retryBudget";
+    let mut out = meshgate_upstream::BudgetConfig::default();
+    let Some(b) = b else {
+        return out;
+    };
+    if let Some(p) = b.percent {
+        if p > 1000 {
+            c.err(
+                format!("{AT}.percent"),
+                "at most 1000 (ten retries per request)",
+            );
+        }
+        out.percent = p;
+    }
+    if let Some(m) = b.min_retries_per_second {
+        out.min_per_second = m;
+    }
+    if let Some(w) = c.duration(&format!("{AT}.window"), b.window.as_ref()) {
+        if w < std::time::Duration::from_secs(1) {
+            c.err(format!("{AT}.window"), "must be at least 1s");
+        }
+        out.window = w;
+    }
+    out
+}
+
 /// `healthCheck`: an HTTP GET of `path` every 5 s with a 1 s timeout, 3 failures to
 /// mark an endpoint unhealthy and 2 passes to bring it back; or a TCP connect.
 fn health_check(
@@ -678,6 +710,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         .outlier_detection
         .as_ref()
         .and_then(|o| outlier_detection(c, o));
+    let retry_budget = retry_budget(c, spec.retry_budget.as_ref());
     let panic_threshold = lb
         .panic_threshold
         .unwrap_or(meshgate_upstream::DEFAULT_PANIC_THRESHOLD);
@@ -706,6 +739,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         health_check,
         outlier,
         panic_threshold,
+        retry_budget,
     })
 }
 

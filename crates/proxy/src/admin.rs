@@ -155,6 +155,12 @@ fn upstreams(shared: &Shared) -> serde_json::Value {
                 "loadBalancer": format!("{:?}", c.cluster.policy),
                 "discovery": if c.service.dns.is_some() { "dns" } else { "static" },
                 "circuitBreaker": breaker,
+                "retryBudget": {
+                    "percent": c.budget.config().percent,
+                    "minRetriesPerSecond": c.budget.config().min_per_second,
+                    "windowMs": c.budget.config().window.as_millis() as u64,
+                    "exhausted": c.budget.exhausted(),
+                },
                 "panic": set.panic(),
                 "endpoints": endpoints,
             })

@@ -284,6 +284,9 @@ async fn tries(
         .and_then(|h| h.hash(&parts.headers, ctx.client_addr.ip()));
     let exceeded = Arc::new(AtomicBool::new(false));
     let retries = up.retry.attempts > 0;
+    if retries {
+        rt.budget.request(start);
+    }
     let mut body = prepare_body(body, &parts, body_limit, &exceeded, retries).await?;
     // A streamed body is consumed by its first try, so only buffered ones retry.
     let replayable = !matches!(body, UpstreamBody::Stream(_));
@@ -375,20 +378,25 @@ async fn tries(
             }
         }
         drop(picked);
+        let time_left = end < deadline;
+        // Checked once per try: the budget counts the retry it grants.
+        let may_retry = |outcome| {
+            replayable
+                && time_left
+                && up.retry.allows(&parts.method, tries, outcome)
+                && budget_allows(rt, end)
+        };
         let outcome = match result {
             Ok(Ok(resp)) => {
-                let status = resp.status().as_u16();
-                let out = TryOutcome::Status(status);
-                if replayable && up.retry.allows(&parts.method, tries, out) && end < deadline {
-                    drop(resp);
-                    out
-                } else {
+                let out = TryOutcome::Status(resp.status().as_u16());
+                if !may_retry(out) {
                     return Ok(Answer {
                         response: resp,
                         endpoint: Some(endpoint),
                         elapsed: end.saturating_duration_since(start),
                     });
                 }
+                out
             }
             Ok(Err(e)) => {
                 if exceeded.load(Ordering::Relaxed) {
@@ -397,36 +405,48 @@ async fn tries(
                         "request body is too large",
                     ));
                 }
-                if e.connect {
+                let out = if e.connect {
                     rt.stats.connect_errors.inc();
                     TryOutcome::ConnectFailure
                 } else {
                     tracing::debug!(error = %e.error, %endpoint, "upstream request failed");
                     TryOutcome::Reset
+                };
+                if !may_retry(out) {
+                    return Err(upstream_error(out, name, None));
                 }
+                out
             }
             Err(_) => {
                 rt.stats.timeouts.inc();
+                if !may_retry(TryOutcome::Timeout) {
+                    let expired = (!time_left).then_some(timeout);
+                    return Err(upstream_error(TryOutcome::Timeout, name, expired));
+                }
                 TryOutcome::Timeout
             }
         };
-        let time_left = end < deadline;
-        if !(replayable && time_left && up.retry.allows(&parts.method, tries, outcome)) {
-            return Err(upstream_error(
-                outcome,
-                name,
-                (!time_left).then_some(timeout),
-            ));
-        }
+        tracing::trace!(?outcome, tries, "retrying");
         rt.stats.retries.inc();
         avoid = Some(endpoint);
-        // A short jittered pause so a retry does not hit the same failure instantly.
-        let pause = Duration::from_millis(fastrand::u64(5..25));
+        // Exponential backoff with full jitter, so retries do not hit a struggling
+        // Service in lockstep; skipped when it would outlast the deadline.
+        let pause = up.retry.backoff.pause(tries, fastrand::f64());
         if end + pause < deadline {
             tokio::time::sleep(pause).await;
         }
         now = Instant::now();
     }
+}
+
+/// Take a retry from the Service's budget, counting a refusal.
+fn budget_allows(rt: &ClusterRt, now: Instant) -> bool {
+    let ok = rt.budget.withdraw(now);
+    if !ok {
+        rt.stats.budget_exhausted.inc();
+        tracing::debug!(service = %rt.service.name, "retry budget spent: not retrying");
+    }
+    ok
 }
 
 /// Headers the next hop must not see (RFC 9110 §7.6.1), plus those named in

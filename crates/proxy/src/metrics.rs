@@ -66,6 +66,7 @@ pub struct Metrics {
     upstream_connect_errors: Family<ServiceLabels, Counter>,
     upstream_timeouts: Family<ServiceLabels, Counter>,
     upstream_retries: Family<ServiceLabels, Counter>,
+    retry_budget_exhausted: Family<ServiceLabels, Counter>,
     breaker_opened: Family<ServiceLabels, Counter>,
     breaker_refused: Family<ServiceLabels, Counter>,
     upstream_connections: Family<ServiceLabels, Gauge>,
@@ -89,6 +90,7 @@ impl Default for Metrics {
             upstream_connect_errors: Family::default(),
             upstream_timeouts: Family::default(),
             upstream_retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
             breaker_opened: Family::default(),
             breaker_refused: Family::default(),
             upstream_connections: Family::default(),
@@ -131,6 +133,11 @@ impl Default for Metrics {
             "upstream_retries",
             "Upstream retries",
             m.upstream_retries.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not sent because the Service's retry budget was spent",
+            m.retry_budget_exhausted.clone(),
         );
         registry.register(
             "circuit_breaker_opened",
@@ -271,6 +278,7 @@ pub struct ServiceStats {
     pub connect_errors: Counter,
     pub timeouts: Counter,
     pub retries: Counter,
+    pub budget_exhausted: Counter,
     pub connections: Gauge,
     pub active: Gauge,
     pub breaker_opened: Counter,
@@ -348,6 +356,7 @@ impl Metrics {
             connect_errors: self.upstream_connect_errors.get_or_create(&l).clone(),
             timeouts: self.upstream_timeouts.get_or_create(&l).clone(),
             retries: self.upstream_retries.get_or_create(&l).clone(),
+            budget_exhausted: self.retry_budget_exhausted.get_or_create(&l).clone(),
             breaker_opened: self.breaker_opened.get_or_create(&l).clone(),
             breaker_refused: self.breaker_refused.get_or_create(&l).clone(),
             connections: self.upstream_connections.get_or_create(&l).clone(),

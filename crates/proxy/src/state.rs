@@ -17,6 +17,7 @@ pub struct ClusterRt {
     pub transport: Transport,
     pub stats: ServiceStats,
     pub breaker: Option<meshgate_upstream::Breaker>,
+    pub budget: meshgate_upstream::RetryBudget,
     _dns: Option<AbortOnDrop>,
     _sweep: Option<AbortOnDrop>,
     _health: Option<AbortOnDrop>,
@@ -74,8 +75,11 @@ impl ClusterRt {
         let breaker = service.circuit_breaker.as_ref().map(|cb| {
             meshgate_upstream::Breaker::new(cb.config.clone(), std::time::Instant::now())
         });
+        let budget =
+            meshgate_upstream::RetryBudget::new(service.retry_budget, std::time::Instant::now());
         Arc::new(Self {
             service,
+            budget,
             cluster,
             transport,
             stats,

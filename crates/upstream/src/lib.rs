@@ -18,4 +18,4 @@ pub use cluster::{
 pub use health::{
     CheckCounter, Ejection, Health, HealthCheckConfig, HealthView, Observed, OutlierConfig, Probe,
 };
-pub use retry::{RetryOn, RetryPolicy, TryOutcome};
+pub use retry::{Backoff, BudgetConfig, RetryBudget, RetryOn, RetryPolicy, TryOutcome};
