@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def wait_port(port, timeout=10.0):
 class Backend:
     """A real HTTP/1.1 server with behaviours chosen by path:
     /slow?ms=N  /status/NNN  /reset  /flaky (503 once per key, then 200)
-    anything else: echo the request as JSON. Records every request it sees.
+    anything else: echo the request as JSON. Records every request it sees. A query
+    parameter `h-NAME=VALUE` adds a response header.
 
     On command, for every path: `mode = "fail"` answers 500, `"hang"` holds each
     request unanswered (until the mode changes), `"reset"` resets the connection
@@ -141,6 +143,11 @@ class Backend:
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.send_header("x-backend", backend.name)
+                # Query parameters `h-NAME=VALUE` become response headers.
+                for pair in rec["query"].split("&"):
+                    name, _, value = pair.partition("=")
+                    if name.startswith("h-"):
+                        self.send_header(name[2:], urllib.parse.unquote_plus(value))
                 self.end_headers()
                 self.wfile.write(data)
 

@@ -59,6 +59,38 @@ impl VerifiedClaims {
     }
 }
 
+/// A copy of the response body as it goes to the client, for a filter that keeps it
+/// (the response cache). A filter asks for one by putting a [`ResponseTap`] in the
+/// response head's extensions in its response phase.
+pub trait BodyTap: Send + Sync {
+    /// A chunk on its way out. Returning false stops the tap: it is dropped without
+    /// [`BodyTap::end`].
+    fn data(&mut self, chunk: &bytes::Bytes) -> bool;
+    /// The body ended cleanly, without trailers. A tap dropped without `end` saw a
+    /// body that failed, was cut short, or carried trailers.
+    fn end(self: Box<Self>);
+}
+
+/// The tap a filter put on a response (cloneable, as `http::Extensions` requires).
+#[derive(Clone)]
+pub struct ResponseTap(Arc<std::sync::Mutex<Option<Box<dyn BodyTap>>>>);
+
+impl ResponseTap {
+    pub fn new(tap: Box<dyn BodyTap>) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(tap))))
+    }
+
+    pub fn take(&self) -> Option<Box<dyn BodyTap>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for ResponseTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResponseTap")
+    }
+}
+
 /// The caller as authentication established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumer {

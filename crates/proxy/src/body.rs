@@ -107,6 +107,7 @@ pub struct ResponseBody {
     sent: u64,
     clean: bool,
     done: Option<Box<dyn Completion>>,
+    tap: Option<Box<dyn meshgate_core::BodyTap>>,
 }
 
 enum Inner {
@@ -130,6 +131,7 @@ impl ResponseBody {
             sent: 0,
             clean: false,
             done: None,
+            tap: None,
         }
     }
 
@@ -154,10 +156,26 @@ impl ResponseBody {
         self.done = Some(c);
     }
 
+    /// Copy the body to `tap` as it is sent.
+    pub fn tap(&mut self, tap: Box<dyn meshgate_core::BodyTap>) {
+        if self.is_end_stream() {
+            // Never polled: the whole (empty) body is already known.
+            tap.end();
+        } else {
+            self.tap = Some(tap);
+        }
+    }
+
     fn finish(&mut self) {
+        // hyper stops polling a body that reports its end, so the end may show only
+        // through `is_end_stream`.
+        let clean = self.clean || self.is_end_stream();
+        if let Some(t) = self.tap.take()
+            && clean
+        {
+            t.end();
+        }
         if let Some(mut d) = self.done.take() {
-            // hyper never polls a body that reports its end up front.
-            let clean = self.clean || self.is_end_stream();
             d.complete(self.sent, clean);
         }
     }
@@ -187,6 +205,13 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.sent += d.len() as u64;
+                    if let Some(t) = &mut this.tap
+                        && !t.data(d)
+                    {
+                        this.tap = None;
+                    }
+                } else {
+                    this.tap = None;
                 }
             }
             Poll::Ready(None) => {

@@ -158,6 +158,11 @@ pub async fn handle(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    if let Some(tap) = resp.extensions_mut().remove::<meshgate_core::ResponseTap>()
+        && let Some(tap) = tap.take()
+    {
+        resp.body_mut().tap(tap);
+    }
     done.status = resp.status().as_u16();
     done.ctx = Some(ctx);
     resp.body_mut().on_complete(Box::new(done));

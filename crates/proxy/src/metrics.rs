@@ -212,24 +212,21 @@ impl prometheus_client::collector::Collector for LimiterCollector {
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
         let stats = meshgate_filter::limiter_stats();
-        for kind in [
-            meshgate_filter::LimiterKind::RateLimit,
-            meshgate_filter::LimiterKind::Concurrency,
-        ] {
+        for kind in meshgate_filter::LimiterKind::ALL {
             let of_kind: Vec<_> = stats.iter().filter(|s| s.kind == kind).collect();
             if of_kind.is_empty() {
                 continue;
             }
-            let (name, help, results) = kind.metric();
+            let m = kind.metric();
             let mut family = encoder.encode_descriptor(
-                name,
-                help,
+                m.name,
+                m.help,
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
             for s in &of_kind {
-                for (i, result) in results.iter().enumerate() {
-                    let labels = [("limiter", s.site.as_str()), ("result", result)];
+                for (i, result) in m.results.iter().enumerate() {
+                    let labels = [(m.label, s.site.as_str()), ("result", result)];
                     let c =
                         prometheus_client::metrics::counter::ConstCounter::new(s.counters.get(i));
                     c.encode(family.encode_family(&labels)?)?;

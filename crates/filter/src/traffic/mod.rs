@@ -6,10 +6,12 @@
 //! (`Api/orders spec.filters.1`) and its config — and a rebuilt filter with the same
 //! identity picks up the same state. Entries go when no snapshot uses them.
 
+mod cache;
 mod concurrency;
 mod gcra;
 mod rate_limit;
 
+pub(crate) use cache::Cache;
 pub(crate) use concurrency::ConcurrencyLimit;
 pub(crate) use rate_limit::RateLimit;
 
@@ -18,27 +20,49 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 
-/// Which kind of limiter a registry entry is, for its metric family.
+/// Which kind of filter a registry entry is, for its metric family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     RateLimit,
     Concurrency,
+    Cache,
+}
+
+/// How a kind's counters appear in metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    /// The family under `meshgate_`.
+    pub name: &'static str,
+    pub help: &'static str,
+    /// The label that names the filter (where it is written).
+    pub label: &'static str,
+    /// The `result` label of each counter, by index.
+    pub results: &'static [&'static str],
 }
 
 impl Kind {
-    /// Metric family (under `meshgate_`), help, and the result names by index.
-    pub fn metric(self) -> (&'static str, &'static str, &'static [&'static str]) {
+    pub const ALL: [Self; 3] = [Self::RateLimit, Self::Concurrency, Self::Cache];
+
+    pub fn metric(self) -> Metric {
         match self {
-            Self::RateLimit => (
-                "rate_limit_decisions",
-                "Rate-limit decisions by limiter (where the filter is written) and result",
-                &["allowed", "limited", "failed_open", "failed_closed"],
-            ),
-            Self::Concurrency => (
-                "concurrency_limit_decisions",
-                "Concurrency-limit decisions by limiter (where the filter is written) and result",
-                &["admitted", "queued", "rejected"],
-            ),
+            Self::RateLimit => Metric {
+                name: "rate_limit_decisions",
+                help: "Rate-limit decisions by limiter (where the filter is written) and result",
+                label: "limiter",
+                results: &["allowed", "limited", "failed_open", "failed_closed"],
+            },
+            Self::Concurrency => Metric {
+                name: "concurrency_limit_decisions",
+                help: "Concurrency-limit decisions by limiter (where the filter is written) and result",
+                label: "limiter",
+                results: &["admitted", "queued", "rejected"],
+            },
+            Self::Cache => Metric {
+                name: "cache_lookups",
+                help: "Response-cache lookups by cache (where the filter is written) and result",
+                label: "cache",
+                results: &["hit", "miss", "bypass"],
+            },
         }
     }
 }
@@ -80,6 +104,7 @@ struct SharedState {
     counters: Arc<Counters>,
     buckets: Mutex<Option<Arc<LocalBuckets>>>,
     slots: Mutex<Option<Arc<concurrency::Slots>>>,
+    cache: Mutex<Option<Arc<cache::Store>>>,
 }
 
 impl SharedState {
@@ -94,6 +119,12 @@ impl SharedState {
     fn slots(&self, max: usize) -> Arc<concurrency::Slots> {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         s.get_or_insert_with(|| Arc::new(concurrency::Slots::new(max)))
+            .clone()
+    }
+
+    fn cache(&self, max_entries: u64, max_bytes: u64) -> Arc<cache::Store> {
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        c.get_or_insert_with(|| Arc::new(cache::Store::new(max_entries, max_bytes)))
             .clone()
     }
 
@@ -130,6 +161,7 @@ fn shared_state(site: &str, kind: Kind, config: &serde_json::Value) -> Arc<Share
         counters: Arc::default(),
         buckets: Mutex::new(None),
         slots: Mutex::new(None),
+        cache: Mutex::new(None),
     });
     reg.insert(id, Arc::downgrade(&s));
     s
