@@ -23,6 +23,8 @@ pub enum ErrorCode {
     CircuitOpen,
     NoHealthyUpstream,
     UpstreamTimeout,
+    /// A `fault` filter aborted the request on purpose (its status is configured).
+    FaultInjected,
     Internal,
 }
 
@@ -44,6 +46,7 @@ impl ErrorCode {
             Self::CircuitOpen => "circuit_open",
             Self::NoHealthyUpstream => "no_healthy_upstream",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::FaultInjected => "fault_injected",
             Self::Internal => "internal_error",
         }
     }
@@ -63,7 +66,8 @@ impl ErrorCode {
             Self::CircuitOpen
             | Self::NoHealthyUpstream
             | Self::RateLimitUnavailable
-            | Self::ConcurrencyLimited => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::ConcurrencyLimited
+            | Self::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -82,7 +86,8 @@ impl ErrorCode {
             | Self::CircuitOpen
             | Self::NoHealthyUpstream
             | Self::RateLimitUnavailable
-            | Self::ConcurrencyLimited => 14, // UNAVAILABLE
+            | Self::ConcurrencyLimited
+            | Self::FaultInjected => 14, // UNAVAILABLE
             Self::UpstreamTimeout => 4,                     // DEADLINE_EXCEEDED
             Self::Internal => 13,                           // INTERNAL
         }
@@ -106,6 +111,8 @@ pub struct GatewayError {
     pub retry_safe: bool,
     /// Extra headers for the error response (for example `allow` on 405).
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The HTTP and gRPC status, when not the code's own (an injected fault's).
+    pub status: Option<(StatusCode, u8)>,
 }
 
 impl GatewayError {
@@ -115,7 +122,22 @@ impl GatewayError {
             message: message.into(),
             retry_safe: false,
             headers: Vec::new(),
+            status: None,
         }
+    }
+
+    /// Answer with this HTTP status, and this `grpc-status` for gRPC clients.
+    pub fn with_status(mut self, status: StatusCode, grpc: u8) -> Self {
+        self.status = Some((status, grpc));
+        self
+    }
+
+    pub fn http_status(&self) -> StatusCode {
+        self.status.map_or(self.code.status(), |(s, _)| s)
+    }
+
+    pub fn grpc_status(&self) -> u8 {
+        self.status.map_or(self.code.grpc_status(), |(_, g)| g)
     }
 
     pub fn retry_safe(mut self) -> Self {

@@ -28,7 +28,7 @@ impl fmt::Display for BuildError {
 
 /// Filters the SPEC names that later work will add; naming one is a clear error
 /// until it exists, never a silent no-op.
-const PLANNED: &[&str] = &["waf", "quota", "fault", "mirror", "compress", "authz"];
+const PLANNED: &[&str] = &["waf", "quota", "mirror", "compress", "authz"];
 
 const BUILT: &[&str] = &[
     "transform",
@@ -42,6 +42,7 @@ const BUILT: &[&str] = &[
     "rate-limit",
     "concurrency-limit",
     "cache",
+    "fault",
 ];
 
 /// True for names that are built in or planned (used for "did you mean" style errors).
@@ -105,6 +106,7 @@ pub fn build(
             config, ctx,
         )?)),
         "cache" => Ok(Arc::new(crate::traffic::Cache::from_config(config, ctx)?)),
+        "fault" => Ok(Arc::new(crate::traffic::Fault::from_config(config, ctx)?)),
         n if PLANNED.contains(&n) => Err(BuildError::new(
             "name",
             format!("filter {n:?} is not built yet in this version of meshgate"),

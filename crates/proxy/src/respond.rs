@@ -18,7 +18,7 @@ pub fn error(err: &GatewayError, ctx: &RequestCtx) -> Response<ResponseBody> {
         );
         h.insert(
             "grpc-status",
-            HeaderValue::from(u16::from(err.code.grpc_status())),
+            HeaderValue::from(u16::from(err.grpc_status())),
         );
         let msg = percent_encoding::utf8_percent_encode(&err.message, GRPC_MESSAGE).to_string();
         if let Ok(v) = HeaderValue::from_str(&msg) {
@@ -27,7 +27,7 @@ pub fn error(err: &GatewayError, ctx: &RequestCtx) -> Response<ResponseBody> {
         r
     } else {
         let mut r = Response::new(ResponseBody::full(err.json_body(ctx.request_id.as_str())));
-        *r.status_mut() = err.code.status();
+        *r.status_mut() = err.http_status();
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

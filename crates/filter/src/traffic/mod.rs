@@ -8,11 +8,13 @@
 
 mod cache;
 mod concurrency;
+mod fault;
 mod gcra;
 mod rate_limit;
 
 pub(crate) use cache::Cache;
 pub(crate) use concurrency::ConcurrencyLimit;
+pub(crate) use fault::Fault;
 pub(crate) use rate_limit::RateLimit;
 
 use rate_limit::LocalBuckets;
@@ -26,6 +28,7 @@ pub enum Kind {
     RateLimit,
     Concurrency,
     Cache,
+    Fault,
 }
 
 /// How a kind's counters appear in metrics.
@@ -41,7 +44,7 @@ pub struct Metric {
 }
 
 impl Kind {
-    pub const ALL: [Self; 3] = [Self::RateLimit, Self::Concurrency, Self::Cache];
+    pub const ALL: [Self; 4] = [Self::RateLimit, Self::Concurrency, Self::Cache, Self::Fault];
 
     pub fn metric(self) -> Metric {
         match self {
@@ -62,6 +65,12 @@ impl Kind {
                 help: "Response-cache lookups by cache (where the filter is written) and result",
                 label: "cache",
                 results: &["hit", "miss", "bypass"],
+            },
+            Self::Fault => Metric {
+                name: "fault_injections",
+                help: "Faults injected by fault filter (where it is written) and kind",
+                label: "fault",
+                results: &["delayed", "aborted"],
             },
         }
     }
