@@ -112,26 +112,37 @@ def test_bodies_over_max_body_bytes_are_not_stored(gw, backend):
     assert hits(backend, "/s/big") == 2
 
 
-def test_a_burst_of_100_concurrent_misses_sends_one_upstream_request(gw, backend):
-    url = gw.url + "/c/slow?ms=500"
+def burst(url, n):
+    """`n` requests for `url` at once, each on its own connection: (status, x-cache, body)."""
     results = []
-    start = threading.Barrier(100)
+    start = threading.Barrier(n)
 
     def one():
         start.wait()
         with urllib.request.urlopen(url, timeout=30) as r:
             results.append((r.status, r.headers["x-cache"], r.read()))
 
-    threads = [threading.Thread(target=one) for _ in range(100)]
+    threads = [threading.Thread(target=one) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 100
+    assert len(results) == n
+    return results
+
+
+def test_a_burst_of_100_concurrent_misses_sends_one_upstream_request(gw, backend):
+    results = burst(gw.url + "/c/slow?ms=500", 100)
     assert {(s, b) for s, _, b in results} == {results[0][::2]} and results[0][0] == 200
     caches = [c for _, c, _ in results]
     assert caches.count("MISS") == 1 and caches.count("HIT") == 99, caches
     assert hits(backend, "/c/slow") == 1
+
+
+def test_waiters_go_upstream_when_the_fill_cannot_be_stored(gw, backend):
+    results = burst(gw.url + "/c/slow?ms=300&h-cache-control=no-store", 10)
+    assert [(s, c) for s, c, _ in results] == [(200, "MISS")] * 10
+    assert hits(backend, "/c/slow") == 10
 
 
 def test_bad_cache_config_is_reported(tmp_path, backend):

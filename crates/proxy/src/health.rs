@@ -33,7 +33,9 @@ pub async fn check_forever(
                 (e, result)
             });
         }
-        while let Some(Ok((e, result))) = round.join_next().await {
+        while let Some(joined) = round.join_next().await {
+            // A probe that panicked tells nothing; the others still count.
+            let Ok((e, result)) = joined else { continue };
             match &result {
                 Ok(()) => stats.checks_passed.inc(),
                 Err(_) => stats.checks_failed.inc(),

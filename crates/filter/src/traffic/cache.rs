@@ -191,6 +191,8 @@ impl Drop for Fill {
 enum State {
     Hit,
     Bypass,
+    /// A miss that will not be stored (its coalesced fill failed).
+    Pass,
     Miss {
         fill: Arc<Mutex<Option<Fill>>>,
         request: Arc<HeaderMap>,
@@ -525,7 +527,7 @@ impl Filter for Cache {
                 // without storing (the next miss fills again).
                 _ => {
                     self.counters.record(Outcome::Miss as usize);
-                    ctx.extensions.insert(State::Bypass);
+                    ctx.extensions.insert(State::Pass);
                     Ok(Flow::Continue)
                 }
             }
@@ -537,6 +539,7 @@ impl Filter for Cache {
             None => return,
             Some(State::Hit) => ("HIT", None),
             Some(State::Bypass) => ("BYPASS", None),
+            Some(State::Pass) => ("MISS", None),
             Some(State::Miss { fill, request }) => {
                 let fill = fill.lock().unwrap_or_else(|e| e.into_inner()).take();
                 ("MISS", fill.map(|f| (f, request.clone())))
