@@ -423,14 +423,27 @@ class Addr:
         self.addr, self.name = addr, name
 
 
-def validate_service(tmp_path, name, extra):
-    """`meshgate validate` on a Gateway plus one Service with `extra` spec lines; asserts
-    it fails with FILE:LINE diagnostics for that Service and returns its output."""
+def assert_metrics_valid(text):
+    """The Prometheus exposition passes `promtool check metrics`."""
+    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True)
+    assert check.returncode == 0, check.stderr.decode() + check.stdout.decode()
+
+
+def validate_bad(tmp_path, resources):
+    """`meshgate validate` on a Gateway plus `resources`; asserts it fails with
+    FILE:LINE diagnostics and returns its output."""
     f = tmp_path / "bad.yaml"
-    f.write_text(gateway_yaml(8080, 9901) + service(name, Addr("127.0.0.1:9"), extra=extra))
+    f.write_text(gateway_yaml(8080, 9901) + resources)
     p = subprocess.run([BIN, "validate", "-c", str(f)], capture_output=True, text=True)
-    assert p.returncode == 1 and f"{f}:" in p.stdout and f"Service/{name}: " in p.stdout, p.stdout
+    assert p.returncode == 1 and f"{f}:" in p.stdout, p.stdout
     return p.stdout
+
+
+def validate_service(tmp_path, name, extra):
+    """`validate_bad` on one Service with `extra` spec lines; the diagnostics name it."""
+    out = validate_bad(tmp_path, service(name, Addr("127.0.0.1:9"), extra=extra))
+    assert f"Service/{name}: " in out, out
+    return out
 
 
 def filters(*items):

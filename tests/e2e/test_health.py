@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness import BIN, Addr, Backend, Gateway, api, curl, service, validate_service
+from harness import BIN, Addr, Backend, Gateway, api, assert_metrics_valid, curl, free_port, service, validate_service, wait_port
 
 CHECKED = """
   healthCheck:
@@ -89,8 +89,7 @@ def test_a_failing_health_check_takes_the_endpoint_out_until_it_passes_again(tmp
     assert metric(g, 'meshgate_upstream_endpoints{service="svc",state="unhealthy"}') == 1
     assert metric(g, 'meshgate_health_checks_total{service="svc",result="failed"}') >= 2
     _, text = g.admin("GET", "/metrics")
-    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True)
-    assert check.returncode == 0, check.stderr.decode()
+    assert_metrics_valid(text)
 
     b.heal()
     wait_state(g, b, "healthy")
@@ -200,7 +199,6 @@ def test_bad_health_config_is_reported_with_file_and_line(tmp_path, extra, messa
 def test_http2_services_are_checked_over_h2c(tmp_path, gateways):
     """An `http2` Service is probed with HTTP/2 prior knowledge: the h2c-only path of
     bench-backend passes; a closed port fails with its reason."""
-    from harness import free_port, wait_port
     port, dead = free_port(), free_port()
     proc = subprocess.Popen([str(Path(BIN).parent / "bench-backend"), f"127.0.0.1:{port}"])
     try:

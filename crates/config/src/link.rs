@@ -555,15 +555,8 @@ fn consumer_set(
 fn backoff(c: &mut Check<'_>, b: &meshgate_api::BackoffSpec) -> meshgate_upstream::Backoff {
     const AT: &str = "spec.invoke.retry.backoff";
     let mut out = meshgate_upstream::Backoff::default();
-    let mut field = |name: &str, v: &Option<String>| {
-        v.as_ref().and_then(|t| {
-            parse_duration(t)
-                .map_err(|e| c.err(format!("{AT}.{name}"), e))
-                .ok()
-        })
-    };
-    let base = field("base", &b.base);
-    let max = field("max", &b.max);
+    let base = c.duration(&format!("{AT}.base"), b.base.as_ref());
+    let max = c.duration(&format!("{AT}.max"), b.max.as_ref());
     if let Some(base) = base {
         out.base = base;
         out.max = base.saturating_mul(10);

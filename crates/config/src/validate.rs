@@ -403,7 +403,11 @@ impl Check<'_> {
         self.diags.push(self.doc.diag(path.as_ref(), message));
     }
 
-    fn duration(&mut self, path: &str, v: Option<&String>) -> Option<std::time::Duration> {
+    pub(crate) fn duration(
+        &mut self,
+        path: &str,
+        v: Option<&String>,
+    ) -> Option<std::time::Duration> {
         let s = v?;
         parse_duration(s).map_err(|e| self.err(path, e)).ok()
     }

@@ -124,7 +124,7 @@ fn upstreams(shared: &Shared) -> serde_json::Value {
                         "weight": e.weight,
                         "labels": e.labels,
                         "inFlight": e.in_flight(),
-                        "health": h.state,
+                        "health": h.state.as_str(),
                         "reason": h.reason,
                         "healthCheck": checked.then(|| json!({
                             "checks": h.checks,

@@ -299,14 +299,7 @@ impl HealthStats {
         let set = cluster.endpoints();
         let mut counts = [0i64; 3];
         for e in &set.endpoints {
-            let i = if e.health.ejected() {
-                2
-            } else if e.health.usable() {
-                0
-            } else {
-                1
-            };
-            counts[i] += 1;
+            counts[e.health.state() as usize] += 1;
         }
         for (g, n) in self.endpoints.iter().zip(counts) {
             g.set(n);
@@ -388,11 +381,7 @@ impl Metrics {
                     service: service.into(),
                 })
                 .clone(),
-            endpoints: [
-                endpoints("healthy"),
-                endpoints("unhealthy"),
-                endpoints("ejected"),
-            ],
+            endpoints: meshgate_upstream::EndpointState::ALL.map(|s| endpoints(s.as_str())),
         }
     }
 

@@ -149,6 +149,27 @@ impl Ejection {
 const FAILED_CHECKS: u8 = 1;
 const EJECTED: u8 = 2;
 
+/// Where an endpoint stands; the discriminant indexes per-state gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointState {
+    Healthy = 0,
+    /// Failed its active health checks.
+    Unhealthy = 1,
+    Ejected = 2,
+}
+
+impl EndpointState {
+    pub const ALL: [Self; 3] = [Self::Healthy, Self::Unhealthy, Self::Ejected];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+            Self::Ejected => "ejected",
+        }
+    }
+}
+
 /// Why an endpoint is out, or the last word on it, for `GET /upstreams`.
 #[derive(Debug, Clone, Default)]
 struct Notes {
@@ -172,8 +193,7 @@ pub struct Health {
 /// A point-in-time view of an endpoint's health.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthView {
-    /// `healthy`, `unhealthy` (failed its active checks) or `ejected`.
-    pub state: &'static str,
+    pub state: EndpointState,
     pub reason: String,
     pub checks: u64,
     pub passed_in_row: u32,
@@ -207,6 +227,17 @@ impl Health {
 
     pub fn ejected(&self) -> bool {
         self.down.load(Ordering::Relaxed) & EJECTED != 0
+    }
+
+    pub fn state(&self) -> EndpointState {
+        let down = self.down.load(Ordering::Relaxed);
+        if down & EJECTED != 0 {
+            EndpointState::Ejected
+        } else if down & FAILED_CHECKS != 0 {
+            EndpointState::Unhealthy
+        } else {
+            EndpointState::Healthy
+        }
     }
 
     /// Count a try's outcome. Successes touch memory only when a run of errors
@@ -308,19 +339,15 @@ impl Health {
             .until
             .map(|u| u.saturating_duration_since(now));
         let c = notes.check;
-        let (state, reason) = if ejected_for.is_some() {
-            ("ejected", notes.eject_reason.clone())
-        } else if !c.healthy {
-            (
-                "unhealthy",
-                format!(
-                    "failed its last {} health checks: {}",
-                    c.failed_in_row,
-                    notes.last_error.as_deref().unwrap_or("no answer")
-                ),
-            )
-        } else {
-            let reason = match (checked, &notes.last_error) {
+        let state = self.state();
+        let reason = match state {
+            EndpointState::Ejected => notes.eject_reason.clone(),
+            EndpointState::Unhealthy => format!(
+                "failed its last {} health checks: {}",
+                c.failed_in_row,
+                notes.last_error.as_deref().unwrap_or("no answer")
+            ),
+            EndpointState::Healthy => match (checked, &notes.last_error) {
                 (true, Some(e)) if c.failed_in_row > 0 => format!(
                     "healthy; the last {} health checks failed: {e}",
                     c.failed_in_row
@@ -329,8 +356,7 @@ impl Health {
                 (true, _) => "passing its health checks".to_string(),
                 (false, _) if detecting => "no health check configured; not ejected".to_string(),
                 (false, _) => "no health check configured".to_string(),
-            };
-            ("healthy", reason)
+            },
         };
         HealthView {
             state,
@@ -458,7 +484,7 @@ mod tests {
         // Errors while ejected (late answers) do not eject twice.
         assert_eq!(h.observe(Observed::LocalError, &cfg), Verdict::Fine);
         let v = h.view(t0, false, true);
-        assert_eq!(v.state, "ejected");
+        assert_eq!(v.state, EndpointState::Ejected);
         assert!(v.reason.contains("consecutive 5xx"), "{}", v.reason);
         assert!(h.restore_if_due(t0 + Duration::from_secs(10)));
         assert!(h.usable());
@@ -473,7 +499,7 @@ mod tests {
         }
         assert!(!h.usable());
         let v = h.view(Instant::now(), true, false);
-        assert_eq!(v.state, "unhealthy");
+        assert_eq!(v.state, EndpointState::Unhealthy);
         assert!(v.reason.contains("connection refused"), "{}", v.reason);
         assert_eq!(h.checked(Ok(()), &cfg), None);
         assert_eq!(h.checked(Ok(()), &cfg), Some(true));

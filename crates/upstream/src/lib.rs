@@ -16,6 +16,7 @@ pub use cluster::{
     Cluster, DEFAULT_PANIC_THRESHOLD, Endpoint, EndpointSet, InFlight, Picked, Selector,
 };
 pub use health::{
-    CheckCounter, Ejection, Health, HealthCheckConfig, HealthView, Observed, OutlierConfig, Probe,
+    CheckCounter, Ejection, EndpointState, Health, HealthCheckConfig, HealthView, Observed,
+    OutlierConfig, Probe,
 };
 pub use retry::{Backoff, BudgetConfig, RetryBudget, RetryOn, RetryPolicy, TryOutcome};

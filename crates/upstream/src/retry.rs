@@ -139,8 +139,8 @@ impl RetryBudget {
         (now.saturating_duration_since(self.epoch).as_nanos() / width.as_nanos()) as u64
     }
 
-    /// The current bucket, recycled if it holds an old one.
-    fn current(&self, now: Instant) -> &(AtomicU64, AtomicU32, AtomicU32) {
+    /// The current bucket's number and slot, recycled if it holds an old one.
+    fn current(&self, now: Instant) -> (u64, &(AtomicU64, AtomicU32, AtomicU32)) {
         let b = self.bucket(now);
         let slot = &self.buckets[(b % BUDGET_BUCKETS as u64) as usize];
         let seen = slot.0.load(Ordering::Acquire);
@@ -153,18 +153,17 @@ impl RetryBudget {
             slot.1.store(0, Ordering::Relaxed);
             slot.2.store(0, Ordering::Relaxed);
         }
-        slot
+        (b, slot)
     }
 
     /// Count a request that may retry.
     pub fn request(&self, now: Instant) {
-        self.current(now).1.fetch_add(1, Ordering::Relaxed);
+        self.current(now).1.1.fetch_add(1, Ordering::Relaxed);
     }
 
     /// May one more retry go out now? Counts it when it may.
     pub fn withdraw(&self, now: Instant) -> bool {
-        let slot = self.current(now);
-        let b = self.bucket(now);
+        let (b, slot) = self.current(now);
         let (mut requests, mut retries) = (0u64, 0u64);
         for (id, req, ret) in &self.buckets {
             let id = id.load(Ordering::Acquire);

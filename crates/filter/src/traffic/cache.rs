@@ -226,20 +226,13 @@ impl std::fmt::Debug for Cache {
     }
 }
 
-fn duration(v: &Option<String>, field: &str, default: Duration) -> Result<Duration, BuildError> {
-    match v {
-        None => Ok(default),
-        Some(s) => meshgate_core::parse_duration(s).map_err(|e| BuildError::new(field, e)),
-    }
-}
-
 impl Cache {
     pub fn from_config(value: &serde_json::Value, ctx: BuildCtx<'_>) -> Result<Self, BuildError> {
         let cfg: Config = crate::parse_config(value)?;
-        let ttl = duration(&cfg.ttl, "config.ttl", Duration::from_secs(60))?;
-        let lock_timeout = duration(
-            &cfg.lock_timeout,
+        let ttl = crate::duration_or("config.ttl", cfg.ttl.as_deref(), Duration::from_secs(60))?;
+        let lock_timeout = crate::duration_or(
             "config.lockTimeout",
+            cfg.lock_timeout.as_deref(),
             Duration::from_secs(5),
         )?;
         let names = cfg.key.unwrap_or_else(|| {
