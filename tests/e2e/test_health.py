@@ -47,13 +47,15 @@ def endpoints(gw):
     return {e["address"]: e for e in svc["endpoints"]}, svc
 
 
-def wait_state(gw, backend, state, timeout=5.0):
+def wait_state(gw, backend, state, timeout=5.0, checks=0):
+    """Waits until `backend` is in `state` and, when `checks` is set, has been probed
+    at least that many times (probes of one round finish in any order)."""
     deadline = time.time() + timeout
     while True:
         e = endpoints(gw)[0][backend.addr]
-        if e["health"] == state:
+        if e["health"] == state and (not checks or e["healthCheck"]["checks"] >= checks):
             return e
-        assert time.time() < deadline, f"{backend.name} stayed {e['health']}: {e['reason']}"
+        assert time.time() < deadline, f"{backend.name} stayed {e['health']}: {e['reason']} ({e.get('healthCheck')})"
         time.sleep(0.05)
 
 
@@ -209,8 +211,8 @@ def test_http2_services_are_checked_over_h2c(tmp_path, gateways):
         gateways.append(g)
         e = wait_state(g, gone, "unhealthy")
         assert "connect" in e["reason"], e
-        e = wait_state(g, live, "healthy")
-        assert e["healthCheck"]["checks"] >= 2 and e["reason"] == "passing its health checks", e
+        e = wait_state(g, live, "healthy", checks=2)
+        assert e["healthCheck"]["failedInRow"] == 0 and e["reason"] == "passing its health checks", e
         # Only the live endpoint takes traffic.
         assert {curl(g.url + "/x")[0] for _ in range(6)} == {200}
     finally:
