@@ -218,7 +218,7 @@ class Lab:
         conf = MESHGATE_CONF.format(port=self.mg_port, backend=ports["backend"])
         (tmp / "mg.yaml").write_text(conf + self.extra_config.format(**ports))
         env = dict(os.environ, MESHGATE_WORKERS="1", MESHGATE_LOG="warn")
-        self.mg = start([str(rel / "meshgate"), "run", "-c", str(tmp / "mg.yaml")], 0, env=env,
+        self.mg = start([str(rel / "meshgate"), "run", "-c", str(tmp / "mg.yaml"), "--state-dir", str(tmp / "state")], 0, env=env,
                         stdout=subprocess.DEVNULL)
         self.procs.append(self.mg)
         wait_port(self.mg_port)

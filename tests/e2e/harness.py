@@ -313,7 +313,9 @@ class Gateway:
 
     def start(self):
         self.stderr = open(self.dir.parent / "meshgate.stderr", "w")
-        self.proc = subprocess.Popen([BIN, "run", "-c", str(self.config_arg)], stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.state_dir = self.dir.parent / "state"
+        self.proc = subprocess.Popen([BIN, "run", "-c", str(self.config_arg), "--state-dir", str(self.state_dir)],
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr)
         deadline = time.time() + 15
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -482,7 +482,7 @@ pub struct ConsumerSpec {
     pub groups: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<CredentialSpec>,
-    /// Parsed now; enforced by the `quota` filter (a later version).
+    /// Requests per day or month, enforced where an Api has the `quota` filter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<QuotaSpec>,
 }
@@ -565,7 +565,9 @@ impl Serialize for SecretSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QuotaSpec {
     pub requests: u64,
-    pub per: QuotaPeriod,
+    /// Without it, the period of the `quota` filter that counts the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<QuotaPeriod>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -517,11 +517,9 @@ fn consumer_set(
 ) -> ConsumerSet {
     let mut set = ConsumerSet::default();
     for (i, d) in drafts {
-        let consumer = set.add(meshgate_core::Consumer::new(
-            &docs[i].name,
-            &d.groups,
-            d.labels,
-        ));
+        let consumer = set.add(
+            meshgate_core::Consumer::new(&docs[i].name, &d.groups, d.labels).with_quota(d.quota),
+        );
         let mut clash = |j: usize, field: &str, what: &str, other: String| {
             Check {
                 doc: &docs[i],

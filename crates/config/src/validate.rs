@@ -56,6 +56,7 @@ pub struct ConsumerDraft {
     pub hmac: Vec<(usize, String, Vec<u8>)>,
     /// JWT identities: credential index, issuer, subject.
     pub jwts: Vec<(usize, String, String)>,
+    pub quota: Option<meshgate_core::Quota>,
 }
 
 fn consumer(c: &mut Check<'_>, spec: &ConsumerSpec) -> Option<ConsumerDraft> {
@@ -109,6 +110,13 @@ fn consumer(c: &mut Check<'_>, spec: &ConsumerSpec) -> Option<ConsumerDraft> {
         keys,
         hmac,
         jwts,
+        quota: spec.quota.as_ref().map(|q| meshgate_core::Quota {
+            requests: q.requests,
+            per: q.per.map(|p| match p {
+                meshgate_api::QuotaPeriod::Day => meshgate_core::QuotaPeriod::Day,
+                meshgate_api::QuotaPeriod::Month => meshgate_core::QuotaPeriod::Month,
+            }),
+        }),
     })
 }
 

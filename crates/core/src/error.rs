@@ -15,6 +15,8 @@ pub enum ErrorCode {
     NoRoute,
     MethodNotAllowed,
     RateLimited,
+    /// The Consumer used up its calendar quota (`quota` filter).
+    QuotaExceeded,
     /// A cluster-wide limit could not be checked and its `failMode` is `closed`.
     RateLimitUnavailable,
     /// A `concurrency-limit` is full (and its queue, if any).
@@ -40,6 +42,7 @@ impl ErrorCode {
             Self::NoRoute => "no_route",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RateLimited => "rate_limited",
+            Self::QuotaExceeded => "quota_exceeded",
             Self::RateLimitUnavailable => "rate_limit_unavailable",
             Self::ConcurrencyLimited => "concurrency_limited",
             Self::UpstreamUnavailable => "upstream_unavailable",
@@ -61,7 +64,7 @@ impl ErrorCode {
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited | Self::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::CircuitOpen
             | Self::NoHealthyUpstream
@@ -78,18 +81,18 @@ impl ErrorCode {
     pub fn grpc_status(self) -> u8 {
         match self {
             Self::InvalidRequest | Self::HeadersTooLarge | Self::UriTooLong => 3, // INVALID_ARGUMENT
-            Self::PayloadTooLarge | Self::RateLimited => 8, // RESOURCE_EXHAUSTED
-            Self::Unauthorized => 16,                       // UNAUTHENTICATED
-            Self::Forbidden => 7,                           // PERMISSION_DENIED
-            Self::NoRoute | Self::MethodNotAllowed => 12,   // UNIMPLEMENTED
+            Self::PayloadTooLarge | Self::RateLimited | Self::QuotaExceeded => 8, // RESOURCE_EXHAUSTED
+            Self::Unauthorized => 16,                                             // UNAUTHENTICATED
+            Self::Forbidden => 7,                         // PERMISSION_DENIED
+            Self::NoRoute | Self::MethodNotAllowed => 12, // UNIMPLEMENTED
             Self::UpstreamUnavailable
             | Self::CircuitOpen
             | Self::NoHealthyUpstream
             | Self::RateLimitUnavailable
             | Self::ConcurrencyLimited
             | Self::FaultInjected => 14, // UNAVAILABLE
-            Self::UpstreamTimeout => 4,                     // DEADLINE_EXCEEDED
-            Self::Internal => 13,                           // INTERNAL
+            Self::UpstreamTimeout => 4,                   // DEADLINE_EXCEEDED
+            Self::Internal => 13,                         // INTERNAL
         }
     }
 }

@@ -91,11 +91,27 @@ impl std::fmt::Debug for ResponseTap {
     }
 }
 
+/// A Consumer's calendar quota (`Consumer.spec.quota`), enforced by the `quota` filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub requests: u64,
+    /// The Consumer's own period; without one, the `quota` filter's applies.
+    pub per: Option<QuotaPeriod>,
+}
+
+/// The calendar period a quota counts over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}
+
 /// The caller as authentication established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumer {
     pub name: Arc<str>,
     pub groups: Vec<Arc<str>>,
+    pub quota: Option<Quota>,
     /// The Consumer's labels, for decisions keyed on them (grey release by label).
     pub labels: std::collections::BTreeMap<String, String>,
     /// The identity headers' values, built once per snapshot: `x-consumer-name`,
@@ -113,6 +129,7 @@ impl Consumer {
         let joined = groups.join(",");
         Self {
             name: name.into(),
+            quota: None,
             labels,
             groups: groups.iter().map(|g| g.as_str().into()).collect(),
             name_header: http::HeaderValue::from_str(name).ok(),
@@ -120,6 +137,13 @@ impl Consumer {
                 .then(|| http::HeaderValue::from_str(&joined).ok())
                 .flatten(),
         }
+    }
+}
+
+impl Consumer {
+    pub fn with_quota(mut self, quota: Option<Quota>) -> Self {
+        self.quota = quota;
+        self
     }
 }
 

@@ -93,6 +93,11 @@ pub trait Filter: Send + Sync + 'static {
     fn on_complete(&self, _ctx: &RequestCtx, _status: http::StatusCode) {}
 }
 
+/// `#[serde(default = "crate::yes")]`: a flag that is on unless turned off.
+pub(crate) fn yes() -> bool {
+    true
+}
+
 /// `uri` with its path and query replaced by `pq`, scheme and authority kept.
 pub(crate) fn with_path_and_query(uri: &http::Uri, pq: String) -> Result<http::Uri, String> {
     let pq = http::uri::PathAndQuery::try_from(pq).map_err(|e| e.to_string())?;

@@ -28,7 +28,7 @@ impl fmt::Display for BuildError {
 
 /// Filters the SPEC names that later work will add; naming one is a clear error
 /// until it exists, never a silent no-op.
-const PLANNED: &[&str] = &["waf", "quota", "mirror", "compress", "authz"];
+const PLANNED: &[&str] = &["waf", "mirror", "compress", "authz"];
 
 const BUILT: &[&str] = &[
     "transform",
@@ -43,6 +43,7 @@ const BUILT: &[&str] = &[
     "concurrency-limit",
     "cache",
     "fault",
+    "quota",
 ];
 
 /// True for names that are built in or planned (used for "did you mean" style errors).
@@ -107,6 +108,7 @@ pub fn build(
         )?)),
         "cache" => Ok(Arc::new(crate::traffic::Cache::from_config(config, ctx)?)),
         "fault" => Ok(Arc::new(crate::traffic::Fault::from_config(config, ctx)?)),
+        "quota" => Ok(Arc::new(crate::traffic::Quota::from_config(config, ctx)?)),
         n if PLANNED.contains(&n) => Err(BuildError::new(
             "name",
             format!("filter {n:?} is not built yet in this version of meshgate"),

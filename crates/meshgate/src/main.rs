@@ -28,6 +28,10 @@ enum Command {
         /// Also start the bundled demo upstream on this address (for the quickstart).
         #[arg(long)]
         demo_upstream: Option<String>,
+        /// Where quota counters and usage are kept across restarts (one gateway per
+        /// directory). Default: $XDG_STATE_HOME/meshgate or ~/.local/state/meshgate.
+        #[arg(long, env = "MESHGATE_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Check config files: exit 0 if valid, else print every problem and exit 1.
     Validate {
@@ -55,7 +59,12 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             demo_upstream,
-        } => run(config, demo_upstream),
+            state_dir,
+        } => run(
+            config,
+            demo_upstream,
+            state_dir.unwrap_or_else(default_state_dir),
+        ),
         Command::Demo { listen } => runtime_then(|| demo::serve(listen)),
     }
 }
@@ -130,7 +139,19 @@ where
     }
 }
 
-fn run(config: Vec<PathBuf>, demo_upstream: Option<String>) -> ExitCode {
+/// `$XDG_STATE_HOME/meshgate`, else `~/.local/state/meshgate`, else `.meshgate-state`.
+fn default_state_dir() -> PathBuf {
+    let from = |var: &str| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    from("XDG_STATE_HOME")
+        .or_else(|| from("HOME").map(|h| h.join(".local/state")))
+        .map_or_else(|| PathBuf::from(".meshgate-state"), |d| d.join("meshgate"))
+}
+
+fn run(config: Vec<PathBuf>, demo_upstream: Option<String>, state_dir: PathBuf) -> ExitCode {
     let (snapshot, diags) = meshgate_config::compile_paths(&config);
     let Some(snapshot) = snapshot else {
         for d in &diags {
@@ -147,6 +168,7 @@ fn run(config: Vec<PathBuf>, demo_upstream: Option<String>) -> ExitCode {
                 }
             });
         }
-        Ok(meshgate_proxy::run(meshgate_proxy::Options { config }, snapshot).await?)
+        let options = meshgate_proxy::Options { config, state_dir };
+        Ok(meshgate_proxy::run(options, snapshot).await?)
     })
 }

@@ -63,6 +63,16 @@ fn crate_boundaries_hold() {
         "meshgate-upstream",
         &["tokio", "hyper", "meshgate-proxy", "meshgate-config"],
     );
+    forbid(
+        "meshgate-meter",
+        &[
+            "tokio",
+            "hyper",
+            "meshgate-proxy",
+            "meshgate-config",
+            "meshgate-filter",
+        ],
+    );
     forbid("meshgate-filter", &["meshgate-proxy", "meshgate-config"]);
     forbid("meshgate-config", &["meshgate-proxy", "tokio", "hyper"]);
     for (name, set) in &d {

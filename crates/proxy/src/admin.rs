@@ -1,5 +1,6 @@
 //! The admin listener: `GET /ready`, `GET /metrics`, `GET /config`, `POST /reload`,
-//! `GET /upstreams` (SPEC §5). Bind it to loopback: it has no authentication.
+//! `GET /upstreams` (SPEC §5) and `GET /usage` (metering for billing). Bind it to
+//! loopback: it has no authentication.
 
 use crate::Shared;
 use bytes::Bytes;
@@ -75,13 +76,31 @@ async fn handle(
             ),
         },
         (&Method::GET, "/upstreams") => json(StatusCode::OK, &upstreams(&shared)),
-        (_, "/ready" | "/metrics" | "/config" | "/reload" | "/upstreams") => json(
+        (&Method::GET, "/usage") => {
+            let query = req.uri().query().unwrap_or("").to_string();
+            match tokio::task::spawn_blocking(move || crate::usage::report(&query)).await {
+                Ok(Ok(v)) => json(StatusCode::OK, &v),
+                Ok(Err(crate::usage::Error::Query(m))) => json(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": {"code": "invalid_request", "message": m}}),
+                ),
+                Ok(Err(crate::usage::Error::Store(m))) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({"error": {"code": "internal_error", "message": format!("usage store: {m}")}}),
+                ),
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({"error": {"code": "internal_error", "message": e.to_string()}}),
+                ),
+            }
+        }
+        (_, "/ready" | "/metrics" | "/config" | "/reload" | "/upstreams" | "/usage") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": {"code": "method_not_allowed", "message": "wrong method for this endpoint"}}),
         ),
         _ => json(
             StatusCode::NOT_FOUND,
-            &json!({"error": {"code": "not_found", "message": "admin endpoints: /ready /metrics /config /reload /upstreams"}}),
+            &json!({"error": {"code": "not_found", "message": "admin endpoints: /ready /metrics /config /reload /upstreams /usage"}}),
         ),
     };
     Ok(resp)

@@ -74,6 +74,14 @@ impl Completion for Done {
         let Some(ctx) = &self.ctx else { return };
         if let Some(api) = &self.api {
             api.chain.on_complete(ctx, status);
+            if let Some(c) = &ctx.consumer {
+                meshgate_meter::meter().usage.record(
+                    &c.name,
+                    &api.name,
+                    self.status,
+                    meshgate_meter::unix_now(),
+                );
+            }
         }
         self.gateway_cfg.global.on_complete(ctx, status);
         let (Some(log), Some(facts)) = (&self.log, &self.line) else {

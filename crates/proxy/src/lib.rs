@@ -19,6 +19,7 @@ mod respond;
 mod server;
 mod state;
 mod tls;
+mod usage;
 
 use arc_swap::ArcSwap;
 use meshgate_config::{Diagnostic, Snapshot};
@@ -35,6 +36,8 @@ use tokio::sync::watch;
 pub struct Options {
     /// Files and directories to (re)load config from.
     pub config: Vec<PathBuf>,
+    /// Where quota counters and usage persist (`meshgate.redb` in it).
+    pub state_dir: PathBuf,
 }
 
 /// The outcome of the last reload attempt, for `GET /config`.
@@ -143,6 +146,7 @@ impl Shared {
 
 /// Serve a compiled config until SIGTERM or SIGINT, then drain and return.
 pub async fn run(options: Options, snapshot: Snapshot) -> std::io::Result<()> {
+    let store = open_state(&options.state_dir)?;
     let metrics = metrics::Metrics::default();
     let loggers = access_log::Loggers::default();
     let snapshot = Arc::new(snapshot);
@@ -185,7 +189,49 @@ pub async fn run(options: Options, snapshot: Snapshot) -> std::io::Result<()> {
     wait_for_stop(&shared).await?;
     drain_all(&shared).await;
     shared.admins.stop_all();
+    store.abort();
+    if let Err(e) = meshgate_meter::meter().flush(meshgate_meter::unix_now()) {
+        tracing::error!(error = %e, "could not save quota counters and usage at shutdown");
+    }
     Ok(())
+}
+
+/// How often quota counters and usage are written to the state store.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Open the state store, restore the quota counters it holds, and write changes to
+/// it every [`FLUSH_EVERY`] from the returned task.
+fn open_state(dir: &std::path::Path) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let fail = |e: String| std::io::Error::other(format!("state store: {e}"));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+    let ledger = meshgate_meter::Ledger::open(&dir.join("meshgate.redb")).map_err(fail)?;
+    let meter = meshgate_meter::meter();
+    meter
+        .attach(ledger, meshgate_meter::unix_now())
+        .map_err(fail)?;
+    tracing::info!(dir = %dir.display(), "quota counters and usage persist here");
+    Ok(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            let result =
+                tokio::task::spawn_blocking(|| meter.flush(meshgate_meter::unix_now())).await;
+            match result {
+                Ok(Err(e)) if !failing => {
+                    tracing::error!(error = %e, "cannot save quota counters and usage; retrying");
+                    failing = true;
+                }
+                Ok(Ok(())) if failing => {
+                    tracing::info!("quota counters and usage saved again");
+                    failing = false;
+                }
+                _ => {}
+            }
+        }
+    }))
 }
 
 async fn wait_for_stop(shared: &Arc<Shared>) -> std::io::Result<()> {

@@ -195,6 +195,7 @@ impl Default for Metrics {
             m.access_log_dropped.clone(),
         );
         registry.register_collector(Box::new(LimiterCollector));
+        registry.register_collector(Box::new(UsageCollector));
         Self { registry, ..m }
     }
 }
@@ -248,6 +249,45 @@ impl prometheus_client::collector::Collector for LimiterCollector {
                 let labels = [("limiter", site.as_str())];
                 let g = prometheus_client::metrics::gauge::ConstGauge::new(n as i64);
                 g.encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `meshgate_consumer_requests_total{consumer, api, status_class}`: the usage meter's
+/// counts since start-up (the billing view over time is `GET /usage`).
+#[derive(Debug)]
+struct UsageCollector;
+
+impl prometheus_client::collector::Collector for UsageCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let totals = meshgate_meter::meter().usage.totals();
+        if totals.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "consumer_requests",
+            "Answered requests by Consumer, Api and status class (usage metering)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (consumer, api, counts) in &totals {
+            for (class, n) in meshgate_meter::CLASSES.iter().zip(counts) {
+                if *n == 0 {
+                    continue;
+                }
+                let labels = [
+                    ("consumer", &**consumer),
+                    ("api", &**api),
+                    ("status_class", class),
+                ];
+                let c = prometheus_client::metrics::counter::ConstCounter::new(*n);
+                c.encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())

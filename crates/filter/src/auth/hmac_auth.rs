@@ -32,7 +32,7 @@ struct Config {
     #[serde(default)]
     label: Option<String>,
     /// Remove `Signature`, `Signature-Input` before forwarding (default true).
-    #[serde(default = "yes")]
+    #[serde(default = "crate::yes")]
     hide_credentials: bool,
 }
 
@@ -50,10 +50,6 @@ fn default_components() -> Vec<String> {
     ["@method", "@path", "@authority"]
         .map(String::from)
         .to_vec()
-}
-
-fn yes() -> bool {
-    true
 }
 
 const DERIVED: &[&str] = &[

@@ -16,16 +16,12 @@ struct Config {
     #[serde(default)]
     query: Option<String>,
     /// Remove the key header before forwarding (the query key is always removed).
-    #[serde(default = "yes")]
+    #[serde(default = "crate::yes")]
     hide_credentials: bool,
 }
 
 fn default_header() -> String {
     "x-api-key".into()
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Debug)]

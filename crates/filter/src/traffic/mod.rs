@@ -10,17 +10,36 @@ mod cache;
 mod concurrency;
 mod fault;
 mod gcra;
+mod quota;
 mod rate_limit;
+mod redis;
 
 pub(crate) use cache::Cache;
 pub(crate) use concurrency::ConcurrencyLimit;
 pub(crate) use fault::Fault;
+pub(crate) use quota::Quota;
 pub(crate) use rate_limit::RateLimit;
 
 use rate_limit::LocalBuckets;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
+
+/// Add `item` to a list-valued header (`RateLimit-Policy`, `RateLimit`), so that
+/// `rate-limit` and `quota` on one Api both show.
+pub(super) fn append_item(
+    headers: &mut http::HeaderMap,
+    name: http::HeaderName,
+    item: http::HeaderValue,
+) {
+    let joined = headers.get(&name).and_then(|prev| {
+        let mut v = prev.as_bytes().to_vec();
+        v.extend_from_slice(b", ");
+        v.extend_from_slice(item.as_bytes());
+        http::HeaderValue::from_bytes(&v).ok()
+    });
+    headers.insert(name, joined.unwrap_or(item));
+}
 
 /// Which kind of filter a registry entry is, for its metric family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +48,7 @@ pub enum Kind {
     Concurrency,
     Cache,
     Fault,
+    Quota,
 }
 
 /// How a kind's counters appear in metrics.
@@ -44,7 +64,13 @@ pub struct Metric {
 }
 
 impl Kind {
-    pub const ALL: [Self; 4] = [Self::RateLimit, Self::Concurrency, Self::Cache, Self::Fault];
+    pub const ALL: [Self; 5] = [
+        Self::RateLimit,
+        Self::Concurrency,
+        Self::Cache,
+        Self::Fault,
+        Self::Quota,
+    ];
 
     pub fn metric(self) -> Metric {
         match self {
@@ -71,6 +97,12 @@ impl Kind {
                 help: "Faults injected by fault filter (where it is written) and kind",
                 label: "fault",
                 results: &["delayed", "aborted"],
+            },
+            Self::Quota => Metric {
+                name: "quota_decisions",
+                help: "Quota decisions by quota filter (where it is written) and result",
+                label: "quota",
+                results: &["admitted", "exceeded", "failed_open", "failed_closed"],
             },
         }
     }

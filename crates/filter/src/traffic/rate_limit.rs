@@ -7,6 +7,7 @@
 //! headers-10) and a refusal carries `Retry-After`.
 
 use super::gcra::{Limit, Report};
+use super::redis::{FailMode, Redis, RedisConfig};
 use super::{Counters, Kind, shared_state};
 use crate::registry::{BuildCtx, BuildError};
 use crate::{Filter, FilterResult, Flow, Step};
@@ -39,7 +40,7 @@ struct Config {
     redis: Option<RedisConfig>,
     #[serde(default)]
     fail_mode: FailMode,
-    #[serde(default = "yes")]
+    #[serde(default = "crate::yes")]
     headers: bool,
     #[serde(default = "default_max_keys")]
     max_keys: usize,
@@ -62,34 +63,12 @@ struct LimitConfig {
     name: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RedisConfig {
-    url: String,
-    #[serde(default)]
-    password: Option<serde_json::Value>,
-    #[serde(default)]
-    timeout: Option<String>,
-}
-
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Scope {
     #[default]
     Local,
     Cluster,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum FailMode {
-    #[default]
-    Open,
-    Closed,
-}
-
-fn yes() -> bool {
-    true
 }
 
 fn default_max_keys() -> usize {
@@ -159,8 +138,8 @@ enum Store {
     Cluster(Cluster),
 }
 
-const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub(super) const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub(super) const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 impl RateLimit {
     pub fn from_config(value: &serde_json::Value, ctx: BuildCtx<'_>) -> Result<Self, BuildError> {
@@ -323,30 +302,6 @@ impl RateLimit {
         }
         HeaderValue::from_str(&s).ok()
     }
-
-    fn unavailable(&self, fail: FailMode, error: &str) -> FilterResult {
-        match fail {
-            FailMode::Open => {
-                self.counters.record(Outcome::FailedOpen as usize);
-                tracing::warn!(
-                    error,
-                    "rate-limit store unreachable; admitting (failMode: open)"
-                );
-                Ok(Flow::Continue)
-            }
-            FailMode::Closed => {
-                self.counters.record(Outcome::FailedClosed as usize);
-                tracing::warn!(
-                    error,
-                    "rate-limit store unreachable; refusing (failMode: closed)"
-                );
-                Err(GatewayError::new(
-                    ErrorCode::RateLimitUnavailable,
-                    "the rate limit cannot be checked right now",
-                ))
-            }
-        }
-    }
 }
 
 /// What became of one request (indexes of [`Kind::metric`]'s result names).
@@ -354,8 +309,6 @@ impl RateLimit {
 enum Outcome {
     Allowed = 0,
     Limited = 1,
-    FailedOpen = 2,
-    FailedClosed = 3,
 }
 
 /// Reports of every limit, in config order: up to [`MAX_LIMITS`], without an
@@ -487,7 +440,7 @@ impl Filter for RateLimit {
                 let key = self.key_string(ctx, req);
                 match c.check(&key, &self.policies).await {
                     Ok(reports) => self.decide(ctx, reports),
-                    Err(e) => self.unavailable(c.fail_mode, &e),
+                    Err(e) => c.fail_mode.answer(&self.counters, "rate limit", &e),
                 }
             })),
         }
@@ -499,9 +452,9 @@ impl Filter for RateLimit {
         else {
             return;
         };
-        resp.headers.insert(RATELIMIT_POLICY, policy.clone());
+        super::append_item(&mut resp.headers, RATELIMIT_POLICY, policy.clone());
         if let Some(v) = self.state_header(reports) {
-            resp.headers.insert(RATELIMIT, v);
+            super::append_item(&mut resp.headers, RATELIMIT, v);
         }
     }
 }
@@ -576,9 +529,7 @@ fn evict(map: &mut HashMap<u64, [u64; MAX_LIMITS]>, now: u64, cap: usize) {
 /// every limit atomically with Redis's own clock.
 #[derive(Debug)]
 struct Cluster {
-    client: redis::Client,
-    conn: OnceLock<redis::aio::ConnectionManager>,
-    timeout: Duration,
+    redis: Redis,
     fail_mode: FailMode,
     /// Prefix of every key: the filter's identity, with a hash tag so one request's
     /// keys land in one slot of a Redis cluster.
@@ -626,62 +577,21 @@ impl Cluster {
         ctx: BuildCtx<'_>,
         id: &str,
     ) -> Result<Self, BuildError> {
-        let info = redis::IntoConnectionInfo::into_connection_info(r.url.as_str())
-            .map_err(|e| BuildError::new("config.redis.url", format!("not a Redis URL: {e}")))?;
-        if info.redis_settings().password().is_some() {
-            return Err(BuildError::new(
-                "config.redis.url",
-                "put the password in redis.password ({env: NAME} or {file: PATH}), not in the URL, which /config shows",
-            ));
-        }
-        let mut settings = info.redis_settings().clone();
-        if let Some(p) = &r.password {
-            let secret = crate::filter_secret(p, "config.redis.password", ctx.base)?;
-            settings = settings.set_password(secret);
-        }
-        let info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info)
-            .map_err(|e| BuildError::new("config.redis.url", e.to_string()))?;
-        let timeout = crate::duration_or(
-            "config.redis.timeout",
-            r.timeout.as_deref(),
-            Duration::from_millis(100),
-        )?;
         Ok(Self {
-            client,
-            conn: OnceLock::new(),
-            timeout,
+            redis: Redis::from_config(r, ctx)?,
             fail_mode,
             prefix: format!("meshgate:rl:{{{id}}}:"),
         })
     }
 
-    fn connection(&self) -> Result<redis::aio::ConnectionManager, String> {
-        if let Some(c) = self.conn.get() {
-            return Ok(c.clone());
-        }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let c = redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(|e| e.to_string())?;
-        Ok(self.conn.get_or_init(|| c).clone())
-    }
-
     async fn check(&self, key: &str, policies: &[Policy]) -> Result<Reports, String> {
-        let mut conn = self.connection()?;
         let mut call = script().prepare_invoke();
         for (i, p) in policies.iter().enumerate() {
             call.key(format!("{}{key}:{i}", self.prefix));
             call.arg(p.limit.interval(MICRO))
                 .arg(p.limit.tolerance(MICRO));
         }
-        let answer: Vec<i64> = tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
-            .await
-            .map_err(|_| format!("no answer from Redis within {:?}", self.timeout))?
-            .map_err(|e| e.to_string())?;
+        let answer: Vec<i64> = self.redis.invoke(call).await?;
         let (Some(&ok), rest) = (answer.first(), answer.get(1..).unwrap_or_default()) else {
             return Err("empty answer from the rate-limit script".into());
         };

@@ -75,16 +75,12 @@ struct ProviderConfig {
     #[serde(default)]
     required_claims: Vec<String>,
     /// Tokens must carry `exp` (default true).
-    #[serde(default = "yes")]
+    #[serde(default = "crate::yes")]
     require_expiration: bool,
     /// `claims` (a JWT: the payload is a JSON claims set) or `any` (a bare JWS
     /// whose payload is opaque; only the signature is checked).
     #[serde(default)]
     payload: PayloadKind,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq, Clone, Copy)]
