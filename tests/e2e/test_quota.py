@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import BIN, Gateway, Redis, api, assert_metrics_valid, curl, filters, service, validate_bad
+from harness import BIN, Addr, Gateway, Redis, api, assert_metrics_valid, curl, filters, service, validate_bad
 
 
 def consumers(alice_quota="{requests: 3, per: day}", carol_quota="{requests: 2, per: month}"):
@@ -83,13 +83,13 @@ def test_a_daily_quota_admits_its_requests_then_429_until_midnight(gw, backend):
         assert headers["ratelimit-policy"] == '"quota";q=3;w=86400'
         seen.append(headers["ratelimit"].split(";")[1])
     assert seen == ["r=2", "r=1", "r=0"]
-    before = backend.count
+    before = backend.count()
     status, headers, body, _ = call(gw, "alice")
     assert status == 429 and json.loads(body)["error"]["code"] == "quota_exceeded", body
     assert "3 requests per day" in json.loads(body)["error"]["message"]
     # Retry-After points at the next UTC midnight.
     assert abs(int(headers["retry-after"]) - seconds_to_utc_midnight()) <= 5, headers
-    assert backend.count == before, "a refused request reached the upstream"
+    assert backend.count() == before, "a refused request reached the upstream"
     # One quota covers every Api with the filter; an Api without it is not counted.
     assert call(gw, "alice", "/payments")[0] == 429
     assert call(gw, "alice", "/open")[0] == 200
@@ -145,7 +145,7 @@ def test_usage_is_metered_per_consumer_api_and_status_class(gw, backend):
     call(gw, "bob", "/payments")
     backend.mode = "fail"
     call(gw, "bob", "/payments")  # 5xx from the upstream
-    backend.mode = None
+    backend.mode = "ok"
     call(gw, "bob", "/open")
     curl(gw.url + "/orders")  # no key: 401, no Consumer, not metered
     report = usage(gw)
@@ -198,7 +198,7 @@ def test_a_state_dir_in_use_is_refused_at_start(tmp_path, gw):
     (consumers() + apis("{name: quota, config: {per: week}}"), "Api/orders: spec.filters.1.config: unknown variant `week`"),
 ])
 def test_bad_quota_config_is_reported_with_file_and_line(tmp_path, resources, message):
-    out = validate_bad(tmp_path, service("up") + resources)
+    out = validate_bad(tmp_path, service("up", Addr("127.0.0.1:9")) + resources)
     assert message in out, out
 
 

@@ -75,8 +75,14 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
     }
 
     let consumers = Arc::new(consumer_set(docs, consumers, diags));
+    let service_names: std::collections::BTreeSet<String> = docs
+        .iter()
+        .filter(|d| matches!(d.resource, Resource::Service(_)))
+        .map(|d| d.name.to_string())
+        .collect();
     let refs = Refs {
         docs,
+        services: &service_names,
         policies: &policies,
         consumers: &consumers,
     };
@@ -197,6 +203,7 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
 /// What filter entries may refer to.
 struct Refs<'a> {
     docs: &'a [Doc],
+    services: &'a std::collections::BTreeSet<String>,
     policies: &'a BTreeMap<String, usize>,
     consumers: &'a Arc<ConsumerSet>,
 }
@@ -257,6 +264,7 @@ fn filter_entry(
                 consumers: refs.consumers,
                 base: std::path::Path::new(&*c.doc.file).parent(),
                 site: &site,
+                services: refs.services,
             };
             match meshgate_filter::build(name, f.config.as_ref(), ctx) {
                 Ok(filter) => vec![filter],

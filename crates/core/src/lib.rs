@@ -106,6 +106,39 @@ pub enum QuotaPeriod {
     Month,
 }
 
+/// Copies of this request that `mirror` filters asked for, kept in
+/// [`RequestCtx::extensions`]. The proxy sends each in the background just before the
+/// request goes upstream, and ignores the answers.
+#[derive(Debug, Clone, Default)]
+pub struct Mirrors(pub Vec<MirrorTo>);
+
+/// One copy: where it goes and how it may be sent.
+#[derive(Debug, Clone)]
+pub struct MirrorTo {
+    pub service: Arc<str>,
+    pub timeout: std::time::Duration,
+    /// Larger request bodies (or bodies of unknown length) are not copied.
+    pub max_body_bytes: u64,
+    /// Told how the copy went; dropping it frees the copy's slot.
+    pub ticket: Arc<dyn MirrorTicket>,
+}
+
+/// How a mirrored copy went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorOutcome {
+    /// The mirror Service answered with a status below 500.
+    Answered,
+    /// It answered 5xx, failed or timed out.
+    Failed,
+    /// Not sent: the body could not be copied.
+    Skipped,
+}
+
+/// The filter's side of one copy.
+pub trait MirrorTicket: Send + Sync + std::fmt::Debug {
+    fn finished(&self, outcome: MirrorOutcome);
+}
+
 /// The caller as authentication established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumer {

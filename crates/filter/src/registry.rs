@@ -28,7 +28,7 @@ impl fmt::Display for BuildError {
 
 /// Filters the SPEC names that later work will add; naming one is a clear error
 /// until it exists, never a silent no-op.
-const PLANNED: &[&str] = &["waf", "mirror", "compress", "authz"];
+const PLANNED: &[&str] = &["waf", "compress", "authz"];
 
 const BUILT: &[&str] = &[
     "transform",
@@ -44,6 +44,7 @@ const BUILT: &[&str] = &[
     "cache",
     "fault",
     "quota",
+    "mirror",
 ];
 
 /// True for names that are built in or planned (used for "did you mean" style errors).
@@ -63,6 +64,8 @@ pub struct BuildCtx<'a> {
     /// Where the filter is written (`Api/orders spec.filters.1`): stateful filters
     /// keep their state across reloads under this name and their config.
     pub site: &'a str,
+    /// Names of the snapshot's Services, for filters that send to one (`mirror`).
+    pub services: &'a std::collections::BTreeSet<String>,
 }
 
 /// Build a built-in filter from its config. The one place that knows every built-in:
@@ -109,6 +112,7 @@ pub fn build(
         "cache" => Ok(Arc::new(crate::traffic::Cache::from_config(config, ctx)?)),
         "fault" => Ok(Arc::new(crate::traffic::Fault::from_config(config, ctx)?)),
         "quota" => Ok(Arc::new(crate::traffic::Quota::from_config(config, ctx)?)),
+        "mirror" => Ok(Arc::new(crate::traffic::Mirror::from_config(config, ctx)?)),
         n if PLANNED.contains(&n) => Err(BuildError::new(
             "name",
             format!("filter {n:?} is not built yet in this version of meshgate"),

@@ -307,6 +307,10 @@ async fn serve(
         set_path(&mut parts.uri, Some(t.render(|n| ctx.capture(n))))?;
     }
     forwarding_headers(&mut parts.headers, ctx, conn, client_host);
+    let body = match ctx.extensions.remove::<meshgate_core::Mirrors>() {
+        Some(m) => crate::mirror::start(active, m, ctx, &parts, body, limit).await?,
+        None => body,
+    };
     let own = active.api_clusters[api_idx].as_ref();
     let answer = invoke::call(active, own, up, ctx, parts, body, limit).await?;
     done.upstream = answer.endpoint;

@@ -15,6 +15,7 @@ mod h1;
 mod health;
 mod invoke;
 mod metrics;
+mod mirror;
 mod respond;
 mod server;
 mod state;

@@ -177,6 +177,7 @@ mod tests {
             consumers: &consumers,
             base: None,
             site,
+            services: &Default::default(),
         };
         ConcurrencyLimit::from_config(&config, ctx).unwrap_or_else(|e| panic!("{e}"))
     }

@@ -10,6 +10,7 @@ mod cache;
 mod concurrency;
 mod fault;
 mod gcra;
+mod mirror;
 mod quota;
 mod rate_limit;
 mod redis;
@@ -17,6 +18,7 @@ mod redis;
 pub(crate) use cache::Cache;
 pub(crate) use concurrency::ConcurrencyLimit;
 pub(crate) use fault::Fault;
+pub(crate) use mirror::Mirror;
 pub(crate) use quota::Quota;
 pub(crate) use rate_limit::RateLimit;
 
@@ -49,6 +51,7 @@ pub enum Kind {
     Cache,
     Fault,
     Quota,
+    Mirror,
 }
 
 /// How a kind's counters appear in metrics.
@@ -64,12 +67,13 @@ pub struct Metric {
 }
 
 impl Kind {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::RateLimit,
         Self::Concurrency,
         Self::Cache,
         Self::Fault,
         Self::Quota,
+        Self::Mirror,
     ];
 
     pub fn metric(self) -> Metric {
@@ -103,6 +107,12 @@ impl Kind {
                 help: "Quota decisions by quota filter (where it is written) and result",
                 label: "quota",
                 results: &["admitted", "exceeded", "failed_open", "failed_closed"],
+            },
+            Self::Mirror => Metric {
+                name: "mirror_requests",
+                help: "Mirrored copies by mirror filter (where it is written) and result",
+                label: "mirror",
+                results: &["answered", "failed", "skipped", "dropped"],
             },
         }
     }
