@@ -21,7 +21,9 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import pytest, grpc' 2>/dev/null; then
+# Install when the venv lacks the packages or the pinned list changed since.
+if ! cmp -s tests/e2e/requirements.txt .venv/.installed-requirements; then
   echo "setup: installing Python test packages into .venv"
   .venv/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+  cp tests/e2e/requirements.txt .venv/.installed-requirements
 fi

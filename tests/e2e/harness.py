@@ -139,15 +139,17 @@ class Backend:
 
             def _send(self, status, rec):
                 data = json.dumps(rec).encode()
+                # Query parameters `h-NAME=VALUE` become response headers (one for
+                # content-type replaces the default).
+                extra = [(n[2:], urllib.parse.unquote_plus(v)) for n, _, v in
+                         (p.partition("=") for p in rec["query"].split("&")) if n.startswith("h-")]
                 self.send_response(status)
-                self.send_header("content-type", "application/json")
+                if not any(n.lower() == "content-type" for n, _ in extra):
+                    self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.send_header("x-backend", backend.name)
-                # Query parameters `h-NAME=VALUE` become response headers.
-                for pair in rec["query"].split("&"):
-                    name, _, value = pair.partition("=")
-                    if name.startswith("h-"):
-                        self.send_header(name[2:], urllib.parse.unquote_plus(value))
+                for name, value in extra:
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 

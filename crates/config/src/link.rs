@@ -224,9 +224,20 @@ fn api_chain(
             Err(e) => c.err(&e.path, e.message),
         }
     }
+    let mut cache_at: Option<String> = None;
     for (i, f) in spec.filters.iter().enumerate() {
         let path = format!("spec.filters.{i}");
-        filters.extend(filter_entry(c, refs, f, &path, captures, true));
+        for filter in filter_entry(c, refs, f, &path, captures, true) {
+            match (filter.name(), &cache_at) {
+                ("cache", None) => cache_at = Some(path.clone()),
+                ("compress", Some(cache)) => c.err(
+                    &path,
+                    format!("put compress before cache ({cache}): the cache keeps the uncompressed response and compress then encodes it for each client"),
+                ),
+                _ => {}
+            }
+            filters.push(filter);
+        }
     }
     // Validation runs after the Api's filters: unauthenticated callers learn nothing
     // about the API's parameters.

@@ -106,6 +106,32 @@ pub enum QuotaPeriod {
     Month,
 }
 
+/// A content coding the gateway can compress a response body with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Coding {
+    Gzip,
+    Brotli,
+    Zstd,
+}
+
+impl Coding {
+    pub const ALL: [Self; 3] = [Self::Zstd, Self::Brotli, Self::Gzip];
+
+    /// The token in `Accept-Encoding` and `Content-Encoding`.
+    pub fn token(self) -> &'static str {
+        match self {
+            Self::Gzip => "gzip",
+            Self::Brotli => "br",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+/// Put in a response head's extensions by the `compress` filter: the proxy then
+/// sends the body compressed with this coding (the filter has set the headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompressWith(pub Coding);
+
 /// Copies of this request that `mirror` filters asked for, kept in
 /// [`RequestCtx::extensions`]. The proxy sends each in the background just before the
 /// request goes upstream, and ignores the answers.

@@ -9,6 +9,7 @@
 mod access;
 mod auth;
 mod chain;
+mod compress;
 mod consumers;
 mod header_ops;
 mod registry;

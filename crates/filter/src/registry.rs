@@ -28,7 +28,7 @@ impl fmt::Display for BuildError {
 
 /// Filters the SPEC names that later work will add; naming one is a clear error
 /// until it exists, never a silent no-op.
-const PLANNED: &[&str] = &["waf", "compress", "authz"];
+const PLANNED: &[&str] = &["waf", "authz"];
 
 const BUILT: &[&str] = &[
     "transform",
@@ -45,6 +45,7 @@ const BUILT: &[&str] = &[
     "fault",
     "quota",
     "mirror",
+    "compress",
 ];
 
 /// True for names that are built in or planned (used for "did you mean" style errors).
@@ -113,6 +114,7 @@ pub fn build(
         "fault" => Ok(Arc::new(crate::traffic::Fault::from_config(config, ctx)?)),
         "quota" => Ok(Arc::new(crate::traffic::Quota::from_config(config, ctx)?)),
         "mirror" => Ok(Arc::new(crate::traffic::Mirror::from_config(config, ctx)?)),
+        "compress" => Ok(Arc::new(crate::compress::Compress::from_config(config)?)),
         n if PLANNED.contains(&n) => Err(BuildError::new(
             "name",
             format!("filter {n:?} is not built yet in this version of meshgate"),

@@ -114,6 +114,41 @@ enum Inner {
     Full(Option<Bytes>),
     Upstream(Incoming),
     H1(H1Body),
+    Compressed(Box<crate::compress::Compressed>),
+}
+
+impl Inner {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::Compressed(b) => Pin::new(&mut **b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(b) => b.is_none(),
+            Self::Upstream(b) => b.is_end_stream(),
+            Self::H1(b) => b.is_end_stream(),
+            Self::Compressed(b) => b.is_end_stream(),
+        }
+    }
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a body was before compression: its frames, and the tap that wants them.
+pub struct Source {
+    inner: Inner,
+    pub tap: Option<Box<dyn meshgate_core::BodyTap>>,
+}
+
+impl Source {
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.inner.poll(cx)
+    }
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -156,6 +191,17 @@ impl ResponseBody {
         self.done = Some(c);
     }
 
+    /// Send the body compressed with `coding`. A tap already on the body keeps
+    /// seeing the uncompressed bytes (what the response cache stores).
+    pub fn compress(&mut self, coding: meshgate_core::Coding) {
+        let inner = std::mem::replace(&mut self.inner, Inner::Full(None));
+        let source = Source {
+            inner,
+            tap: self.tap.take(),
+        };
+        self.inner = Inner::Compressed(Box::new(crate::compress::Compressed::new(source, coding)));
+    }
+
     /// Copy the body to `tap` as it is sent.
     pub fn tap(&mut self, tap: Box<dyn meshgate_core::BodyTap>) {
         if self.is_end_stream() {
@@ -196,11 +242,7 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let out = match &mut this.inner {
-            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Inner::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        };
+        let out = this.inner.poll(cx);
         match &out {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
@@ -225,11 +267,7 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Full(b) => b.is_none(),
-            Inner::Upstream(b) => b.is_end_stream(),
-            Inner::H1(b) => b.is_end_stream(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -237,6 +275,7 @@ impl Body for ResponseBody {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Upstream(b) => b.size_hint(),
             Inner::H1(b) => b.size_hint(),
+            Inner::Compressed(_) => SizeHint::default(),
         }
     }
 }

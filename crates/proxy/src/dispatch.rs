@@ -166,10 +166,16 @@ pub async fn handle(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    let coding = resp
+        .extensions_mut()
+        .remove::<meshgate_core::CompressWith>();
     if let Some(tap) = resp.extensions_mut().remove::<meshgate_core::ResponseTap>()
         && let Some(tap) = tap.take()
     {
         resp.body_mut().tap(tap);
+    }
+    if let Some(meshgate_core::CompressWith(c)) = coding {
+        resp.body_mut().compress(c);
     }
     done.status = resp.status().as_u16();
     done.ctx = Some(ctx);

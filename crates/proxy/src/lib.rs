@@ -8,6 +8,7 @@ mod access_log;
 mod admin;
 mod body;
 mod client;
+mod compress;
 mod discovery;
 mod dispatch;
 mod guard;
