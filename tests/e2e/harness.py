@@ -60,6 +60,9 @@ class Backend:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # The head and body go out in separate writes: without TCP_NODELAY the
+            # second waits for the peer's delayed ACK (40 ms) on a reused connection.
+            disable_nagle_algorithm = True
 
             def log_message(self, *a):
                 pass

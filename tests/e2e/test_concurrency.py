@@ -88,3 +88,84 @@ def test_slot_is_held_until_the_response_body_is_sent(gw):
     t.join()
     assert done["stream"][0] == 200 and done["stream"][2].count(b"chunk") == 4
     assert curl(gw.url + "/stream?n=1&ms=1")[0] == 200
+
+
+# ------------------------------------------------------------------ slow-API isolation
+
+def bulkhead(isolation):
+    iso = ", isolation: {slowdown: 5, minLatency: 50ms, maxShare: 20}" if isolation else ""
+    return f"""---
+apiVersion: meshgate.io/v1
+kind: Policy
+metadata: {{name: bulkhead}}
+spec:
+  filters:
+    - {{name: concurrency-limit, config: {{max: 20{iso}}}}}
+"""
+
+
+def p99_of_fast(gw, n=300):
+    """Sequential GETs of the fast Api over one keep-alive connection: (p99 in
+    seconds, statuses that were not 200)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    times, bad = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("GET", "/fast")
+        r = conn.getresponse()
+        r.read()
+        times.append(time.perf_counter() - t0)
+        if r.status != 200:
+            bad.append(r.status)
+    conn.close()
+    times.sort()
+    return times[int(n * 0.99) - 1], bad
+
+
+@pytest.mark.parametrize("isolation", [True, False], ids=["isolated", "shared-without-isolation"])
+def test_a_slow_api_cannot_starve_a_fast_one_on_a_shared_limit(tmp_path, backend, gateways, isolation):
+    g = Gateway(tmp_path, service("up", backend) + bulkhead(isolation)
+                + api("reports", "/slow", "{service: up}", extra=filters("{policy: bulkhead}"))
+                + api("fast", "/fast", "{service: up}", extra=filters("{policy: bulkhead}")))
+    gateways.append(g)
+    base_p99, bad = p99_of_fast(g)
+    assert not bad
+    for _ in range(30):  # the slow Api's normal latency: a few ms
+        assert curl(g.url + "/slow?ms=5")[0] == 200
+    stop = threading.Event()
+
+    def slow_client():
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+        while not stop.is_set():
+            conn.request("GET", "/slow?ms=500")
+            r = conn.getresponse()
+            r.read()
+            if r.status != 200:
+                time.sleep(0.2)
+        conn.close()
+
+    clients = [threading.Thread(target=slow_client) for _ in range(30)]
+    for c in clients:
+        c.start()
+    try:
+        time.sleep(2.0)  # the slow Api's first answers arrive after 0.5 s
+        loaded_p99, bad = p99_of_fast(g)
+        _, text = g.admin("GET", "/metrics")
+    finally:
+        stop.set()
+        for c in clients:
+            c.join()
+    if isolation:
+        assert not bad, f"the fast Api was refused {len(bad)} times"
+        # Within 2x of its unloaded p99 (with a 5 ms floor for timer noise).
+        assert loaded_p99 <= 2 * max(base_p99, 0.005), (base_p99, loaded_p99)
+        assert_metrics_valid(text)
+        assert ('meshgate_concurrency_limit_isolated{limiter="Policy/bulkhead spec.filters.0",api="reports"} 1'
+                in text), text
+        isolated = [l for l in text.splitlines() if 'result="isolated"' in l]
+        assert isolated and float(isolated[0].split()[-1]) > 0, isolated
+    else:
+        # The same load without isolation: the slow Api holds every slot.
+        assert len(bad) > 30 and set(bad) == {503}, (len(bad), set(bad))

@@ -251,6 +251,23 @@ impl prometheus_client::collector::Collector for LimiterCollector {
                 g.encode(family.encode_family(&labels)?)?;
             }
         }
+        let isolated: Vec<_> = stats
+            .iter()
+            .flat_map(|s| s.isolated.iter().map(move |a| (&s.site, a)))
+            .collect();
+        if !isolated.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "concurrency_limit_isolated",
+                "Apis a concurrency limit holds to their share now because they answer far slower than usual (1 while isolated)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (site, api) in isolated {
+                let labels = [("limiter", site.as_str()), ("api", &**api)];
+                let g = prometheus_client::metrics::gauge::ConstGauge::new(1i64);
+                g.encode(family.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }

@@ -88,7 +88,7 @@ impl Kind {
                 name: "concurrency_limit_decisions",
                 help: "Concurrency-limit decisions by limiter (where the filter is written) and result",
                 label: "limiter",
-                results: &["admitted", "queued", "rejected"],
+                results: &["admitted", "queued", "rejected", "isolated"],
             },
             Self::Cache => Metric {
                 name: "cache_lookups",
@@ -144,6 +144,8 @@ pub struct LimiterStats {
     pub counters: Arc<Counters>,
     /// Requests holding a slot now (concurrency limiters).
     pub in_flight: Option<u64>,
+    /// Apis a concurrency limiter holds to their share now, being slow.
+    pub isolated: Vec<Arc<str>>,
 }
 
 /// The state one filter identity owns.
@@ -233,6 +235,12 @@ pub fn limiter_stats() -> Vec<LimiterStats> {
                 .lock()
                 .ok()
                 .and_then(|sl| sl.as_ref().map(|sl| sl.in_flight())),
+            isolated: s
+                .slots
+                .lock()
+                .ok()
+                .and_then(|sl| sl.as_ref().map(|sl| sl.slow_apis()))
+                .unwrap_or_default(),
         })
         .collect();
     out.sort_by(|a, b| a.site.cmp(&b.site));
