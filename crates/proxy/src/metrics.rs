@@ -2,6 +2,7 @@
 //! request path only increments atomics it already holds.
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -211,65 +212,77 @@ impl prometheus_client::collector::Collector for LimiterCollector {
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
         let stats = meshgate_filter::limiter_stats();
         for kind in meshgate_filter::LimiterKind::ALL {
-            let of_kind: Vec<_> = stats.iter().filter(|s| s.kind == kind).collect();
-            if of_kind.is_empty() {
-                continue;
-            }
             let m = kind.metric();
-            let mut family = encoder.encode_descriptor(
-                m.name,
-                m.help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for s in &of_kind {
-                for (i, result) in m.results.iter().enumerate() {
-                    let labels = [(m.label, s.site.as_str()), ("result", result)];
-                    let c =
-                        prometheus_client::metrics::counter::ConstCounter::new(s.counters.get(i));
-                    c.encode(family.encode_family(&labels)?)?;
-                }
-            }
+            let samples: Vec<Sample<'_>> = stats
+                .iter()
+                .filter(|s| s.kind == kind)
+                .flat_map(|s| {
+                    m.results.iter().enumerate().map(move |(i, result)| {
+                        (
+                            vec![(m.label, s.site.as_str()), ("result", *result)],
+                            s.counters.get(i),
+                        )
+                    })
+                })
+                .collect();
+            const_family(&mut encoder, m.name, m.help, MetricType::Counter, &samples)?;
         }
-        let in_flight: Vec<_> = stats
+        let in_flight: Vec<Sample<'_>> = stats
             .iter()
-            .filter_map(|s| Some((&s.site, s.in_flight?)))
+            .filter_map(|s| Some((vec![("limiter", s.site.as_str())], s.in_flight?)))
             .collect();
-        if !in_flight.is_empty() {
-            let mut family = encoder.encode_descriptor(
-                "concurrency_limit_in_flight",
-                "Requests holding a concurrency-limit slot now",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for (site, n) in in_flight {
-                let labels = [("limiter", site.as_str())];
-                let g = prometheus_client::metrics::gauge::ConstGauge::new(n as i64);
-                g.encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let isolated: Vec<_> = stats
+        const_family(
+            &mut encoder,
+            "concurrency_limit_in_flight",
+            "Requests holding a concurrency-limit slot now",
+            MetricType::Gauge,
+            &in_flight,
+        )?;
+        let isolated: Vec<Sample<'_>> = stats
             .iter()
-            .flat_map(|s| s.isolated.iter().map(move |a| (&s.site, a)))
+            .flat_map(|s| {
+                s.isolated
+                    .iter()
+                    .map(move |a| (vec![("limiter", s.site.as_str()), ("api", &**a)], 1))
+            })
             .collect();
-        if !isolated.is_empty() {
-            let mut family = encoder.encode_descriptor(
-                "concurrency_limit_isolated",
-                "Apis a concurrency limit holds to their share now because they answer far slower than usual (1 while isolated)",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for (site, api) in isolated {
-                let labels = [("limiter", site.as_str()), ("api", &**api)];
-                let g = prometheus_client::metrics::gauge::ConstGauge::new(1i64);
-                g.encode(family.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+        const_family(
+            &mut encoder,
+            "concurrency_limit_isolated",
+            "Apis a concurrency limit holds to their share now because they answer far slower than usual (1 while isolated)",
+            MetricType::Gauge,
+            &isolated,
+        )
     }
+}
+
+/// One sample read at scrape time: its labels and value.
+type Sample<'a> = (Vec<(&'a str, &'a str)>, u64);
+
+/// A family of samples read at scrape time; an empty one is left out.
+fn const_family(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: &[Sample<'_>],
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::encoding::EncodeMetric;
+    use prometheus_client::metrics::{counter::ConstCounter, gauge::ConstGauge};
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        let sample = family.encode_family(labels)?;
+        match kind {
+            MetricType::Gauge => ConstGauge::new(*value as i64).encode(sample)?,
+            _ => ConstCounter::new(*value).encode(sample)?,
+        }
+    }
+    Ok(())
 }
 
 /// `meshgate_consumer_requests_total{consumer, api, status_class}`: the usage meter's
@@ -282,32 +295,33 @@ impl prometheus_client::collector::Collector for UsageCollector {
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
         let totals = meshgate_meter::meter().usage.totals();
-        if totals.is_empty() {
-            return Ok(());
-        }
-        let mut family = encoder.encode_descriptor(
+        let samples: Vec<Sample<'_>> = totals
+            .iter()
+            .flat_map(|(consumer, api, counts)| {
+                meshgate_meter::CLASSES
+                    .iter()
+                    .zip(counts)
+                    .filter(|(_, n)| **n > 0)
+                    .map(move |(class, n)| {
+                        (
+                            vec![
+                                ("consumer", &**consumer),
+                                ("api", &**api),
+                                ("status_class", *class),
+                            ],
+                            *n,
+                        )
+                    })
+            })
+            .collect();
+        const_family(
+            &mut encoder,
             "consumer_requests",
             "Answered requests by Consumer, Api and status class (usage metering)",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (consumer, api, counts) in &totals {
-            for (class, n) in meshgate_meter::CLASSES.iter().zip(counts) {
-                if *n == 0 {
-                    continue;
-                }
-                let labels = [
-                    ("consumer", &**consumer),
-                    ("api", &**api),
-                    ("status_class", class),
-                ];
-                let c = prometheus_client::metrics::counter::ConstCounter::new(*n);
-                c.encode(family.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+            MetricType::Counter,
+            &samples,
+        )
     }
 }
 
