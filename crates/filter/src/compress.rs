@@ -192,15 +192,13 @@ fn accept_q(accept: &str, token: &str) -> Option<u16> {
         if !name.eq_ignore_ascii_case(token) {
             return None;
         }
-        let q = parts
-            .filter_map(|p| {
+        parts
+            .find_map(|p| {
                 p.trim()
                     .strip_prefix("q=")
                     .or_else(|| p.trim().strip_prefix("Q="))
             })
-            .next()
-            .map_or(Some(1000), parse_q)?;
-        Some(q)
+            .map_or(Some(1000), parse_q)
     })
 }
 
@@ -235,14 +233,19 @@ impl crate::Filter for Compress {
         if ctx.grpc || req.method == Method::HEAD {
             return Step::Done(Ok(Flow::Continue));
         }
-        let chosen = req
-            .headers
-            .get_all(header::ACCEPT_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>()
-            .join(",");
-        ctx.extensions.insert(Chosen(self.negotiate(&chosen)));
+        let values = req.headers.get_all(header::ACCEPT_ENCODING);
+        let text = |v: &HeaderValue| v.to_str().unwrap_or("").to_string();
+        // One header (the usual case) is read in place; several are one list.
+        let accept: std::borrow::Cow<'_, str> = match values.iter().nth(1) {
+            None => values
+                .iter()
+                .next()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .into(),
+            Some(_) => values.iter().map(text).collect::<Vec<_>>().join(",").into(),
+        };
+        ctx.extensions.insert(Chosen(self.negotiate(&accept)));
         Step::Done(Ok(Flow::Continue))
     }
 

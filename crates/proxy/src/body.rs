@@ -9,6 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+/// The declared `Content-Length` of a request, when it is a plain number.
+pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+}
+
 /// The client's request body as the dispatcher hands it to invoke: still streaming,
 /// or already read whole because a filter needed it.
 #[derive(Debug)]
@@ -133,6 +140,15 @@ impl Inner {
             Self::Upstream(b) => b.is_end_stream(),
             Self::H1(b) => b.is_end_stream(),
             Self::Compressed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Upstream(b) => b.size_hint(),
+            Self::H1(b) => b.size_hint(),
+            Self::Compressed(_) => SizeHint::default(),
         }
     }
 }
@@ -271,11 +287,6 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Upstream(b) => b.size_hint(),
-            Inner::H1(b) => b.size_hint(),
-            Inner::Compressed(_) => SizeHint::default(),
-        }
+        self.inner.size_hint()
     }
 }

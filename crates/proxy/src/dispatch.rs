@@ -197,7 +197,7 @@ fn host_of(req: &Request<Incoming>) -> &str {
 }
 
 /// `host:port` → `host`; IPv6 literals keep their brackets.
-fn strip_port(raw: &str) -> &str {
+pub(crate) fn strip_port(raw: &str) -> &str {
     if raw.starts_with('[') {
         return raw.find(']').map_or(raw, |i| &raw[..=i]);
     }
@@ -253,11 +253,7 @@ async fn serve(
     let limit = api.max_body_bytes.map_or(gw.limits.max_body_bytes, |l| {
         l.min(gw.limits.max_body_bytes)
     });
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    if crate::body::content_length(req.headers()).is_some_and(|n| n > limit) {
         return Err(GatewayError::new(
             ErrorCode::PayloadTooLarge,
             format!("request body is larger than {limit} bytes"),

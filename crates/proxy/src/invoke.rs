@@ -105,11 +105,7 @@ async fn prepare_body(
     if body.is_end_stream() {
         return Ok(UpstreamBody::Empty);
     }
-    let len = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    match len {
+    match crate::body::content_length(&parts.headers) {
         Some(n) if retries && n <= REPLAY_BUFFER => Ok(UpstreamBody::Full(Some(
             collect_limited(body, limit, exceeded).await?,
         ))),

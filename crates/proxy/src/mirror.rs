@@ -68,11 +68,7 @@ async fn body_copy(
         .map(|m| m.max_body_bytes)
         .max()
         .unwrap_or(0);
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    match declared {
+    match crate::body::content_length(&parts.headers) {
         Some(n) if n <= largest => {
             let exceeded = Arc::new(AtomicBool::new(false));
             let bytes = invoke::collect_limited(incoming, limit, &exceeded).await?;
@@ -95,16 +91,8 @@ fn shadow_parts(parts: &http::request::Parts) -> http::request::Parts {
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
     {
-        let (name, port) = match host.rsplit_once(':') {
-            Some((n, p)) if !n.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => {
-                (n, Some(p))
-            }
-            _ => (host, None),
-        };
-        let shadow = match port {
-            Some(p) => format!("{name}-shadow:{p}"),
-            None => format!("{name}-shadow"),
-        };
+        let name = crate::dispatch::strip_port(host);
+        let shadow = format!("{name}-shadow{}", &host[name.len()..]);
         if let Ok(v) = HeaderValue::from_str(&shadow) {
             copy.headers.insert(header::HOST, v);
         }

@@ -107,6 +107,7 @@ impl Quota {
         ctx: &mut RequestCtx,
         limit: u64,
         take: Take,
+        period: QuotaPeriod,
         w: &Window,
         now: i64,
     ) -> FilterResult {
@@ -127,10 +128,9 @@ impl Quota {
             Take::Exceeded { used } => {
                 self.counters.record(EXCEEDED);
                 let d = decided(used);
-                let per = if w.key.starts_with("m:") {
-                    "month"
-                } else {
-                    "day"
+                let per = match period {
+                    QuotaPeriod::Day => "day",
+                    QuotaPeriod::Month => "month",
                 };
                 let mut e = GatewayError::new(
                     ErrorCode::QuotaExceeded,
@@ -223,11 +223,11 @@ impl Filter for Quota {
                     meshgate_meter::meter()
                         .quota
                         .take(&consumer.name, &w.key, q.requests, w.end);
-                Step::Done(self.decide(ctx, q.requests, take, &w, now))
+                Step::Done(self.decide(ctx, q.requests, take, calendar.period(), &w, now))
             }
             Store::Cluster { redis, fail_mode } => Step::Pending(Box::pin(async move {
                 match take_shared(redis, &consumer.name, &w, q.requests).await {
-                    Ok(take) => self.decide(ctx, q.requests, take, &w, now),
+                    Ok(take) => self.decide(ctx, q.requests, take, calendar.period(), &w, now),
                     Err(e) => fail_mode.answer(&self.counters, "quota", &e),
                 }
             })),
