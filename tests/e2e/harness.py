@@ -100,6 +100,8 @@ class Backend:
                     "query": query,
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                     "body": body.decode("latin-1"),
+                    # The client's port: tells the connections apart.
+                    "peer": self.client_address[1],
                 }
                 with backend.lock:
                     backend.requests.append(rec)

@@ -2,6 +2,7 @@
 trips the breaker; the fallback or 503 circuit_open is answered without calling it; a
 half-open probe closes it again. State shows in /upstreams and in metrics."""
 
+import http.client
 import json
 import threading
 import time
@@ -92,8 +93,91 @@ def test_max_requests_caps_what_is_in_flight(gw):
     assert curl(gw.url + "/narrow/slow?ms=1")[0] == 200
 
 
+POOLED = "\n  circuitBreaker: {maxConnections: 2, maxPendingRequests: 3}"
+
+
+def get_status(url, out, i):
+    c = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    c.request("GET", f"/pooled/slow?ms=1000&i={i}")
+    r = c.getresponse()
+    body = r.read()
+    out[i] = (r.status, json.loads(body).get("error", {}).get("code") if r.status != 200 else None)
+    c.close()
+
+
+def test_max_connections_and_pending_requests_bound_the_pool(tmp_path, backend, gateways):
+    g = Gateway(tmp_path, service("pooled", backend, extra=POOLED)
+                + api("pooled", "/pooled/{*rest}", "{service: pooled, path: '/{rest}'}"))
+    gateways.append(g)
+    out = {}
+    threads = [threading.Thread(target=get_status, args=(g.url, out, i)) for i in range(10)]
+    for t in threads:
+        t.start()
+    time.sleep(0.6)
+    mid = breaker(g, "pooled")
+    for t in threads:
+        t.join()
+    # Two on the connections, three waiting; the other five refused at once.
+    assert (mid["connections"], mid["pending"]) == (2, 3), mid
+    statuses = sorted(out.values(), key=str)
+    assert statuses == [(200, None)] * 5 + [(503, "circuit_open")] * 5, statuses
+    peers = {r["peer"] for r in backend.requests}
+    assert len(peers) == 2, f"the backend saw {len(peers)} connections"
+    after = breaker(g, "pooled")
+    assert (after["pending"], after["pendingOverflow"], after["connections"]) == (0, 5, 2), after
+    _, text = g.admin("GET", "/metrics")
+    assert 'meshgate_circuit_breaker_refused_total{service="pooled"} 5' in text
+    assert 'meshgate_upstream_connections{service="pooled"} 2' in text
+
+
+def test_waiting_too_long_for_a_connection_is_504_and_ejects_no_endpoint(tmp_path, backend, gateways):
+    extra = ("\n  circuitBreaker: {maxConnections: 1, fallback: {status: 299}}"
+             "\n  outlierDetection: {consecutiveGatewayErrors: 1}")
+    g = Gateway(tmp_path, service("single", backend, extra=extra)
+                + api("long", "/long", "{service: single, path: /slow, timeout: 5s}")
+                + api("short", "/short", "{service: single, path: /ok, timeout: 300ms}"))
+    gateways.append(g)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(long=curl(g.url + "/long?ms=1200")[0]))
+    t.start()
+    time.sleep(0.3)
+    status, _, body, _ = curl(g.url + "/short")
+    assert status == 504, body
+    assert "no connection to service \"single\" came free in time" in json.loads(body)["error"]["message"]
+    t.join()
+    assert out["long"] == 200
+    _, body = g.admin("GET", "/upstreams")
+    svc = next(s for s in json.loads(body)["services"] if s["service"] == "single")
+    assert [e["health"] for e in svc["endpoints"]] == ["healthy"], svc["endpoints"]
+    # The connection is free again: the short Api is answered on it.
+    assert curl(g.url + "/short")[0] == 200
+    assert len({r["peer"] for r in backend.requests}) == 1
+
+
+def test_pending_overflow_answers_the_fallback(tmp_path, backend, gateways):
+    extra = ("\n  circuitBreaker: {maxConnections: 1, maxPendingRequests: 1,"
+             " fallback: {status: 200, headers: {x-degraded: pool}, body: {cached: true}}}")
+    g = Gateway(tmp_path, service("pooled", backend, extra=extra)
+                + api("pooled", "/pooled/{*rest}", "{service: pooled, path: '/{rest}'}"))
+    gateways.append(g)
+    out = {}
+    threads = [threading.Thread(target=lambda i=i: out.update({i: curl(g.url + "/pooled/slow?ms=800")}))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.15)
+    status, headers, body, _ = curl(g.url + "/pooled/ok")
+    assert (status, headers.get("x-degraded"), json.loads(body)) == (200, "pool", {"cached": True})
+    for t in threads:
+        t.join()
+    assert [out[i][0] for i in range(2)] == [200, 200]
+    assert json.loads(out[1][2])["path"] == "/slow", "the waiting request was answered by the backend"
+
+
 @pytest.mark.parametrize("extra,message", [
-    ("\n  circuitBreaker: {maxConnections: 10}", "maxConnections is not built yet"),
+    ("\n  circuitBreaker: {maxConnections: 0}", "spec.circuitBreaker.maxConnections: must be at least 1"),
+    ("\n  protocol: http2\n  circuitBreaker: {maxPendingRequests: 5}",
+     "spec.circuitBreaker.maxPendingRequests: only applies to HTTP/1.1 Services"),
     ("\n  circuitBreaker: {failureRateThreshold: 0}", "a percentage from 1 to 100"),
     ("\n  circuitBreaker: {openFor: soon}", "spec.circuitBreaker.openFor"),
     ("\n  circuitBreaker: {fallback: {headers: {'bad header': x}}}", "fallback.headers.bad header"),

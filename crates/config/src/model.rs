@@ -134,6 +134,10 @@ pub struct Service {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CircuitBreaker {
     pub config: meshgate_upstream::BreakerConfig,
+    /// Connections open (or opening) to the Service's endpoints at once, HTTP/1.1 only.
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection (a free one, or one being opened) at once.
+    pub max_pending: Option<u32>,
     pub fallback: Option<Mock>,
 }
 

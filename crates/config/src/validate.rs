@@ -4,7 +4,9 @@ use crate::diag::Diagnostic;
 use crate::load::{Doc, Resource};
 use crate::model::*;
 use http::{HeaderName, Method};
-use meshgate_api::{ApiSpec, ConsumerSpec, CredentialSpec, GatewaySpec, SecretSpec, ServiceSpec};
+use meshgate_api::{
+    ApiSpec, ConsumerSpec, CredentialSpec, GatewaySpec, SecretSpec, ServiceSpec, UpstreamProtocol,
+};
 use meshgate_core::parse_duration;
 use meshgate_route::{HeaderMatch, PathPattern};
 use meshgate_upstream::{HashOn, LbPolicy};
@@ -351,14 +353,26 @@ fn outlier_detection(
 fn circuit_breaker(
     c: &mut Check<'_>,
     cb: &meshgate_api::CircuitBreakerSpec,
+    protocol: UpstreamProtocol,
 ) -> Option<crate::CircuitBreaker> {
     const AT: &str = "spec.circuitBreaker";
     let before = c.diags.len();
-    if cb.max_connections.is_some() {
-        c.not_built(&format!("{AT}.maxConnections"), "maxConnections");
-    }
-    if cb.max_pending_requests.is_some() {
-        c.not_built(&format!("{AT}.maxPendingRequests"), "maxPendingRequests");
+    for (field, v) in [
+        ("maxConnections", cb.max_connections),
+        ("maxPendingRequests", cb.max_pending_requests),
+    ] {
+        match v {
+            Some(0) => c.err(format!("{AT}.{field}"), "must be at least 1"),
+            // An HTTP/2 Service multiplexes every request over one connection per
+            // endpoint: nothing waits for a connection of its own.
+            Some(_) if protocol != UpstreamProtocol::Http1 => c.err(
+                format!("{AT}.{field}"),
+                "only applies to HTTP/1.1 Services, where each request in flight needs \
+                 a connection of its own; HTTP/2 multiplexes requests, so limit them \
+                 with maxRequests",
+            ),
+            _ => {}
+        }
     }
     let failure_rate = cb.failure_rate_threshold.unwrap_or(50);
     if !(1..=100).contains(&failure_rate) {
@@ -396,6 +410,8 @@ fn circuit_breaker(
             open_for,
             probes,
         },
+        max_connections: cb.max_connections,
+        max_pending: cb.max_pending_requests,
         fallback,
     })
 }
@@ -716,7 +732,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
     let circuit_breaker = spec
         .circuit_breaker
         .as_ref()
-        .and_then(|cb| circuit_breaker(c, cb));
+        .and_then(|cb| circuit_breaker(c, cb, spec.protocol));
     let health_check = spec.health_check.as_ref().and_then(|h| health_check(c, h));
     let outlier = spec
         .outlier_detection

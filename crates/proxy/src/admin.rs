@@ -159,6 +159,10 @@ fn upstreams(shared: &Shared) -> serde_json::Value {
                     })
                 })
                 .collect();
+            let pool = match &c.transport {
+                crate::client::Transport::H1(pool) => pool.limits(),
+                crate::client::Transport::H2(_) => None,
+            };
             let breaker = c.breaker.as_ref().map(|b| {
                 let (opened, refused) = b.events();
                 json!({
@@ -166,6 +170,9 @@ fn upstreams(shared: &Shared) -> serde_json::Value {
                     "inFlight": b.in_flight(),
                     "opened": opened,
                     "refused": refused,
+                    "connections": pool.map(|p| p.connections),
+                    "pending": pool.map(|p| p.pending),
+                    "pendingOverflow": pool.map(|p| p.overflowed),
                 })
             });
             json!({

@@ -3,7 +3,7 @@
 //! connections.
 
 use crate::body::UpstreamBody;
-use crate::h1::H1Pool;
+use crate::h1::{ConnLimits, H1Pool};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -32,10 +32,19 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub fn build(service: &Service, connections: Gauge) -> Transport {
     if service.protocol == UpstreamProtocol::Http1 {
+        let limits = service
+            .circuit_breaker
+            .as_ref()
+            .map(|cb| ConnLimits {
+                max_connections: cb.max_connections,
+                max_pending: cb.max_pending,
+            })
+            .unwrap_or_default();
         Transport::H1(H1Pool::new(
             service.connect_timeout,
             IDLE_TIMEOUT,
             connections,
+            limits,
         ))
     } else {
         Transport::H2(build_h2(service, connections))

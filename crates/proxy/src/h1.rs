@@ -21,11 +21,13 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 /// Most header fields a response head may carry.
 const MAX_HEADERS: usize = 128;
@@ -53,6 +55,8 @@ pub enum H1Error {
     Protocol(&'static str),
     #[error("request body: {0}")]
     RequestBody(Box<dyn std::error::Error + Send + Sync>),
+    #[error("maxPendingRequests requests already wait for a connection")]
+    Overflow,
 }
 
 impl H1Error {
@@ -64,10 +68,77 @@ impl H1Error {
 /// Keep-alive connections per endpoint, most recently used first out.
 #[derive(Debug)]
 pub struct H1Pool {
-    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+    endpoints: Mutex<HashMap<SocketAddr, Endpoint>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     open: Gauge,
+    limiter: Option<Limiter>,
+}
+
+/// A Service's `circuitBreaker` limits on its pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections open or being opened, over all endpoints.
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection: for a free one at `max_connections`, or
+    /// for one being opened.
+    pub max_pending: Option<u32>,
+}
+
+/// What the pool's limits see now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsView {
+    pub connections: u32,
+    pub pending: u32,
+    /// Requests refused because `max_pending` were already waiting.
+    pub overflowed: u64,
+}
+
+#[derive(Debug)]
+struct Limiter {
+    /// One permit per connection open or being opened; a connection holds its
+    /// permit until it closes.
+    slots: Arc<Semaphore>,
+    max_connections: u32,
+    max_pending: u32,
+    pending: AtomicU32,
+    overflowed: AtomicU64,
+}
+
+impl Limiter {
+    /// Count a request as waiting for a connection, unless `max_pending` already are.
+    fn enter(&self) -> Result<PendingGuard<'_>, H1Error> {
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.overflowed.fetch_add(1, Ordering::Relaxed);
+            return Err(H1Error::Overflow);
+        }
+        Ok(PendingGuard(&self.pending))
+    }
+}
+
+struct PendingGuard<'a>(&'a AtomicU32);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One endpoint's idle connections, and the requests waiting for one.
+#[derive(Debug, Default)]
+struct Endpoint {
+    idle: VecDeque<Idle>,
+    /// Requests waiting while the pool is at `max_connections`, oldest first; a
+    /// connection checked in goes to the first still waiting.
+    waiters: VecDeque<oneshot::Sender<Conn>>,
+}
+
+impl Endpoint {
+    fn has_waiters(&mut self) -> bool {
+        self.waiters.retain(|tx| !tx.is_closed());
+        !self.waiters.is_empty()
+    }
 }
 
 #[derive(Debug)]
@@ -84,6 +155,8 @@ pub struct Conn {
     /// The request head is encoded here; kept to save an allocation per request.
     head: Vec<u8>,
     open: Gauge,
+    /// The pool's connection slot, when it has `max_connections`.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Conn {
@@ -124,12 +197,41 @@ impl Conn {
 }
 
 impl H1Pool {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration, open: Gauge) -> Arc<Self> {
+    pub fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        open: Gauge,
+        limits: ConnLimits,
+    ) -> Arc<Self> {
+        let limiter = (limits != ConnLimits::default()).then(|| {
+            let max_connections = limits
+                .max_connections
+                .map_or(Semaphore::MAX_PERMITS, |m| m as usize);
+            Limiter {
+                slots: Arc::new(Semaphore::new(max_connections)),
+                max_connections: limits.max_connections.unwrap_or(u32::MAX),
+                max_pending: limits.max_pending.unwrap_or(u32::MAX),
+                pending: AtomicU32::new(0),
+                overflowed: AtomicU64::new(0),
+            }
+        });
         Arc::new(Self {
-            idle: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(HashMap::new()),
             connect_timeout,
             idle_timeout,
             open,
+            limiter,
+        })
+    }
+
+    /// The limits' counters, when the pool has limits.
+    pub fn limits(&self) -> Option<LimitsView> {
+        self.limiter.as_ref().map(|l| LimitsView {
+            connections: l
+                .max_connections
+                .saturating_sub(l.slots.available_permits().min(u32::MAX as usize) as u32),
+            pending: l.pending.load(Ordering::Relaxed),
+            overflowed: l.overflowed.load(Ordering::Relaxed),
         })
     }
 
@@ -140,25 +242,75 @@ impl H1Pool {
             tokio::time::sleep(every).await;
             let Some(pool) = pool.upgrade() else { return };
             let now = Instant::now();
-            let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            idle.retain(|_, q| {
-                q.retain(|i| now.duration_since(i.since) < pool.idle_timeout && i.conn.usable());
-                !q.is_empty()
+            let mut endpoints = pool
+                .endpoints
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            endpoints.retain(|_, e| {
+                e.idle
+                    .retain(|i| now.duration_since(i.since) < pool.idle_timeout && i.conn.usable());
+                e.has_waiters() || !e.idle.is_empty()
             });
         }
     }
 
-    /// A pooled connection to `addr`, and whether it was reused.
-    async fn checkout(&self, addr: SocketAddr) -> Result<(Conn, bool), H1Error> {
+    /// A pooled connection to `addr`, and whether it was reused. With limits, a
+    /// request with no idle connection waits (`queued` set meanwhile) for a free one
+    /// or a free slot to open one.
+    async fn checkout(
+        &self,
+        addr: SocketAddr,
+        queued: &AtomicBool,
+    ) -> Result<(Conn, bool), H1Error> {
+        let mut slot = None;
+        let mut waiting = None;
+        let mut _pending = None;
         {
             let now = Instant::now();
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(q) = idle.get_mut(&addr) {
-                while let Some(i) = q.pop_back() {
+            let mut endpoints = self
+                .endpoints
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(e) = endpoints.get_mut(&addr) {
+                while let Some(i) = e.idle.pop_back() {
                     if now.duration_since(i.since) < self.idle_timeout && i.conn.usable() {
                         return Ok((i.conn, true));
                     }
                 }
+            }
+            if let Some(l) = &self.limiter {
+                _pending = Some(l.enter()?);
+                slot = l.slots.clone().try_acquire_owned().ok();
+                if slot.is_none() {
+                    // At max_connections: rather than wait, close the oldest idle
+                    // connection to another endpoint and take its slot.
+                    let closed = endpoints.values_mut().find_map(|e| e.idle.pop_front());
+                    if closed.is_some() {
+                        drop(closed);
+                        slot = l.slots.clone().try_acquire_owned().ok();
+                    }
+                }
+                if slot.is_none() {
+                    let (tx, rx) = oneshot::channel();
+                    endpoints.entry(addr).or_default().waiters.push_back(tx);
+                    waiting = Some((rx, l.slots.clone()));
+                }
+            }
+        }
+        if let Some((mut rx, slots)) = waiting {
+            queued.store(true, Ordering::Relaxed);
+            tokio::select! {
+                biased;
+                Ok(conn) = &mut rx => {
+                    queued.store(false, Ordering::Relaxed);
+                    return Ok((conn, true));
+                }
+                permit = slots.acquire_owned() => slot = permit.ok(),
+            }
+            queued.store(false, Ordering::Relaxed);
+            // A connection handed over as the slot came free is used instead.
+            if let Ok(conn) = rx.try_recv() {
+                return Ok((conn, true));
             }
         }
         let io = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
@@ -173,15 +325,36 @@ impl H1Pool {
                 buf: BytesMut::with_capacity(READ_CHUNK),
                 head: Vec::with_capacity(1024),
                 open: self.open.clone(),
+                _slot: slot,
             },
             false,
         ))
     }
 
-    fn checkin(&self, addr: SocketAddr, conn: Conn) {
+    fn checkin(&self, addr: SocketAddr, mut conn: Conn) {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let q = idle.entry(addr).or_default();
+        let mut endpoints = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(l) = &self.limiter
+            && l.pending.load(Ordering::Relaxed) > 0
+        {
+            if let Some(e) = endpoints.get_mut(&addr) {
+                while let Some(tx) = e.waiters.pop_front() {
+                    match tx.send(conn) {
+                        Ok(()) => return,
+                        Err(back) => conn = back,
+                    }
+                }
+            }
+            // A request waiting for another endpoint needs the slot more than this
+            // endpoint needs an idle connection: closing it frees the slot.
+            if endpoints.values_mut().any(Endpoint::has_waiters) {
+                return;
+            }
+        }
+        let q = &mut endpoints.entry(addr).or_default().idle;
         while q
             .front()
             .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
@@ -198,18 +371,22 @@ impl H1Pool {
     pub async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
-        authority: &Authority,
-        method: &Method,
-        path: &PathAndQuery,
-        headers: &HeaderMap,
+        req: Head<'_>,
         body: UpstreamBody,
+        queued: &AtomicBool,
     ) -> Result<Response<H1Body>, H1Error> {
+        let Head {
+            authority,
+            method,
+            path,
+            headers,
+        } = req;
         let framing = RequestFraming::of(&body, headers);
         let resend =
             matches!(body, UpstreamBody::Empty | UpstreamBody::Full(_)) && (method.is_idempotent());
         let mut body = body;
         loop {
-            let (mut conn, reused) = self.checkout(addr).await?;
+            let (mut conn, reused) = self.checkout(addr, queued).await?;
             let this_body = match &body {
                 UpstreamBody::Empty => UpstreamBody::Empty,
                 UpstreamBody::Full(b) => UpstreamBody::Full(b.clone()),
@@ -259,6 +436,15 @@ impl H1Pool {
         *resp.headers_mut() = p.headers;
         resp
     }
+}
+
+/// What goes into a request's head.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    pub authority: &'a Authority,
+    pub method: &'a Method,
+    pub path: &'a PathAndQuery,
+    pub headers: &'a HeaderMap,
 }
 
 /// How the request body is framed on the wire.

@@ -245,6 +245,9 @@ fn refused(
     let why = match refusal {
         meshgate_upstream::Refusal::Open => "its circuit breaker is open",
         meshgate_upstream::Refusal::Full => "it has its maximum of requests in flight",
+        meshgate_upstream::Refusal::Pending => {
+            "its maximum of requests already wait for a connection"
+        }
     };
     Err(GatewayError::new(
         ErrorCode::CircuitOpen,
@@ -319,17 +322,24 @@ async fn tries(
             .map_or(deadline, |p| (now + p).min(deadline));
         let try_deadline = tokio::time::Instant::from_std(try_deadline);
         rt.stats.active.inc();
+        // Set while the try waits for a connection under maxConnections: the
+        // endpoint was not called, so a timeout then says nothing about it.
+        let queued = AtomicBool::new(false);
         let result = match &rt.transport {
             Transport::H1(pool) => {
-                let send = pool.send(
-                    endpoint,
-                    &picked.endpoint.authority,
-                    &parts.method,
-                    &path_and_query,
-                    &parts.headers,
-                    this_body,
-                );
+                let head = crate::h1::Head {
+                    authority: &picked.endpoint.authority,
+                    method: &parts.method,
+                    path: &path_and_query,
+                    headers: &parts.headers,
+                };
+                let send = pool.send(endpoint, head, this_body, &queued);
                 let r = tokio::time::timeout_at(try_deadline, send).await;
+                if let Ok(Err(crate::h1::H1Error::Overflow)) = r {
+                    rt.stats.active.dec();
+                    rt.stats.breaker_refused.inc();
+                    return refused(rt, name, meshgate_upstream::Refusal::Pending);
+                }
                 settle(r, ResponseBody::h1, crate::h1::H1Error::is_connect)
             }
             Transport::H2(client) => {
@@ -363,7 +373,8 @@ async fn tries(
         rt.stats
             .duration
             .observe(end.saturating_duration_since(now).as_secs_f64());
-        if rt.cluster.outlier().is_some() {
+        let queued = queued.load(Ordering::Relaxed);
+        if rt.cluster.outlier().is_some() && !queued {
             let seen = match &result {
                 Ok(Ok(r)) if r.status().is_server_error() => Observed::Status(r.status().as_u16()),
                 Ok(Ok(_)) => Observed::Success,
@@ -416,6 +427,15 @@ async fn tries(
             Err(_) => {
                 rt.stats.timeouts.inc();
                 if !may_retry(TryOutcome::Timeout) {
+                    if queued {
+                        return Err(GatewayError::new(
+                            ErrorCode::UpstreamTimeout,
+                            format!(
+                                "no connection to service {name:?} came free in time \
+                                 (it has maxConnections open)"
+                            ),
+                        ));
+                    }
                     let expired = (!time_left).then_some(timeout);
                     return Err(upstream_error(TryOutcome::Timeout, name, expired));
                 }

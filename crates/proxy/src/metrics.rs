@@ -147,7 +147,7 @@ impl Default for Metrics {
         );
         registry.register(
             "circuit_breaker_refused",
-            "Requests a Service's circuit breaker refused (open, or at maxRequests)",
+            "Requests a Service's circuit breaker refused (open, at maxRequests, or at maxPendingRequests)",
             m.breaker_refused.clone(),
         );
         registry.register(

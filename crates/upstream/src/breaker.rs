@@ -50,6 +50,8 @@ pub enum Refusal {
     Open,
     /// `max_requests` are in flight.
     Full,
+    /// `maxPendingRequests` already wait for a connection (counted by the pool).
+    Pending,
 }
 
 #[derive(Debug)]

@@ -196,11 +196,14 @@ async fn get(
     let resp = pool
         .send(
             addr,
-            &authority,
-            &Method::GET,
-            &path,
-            &HeaderMap::new(),
+            Head {
+                authority: &authority,
+                method: &Method::GET,
+                path: &path,
+                headers: &HeaderMap::new(),
+            },
             UpstreamBody::Empty,
+            &AtomicBool::new(false),
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -219,6 +222,7 @@ fn pool() -> Arc<H1Pool> {
         Duration::from_secs(1),
         Duration::from_secs(60),
         Gauge::default(),
+        ConnLimits::default(),
     )
 }
 
@@ -289,11 +293,14 @@ async fn refused_connection_is_a_connect_error() {
     let err = pool()
         .send(
             addr,
-            &authority,
-            &Method::GET,
-            &PathAndQuery::from_static("/"),
-            &HeaderMap::new(),
+            Head {
+                authority: &authority,
+                method: &Method::GET,
+                path: &PathAndQuery::from_static("/"),
+                headers: &HeaderMap::new(),
+            },
             UpstreamBody::Empty,
+            &AtomicBool::new(false),
         )
         .await
         .err();
@@ -350,5 +357,131 @@ fn request_heads() {
     assert_eq!(
         text(RequestFraming::Chunked),
         "POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+}
+
+/// An upstream on many connections that answers every request `delay` after reading
+/// it; counts the connections it accepted and saw closed.
+async fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<AtomicU32>, Arc<AtomicU32>) {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let accepted = Arc::new(AtomicU32::new(0));
+    let closed = Arc::new(AtomicU32::new(0));
+    let (a, c) = (accepted.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    tokio::time::sleep(delay).await;
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, accepted, closed)
+}
+
+fn limited(max_connections: u32, max_pending: Option<u32>) -> Arc<H1Pool> {
+    H1Pool::new(
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+        Gauge::default(),
+        ConnLimits {
+            max_connections: Some(max_connections),
+            max_pending,
+        },
+    )
+}
+
+async fn spawn_get(
+    pool: &Arc<H1Pool>,
+    addr: SocketAddr,
+) -> tokio::task::JoinHandle<Result<StatusCode, String>> {
+    let pool = pool.clone();
+    let task = tokio::spawn(async move { get(&pool, addr).await.map(|(s, _, _)| s) });
+    // Let it reach the pool before the next one starts.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    task
+}
+
+async fn joined(
+    task: tokio::task::JoinHandle<Result<StatusCode, String>>,
+) -> Result<StatusCode, String> {
+    task.await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn at_max_connections_requests_wait_for_a_free_connection() {
+    let (addr, accepted, _) = slow_upstream(Duration::from_millis(200)).await;
+    let pool = limited(1, None);
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        tasks.push(spawn_get(&pool, addr).await);
+    }
+    assert_eq!(
+        pool.limits().map(|l| (l.connections, l.pending)),
+        Some((1, 2)),
+        "one request is on the connection, two wait"
+    );
+    for t in tasks {
+        assert_eq!(joined(t).await, Ok(StatusCode::OK));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(pool.limits().map(|l| l.pending), Some(0));
+}
+
+#[tokio::test]
+async fn beyond_max_pending_a_request_is_refused_at_once() {
+    let (addr, _, _) = slow_upstream(Duration::from_millis(200)).await;
+    let pool = limited(1, Some(1));
+    let first = spawn_get(&pool, addr).await;
+    let second = spawn_get(&pool, addr).await;
+    let third = spawn_get(&pool, addr).await;
+    assert_eq!(joined(third).await, Err(H1Error::Overflow.to_string()));
+    assert_eq!(joined(first).await, Ok(StatusCode::OK));
+    assert_eq!(joined(second).await, Ok(StatusCode::OK));
+    assert_eq!(pool.limits().map(|l| l.overflowed), Some(1));
+}
+
+#[tokio::test]
+async fn at_the_limit_an_idle_connection_elsewhere_gives_up_its_slot() {
+    let (a, _, a_closed) = slow_upstream(Duration::ZERO).await;
+    let (b, b_accepted, _) = slow_upstream(Duration::ZERO).await;
+    let pool = limited(1, None);
+    assert_eq!(get(&pool, a).await.map(|r| r.0), Ok(StatusCode::OK));
+    // A's connection is idle and holds the only slot: B's request closes it.
+    let r = tokio::time::timeout(Duration::from_secs(1), get(&pool, b)).await;
+    assert_eq!(r.ok().map(|r| r.map(|r| r.0)), Some(Ok(StatusCode::OK)));
+    assert_eq!(b_accepted.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(a_closed.load(Ordering::SeqCst), 1);
+    assert_eq!(pool.limits().map(|l| l.connections), Some(1));
+}
+
+#[tokio::test]
+async fn a_connection_freed_while_another_endpoint_waits_is_closed_for_it() {
+    let (a, _, a_closed) = slow_upstream(Duration::from_millis(100)).await;
+    let (b, _, _) = slow_upstream(Duration::ZERO).await;
+    let pool = limited(1, None);
+    let on_a = spawn_get(&pool, a).await;
+    let on_b = spawn_get(&pool, b).await;
+    assert_eq!(joined(on_a).await, Ok(StatusCode::OK));
+    assert_eq!(joined(on_b).await, Ok(StatusCode::OK));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        a_closed.load(Ordering::SeqCst),
+        1,
+        "A's connection went for B's sake"
     );
 }
