@@ -28,6 +28,34 @@ impl Kind {
             Self::Policy => "Policy",
         }
     }
+
+    pub const ALL: [Kind; 5] = [
+        Self::Gateway,
+        Self::Service,
+        Self::Api,
+        Self::Consumer,
+        Self::Policy,
+    ];
+
+    /// The kind's name in admin API paths: `apis`, `services`, `consumers`,
+    /// `gateways`, `policies`.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateways",
+            Self::Service => "services",
+            Self::Api => "apis",
+            Self::Consumer => "consumers",
+            Self::Policy => "policies",
+        }
+    }
+
+    /// A kind from its name, its plural, or either in lower case (`api`, `Api`,
+    /// `apis`).
+    pub fn parse(s: &str) -> Option<Kind> {
+        Self::ALL
+            .into_iter()
+            .find(|k| s.eq_ignore_ascii_case(k.as_str()) || s.eq_ignore_ascii_case(k.plural()))
+    }
 }
 
 /// The first pass over a document: enough to know its kind and name.

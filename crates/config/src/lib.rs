@@ -45,6 +45,36 @@ pub fn compile(sources: &[Source]) -> (Option<Snapshot>, Vec<Diagnostic>) {
     }
 }
 
+/// One document of a source, cut out with its own text: how the control plane keeps
+/// resources one by one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub kind: meshgate_api::Kind,
+    pub name: String,
+    pub text: String,
+    /// The resource as JSON, secrets redacted (as `GET /config` shows it).
+    pub json: serde_json::Value,
+}
+
+/// The documents of `source`, or why they cannot be read (stage 1 only; the
+/// documents' own checks come with [`compile`]).
+pub fn documents(source: &Source) -> Result<Vec<Document>, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let docs = load::parse_sources(std::slice::from_ref(source), &mut diags);
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    Ok(docs
+        .into_iter()
+        .map(|d| Document {
+            kind: d.kind,
+            json: d.resource.to_json(),
+            name: d.name,
+            text: source.text[d.span.start..d.span.end].to_string(),
+        })
+        .collect())
+}
+
 /// Load paths from disk and compile them.
 pub fn compile_paths(paths: &[std::path::PathBuf]) -> (Option<Snapshot>, Vec<Diagnostic>) {
     match load_paths(paths) {

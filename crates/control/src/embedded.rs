@@ -1,0 +1,287 @@
+//! The embedded store: one redb file, no other process needed.
+//!
+//! Tables:
+//! - `versions`: (key, revision) → the text written then, or `None` for a delete.
+//!   Every version is kept, so any revision can be read back.
+//! - `commits`: revision → the commit's author, time, message and keys (JSON).
+//!
+//! The newest revision is the last key of `commits`. Writes run in one redb write
+//! transaction each, and redb allows one writer at a time, so the compare-and-set
+//! on the revision holds inside one process; a second process cannot open the file.
+
+use crate::store::{Commit, Config, NewCommit, Store, StoreError, Stored};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+
+const VERSIONS: TableDefinition<(&str, u64), Option<&str>> = TableDefinition::new("versions");
+const COMMITS: TableDefinition<u64, &str> = TableDefinition::new("commits");
+
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    db: Arc<Database>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl Embedded {
+    /// Open (or create) the store file at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| backend(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => backend(format!(
+                "{} is in use by another process (share a store between control planes with etcd)",
+                path.display()
+            )),
+            e => backend(format!("cannot open {}: {e}", path.display())),
+        })?;
+        Self::init(db)
+    }
+
+    /// A store in memory only (tests).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(backend)?;
+        Self::init(db)
+    }
+
+    fn init(db: Database) -> Result<Self, StoreError> {
+        let tx = db.begin_write().map_err(backend)?;
+        tx.open_table(VERSIONS).map_err(backend)?;
+        tx.open_table(COMMITS).map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    fn newest(commits: &impl ReadableTable<u64, &'static str>) -> Result<u64, StoreError> {
+        Ok(commits
+            .last()
+            .map_err(backend)?
+            .map_or(0, |(k, _)| k.value()))
+    }
+
+    fn load_now(&self, revision: Option<u64>) -> Result<Config, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let newest = Self::newest(&tx.open_table(COMMITS).map_err(backend)?)?;
+        let at = revision.unwrap_or(newest);
+        if at > newest {
+            return Err(StoreError::NoRevision(at, newest));
+        }
+        let versions = tx.open_table(VERSIONS).map_err(backend)?;
+        let mut config = Config {
+            revision: at,
+            ..Config::default()
+        };
+        // Versions are ordered by key, then revision: the last one at or before `at`
+        // of each key wins.
+        for row in versions.iter().map_err(backend)? {
+            let (k, v) = row.map_err(backend)?;
+            let (key, rev) = k.value();
+            if rev > at {
+                continue;
+            }
+            match v.value() {
+                Some(text) => {
+                    config.resources.insert(
+                        key.to_string(),
+                        Stored {
+                            text: text.to_string(),
+                            revision: rev,
+                        },
+                    );
+                }
+                None => {
+                    config.resources.remove(key);
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    fn commit_now(&self, base: u64, commit: &NewCommit) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write().map_err(backend)?;
+        let revision = {
+            let mut commits = tx.open_table(COMMITS).map_err(backend)?;
+            let newest = Self::newest(&commits)?;
+            if newest != base {
+                return Err(StoreError::Conflict(newest));
+            }
+            let revision = base + 1;
+            let record = serde_json::to_string(&commit.summary(revision)).map_err(backend)?;
+            commits.insert(revision, record.as_str()).map_err(backend)?;
+            let mut versions = tx.open_table(VERSIONS).map_err(backend)?;
+            for c in &commit.changes {
+                versions
+                    .insert((c.key.as_str(), revision), c.text.as_deref())
+                    .map_err(backend)?;
+            }
+            revision
+        };
+        tx.commit().map_err(backend)?;
+        Ok(revision)
+    }
+
+    fn history_now(&self, key: Option<&str>, limit: usize) -> Result<Vec<Commit>, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let commits = tx.open_table(COMMITS).map_err(backend)?;
+        let read = |rev: u64| -> Result<Option<Commit>, StoreError> {
+            let Some(v) = commits.get(rev).map_err(backend)? else {
+                return Ok(None);
+            };
+            serde_json::from_str(v.value()).map(Some).map_err(backend)
+        };
+        let mut out = Vec::new();
+        match key {
+            None => {
+                for row in commits.iter().map_err(backend)?.rev().take(limit) {
+                    let (_, v) = row.map_err(backend)?;
+                    out.push(serde_json::from_str(v.value()).map_err(backend)?);
+                }
+            }
+            Some(key) => {
+                let versions = tx.open_table(VERSIONS).map_err(backend)?;
+                for row in versions
+                    .range((key, 0)..=(key, u64::MAX))
+                    .map_err(backend)?
+                    .rev()
+                    .take(limit)
+                {
+                    let (k, _) = row.map_err(backend)?;
+                    if let Some(c) = read(k.value().1)? {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// redb is blocking: its calls run on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(backend)?
+}
+
+impl Store for Embedded {
+    async fn load(&self, revision: Option<u64>) -> Result<Config, StoreError> {
+        let this = self.clone();
+        blocking(move || this.load_now(revision)).await
+    }
+
+    async fn commit(&self, base: u64, commit: NewCommit) -> Result<u64, StoreError> {
+        let this = self.clone();
+        blocking(move || this.commit_now(base, &commit)).await
+    }
+
+    async fn history(&self, key: Option<&str>, limit: usize) -> Result<Vec<Commit>, StoreError> {
+        let this = self.clone();
+        let key = key.map(str::to_string);
+        blocking(move || this.history_now(key.as_deref(), limit)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Change, ChangeSummary, Op};
+
+    fn put(key: &str, text: &str) -> Change {
+        Change {
+            key: key.into(),
+            text: Some(text.into()),
+        }
+    }
+
+    fn commit(message: &str, changes: Vec<Change>) -> NewCommit {
+        NewCommit {
+            author: "ana".into(),
+            message: message.into(),
+            time: 1_700_000_000,
+            changes,
+        }
+    }
+
+    fn texts(c: &Config) -> Vec<(&str, &str, u64)> {
+        c.resources
+            .iter()
+            .map(|(k, s)| (k.as_str(), s.text.as_str(), s.revision))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_revision_reads_back_and_writes_are_compare_and_set() {
+        let s = Embedded::in_memory().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.load(None).await.map(|c| c.revision).ok(), Some(0));
+        let r1 = s
+            .commit(
+                0,
+                commit("add", vec![put("Api/a", "a1"), put("Service/s", "s1")]),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r2 = s
+            .commit(
+                r1,
+                commit(
+                    "change a, drop s",
+                    vec![
+                        put("Api/a", "a2"),
+                        Change {
+                            key: "Service/s".into(),
+                            text: None,
+                        },
+                    ],
+                ),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r1, r2), (1, 2));
+        let Err(StoreError::Conflict(2)) = s.commit(1, commit("stale", vec![])).await else {
+            panic!("a commit on a stale base must conflict");
+        };
+        let now = s.load(None).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((now.revision, texts(&now)), (2, vec![("Api/a", "a2", 2)]));
+        let then = s.load(Some(1)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            texts(&then),
+            vec![("Api/a", "a1", 1), ("Service/s", "s1", 1)]
+        );
+        let Err(StoreError::NoRevision(3, 2)) = s.load(Some(3)).await else {
+            panic!("revision 3 does not exist yet");
+        };
+        let all = s.history(None, 10).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(all.iter().map(|c| c.revision).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(
+            all[0].changes,
+            vec![
+                ChangeSummary {
+                    key: "Api/a".into(),
+                    op: Op::Put
+                },
+                ChangeSummary {
+                    key: "Service/s".into(),
+                    op: Op::Delete
+                }
+            ]
+        );
+        let of_s = s
+            .history(Some("Service/s"), 10)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            of_s.iter()
+                .map(|c| (c.revision, c.message.as_str()))
+                .collect::<Vec<_>>(),
+            [(2, "change a, drop s"), (1, "add")]
+        );
+        assert_eq!(s.history(None, 1).await.map(|h| h.len()).ok(), Some(1));
+    }
+}

@@ -1,0 +1,467 @@
+//! The admin REST API under `/api/v1/` (JSON, bearer token).
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /api/v1/{kind}` | list (`?revision=` for a past one) |
+//! | `POST /api/v1/{kind}` | create one resource (409 if it exists) |
+//! | `GET`, `PUT`, `DELETE /api/v1/{kind}/{name}` | read, create or replace, delete |
+//! | `GET /api/v1/{kind}/{name}/history` | commits that touched it |
+//! | `POST /api/v1/{kind}/{name}/rollback` | `{"to": REV}`: it as it was then |
+//! | `POST /api/v1/apply` | `{"files": [{"name", "text"}], "delete": ["Kind/name"]}` |
+//! | `GET /api/v1/history` | every commit, newest first |
+//! | `GET /api/v1/diff?from=&to=&kind=&name=` | unified diffs between revisions |
+//! | `POST /api/v1/rollback` | `{"to": REV}`: the whole config as it was then |
+//! | `GET /api/v1/revision` | the newest revision |
+//!
+//! Writes take `?dryRun=true` (validate only), and the author and message from the
+//! `x-meshgate-author` and `x-meshgate-message` headers. Errors have the gateway's
+//! JSON shape, `{"error": {"code", "message", "diagnostics"?}}`.
+
+use crate::plane::{Meta, Plane, Write, WriteError, Written};
+use crate::store::{Store, StoreError, key};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use meshgate_api::Kind;
+use meshgate_config::Source;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 16 << 20;
+/// Most commits one history answer lists.
+const HISTORY_LIMIT: usize = 1000;
+
+struct Ctx<S> {
+    plane: Arc<Plane<S>>,
+    token: String,
+}
+
+/// The admin API's routes over `plane`, behind `token`.
+pub fn router<S: Store>(plane: Arc<Plane<S>>, token: String) -> Router {
+    let ctx = Arc::new(Ctx { plane, token });
+    Router::new()
+        .route("/api/v1/revision", get(revision::<S>))
+        .route("/api/v1/history", get(history_all::<S>))
+        .route("/api/v1/diff", get(diff::<S>))
+        .route("/api/v1/rollback", post(rollback_all::<S>))
+        .route("/api/v1/apply", post(apply::<S>))
+        .route("/api/v1/{kind}", get(list::<S>).post(create::<S>))
+        .route(
+            "/api/v1/{kind}/{name}",
+            get(read::<S>).put(replace::<S>).delete(remove::<S>),
+        )
+        .route("/api/v1/{kind}/{name}/history", get(history_one::<S>))
+        .route("/api/v1/{kind}/{name}/rollback", post(rollback_one::<S>))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
+        .layer(middleware::from_fn_with_state(ctx.clone(), auth::<S>))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(ctx)
+}
+
+async fn auth<S: Store>(State(ctx): State<Arc<Ctx<S>>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), ctx.token.as_bytes()).into();
+    if !ok {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required (Authorization: Bearer TOKEN)",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
+    next.run(req).await
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let message = message.into();
+    (
+        status,
+        axum::Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+impl IntoResponse for WriteError {
+    fn into_response(self) -> Response {
+        match self {
+            WriteError::Invalid(diags) => {
+                let list: Vec<String> = diags.iter().map(ToString::to_string).collect();
+                let body = json!({"error": {
+                    "code": "invalid_config",
+                    "message": format!("the config would be invalid: {} problem(s); nothing was written", list.len()),
+                    "diagnostics": list,
+                }});
+                (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(body)).into_response()
+            }
+            WriteError::NotFound(k) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{k} does not exist"),
+            ),
+            WriteError::Exists(k) => error(
+                StatusCode::CONFLICT,
+                "already_exists",
+                format!("{k} already exists"),
+            ),
+            WriteError::BadRequest(m) => error(StatusCode::BAD_REQUEST, "invalid_request", m),
+            WriteError::Store(StoreError::NoRevision(r, newest)) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no revision {r} (the newest is {newest})"),
+            ),
+            WriteError::Store(e) => {
+                tracing::error!(error = %e, "store failed");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    e.to_string(),
+                )
+            }
+        }
+    }
+}
+
+type Answer = Result<Response, WriteError>;
+
+fn kind_of(s: &str) -> Result<Kind, WriteError> {
+    Kind::parse(s).ok_or_else(|| {
+        WriteError::BadRequest(format!(
+            "unknown kind {s:?} (apis, services, consumers, gateways, policies)"
+        ))
+    })
+}
+
+fn meta(headers: &HeaderMap) -> Meta {
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let author = h("x-meshgate-author");
+    Meta {
+        author: if author.is_empty() {
+            "admin".into()
+        } else {
+            author
+        },
+        message: h("x-meshgate-message"),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Flags {
+    #[serde(default)]
+    dry_run: bool,
+    revision: Option<u64>,
+}
+
+fn written(w: Written, status: StatusCode) -> Response {
+    let changes: Vec<Value> = w
+        .changes
+        .iter()
+        .map(|c| json!({"key": c.key, "op": c.op.as_str()}))
+        .collect();
+    (
+        status,
+        axum::Json(json!({"revision": w.revision, "dryRun": w.dry_run, "changes": changes})),
+    )
+        .into_response()
+}
+
+fn item(r: &crate::plane::Read) -> Value {
+    json!({"revision": r.revision, "resource": r.json})
+}
+
+async fn revision<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Answer {
+    let rev = ctx.plane.revision().await?;
+    Ok(axum::Json(json!({"revision": rev})).into_response())
+}
+
+async fn list<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path(kind): Path<String>,
+    Query(f): Query<Flags>,
+) -> Answer {
+    let (rev, items) = ctx.plane.get(kind_of(&kind)?, None, f.revision).await?;
+    let items: Vec<Value> = items.iter().map(item).collect();
+    Ok(axum::Json(json!({"revision": rev, "items": items})).into_response())
+}
+
+async fn read<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(f): Query<Flags>,
+) -> Answer {
+    let (_, items) = ctx
+        .plane
+        .get(kind_of(&kind)?, Some(&name), f.revision)
+        .await?;
+    let first = items.first().map(item).unwrap_or(Value::Null);
+    Ok(axum::Json(first).into_response())
+}
+
+/// One resource from a request body, which must hold exactly `want` (when given).
+fn one_document(
+    body: String,
+    want: Option<(Kind, &str)>,
+    kind: Kind,
+) -> Result<Source, WriteError> {
+    let source = Source {
+        file: "request".into(),
+        text: body,
+    };
+    let docs = meshgate_config::documents(&source).map_err(WriteError::Invalid)?;
+    let [doc] = docs.as_slice() else {
+        return Err(WriteError::BadRequest(format!(
+            "the body must hold exactly one resource, not {}",
+            docs.len()
+        )));
+    };
+    if doc.kind != kind {
+        return Err(WriteError::BadRequest(format!(
+            "the body is a {}, not a {}",
+            doc.kind.as_str(),
+            kind.as_str()
+        )));
+    }
+    if let Some((_, name)) = want
+        && doc.name != name
+    {
+        return Err(WriteError::BadRequest(format!(
+            "the body names {:?}, the path {name:?}",
+            doc.name
+        )));
+    }
+    Ok(source)
+}
+
+async fn create<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path(kind): Path<String>,
+    Query(f): Query<Flags>,
+    headers: HeaderMap,
+    body: String,
+) -> Answer {
+    let kind = kind_of(&kind)?;
+    let source = one_document(body, None, kind)?;
+    let w = ctx
+        .plane
+        .write(
+            meta(&headers),
+            Write {
+                files: vec![source],
+                create_only: true,
+                dry_run: f.dry_run,
+                ..Write::default()
+            },
+        )
+        .await?;
+    Ok(written(w, StatusCode::CREATED))
+}
+
+async fn replace<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(f): Query<Flags>,
+    headers: HeaderMap,
+    body: String,
+) -> Answer {
+    let kind = kind_of(&kind)?;
+    let source = one_document(body, Some((kind, &name)), kind)?;
+    let w = ctx
+        .plane
+        .write(
+            meta(&headers),
+            Write {
+                files: vec![source],
+                dry_run: f.dry_run,
+                ..Write::default()
+            },
+        )
+        .await?;
+    Ok(written(w, StatusCode::OK))
+}
+
+async fn remove<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(f): Query<Flags>,
+    headers: HeaderMap,
+) -> Answer {
+    let k = key(kind_of(&kind)?, &name);
+    let w = ctx
+        .plane
+        .write(
+            meta(&headers),
+            Write {
+                deletes: vec![k],
+                dry_run: f.dry_run,
+                ..Write::default()
+            },
+        )
+        .await?;
+    Ok(written(w, StatusCode::OK))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyBody {
+    #[serde(default)]
+    files: Vec<FileBody>,
+    #[serde(default)]
+    delete: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBody {
+    name: String,
+    text: String,
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, WriteError> {
+    serde_json::from_str(body).map_err(|e| WriteError::BadRequest(format!("request body: {e}")))
+}
+
+async fn apply<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Query(f): Query<Flags>,
+    headers: HeaderMap,
+    body: String,
+) -> Answer {
+    let b: ApplyBody = json_body(&body)?;
+    let mut deletes = Vec::new();
+    for d in &b.delete {
+        let (kind, name) = d
+            .split_once('/')
+            .ok_or_else(|| WriteError::BadRequest(format!("{d:?}: delete takes Kind/name")))?;
+        deletes.push(key(kind_of(kind)?, name));
+    }
+    let files = b
+        .files
+        .into_iter()
+        .map(|f| Source {
+            file: f.name.into(),
+            text: f.text,
+        })
+        .collect();
+    let w = ctx
+        .plane
+        .write(
+            meta(&headers),
+            Write {
+                files,
+                deletes,
+                dry_run: f.dry_run,
+                ..Write::default()
+            },
+        )
+        .await?;
+    Ok(written(w, StatusCode::OK))
+}
+
+fn commits(list: Vec<crate::store::Commit>) -> Response {
+    let items: Vec<Value> = list
+        .into_iter()
+        .map(|c| {
+            let time = jiff::Timestamp::from_second(c.time)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            json!({
+                "revision": c.revision,
+                "author": c.author,
+                "message": c.message,
+                "time": time,
+                "changes": c.changes.iter().map(|x| json!({"key": x.key, "op": x.op.as_str()})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    axum::Json(json!({"items": items})).into_response()
+}
+
+async fn history_all<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Answer {
+    Ok(commits(ctx.plane.history(None, HISTORY_LIMIT).await?))
+}
+
+async fn history_one<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path((kind, name)): Path<(String, String)>,
+) -> Answer {
+    let k = key(kind_of(&kind)?, &name);
+    Ok(commits(ctx.plane.history(Some(&k), HISTORY_LIMIT).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct DiffQuery {
+    from: u64,
+    to: Option<u64>,
+    kind: Option<String>,
+    name: Option<String>,
+}
+
+async fn diff<S: Store>(State(ctx): State<Arc<Ctx<S>>>, Query(q): Query<DiffQuery>) -> Answer {
+    let only = match (&q.kind, &q.name) {
+        (Some(k), Some(n)) => Some(key(kind_of(k)?, n)),
+        (None, None) => None,
+        _ => {
+            return Err(WriteError::BadRequest(
+                "diff of one resource takes both kind and name".into(),
+            ));
+        }
+    };
+    let diffs = ctx.plane.diff(q.from, q.to, only.as_deref()).await?;
+    Ok(axum::Json(json!({"from": q.from, "to": q.to, "items": diffs})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    to: u64,
+}
+
+async fn rollback_all<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Query(f): Query<Flags>,
+    headers: HeaderMap,
+    body: String,
+) -> Answer {
+    let b: RollbackBody = json_body(&body)?;
+    let w = ctx
+        .plane
+        .rollback(meta(&headers), b.to, None, f.dry_run)
+        .await?;
+    Ok(written(w, StatusCode::OK))
+}
+
+async fn rollback_one<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(f): Query<Flags>,
+    headers: HeaderMap,
+    body: String,
+) -> Answer {
+    let k = key(kind_of(&kind)?, &name);
+    let b: RollbackBody = json_body(&body)?;
+    let w = ctx
+        .plane
+        .rollback(meta(&headers), b.to, Some(k), f.dry_run)
+        .await?;
+    Ok(written(w, StatusCode::OK))
+}
