@@ -161,6 +161,15 @@ impl<S: Store> Plane<S> {
         if !diags.is_empty() {
             return Err(WriteError::Invalid(diags));
         }
+        if let Some(k) = puts
+            .iter()
+            .find_map(|(k, t)| t.contains(meshgate_api::REDACTED).then_some(k))
+        {
+            return Err(WriteError::BadRequest(format!(
+                "{k} holds {:?} where a secret goes (copied from a redacted read?): give the secret, or {{env: NAME}} / {{file: PATH}}",
+                meshgate_api::REDACTED
+            )));
+        }
         if puts.is_empty() && w.deletes.is_empty() {
             return Err(WriteError::BadRequest("nothing to write".into()));
         }
@@ -257,10 +266,15 @@ impl<S: Store> Plane<S> {
             if snapshot.is_none() {
                 return Err(WriteError::Invalid(diags));
             }
-            // Writes that leave a resource as it was are left out.
+            // Writes that leave a resource as it was (formatting aside) are left out.
             let changes: Vec<crate::store::Change> = changes
                 .into_iter()
-                .filter(|(k, t)| current.resources.get(k).map(|s| &s.text) != t.as_ref())
+                .filter(|(k, t)| {
+                    !same(
+                        current.resources.get(k).map(|s| s.text.as_str()),
+                        t.as_deref(),
+                    )
+                })
                 .map(|(key, text)| crate::store::Change { key, text })
                 .collect();
             let commit = NewCommit {
@@ -348,6 +362,20 @@ impl<S: Store> Plane<S> {
             });
         }
         Ok(out)
+    }
+}
+
+/// Whether two texts of a resource hold the same YAML, formatting and comments aside.
+fn same(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            a == b || {
+                let value = |t| serde_saphyr::from_str::<serde_json::Value>(t).ok();
+                value(a).is_some_and(|v| Some(v) == value(b))
+            }
+        }
+        (None, None) => true,
+        _ => false,
     }
 }
 

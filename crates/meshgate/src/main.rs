@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod control;
+mod ctl;
 mod demo;
 
 #[derive(Parser, Debug)]
@@ -38,6 +40,34 @@ enum Command {
         #[arg(short = 'c', long = "config", required = true)]
         config: Vec<PathBuf>,
     },
+    /// Run the control plane: the versioned config store and its admin API.
+    Control {
+        /// Where the admin API listens; loopback unless you choose otherwise.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: std::net::SocketAddr,
+        /// A file path (the embedded store) or etcd://HOST:PORT[,HOST:PORT].
+        /// Default: control.redb in the state directory.
+        #[arg(long)]
+        store: Option<String>,
+        /// Read the admin token from this file instead of MESHGATE_ADMIN_TOKEN.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[arg(long, env = "MESHGATE_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Talk to a control plane's admin API.
+    Ctl {
+        #[arg(long, env = "MESHGATE_SERVER", default_value = "http://127.0.0.1:7400")]
+        server: String,
+        /// Read the admin token from this file instead of MESHGATE_ADMIN_TOKEN.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// table (default), json (as the API answered) or yaml.
+        #[arg(short = 'o', long, value_enum, default_value_t, global = true)]
+        output: ctl::Output,
+        #[command(subcommand)]
+        action: ctl::Action,
+    },
     /// Run the small demo upstream the quickstart uses, alone.
     Demo {
         #[arg(long, default_value = "127.0.0.1:9001")]
@@ -66,6 +96,56 @@ fn main() -> ExitCode {
             state_dir.unwrap_or_else(default_state_dir),
         ),
         Command::Demo { listen } => runtime_then(|| demo::serve(listen)),
+        Command::Control {
+            listen,
+            store,
+            token_file,
+            state_dir,
+        } => {
+            let token = match control::token(token_file.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("meshgate control: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let store = store.unwrap_or_else(|| {
+                let dir = state_dir.unwrap_or_else(default_state_dir);
+                control::default_store(&dir).display().to_string()
+            });
+            runtime_then(move || {
+                control::serve(control::Options {
+                    listen,
+                    store,
+                    token,
+                })
+            })
+        }
+        Command::Ctl {
+            server,
+            token_file,
+            output,
+            action,
+        } => {
+            let token = match control::token(token_file.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("meshgate ctl: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let client = ctl::Client::new(server, token);
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(client.run(action, output)),
+                Err(e) => {
+                    eprintln!("meshgate ctl: {e}");
+                    ExitCode::from(3)
+                }
+            }
+        }
     }
 }
 

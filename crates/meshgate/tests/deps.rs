@@ -74,6 +74,7 @@ fn crate_boundaries_hold() {
         ],
     );
     forbid("meshgate-filter", &["meshgate-proxy", "meshgate-config"]);
+    forbid("meshgate-control", &["meshgate-proxy"]);
     forbid("meshgate-config", &["meshgate-proxy", "tokio", "hyper"]);
     for (name, set) in &d {
         assert!(

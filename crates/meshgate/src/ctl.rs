@@ -1,0 +1,408 @@
+//! `meshgate ctl`: the control plane's admin API from the command line. Human tables
+//! by default; `-o json` prints what the API answered, `-o yaml` the resources as
+//! YAML documents that `ctl apply` takes back.
+
+use clap::{Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Action {
+    /// Create or replace the resources in files and directories, as one revision.
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Validate only: show what would change, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Why: kept with the revision.
+        #[arg(short = 'm', long, default_value = "")]
+        message: String,
+    },
+    /// List resources of a kind, or show one.
+    Get {
+        kind: String,
+        name: Option<String>,
+        /// Read a past revision.
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Delete a resource (refused if the rest of the config still uses it).
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short = 'm', long, default_value = "")]
+        message: String,
+    },
+    /// The revisions that changed a resource, or every revision.
+    History {
+        kind: Option<String>,
+        name: Option<String>,
+    },
+    /// What changed between two revisions (to: the newest).
+    Diff {
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(long)]
+        from: u64,
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Make a resource (or, without one, the whole config) what it was at a revision,
+    /// as a new revision.
+    Rollback {
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(long)]
+        to: u64,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short = 'm', long, default_value = "")]
+        message: String,
+    },
+}
+
+pub struct Client {
+    server: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+/// Why a command failed, and its exit code: 1 for a refused request (invalid input),
+/// 3 when the control plane could not be reached or failed.
+struct Failed(u8, String);
+
+impl Client {
+    pub fn new(server: String, token: String) -> Self {
+        Self {
+            server: server.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        message: Option<&str>,
+    ) -> Result<Value, Failed> {
+        let url = format!("{}{path}", self.server);
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(&self.token)
+            .header("x-meshgate-author", author());
+        if let Some(m) = message.filter(|m| !m.is_empty()) {
+            req = req.header("x-meshgate-message", m);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failed(3, format!("cannot reach the control plane at {url}: {e}")))?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| Failed(3, format!("reading the answer from {url}: {e}")))?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            return Ok(v);
+        }
+        let err = &v["error"];
+        let mut out = format!(
+            "{} ({})",
+            err["message"].as_str().unwrap_or("request failed"),
+            status.as_u16()
+        );
+        for d in err["diagnostics"].as_array().into_iter().flatten() {
+            let _ = write!(out, "\n{}", d.as_str().unwrap_or_default());
+        }
+        let code = if status.is_client_error() { 1 } else { 3 };
+        Err(Failed(code, out))
+    }
+
+    pub async fn run(&self, action: Action, output: Output) -> ExitCode {
+        match self.act(action, output).await {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(Failed(code, message)) => {
+                eprintln!("meshgate ctl: {message}");
+                ExitCode::from(code)
+            }
+        }
+    }
+
+    async fn act(&self, action: Action, output: Output) -> Result<String, Failed> {
+        use reqwest::Method;
+        let flag = |dry: bool| if dry { "?dryRun=true" } else { "" };
+        match action {
+            Action::Apply {
+                files,
+                dry_run,
+                message,
+            } => {
+                let sources = meshgate_config::load_paths(&files)
+                    .map_err(|diags| Failed(1, diags.iter().map(|d| format!("\n{d}")).collect()))?;
+                let files: Vec<Value> = sources
+                    .iter()
+                    .map(|s| json!({"name": &*s.file, "text": s.text}))
+                    .collect();
+                let v = self
+                    .call(
+                        Method::POST,
+                        &format!("/api/v1/apply{}", flag(dry_run)),
+                        Some(json!({"files": files})),
+                        Some(&message),
+                    )
+                    .await?;
+                Ok(render_written(&v, output))
+            }
+            Action::Get {
+                kind,
+                name,
+                revision,
+            } => {
+                let at = revision.map_or(String::new(), |r| format!("?revision={r}"));
+                let path = match &name {
+                    Some(n) => format!("/api/v1/{}/{n}{at}", plural(&kind)?),
+                    None => format!("/api/v1/{}{at}", plural(&kind)?),
+                };
+                let v = self.call(Method::GET, &path, None, None).await?;
+                let items = match name {
+                    Some(_) => vec![v.clone()],
+                    None => v["items"].as_array().cloned().unwrap_or_default(),
+                };
+                Ok(match output {
+                    Output::Json => pretty(&v),
+                    Output::Yaml => yaml_docs(&items),
+                    Output::Table => {
+                        let rows = items
+                            .iter()
+                            .map(|i| {
+                                let r = &i["resource"];
+                                vec![
+                                    r["kind"].as_str().unwrap_or("").to_string(),
+                                    r["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                                    i["revision"].to_string(),
+                                ]
+                            })
+                            .collect();
+                        table(&["KIND", "NAME", "REVISION"], rows)
+                    }
+                })
+            }
+            Action::Delete {
+                kind,
+                name,
+                dry_run,
+                message,
+            } => {
+                let path = format!("/api/v1/{}/{name}{}", plural(&kind)?, flag(dry_run));
+                let v = self
+                    .call(Method::DELETE, &path, None, Some(&message))
+                    .await?;
+                Ok(render_written(&v, output))
+            }
+            Action::History { kind, name } => {
+                let path = format!("{}/history", one(kind.as_deref(), name.as_deref())?);
+                let v = self.call(Method::GET, &path, None, None).await?;
+                Ok(match output {
+                    Output::Json => pretty(&v),
+                    Output::Yaml => yaml_docs(&[v]),
+                    Output::Table => {
+                        let rows = v["items"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|c| {
+                                let changes: Vec<String> = c["changes"]
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .map(|x| {
+                                        format!(
+                                            "{} {}",
+                                            x["op"].as_str().unwrap_or(""),
+                                            x["key"].as_str().unwrap_or("")
+                                        )
+                                    })
+                                    .collect();
+                                let shown = match changes.len() {
+                                    0..=3 => changes.join(", "),
+                                    n => format!("{}, and {} more", changes[..2].join(", "), n - 2),
+                                };
+                                vec![
+                                    c["revision"].to_string(),
+                                    c["time"].as_str().unwrap_or("").to_string(),
+                                    c["author"].as_str().unwrap_or("").to_string(),
+                                    shown,
+                                    c["message"].as_str().unwrap_or("").to_string(),
+                                ]
+                            })
+                            .collect();
+                        table(&["REVISION", "TIME", "AUTHOR", "CHANGES", "MESSAGE"], rows)
+                    }
+                })
+            }
+            Action::Diff {
+                kind,
+                name,
+                from,
+                to,
+            } => {
+                let mut path = format!("/api/v1/diff?from={from}");
+                if let Some(t) = to {
+                    let _ = write!(path, "&to={t}");
+                }
+                if let (Some(k), Some(n)) = (&kind, &name) {
+                    let _ = write!(path, "&kind={}&name={n}", plural(k)?);
+                }
+                let v = self.call(Method::GET, &path, None, None).await?;
+                Ok(match output {
+                    Output::Json => pretty(&v),
+                    Output::Yaml => yaml_docs(&[v]),
+                    Output::Table => v["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|d| d["diff"].as_str().unwrap_or("").to_string())
+                        .collect(),
+                })
+            }
+            Action::Rollback {
+                kind,
+                name,
+                to,
+                dry_run,
+                message,
+            } => {
+                let path = format!(
+                    "{}/rollback{}",
+                    one(kind.as_deref(), name.as_deref())?,
+                    flag(dry_run)
+                );
+                let v = self
+                    .call(Method::POST, &path, Some(json!({"to": to})), Some(&message))
+                    .await?;
+                Ok(render_written(&v, output))
+            }
+        }
+    }
+}
+
+/// `/api/v1/KIND/NAME` for one resource, `/api/v1` for the whole config.
+fn one(kind: Option<&str>, name: Option<&str>) -> Result<String, Failed> {
+    match (kind, name) {
+        (Some(k), Some(n)) => Ok(format!("/api/v1/{}/{n}", plural(k)?)),
+        (None, None) => Ok("/api/v1".into()),
+        _ => Err(Failed(2, "name both KIND and NAME, or neither".into())),
+    }
+}
+
+fn plural(kind: &str) -> Result<&'static str, Failed> {
+    meshgate_api::Kind::parse(kind)
+        .map(meshgate_api::Kind::plural)
+        .ok_or_else(|| {
+            Failed(
+                2,
+                format!("unknown kind {kind:?} (api, service, consumer, gateway, policy)"),
+            )
+        })
+}
+
+fn author() -> String {
+    std::env::var("MESHGATE_AUTHOR")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "ctl".into())
+}
+
+fn render_written(v: &Value, output: Output) -> String {
+    match output {
+        Output::Json => pretty(v),
+        Output::Yaml => yaml_docs(std::slice::from_ref(v)),
+        Output::Table => {
+            let changes: Vec<String> = v["changes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    format!(
+                        "  {} {}\n",
+                        c["op"].as_str().unwrap_or(""),
+                        c["key"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            let rev = &v["revision"];
+            let head = if v["dryRun"].as_bool() == Some(true) {
+                format!("dry run: valid; would change (at revision {rev}):\n")
+            } else if changes.is_empty() {
+                format!("no changes (revision {rev})\n")
+            } else {
+                format!("revision {rev}:\n")
+            };
+            head + &changes.concat()
+        }
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+}
+
+/// The `resource` of each item (or the item itself) as YAML documents.
+fn yaml_docs(items: &[Value]) -> String {
+    items
+        .iter()
+        .map(|i| {
+            let r = i.get("resource").unwrap_or(i);
+            format!("---\n{}", serde_saphyr::to_string(r).unwrap_or_default())
+        })
+        .collect()
+}
+
+fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                let _ = write!(s, "{c:<w$}   ");
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(head.to_vec());
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
