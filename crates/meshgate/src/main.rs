@@ -45,7 +45,7 @@ enum Command {
         /// Where the admin API listens; loopback unless you choose otherwise.
         #[arg(long, default_value = "127.0.0.1:7400")]
         listen: std::net::SocketAddr,
-        /// A file path (the embedded store) or etcd://HOST:PORT[,HOST:PORT].
+        /// A file path (the embedded store) or `etcd://HOST:PORT[,HOST:PORT]`.
         /// Default: control.redb in the state directory.
         #[arg(long)]
         store: Option<String>,
