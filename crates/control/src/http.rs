@@ -173,16 +173,26 @@ struct Flags {
 }
 
 fn written(w: Written, status: StatusCode) -> Response {
-    let changes: Vec<Value> = w
-        .changes
-        .iter()
-        .map(|c| json!({"key": c.key, "op": c.op.as_str()}))
-        .collect();
     (
         status,
-        axum::Json(json!({"revision": w.revision, "dryRun": w.dry_run, "changes": changes})),
+        axum::Json(json!({"revision": w.revision, "dryRun": w.dry_run, "changes": w.changes})),
     )
         .into_response()
+}
+
+/// Run a write with the request's author, message and `dryRun`.
+async fn write<S: Store>(
+    ctx: &Ctx<S>,
+    headers: &HeaderMap,
+    f: Flags,
+    w: Write,
+    status: StatusCode,
+) -> Answer {
+    let w = Write {
+        dry_run: f.dry_run,
+        ..w
+    };
+    Ok(written(ctx.plane.write(meta(headers), w).await?, status))
 }
 
 fn item(r: &crate::plane::Read) -> Value {
@@ -261,19 +271,12 @@ async fn create<S: Store>(
 ) -> Answer {
     let kind = kind_of(&kind)?;
     let source = one_document(body, None, kind)?;
-    let w = ctx
-        .plane
-        .write(
-            meta(&headers),
-            Write {
-                files: vec![source],
-                create_only: true,
-                dry_run: f.dry_run,
-                ..Write::default()
-            },
-        )
-        .await?;
-    Ok(written(w, StatusCode::CREATED))
+    let w = Write {
+        files: vec![source],
+        create_only: true,
+        ..Write::default()
+    };
+    write(&ctx, &headers, f, w, StatusCode::CREATED).await
 }
 
 async fn replace<S: Store>(
@@ -285,18 +288,11 @@ async fn replace<S: Store>(
 ) -> Answer {
     let kind = kind_of(&kind)?;
     let source = one_document(body, Some((kind, &name)), kind)?;
-    let w = ctx
-        .plane
-        .write(
-            meta(&headers),
-            Write {
-                files: vec![source],
-                dry_run: f.dry_run,
-                ..Write::default()
-            },
-        )
-        .await?;
-    Ok(written(w, StatusCode::OK))
+    let w = Write {
+        files: vec![source],
+        ..Write::default()
+    };
+    write(&ctx, &headers, f, w, StatusCode::OK).await
 }
 
 async fn remove<S: Store>(
@@ -305,19 +301,11 @@ async fn remove<S: Store>(
     Query(f): Query<Flags>,
     headers: HeaderMap,
 ) -> Answer {
-    let k = key(kind_of(&kind)?, &name);
-    let w = ctx
-        .plane
-        .write(
-            meta(&headers),
-            Write {
-                deletes: vec![k],
-                dry_run: f.dry_run,
-                ..Write::default()
-            },
-        )
-        .await?;
-    Ok(written(w, StatusCode::OK))
+    let w = Write {
+        deletes: vec![key(kind_of(&kind)?, &name)],
+        ..Write::default()
+    };
+    write(&ctx, &headers, f, w, StatusCode::OK).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -362,19 +350,12 @@ async fn apply<S: Store>(
             text: f.text,
         })
         .collect();
-    let w = ctx
-        .plane
-        .write(
-            meta(&headers),
-            Write {
-                files,
-                deletes,
-                dry_run: f.dry_run,
-                ..Write::default()
-            },
-        )
-        .await?;
-    Ok(written(w, StatusCode::OK))
+    let w = Write {
+        files,
+        deletes,
+        ..Write::default()
+    };
+    write(&ctx, &headers, f, w, StatusCode::OK).await
 }
 
 fn commits(list: Vec<crate::store::Commit>) -> Response {
@@ -389,7 +370,7 @@ fn commits(list: Vec<crate::store::Commit>) -> Response {
                 "author": c.author,
                 "message": c.message,
                 "time": time,
-                "changes": c.changes.iter().map(|x| json!({"key": x.key, "op": x.op.as_str()})).collect::<Vec<_>>(),
+                "changes": c.changes,
             })
         })
         .collect();

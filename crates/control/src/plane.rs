@@ -3,7 +3,7 @@
 //! `meshgate_config::compile` that `meshgate validate` runs, and stored only when
 //! the whole resulting config is valid.
 
-use crate::store::{ChangeSummary, Commit, Config, Key, NewCommit, Op, Store, StoreError, key};
+use crate::store::{ChangeSummary, Commit, Config, Key, NewCommit, Store, StoreError, key};
 use meshgate_api::Kind;
 use meshgate_config::{Diagnostic, Source};
 use std::collections::BTreeMap;
@@ -89,10 +89,6 @@ impl<S: Store> Plane<S> {
         }))
     }
 
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
     /// The newest revision in the store.
     pub async fn revision(&self) -> Result<u64, WriteError> {
         Ok(self.store.load(None).await?.revision)
@@ -112,14 +108,20 @@ impl<S: Store> Plane<S> {
     ) -> Result<(u64, Vec<Read>), WriteError> {
         let config = self.store.load(revision).await?;
         let prefix = format!("{}/", kind.as_str());
+        let wanted: Vec<(&Key, &crate::store::Stored)> = match name {
+            Some(n) => config
+                .resources
+                .get_key_value(&key(kind, n))
+                .into_iter()
+                .collect(),
+            None => config
+                .resources
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .collect(),
+        };
         let mut out = Vec::new();
-        for (k, stored) in config.resources.range(prefix.clone()..) {
-            let Some(n) = k.strip_prefix(&prefix) else {
-                break;
-            };
-            if name.is_some_and(|want| want != n) {
-                continue;
-            }
+        for (k, stored) in wanted {
             let source = store_source(k, &stored.text);
             let json = meshgate_config::documents(&source)
                 .ok()
@@ -388,15 +390,6 @@ fn store_source(k: &str, text: &str) -> Source {
     Source {
         file: format!("store:{k}").into(),
         text: text.to_string(),
-    }
-}
-
-impl Op {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Put => "put",
-            Op::Delete => "delete",
-        }
     }
 }
 

@@ -11,21 +11,26 @@ pub struct Options {
     pub token: String,
 }
 
-/// The admin token: `--token-file`, else `MESHGATE_ADMIN_TOKEN`.
-pub fn token(file: Option<&Path>) -> Result<String, String> {
+/// The admin token: `--token-file`, else `MESHGATE_ADMIN_TOKEN`. Without one, the
+/// reason is printed for `meshgate COMMAND` and the exit code (2) returned.
+pub fn token(command: &str, file: Option<&Path>) -> Result<String, std::process::ExitCode> {
     let token = match file {
         Some(f) => std::fs::read_to_string(f)
-            .map_err(|e| format!("cannot read --token-file {}: {e}", f.display()))?
-            .trim()
-            .to_string(),
-        None => std::env::var("MESHGATE_ADMIN_TOKEN").unwrap_or_default(),
+            .map(|t| t.trim().to_string())
+            .map_err(|e| format!("cannot read --token-file {}: {e}", f.display())),
+        None => Ok(std::env::var("MESHGATE_ADMIN_TOKEN").unwrap_or_default()),
     };
-    if token.is_empty() {
-        return Err(
+    match token {
+        Ok(t) if !t.is_empty() => Ok(t),
+        Ok(_) => Err(
             "an admin token is required: set MESHGATE_ADMIN_TOKEN or pass --token-file FILE".into(),
-        );
+        ),
+        Err(e) => Err(e),
     }
-    Ok(token)
+    .map_err(|e: String| {
+        eprintln!("meshgate {command}: {e}");
+        std::process::ExitCode::from(2)
+    })
 }
 
 pub fn default_store(state_dir: &Path) -> PathBuf {

@@ -236,18 +236,7 @@ impl Client {
                             .into_iter()
                             .flatten()
                             .map(|c| {
-                                let changes: Vec<String> = c["changes"]
-                                    .as_array()
-                                    .into_iter()
-                                    .flatten()
-                                    .map(|x| {
-                                        format!(
-                                            "{} {}",
-                                            x["op"].as_str().unwrap_or(""),
-                                            x["key"].as_str().unwrap_or("")
-                                        )
-                                    })
-                                    .collect();
+                                let changes = changes(c);
                                 let shown = match changes.len() {
                                     0..=3 => changes.join(", "),
                                     n => format!("{}, and {} more", changes[..2].join(", "), n - 2),
@@ -337,23 +326,28 @@ fn author() -> String {
         .unwrap_or_else(|_| "ctl".into())
 }
 
+/// The `changes` of a commit or a write, as `op Kind/name`.
+fn changes(v: &Value) -> Vec<String> {
+    v["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{} {}",
+                c["op"].as_str().unwrap_or(""),
+                c["key"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
 fn render_written(v: &Value, output: Output) -> String {
     match output {
         Output::Json => pretty(v),
         Output::Yaml => yaml_docs(std::slice::from_ref(v)),
         Output::Table => {
-            let changes: Vec<String> = v["changes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|c| {
-                    format!(
-                        "  {} {}\n",
-                        c["op"].as_str().unwrap_or(""),
-                        c["key"].as_str().unwrap_or("")
-                    )
-                })
-                .collect();
+            let changes: Vec<String> = changes(v).iter().map(|c| format!("  {c}\n")).collect();
             let rev = &v["revision"];
             let head = if v["dryRun"].as_bool() == Some(true) {
                 format!("dry run: valid; would change (at revision {rev}):\n")

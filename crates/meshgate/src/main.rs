@@ -102,12 +102,9 @@ fn main() -> ExitCode {
             token_file,
             state_dir,
         } => {
-            let token = match control::token(token_file.as_deref()) {
+            let token = match control::token("control", token_file.as_deref()) {
                 Ok(t) => t,
-                Err(e) => {
-                    eprintln!("meshgate control: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let store = store.unwrap_or_else(|| {
                 let dir = state_dir.unwrap_or_else(default_state_dir);
@@ -127,12 +124,9 @@ fn main() -> ExitCode {
             output,
             action,
         } => {
-            let token = match control::token(token_file.as_deref()) {
+            let token = match control::token("ctl", token_file.as_deref()) {
                 Ok(t) => t,
-                Err(e) => {
-                    eprintln!("meshgate ctl: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let client = ctl::Client::new(server, token);
             match tokio::runtime::Builder::new_current_thread()

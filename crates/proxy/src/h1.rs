@@ -99,7 +99,8 @@ struct Limiter {
     /// One permit per connection open or being opened; a connection holds its
     /// permit until it closes.
     slots: Arc<Semaphore>,
-    max_connections: u32,
+    /// The semaphore's permits when all are free.
+    all_slots: usize,
     max_pending: u32,
     pending: AtomicU32,
     overflowed: AtomicU64,
@@ -204,12 +205,12 @@ impl H1Pool {
         limits: ConnLimits,
     ) -> Arc<Self> {
         let limiter = (limits != ConnLimits::default()).then(|| {
-            let max_connections = limits
+            let all_slots = limits
                 .max_connections
                 .map_or(Semaphore::MAX_PERMITS, |m| m as usize);
             Limiter {
-                slots: Arc::new(Semaphore::new(max_connections)),
-                max_connections: limits.max_connections.unwrap_or(u32::MAX),
+                slots: Arc::new(Semaphore::new(all_slots)),
+                all_slots,
                 max_pending: limits.max_pending.unwrap_or(u32::MAX),
                 pending: AtomicU32::new(0),
                 overflowed: AtomicU64::new(0),
@@ -227,9 +228,7 @@ impl H1Pool {
     /// The limits' counters, when the pool has limits.
     pub fn limits(&self) -> Option<LimitsView> {
         self.limiter.as_ref().map(|l| LimitsView {
-            connections: l
-                .max_connections
-                .saturating_sub(l.slots.available_permits().min(u32::MAX as usize) as u32),
+            connections: (l.all_slots - l.slots.available_permits()) as u32,
             pending: l.pending.load(Ordering::Relaxed),
             overflowed: l.overflowed.load(Ordering::Relaxed),
         })
