@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -552,3 +553,131 @@ class Redis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+TOKEN = "t0ken-for-tests"
+
+
+class Control:
+    """A `meshgate control` process on a store file it owns."""
+
+    def __init__(self, tmp_path, store=None, port=None):
+        self.port = port or free_port()
+        self.dir = Path(tmp_path)
+        self.store = store or self.dir / "control.redb"
+        self.proc = None
+
+    def start(self, wait=True):
+        self.stderr = open(self.dir / f"control-{self.port}.stderr", "w")
+        env = dict(os.environ, MESHGATE_ADMIN_TOKEN=TOKEN)
+        self.proc = subprocess.Popen(
+            [BIN, "control", "--listen", f"127.0.0.1:{self.port}", "--store", str(self.store)],
+            stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
+        if not wait:
+            return self
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"control exited {self.proc.returncode}: {self.logs()}")
+            try:
+                if self.call("GET", "/api/v1/revision")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("control plane did not start: " + self.logs())
+
+    def logs(self):
+        return (self.dir / f"control-{self.port}.stderr").read_text()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, method, path, body=None, token=TOKEN, headers=None):
+        data = body.encode() if isinstance(body, str) else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, method=method, data=data)
+        if token is not None:
+            req.add_header("authorization", f"Bearer {token}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def ctl(self, *args, token=TOKEN):
+        env = dict(os.environ, MESHGATE_SERVER=self.url, MESHGATE_AUTHOR="ana")
+        env.pop("MESHGATE_ADMIN_TOKEN", None)
+        if token is not None:
+            env["MESHGATE_ADMIN_TOKEN"] = token
+        p = subprocess.run([BIN, "ctl", *args], capture_output=True, text=True, env=env, timeout=30)
+        return p.returncode, p.stdout, p.stderr
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        return self.proc.returncode if self.proc else None
+
+
+class Proxy:
+    """A `meshgate proxy` fed by a control plane, serving one Gateway resource whose
+    listener and admin ports the test chose. Its cache and state live in tmp_path."""
+
+    def __init__(self, tmp_path, control_url, node, gateway, port, admin_port, labels=""):
+        self.dir = Path(tmp_path)
+        self.control_url, self.node, self.gateway = control_url, node, gateway
+        self.port, self.admin_port, self.labels = port, admin_port, labels
+        self.cache = self.dir / f"cache-{node}"
+        self.proc = None
+        self.starts = 0
+
+    def start(self, token=TOKEN):
+        self.starts += 1
+        self.stderr_path = self.dir / f"proxy-{self.node}-{self.starts}.stderr"
+        env = dict(os.environ, MESHGATE_NODE_TOKEN=token, MESHGATE_LOG="info")
+        env.pop("MESHGATE_ADMIN_TOKEN", None)
+        self.proc = subprocess.Popen(
+            [BIN, "proxy", "--control", self.control_url, "--node", self.node,
+             "--gateway", self.gateway, "--labels", self.labels,
+             "--cache-dir", str(self.cache), "--state-dir", str(self.dir / f"state-{self.node}")],
+            stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "w"), env=env)
+        return self
+
+    def logs(self):
+        return self.stderr_path.read_text()
+
+    def get(self, path):
+        """(status, body text) of a GET on the proxy's listener; (None, error) if refused."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError as e:
+            return None, str(e)
+
+    def wait_for(self, path, body, timeout=10.0):
+        """Wait until GET path answers 200 with `body`."""
+        deadline = time.time() + timeout
+        last = None
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy {self.node} exited {self.proc.returncode}: {self.logs()}")
+            last = self.get(path)
+            if last == (200, body):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"proxy {self.node}: {path} answered {last}, not {body!r}\n{self.logs()}")
+
+    def config(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/config", timeout=5) as r:
+            return json.loads(r.read())
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(15)
+        return self.proc.returncode if self.proc else None

@@ -15,74 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import BIN, ROOT, free_port
+from harness import BIN, ROOT, TOKEN, Control, free_port
 
-TOKEN = "t0ken-for-tests"
 QUICKSTART = ROOT / "examples" / "quickstart"
-
-
-class Control:
-    """A `meshgate control` process on a store file it owns."""
-
-    def __init__(self, tmp_path, store=None):
-        self.port = free_port()
-        self.dir = Path(tmp_path)
-        self.store = store or self.dir / "control.redb"
-        self.proc = None
-
-    def start(self, wait=True):
-        self.stderr = open(self.dir / f"control-{self.port}.stderr", "w")
-        env = dict(os.environ, MESHGATE_ADMIN_TOKEN=TOKEN)
-        self.proc = subprocess.Popen(
-            [BIN, "control", "--listen", f"127.0.0.1:{self.port}", "--store", str(self.store)],
-            stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
-        if not wait:
-            return self
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"control exited {self.proc.returncode}: {self.logs()}")
-            try:
-                if self.call("GET", "/api/v1/revision")[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError("control plane did not start: " + self.logs())
-
-    def logs(self):
-        return (self.dir / f"control-{self.port}.stderr").read_text()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def call(self, method, path, body=None, token=TOKEN, headers=None):
-        data = body.encode() if isinstance(body, str) else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, method=method, data=data)
-        if token is not None:
-            req.add_header("authorization", f"Bearer {token}")
-        for k, v in (headers or {}).items():
-            req.add_header(k, v)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
-
-    def ctl(self, *args, token=TOKEN):
-        env = dict(os.environ, MESHGATE_SERVER=self.url, MESHGATE_AUTHOR="ana")
-        env.pop("MESHGATE_ADMIN_TOKEN", None)
-        if token is not None:
-            env["MESHGATE_ADMIN_TOKEN"] = token
-        p = subprocess.run([BIN, "ctl", *args], capture_output=True, text=True, env=env, timeout=30)
-        return p.returncode, p.stdout, p.stderr
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-        return self.proc.returncode if self.proc else None
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(30);
 
-/// One compiled config.
-#[derive(Debug)]
+/// One compiled config. The default is the empty config: nothing is served (a
+/// proxy waiting for its first config from the control plane).
+#[derive(Debug, Default)]
 pub struct Snapshot {
     /// A hash of the sources: equal configs have equal revisions.
     pub revision: String,

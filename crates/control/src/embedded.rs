@@ -4,6 +4,7 @@
 //! - `versions`: (key, revision) → the text written then, or `None` for a delete.
 //!   Every version is kept, so any revision can be read back.
 //! - `commits`: revision → the commit's author, time, message and keys (JSON).
+//! - `meta`: `id` → the store's id, made when the file is created.
 //!
 //! The newest revision is the last key of `commits`. Writes run in one redb write
 //! transaction each, and redb allows one writer at a time, so the compare-and-set
@@ -16,10 +17,12 @@ use std::sync::Arc;
 
 const VERSIONS: TableDefinition<(&str, u64), Option<&str>> = TableDefinition::new("versions");
 const COMMITS: TableDefinition<u64, &str> = TableDefinition::new("commits");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 #[derive(Debug, Clone)]
 pub struct Embedded {
     db: Arc<Database>,
+    id: Arc<str>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -55,8 +58,26 @@ impl Embedded {
         let tx = db.begin_write().map_err(backend)?;
         tx.open_table(VERSIONS).map_err(backend)?;
         tx.open_table(COMMITS).map_err(backend)?;
+        let id = {
+            let mut meta = tx.open_table(META).map_err(backend)?;
+            let known = meta
+                .get("id")
+                .map_err(backend)?
+                .map(|v| v.value().to_string());
+            match known {
+                Some(id) => id,
+                None => {
+                    let id = crate::store::new_id();
+                    meta.insert("id", id.as_str()).map_err(backend)?;
+                    id
+                }
+            }
+        };
         tx.commit().map_err(backend)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            id: id.into(),
+        })
     }
 
     fn newest(commits: &impl ReadableTable<u64, &'static str>) -> Result<u64, StoreError> {
@@ -171,6 +192,10 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Store for Embedded {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
     async fn load(&self, revision: Option<u64>) -> Result<Config, StoreError> {
         let this = self.clone();
         blocking(move || this.load_now(revision)).await

@@ -12,12 +12,17 @@
 //! | `GET /api/v1/diff?from=&to=&kind=&name=` | unified diffs between revisions |
 //! | `POST /api/v1/rollback` | `{"to": REV}`: the whole config as it was then |
 //! | `GET /api/v1/revision` | the newest revision |
+//! | `GET /api/v1/nodes` | the proxies, what they run and their last error |
+//!
+//! The push stream (gRPC, `meshgate.control.v1.Push`) is served on the same port,
+//! behind the node token instead of the admin token.
 //!
 //! Writes take `?dryRun=true` (validate only), and the author and message from the
 //! `x-meshgate-author` and `x-meshgate-message` headers. Errors have the gateway's
 //! JSON shape, `{"error": {"code", "message", "diagnostics"?}}`.
 
 use crate::plane::{Meta, Plane, Write, WriteError, Written};
+use crate::push::Publisher;
 use crate::store::{Store, StoreError, key};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -38,14 +43,17 @@ const HISTORY_LIMIT: usize = 1000;
 
 struct Ctx<S> {
     plane: Arc<Plane<S>>,
+    push: Arc<Publisher<S>>,
     token: String,
 }
 
-/// The admin API's routes over `plane`, behind `token`.
-pub fn router<S: Store>(plane: Arc<Plane<S>>, token: String) -> Router {
-    let ctx = Arc::new(Ctx { plane, token });
+/// The admin API's routes over `plane`, behind `token`, and the push service.
+pub fn router<S: Store>(plane: Arc<Plane<S>>, push: Arc<Publisher<S>>, token: String) -> Router {
+    let grpc = push.service();
+    let ctx = Arc::new(Ctx { plane, push, token });
     Router::new()
         .route("/api/v1/revision", get(revision::<S>))
+        .route("/api/v1/nodes", get(nodes::<S>))
         .route("/api/v1/history", get(history_all::<S>))
         .route("/api/v1/diff", get(diff::<S>))
         .route("/api/v1/rollback", post(rollback_all::<S>))
@@ -60,6 +68,8 @@ pub fn router<S: Store>(plane: Arc<Plane<S>>, token: String) -> Router {
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
         .layer(middleware::from_fn_with_state(ctx.clone(), auth::<S>))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // Added after the admin token's layer: the service checks the node token.
+        .route_service("/meshgate.control.v1.Push/{*method}", grpc)
         .with_state(ctx)
 }
 
@@ -202,6 +212,11 @@ fn item(r: &crate::plane::Read) -> Value {
 async fn revision<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Answer {
     let rev = ctx.plane.revision().await?;
     Ok(axum::Json(json!({"revision": rev})).into_response())
+}
+
+async fn nodes<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Response {
+    let revision = ctx.push.current().revision;
+    axum::Json(json!({"revision": revision, "items": ctx.push.nodes.list()})).into_response()
 }
 
 async fn list<S: Store>(

@@ -5,24 +5,51 @@
 //! - [`plane`]: reads, writes (each validated whole by the config compiler), history,
 //!   diff and rollback.
 //! - [`http`]: the admin REST API under `/api/v1/`.
+//! - [`push`]: the gRPC stream that sends the config to proxies; [`agent`] is the
+//!   proxy's end of it.
 
+pub mod agent;
 pub mod embedded;
 pub mod http;
 pub mod plane;
+pub mod push;
 pub mod store;
 
 pub use embedded::Embedded;
 pub use plane::{Meta, Plane, Write, WriteError, Written};
 pub use store::{Commit, Config, Store, StoreError};
 
-/// Serve the admin API on `listener` until `shutdown` resolves.
+/// The bearer tokens the control plane asks for.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// For the admin API (`ctl`).
+    pub admin: String,
+    /// For proxies' push streams.
+    pub node: String,
+}
+
+/// Serve the admin API and the push stream on `listener` until `shutdown`
+/// resolves.
 pub async fn serve<S: Store>(
     listener: tokio::net::TcpListener,
     plane: std::sync::Arc<Plane<S>>,
-    token: String,
+    tokens: Tokens,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, http::router(plane, token))
-        .with_graceful_shutdown(shutdown)
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let push = push::Publisher::start(plane.clone(), tokens.node, stopping.clone())
+        .await
+        .map_err(std::io::Error::other)?;
+    let app = http::router(plane, push, tokens.admin)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let mut stopped = stopping;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
         .await
 }

@@ -89,6 +89,10 @@ impl<S: Store> Plane<S> {
         }))
     }
 
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
     /// The newest revision in the store.
     pub async fn revision(&self) -> Result<u64, WriteError> {
         Ok(self.store.load(None).await?.revision)

@@ -87,6 +87,10 @@ pub enum StoreError {
 /// A place that keeps the config and its history. Writes are compare-and-set on the
 /// revision, so several control planes may share one store.
 pub trait Store: Send + Sync + 'static {
+    /// Names this store's history: two stores may both have a revision 7, and a
+    /// proxy's cached revision means something only to the store it came from.
+    fn id(&self) -> &str;
+
     /// The config at `revision`, or the newest when `None`.
     fn load(
         &self,
@@ -130,4 +134,9 @@ impl NewCommit {
                 .collect(),
         }
     }
+}
+
+/// A new store id: 128 random bits in hex.
+pub(crate) fn new_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }

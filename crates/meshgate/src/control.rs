@@ -8,7 +8,7 @@ pub struct Options {
     pub listen: SocketAddr,
     /// A file path (the embedded store) or `etcd://host:port[,host:port]`.
     pub store: String,
-    pub token: String,
+    pub tokens: meshgate_control::Tokens,
 }
 
 /// The admin token: `--token-file`, else `MESHGATE_ADMIN_TOKEN`. Without one, the
@@ -33,6 +33,28 @@ pub fn token(command: &str, file: Option<&Path>) -> Result<String, std::process:
     })
 }
 
+/// The token proxies present: `--node-token-file`, else `MESHGATE_NODE_TOKEN`, else
+/// none (proxies then present the admin token).
+pub fn node_token(file: Option<&Path>) -> Result<Option<String>, std::process::ExitCode> {
+    match file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
+            Ok(_) => Err(format!("--node-token-file {} is empty", f.display())),
+            Err(e) => Err(format!(
+                "cannot read --node-token-file {}: {e}",
+                f.display()
+            )),
+        },
+        None => Ok(std::env::var("MESHGATE_NODE_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())),
+    }
+    .map_err(|e| {
+        eprintln!("meshgate control: {e}");
+        std::process::ExitCode::from(2)
+    })
+}
+
 pub fn default_store(state_dir: &Path) -> PathBuf {
     state_dir.join("control.redb")
 }
@@ -53,7 +75,7 @@ pub async fn serve(o: Options) -> anyhow::Result<()> {
         revision = *plane.watch().borrow(),
         "control plane ready"
     );
-    meshgate_control::serve(listener, plane, o.token, shutdown()).await?;
+    meshgate_control::serve(listener, plane, o.tokens, shutdown()).await?;
     tracing::info!("control plane stopped");
     Ok(())
 }

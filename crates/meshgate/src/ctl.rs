@@ -29,7 +29,7 @@ pub enum Action {
         #[arg(short = 'm', long, default_value = "")]
         message: String,
     },
-    /// List resources of a kind, or show one.
+    /// List resources of a kind, or show one; `get nodes` lists the proxies.
     Get {
         kind: String,
         name: Option<String>,
@@ -178,6 +178,14 @@ impl Client {
                     .await?;
                 Ok(render_written(&v, output))
             }
+            Action::Get { kind, .. } if matches!(kind.as_str(), "nodes" | "node") => {
+                let v = self.call(Method::GET, "/api/v1/nodes", None, None).await?;
+                Ok(match output {
+                    Output::Json => pretty(&v),
+                    Output::Yaml => yaml_docs(&[v]),
+                    Output::Table => nodes_table(&v),
+                })
+            }
             Action::Get {
                 kind,
                 name,
@@ -298,6 +306,67 @@ impl Client {
             }
         }
     }
+}
+
+/// The proxies: what each runs against the newest revision, and why not if it
+/// rejected it.
+fn nodes_table(v: &Value) -> String {
+    let newest = v["revision"].as_u64().unwrap_or(0);
+    let rows = v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let revision = n["revision"].as_u64().unwrap_or(0);
+            let status = if n["connected"].as_bool() != Some(true) {
+                "disconnected"
+            } else if !n["lastError"].is_null() {
+                "rejected"
+            } else if revision == newest {
+                "in sync"
+            } else {
+                "behind"
+            };
+            let labels: Vec<String> = n["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect();
+            let error = n["lastError"]["errors"]
+                .as_array()
+                .and_then(|e| e.first())
+                .map(|e| {
+                    format!(
+                        "revision {}: {}",
+                        n["lastError"]["revision"],
+                        e.as_str().unwrap_or("")
+                    )
+                })
+                .unwrap_or_default();
+            vec![
+                n["name"].as_str().unwrap_or("").to_string(),
+                n["gateway"].as_str().unwrap_or("").to_string(),
+                labels.join(","),
+                revision.to_string(),
+                status.to_string(),
+                n["lastContact"].as_str().unwrap_or("").to_string(),
+                error,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NODE",
+            "GATEWAY",
+            "LABELS",
+            "REVISION",
+            "STATUS",
+            "LAST CONTACT",
+            "ERROR",
+        ],
+        rows,
+    )
 }
 
 /// `/api/v1/KIND/NAME` for one resource, `/api/v1` for the whole config.

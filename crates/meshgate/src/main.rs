@@ -8,6 +8,7 @@ use std::process::ExitCode;
 mod control;
 mod ctl;
 mod demo;
+mod proxy;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +51,38 @@ enum Command {
         #[arg(long)]
         store: Option<String>,
         /// Read the admin token from this file instead of MESHGATE_ADMIN_TOKEN.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Read the token proxies present from this file instead of
+        /// MESHGATE_NODE_TOKEN. Default: proxies present the admin token.
+        #[arg(long)]
+        node_token_file: Option<PathBuf>,
+        #[arg(long, env = "MESHGATE_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Run a data plane whose config the control plane pushes.
+    Proxy {
+        /// The control plane, `http://HOST:PORT`.
+        #[arg(long, env = "MESHGATE_CONTROL")]
+        control: String,
+        /// This proxy's name, unique among the control plane's proxies.
+        #[arg(long)]
+        node: String,
+        /// The Gateway resource whose listeners this proxy serves (default: the
+        /// only one).
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        role: proxy::Role,
+        /// `k=v,k=v`: what releases can select this proxy by.
+        #[arg(long, value_parser = proxy::labels, default_value = "")]
+        labels: std::collections::BTreeMap<String, String>,
+        /// Where the last good config is kept. Default: `control-cache` in the
+        /// state directory.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Read the node token from this file instead of MESHGATE_NODE_TOKEN (or
+        /// MESHGATE_ADMIN_TOKEN).
         #[arg(long)]
         token_file: Option<PathBuf>,
         #[arg(long, env = "MESHGATE_STATE_DIR")]
@@ -96,14 +129,56 @@ fn main() -> ExitCode {
             state_dir.unwrap_or_else(default_state_dir),
         ),
         Command::Demo { listen } => runtime_then(|| demo::serve(listen)),
+        Command::Proxy {
+            control,
+            node,
+            gateway,
+            role,
+            labels,
+            cache_dir,
+            token_file,
+            state_dir,
+        } => {
+            if role == proxy::Role::Sidecar {
+                eprintln!(
+                    "meshgate proxy: --role sidecar is not built yet in this version of meshgate"
+                );
+                return ExitCode::from(2);
+            }
+            let token = match proxy::token(token_file.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("meshgate proxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let state_dir = state_dir.unwrap_or_else(default_state_dir);
+            let cache_dir = cache_dir.unwrap_or_else(|| state_dir.join("control-cache"));
+            runtime_then(move || {
+                proxy::run(proxy::Options {
+                    control,
+                    token,
+                    node,
+                    gateway,
+                    labels,
+                    cache_dir,
+                    state_dir,
+                })
+            })
+        }
         Command::Control {
             listen,
             store,
             token_file,
+            node_token_file,
             state_dir,
         } => {
             let token = match control::token("control", token_file.as_deref()) {
                 Ok(t) => t,
+                Err(code) => return code,
+            };
+            let node_token = match control::node_token(node_token_file.as_deref()) {
+                Ok(t) => t.unwrap_or_else(|| token.clone()),
                 Err(code) => return code,
             };
             let store = store.unwrap_or_else(|| {
@@ -114,7 +189,10 @@ fn main() -> ExitCode {
                 control::serve(control::Options {
                     listen,
                     store,
-                    token,
+                    tokens: meshgate_control::Tokens {
+                        admin: token,
+                        node: node_token,
+                    },
                 })
             })
         }
@@ -242,7 +320,11 @@ fn run(config: Vec<PathBuf>, demo_upstream: Option<String>, state_dir: PathBuf) 
                 }
             });
         }
-        let options = meshgate_proxy::Options { config, state_dir };
-        Ok(meshgate_proxy::run(options, snapshot).await?)
+        let options = meshgate_proxy::Options {
+            config,
+            control: None,
+            state_dir,
+        };
+        Ok(meshgate_proxy::run(options, snapshot, None).await?)
     })
 }

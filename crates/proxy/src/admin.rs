@@ -106,13 +106,26 @@ async fn handle(
     Ok(resp)
 }
 
+/// Where the config comes from: files, or `control:URL`.
+fn sources(shared: &Shared) -> Vec<String> {
+    match &shared.options.control {
+        Some(url) => vec![format!("control:{url}")],
+        None => shared
+            .options
+            .config
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    }
+}
+
 fn config(shared: &Shared) -> serde_json::Value {
     let active = shared.active.load();
     let last = shared.last_reload.lock().ok().and_then(|s| s.clone());
     json!({
         "revision": active.snapshot.revision,
         "loadedAt": humantime::format_rfc3339_millis(active.loaded_at).to_string(),
-        "sources": shared.options.config.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "sources": sources(shared),
         "lastReload": last.map(|l| json!({
             "at": humantime::format_rfc3339_millis(l.at).to_string(),
             "ok": l.ok,

@@ -33,13 +33,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
-/// How `meshgate run` was started.
+/// How the proxy was started.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Files and directories to (re)load config from.
+    /// Files and directories to (re)load config from (`meshgate run`).
     pub config: Vec<PathBuf>,
+    /// The control plane that pushes the config instead (`meshgate proxy`); file
+    /// reloads do not apply then.
+    pub control: Option<String>,
     /// Where quota counters and usage persist (`meshgate.redb` in it).
     pub state_dir: PathBuf,
+}
+
+/// A config pushed from outside (the control plane's agent), and where to say
+/// whether it was applied: `Ok(revision)` or the reasons it was not.
+#[derive(Debug)]
+pub struct Push {
+    pub snapshot: Snapshot,
+    pub reply: tokio::sync::oneshot::Sender<Result<String, Vec<String>>>,
 }
 
 /// The outcome of the last reload attempt, for `GET /config`.
@@ -90,6 +101,11 @@ impl Shared {
     /// Compile the config files again and swap them in. In-flight requests keep
     /// the snapshot they started with; a bad config changes nothing.
     pub async fn reload(self: &Arc<Self>, trigger: &str) -> Result<String, Vec<String>> {
+        if let Some(url) = &self.options.control {
+            return Err(vec![format!(
+                "this proxy's config comes from the control plane at {url}: change it there (meshgate ctl)"
+            )]);
+        }
         let _one_at_a_time = self.reload_lock.lock().await;
         let paths = self.options.config.clone();
         let compiled =
@@ -109,6 +125,26 @@ impl Shared {
             }),
             Some(s) => self.activate(Arc::new(s)).await.map_err(|e| vec![e]),
         };
+        self.settle(trigger, result)
+    }
+
+    /// Swap in a config compiled elsewhere (a control-plane push).
+    pub async fn apply(
+        self: &Arc<Self>,
+        trigger: &str,
+        snapshot: Snapshot,
+    ) -> Result<String, Vec<String>> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let result = self.activate(Arc::new(snapshot)).await.map_err(|e| vec![e]);
+        self.settle(trigger, result)
+    }
+
+    /// Log, count and record the outcome of a reload or push.
+    fn settle(
+        &self,
+        trigger: &str,
+        result: Result<String, Vec<String>>,
+    ) -> Result<String, Vec<String>> {
         match &result {
             Ok(rev) => {
                 tracing::info!(%trigger, revision = %rev, "config reloaded");
@@ -146,8 +182,13 @@ impl Shared {
     }
 }
 
-/// Serve a compiled config until SIGTERM or SIGINT, then drain and return.
-pub async fn run(options: Options, snapshot: Snapshot) -> std::io::Result<()> {
+/// Serve a compiled config until SIGTERM or SIGINT, then drain and return. With
+/// `pushes`, each config received there is swapped in and answered.
+pub async fn run(
+    options: Options,
+    snapshot: Snapshot,
+    pushes: Option<tokio::sync::mpsc::Receiver<Push>>,
+) -> std::io::Result<()> {
     let store = open_state(&options.state_dir)?;
     let metrics = metrics::Metrics::default();
     let loggers = access_log::Loggers::default();
@@ -187,6 +228,16 @@ pub async fn run(options: Options, snapshot: Snapshot) -> std::io::Result<()> {
         .map_err(std::io::Error::other)?;
     shared.admins.commit(&shared, admins);
     let _watch = watch_files(&shared);
+    if let Some(mut pushes) = pushes {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(p) = pushes.recv().await {
+                let _ = p
+                    .reply
+                    .send(shared.apply("control plane", p.snapshot).await);
+            }
+        });
+    }
     tracing::info!(revision = %snapshot.revision, "meshgate ready");
     wait_for_stop(&shared).await?;
     drain_all(&shared).await;

@@ -1,0 +1,316 @@
+//! The proxy's side of the push stream: hold a stream to the control plane, keep
+//! the resources it sends, hand each revision to the proxy to apply, answer ACK or
+//! NACK, keep the last good config in a cache directory, and reconnect with
+//! jittered backoff when the stream breaks. What "apply" means (compile, swap the
+//! config in) is the caller's: this module knows nothing of the data plane.
+
+use crate::push::{HEARTBEAT, pb};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The cache file's name in the cache directory.
+const CACHE_FILE: &str = "config.json";
+
+/// Who this proxy is, as told to the control plane.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub role: String,
+    pub gateway: String,
+}
+
+/// A whole config as received: the store it came from, its revision and every
+/// resource's text by `Kind/name`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Held {
+    pub store_id: String,
+    pub revision: u64,
+    pub resources: BTreeMap<String, String>,
+}
+
+impl Held {
+    /// The config cached in `dir`, if there is one that reads.
+    pub fn load(dir: &Path) -> Result<Option<Held>, String> {
+        let path = dir.join(CACHE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Write this config to `dir`, atomically: a crash leaves the old file or the
+    /// new one, never half of one.
+    pub fn save(&self, dir: &Path) -> Result<(), String> {
+        use std::io::Write as _;
+        let fail = |e: std::io::Error| format!("{}: {e}", dir.display());
+        std::fs::create_dir_all(dir).map_err(fail)?;
+        let tmp = dir.join(format!("{CACHE_FILE}.tmp"));
+        let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+        f.write_all(&bytes).map_err(fail)?;
+        f.sync_all().map_err(fail)?;
+        std::fs::rename(&tmp, dir.join(CACHE_FILE)).map_err(fail)
+    }
+
+    fn take(&mut self, msg: pb::ControlMessage) -> Result<(), String> {
+        match msg.message {
+            Some(pb::control_message::Message::Snapshot(s)) => {
+                *self = Held {
+                    store_id: s.store_id,
+                    revision: s.revision,
+                    resources: s.resources.into_iter().map(|r| (r.key, r.text)).collect(),
+                };
+                Ok(())
+            }
+            Some(pb::control_message::Message::Delta(d)) => {
+                if d.base != self.revision {
+                    return Err(format!(
+                        "a delta from revision {} arrived while revision {} is held",
+                        d.base, self.revision
+                    ));
+                }
+                for k in d.removals {
+                    self.resources.remove(&k);
+                }
+                self.resources
+                    .extend(d.upserts.into_iter().map(|r| (r.key, r.text)));
+                self.revision = d.revision;
+                Ok(())
+            }
+            None => Err("an empty message from the control plane".into()),
+        }
+    }
+}
+
+/// Where the control plane is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub url: String,
+    pub token: String,
+    pub identity: Identity,
+    /// Where the last good config is kept (none: not kept).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// How a session with the control plane ended.
+enum Ended {
+    /// After at least one message: reconnect soon.
+    Served(String),
+    /// Before any: back off.
+    Failed(String),
+}
+
+impl Agent {
+    /// Follow the control plane for ever, starting from `good` (the config the
+    /// proxy serves now, if any). Every revision received is handed to `apply`,
+    /// whose `Err` lines are sent back as the NACK's reasons.
+    pub async fn run<F, Fut>(self, mut good: Held, mut apply: F)
+    where
+        F: FnMut(Held) -> Fut,
+        Fut: Future<Output = Result<(), Vec<String>>>,
+    {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            match self.session(&mut good, &mut apply).await {
+                Ended::Served(why) => {
+                    tracing::warn!(control = %self.url, reason = %why, revision = good.revision, "control plane stream ended; serving the last good config");
+                    backoff = MIN_BACKOFF;
+                }
+                Ended::Failed(why) => {
+                    tracing::warn!(control = %self.url, reason = %why, revision = good.revision, retry_in = ?backoff, "control plane unreachable; serving the last good config");
+                }
+            }
+            // Full jitter keeps a fleet of proxies from reconnecting in step.
+            let wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn session<F, Fut>(&self, good: &mut Held, apply: &mut F) -> Ended
+    where
+        F: FnMut(Held) -> Fut,
+        Fut: Future<Output = Result<(), Vec<String>>>,
+    {
+        let (tx, mut inbound) = match self.open(good).await {
+            Ok(s) => s,
+            Err(e) => return Ended::Failed(e),
+        };
+        let mut held = good.clone();
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        beat.reset();
+        loop {
+            let msg = tokio::select! {
+                _ = beat.tick() => {
+                    let _ = tx.send(message(pb::node_message::Message::Heartbeat(pb::Heartbeat {}))).await;
+                    continue;
+                }
+                m = inbound.message() => m,
+            };
+            let msg = match msg {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ended::Served("the control plane closed the stream".into()),
+                Err(s) => return Ended::Served(status_text(&s)),
+            };
+            if let Err(e) = held.take(msg) {
+                return Ended::Served(e);
+            }
+            let revision = held.revision;
+            let reply = match apply(held.clone()).await {
+                Ok(()) => {
+                    *good = held.clone();
+                    if let Some(dir) = &self.cache_dir {
+                        let (copy, dir) = (held.clone(), dir.clone());
+                        let saved = tokio::task::spawn_blocking(move || copy.save(&dir)).await;
+                        if let Ok(Err(e)) = saved {
+                            tracing::error!(error = %e, "cannot cache the config");
+                        }
+                    }
+                    pb::node_message::Message::Ack(pb::Ack { revision })
+                }
+                Err(errors) => pb::node_message::Message::Nack(pb::Nack { revision, errors }),
+            };
+            if tx.send(message(reply)).await.is_err() {
+                return Ended::Served("the stream closed".into());
+            }
+        }
+    }
+
+    /// Connect, say hello, and return the two halves of the stream.
+    async fn open(
+        &self,
+        good: &Held,
+    ) -> Result<
+        (
+            mpsc::Sender<pb::NodeMessage>,
+            tonic::Streaming<pb::ControlMessage>,
+        ),
+        String,
+    > {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
+            .map_err(|e| format!("bad control plane URL {}: {e}", self.url))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(HEARTBEAT)
+            .keep_alive_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
+        let mut client = pb::push_client::PushClient::new(channel);
+        let (tx, rx) = mpsc::channel(16);
+        let id = &self.identity;
+        let hello = pb::Hello {
+            node: id.node.clone(),
+            labels: id.labels.clone().into_iter().collect(),
+            role: id.role.clone(),
+            gateway: id.gateway.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            store_id: good.store_id.clone(),
+            revision: good.revision,
+        };
+        let _ = tx
+            .send(message(pb::node_message::Message::Hello(hello)))
+            .await;
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let bearer = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| "the node token holds characters a header cannot".to_string())?;
+        request.metadata_mut().insert("authorization", bearer);
+        let inbound = client
+            .stream(request)
+            .await
+            .map_err(|s| status_text(&s))?
+            .into_inner();
+        Ok((tx, inbound))
+    }
+}
+
+fn message(m: pb::node_message::Message) -> pb::NodeMessage {
+    pb::NodeMessage { message: Some(m) }
+}
+
+fn status_text(s: &tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+/// An error and its causes on one line (tonic's transport errors hide the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(key: &str, text: &str) -> pb::Resource {
+        pb::Resource {
+            key: key.into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn snapshots_replace_and_deltas_apply_only_on_their_base() {
+        use pb::control_message::Message;
+        let mut held = Held::default();
+        let snap = pb::Snapshot {
+            store_id: "s1".into(),
+            revision: 3,
+            resources: vec![resource("Api/a", "a"), resource("Api/b", "b")],
+        };
+        let ok = held.take(pb::ControlMessage {
+            message: Some(Message::Snapshot(snap)),
+        });
+        assert_eq!((ok, held.revision, held.resources.len()), (Ok(()), 3, 2));
+        let delta = |base| pb::ControlMessage {
+            message: Some(Message::Delta(pb::Delta {
+                base,
+                revision: 4,
+                upserts: vec![resource("Api/a", "a2")],
+                removals: vec!["Api/b".into()],
+            })),
+        };
+        assert!(held.take(delta(2)).is_err(), "a delta on another base");
+        assert_eq!(held.take(delta(3)), Ok(()));
+        assert_eq!(held.revision, 4);
+        assert_eq!(
+            held.resources.into_iter().collect::<Vec<_>>(),
+            [("Api/a".to_string(), "a2".to_string())]
+        );
+    }
+
+    #[test]
+    fn the_cache_round_trips_and_a_missing_one_is_none() {
+        let dir = std::env::temp_dir().join(format!("mg-cache-{}", std::process::id()));
+        assert_eq!(Held::load(&dir), Ok(None));
+        let held = Held {
+            store_id: "s".into(),
+            revision: 9,
+            resources: [("Api/a".to_string(), "x".to_string())].into(),
+        };
+        assert_eq!(held.save(&dir), Ok(()));
+        assert_eq!(Held::load(&dir), Ok(Some(held)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,493 @@
+//! The control plane's side of the push stream (`proto/.../push.proto`): it keeps
+//! the newest config in memory as [`Published`], sends each proxy a snapshot (or a
+//! delta from the revision the proxy already holds), then one delta per revision,
+//! and records every proxy's acknowledgements in [`Nodes`].
+//!
+//! A delta between two revisions is computed once and shared by every stream that
+//! held the older one; a stream that fell behind gets a delta of its own, computed
+//! from the two resource maps. Whole snapshots go out only on a first connection or
+//! when the proxy's config came from another store.
+
+use crate::plane::Plane;
+use crate::store::{Config, Key, Store};
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("meshgate.control.v1");
+}
+
+/// How often a proxy says it is alive when it has nothing else to say.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A stream with no message from its proxy for this long is closed.
+const SILENCE: Duration = Duration::from_secs(3 * HEARTBEAT.as_secs());
+/// A disconnected node is listed this long, then forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// Messages queued for one proxy before its stream applies back-pressure.
+const QUEUE: usize = 16;
+
+/// Every resource's text at one revision. Texts are shared between revisions
+/// (`Arc`), so a diff of two revisions compares pointers first.
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    pub revision: u64,
+    pub resources: Arc<BTreeMap<Key, Arc<str>>>,
+    /// The delta from the previous published revision, shared by every stream that
+    /// held it.
+    delta: Option<Arc<pb::Delta>>,
+}
+
+impl Published {
+    /// `config` as published; texts equal to `share`'s are taken from it.
+    fn from_config(config: &Config, share: Option<&Published>) -> Self {
+        let resources: BTreeMap<Key, Arc<str>> = config
+            .resources
+            .iter()
+            .map(|(k, s)| {
+                let text = share
+                    .and_then(|b| b.resources.get(k))
+                    .filter(|t| ***t == *s.text)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::from(s.text.as_str()));
+                (k.clone(), text)
+            })
+            .collect();
+        Published {
+            revision: config.revision,
+            resources: Arc::new(resources),
+            delta: None,
+        }
+    }
+
+    /// `config` as the successor of `before`, with the delta from it.
+    fn after(config: &Config, before: &Published) -> Self {
+        let mut p = Self::from_config(config, Some(before));
+        p.delta = Some(Arc::new(delta(before, &p)));
+        p
+    }
+
+    fn snapshot(&self, store_id: &str) -> pb::Snapshot {
+        pb::Snapshot {
+            store_id: store_id.to_string(),
+            revision: self.revision,
+            resources: self
+                .resources
+                .iter()
+                .map(|(k, t)| pb::Resource {
+                    key: k.clone(),
+                    text: t.to_string(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What changed from `a` to `b`.
+fn delta(a: &Published, b: &Published) -> pb::Delta {
+    let upserts = b
+        .resources
+        .iter()
+        .filter(|(k, t)| {
+            a.resources
+                .get(*k)
+                .is_none_or(|old| !Arc::ptr_eq(old, t) && old != *t)
+        })
+        .map(|(k, t)| pb::Resource {
+            key: k.clone(),
+            text: t.to_string(),
+        })
+        .collect();
+    let removals = a
+        .resources
+        .keys()
+        .filter(|k| !b.resources.contains_key(*k))
+        .cloned()
+        .collect();
+    pb::Delta {
+        base: a.revision,
+        revision: b.revision,
+        upserts,
+        removals,
+    }
+}
+
+/// What the control plane knows of one proxy.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub role: String,
+    pub gateway: String,
+    pub version: String,
+    /// The proxy's address as this control plane sees it.
+    pub address: String,
+    pub connected: bool,
+    /// The revision the proxy runs (its last ACK), 0 before the first.
+    pub revision: u64,
+    /// The newest revision sent to it.
+    pub sent: u64,
+    #[serde(with = "unix_seconds")]
+    pub connected_at: SystemTime,
+    #[serde(with = "unix_seconds")]
+    pub last_contact: SystemTime,
+    /// The last revision the proxy rejected and why, until it accepts a newer one.
+    pub last_error: Option<Rejection>,
+    #[serde(skip)]
+    stream: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rejection {
+    pub revision: u64,
+    pub errors: Vec<String>,
+}
+
+/// RFC 3339 times in JSON.
+mod unix_seconds {
+    pub fn serialize<S: serde::Serializer>(
+        t: &std::time::SystemTime,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let secs = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let ts = jiff::Timestamp::from_millisecond(secs).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        s.collect_str(&ts)
+    }
+}
+
+/// The proxies that hold (or held) a stream to this control plane.
+#[derive(Debug, Default)]
+pub struct Nodes {
+    by_name: Mutex<HashMap<String, NodeStatus>>,
+    streams: AtomicU64,
+}
+
+impl Nodes {
+    /// Every node, by name; disconnected ones are listed for an hour.
+    pub fn list(&self) -> Vec<NodeStatus> {
+        let now = SystemTime::now();
+        let Ok(mut map) = self.by_name.lock() else {
+            return Vec::new();
+        };
+        map.retain(|_, n| {
+            n.connected
+                || now
+                    .duration_since(n.last_contact)
+                    .is_ok_and(|d| d < FORGET_AFTER)
+        });
+        let mut out: Vec<NodeStatus> = map.values().cloned().collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn update(&self, name: &str, stream: u64, f: impl FnOnce(&mut NodeStatus)) {
+        if let Ok(mut map) = self.by_name.lock()
+            && let Some(n) = map.get_mut(name)
+            && n.stream == stream
+        {
+            f(n);
+        }
+    }
+}
+
+/// Follows the plane's revisions and publishes each, whole, to the streams.
+pub struct Publisher<S> {
+    plane: Arc<Plane<S>>,
+    current: watch::Sender<Arc<Published>>,
+    pub nodes: Nodes,
+    token: String,
+    /// Becomes true when the control plane stops: every stream then ends, so the
+    /// server's graceful shutdown does not wait on them for ever.
+    stopping: watch::Receiver<bool>,
+}
+
+impl<S: Store> Publisher<S> {
+    /// Load the newest config and follow the plane from there. `token` is the
+    /// bearer token proxies must present.
+    pub async fn start(
+        plane: Arc<Plane<S>>,
+        token: String,
+        stopping: watch::Receiver<bool>,
+    ) -> Result<Arc<Self>, crate::StoreError> {
+        let config = plane.store().load(None).await?;
+        let first = Published::from_config(&config, None);
+        let this = Arc::new(Self {
+            plane: plane.clone(),
+            current: watch::channel(Arc::new(first)).0,
+            nodes: Nodes::default(),
+            token,
+            stopping,
+        });
+        let weak = Arc::downgrade(&this);
+        let mut revisions = plane.watch();
+        tokio::spawn(async move {
+            while revisions.changed().await.is_ok() {
+                let Some(this) = weak.upgrade() else { return };
+                let wanted = *revisions.borrow_and_update();
+                if wanted <= this.current.borrow().revision {
+                    continue;
+                }
+                match this.plane.store().load(None).await {
+                    Ok(config) => {
+                        let before = this.current.borrow().clone();
+                        let next = Published::after(&config, &before);
+                        tracing::debug!(revision = next.revision, "publishing");
+                        this.current.send_replace(Arc::new(next));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the new revision to push it; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        revisions.mark_changed();
+                    }
+                }
+            }
+        });
+        Ok(this)
+    }
+
+    /// The newest published config.
+    pub fn current(&self) -> Arc<Published> {
+        self.current.borrow().clone()
+    }
+
+    /// The gRPC service, to be served beside the admin API.
+    pub fn service(self: &Arc<Self>) -> pb::push_server::PushServer<Service<S>> {
+        pb::push_server::PushServer::new(Service(self.clone()))
+    }
+
+    /// What a proxy that says it holds `revision` of `store_id` is sent first.
+    async fn first(
+        &self,
+        hello: &pb::Hello,
+        now: &Published,
+    ) -> Result<pb::ControlMessage, Status> {
+        use pb::control_message::Message;
+        let store_id = self.plane.store().id();
+        let resumable =
+            hello.store_id == store_id && hello.revision > 0 && hello.revision <= now.revision;
+        if resumable {
+            match self.plane.store().load(Some(hello.revision)).await {
+                Ok(then) => {
+                    let then = Published::from_config(&then, Some(now));
+                    return Ok(pb::ControlMessage {
+                        message: Some(Message::Delta(delta(&then, now))),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(node = %hello.node, error = %e, "cannot read the node's revision; sending a snapshot")
+                }
+            }
+        }
+        Ok(pb::ControlMessage {
+            message: Some(Message::Snapshot(now.snapshot(store_id))),
+        })
+    }
+}
+
+/// The push gRPC service.
+pub struct Service<S>(Arc<Publisher<S>>);
+
+type Outbound =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: Store> pb::push_server::Push for Service<S> {
+    type StreamStream = Outbound;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::NodeMessage>>,
+    ) -> Result<Response<Outbound>, Status> {
+        let publisher = self.0.clone();
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok: bool =
+            subtle::ConstantTimeEq::ct_eq(given.as_bytes(), publisher.token.as_bytes()).into();
+        if !ok {
+            return Err(Status::unauthenticated(
+                "a valid node token is required (authorization: Bearer TOKEN)",
+            ));
+        }
+        let address = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|a| a.0.to_string())
+            .unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(SILENCE, inbound.message()).await {
+            Ok(Ok(Some(pb::NodeMessage {
+                message: Some(pb::node_message::Message::Hello(h)),
+            }))) => h,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Status::deadline_exceeded("no hello from the node")),
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message on the stream must be a hello",
+                ));
+            }
+        };
+        if hello.node.is_empty() {
+            return Err(Status::invalid_argument("the hello names no node"));
+        }
+        let now = publisher.current();
+        let first = publisher.first(&hello, &now).await?;
+        let stream = publisher.nodes.streams.fetch_add(1, Ordering::Relaxed) + 1;
+        let t = SystemTime::now();
+        let status = NodeStatus {
+            name: hello.node.clone(),
+            labels: hello.labels.clone().into_iter().collect(),
+            role: hello.role.clone(),
+            gateway: hello.gateway.clone(),
+            version: hello.version.clone(),
+            address,
+            connected: true,
+            revision: if hello.store_id == publisher.plane.store().id() {
+                hello.revision
+            } else {
+                0
+            },
+            sent: now.revision,
+            connected_at: t,
+            last_contact: t,
+            last_error: None,
+            stream,
+        };
+        if let Ok(mut map) = publisher.nodes.by_name.lock() {
+            map.insert(hello.node.clone(), status);
+        }
+        tracing::info!(node = %hello.node, revision = hello.revision, "node connected");
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let _ = tx.send(Ok(first)).await;
+        tokio::spawn(serve_node(publisher, hello.node, stream, now, inbound, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Push every new revision to one node and record what it says, until either side
+/// goes away.
+async fn serve_node<S: Store>(
+    publisher: Arc<Publisher<S>>,
+    node: String,
+    stream: u64,
+    mut held: Arc<Published>,
+    mut inbound: Streaming<pb::NodeMessage>,
+    tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
+) {
+    use pb::node_message::Message;
+    let mut current = publisher.current.subscribe();
+    current.mark_changed();
+    let nodes = &publisher.nodes;
+    let mut stopping = publisher.stopping.clone();
+    let why = loop {
+        tokio::select! {
+            _ = async { let _ = stopping.wait_for(|s| *s).await; } => break "the control plane is stopping".to_string(),
+            changed = current.changed() => {
+                if changed.is_err() {
+                    break "the control plane is stopping".to_string();
+                }
+                let next = current.borrow_and_update().clone();
+                if next.revision <= held.revision {
+                    continue;
+                }
+                let d = match &next.delta {
+                    Some(d) if d.base == held.revision => (**d).clone(),
+                    _ => delta(&held, &next),
+                };
+                let msg = pb::ControlMessage { message: Some(pb::control_message::Message::Delta(d)) };
+                if tx.send(Ok(msg)).await.is_err() {
+                    break "the node closed the stream".to_string();
+                }
+                nodes.update(&node, stream, |n| n.sent = next.revision);
+                held = next;
+            }
+            msg = tokio::time::timeout(SILENCE, inbound.message()) => {
+                let msg = match msg {
+                    Err(_) => break format!("no message from the node for {SILENCE:?}"),
+                    Ok(Err(e)) => break format!("stream error: {}", e.message()),
+                    Ok(Ok(None)) => break "the node closed the stream".to_string(),
+                    Ok(Ok(Some(m))) => m,
+                };
+                let at = SystemTime::now();
+                match msg.message {
+                    Some(Message::Ack(a)) => nodes.update(&node, stream, |n| {
+                        n.last_contact = at;
+                        n.revision = n.revision.max(a.revision);
+                        if n.last_error.as_ref().is_some_and(|e| e.revision <= a.revision) {
+                            n.last_error = None;
+                        }
+                    }),
+                    Some(Message::Nack(r)) => {
+                        tracing::warn!(node = %node, revision = r.revision, errors = ?r.errors, "node rejected a revision");
+                        nodes.update(&node, stream, |n| {
+                            n.last_contact = at;
+                            n.last_error = Some(Rejection { revision: r.revision, errors: r.errors });
+                        });
+                    }
+                    _ => nodes.update(&node, stream, |n| n.last_contact = at),
+                }
+            }
+        }
+    };
+    tracing::info!(node = %node, reason = %why, "node disconnected");
+    nodes.update(&node, stream, |n| n.connected = false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Stored;
+
+    fn config(revision: u64, items: &[(&str, &str)]) -> Config {
+        Config {
+            revision,
+            resources: items
+                .iter()
+                .map(|(k, t)| {
+                    (
+                        k.to_string(),
+                        Stored {
+                            text: t.to_string(),
+                            revision,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn deltas_carry_only_what_changed() {
+        let one = Published::from_config(&config(1, &[("Api/a", "a"), ("Api/b", "b")]), None);
+        let two = Published::after(&config(2, &[("Api/a", "a"), ("Api/c", "c")]), &one);
+        // The unchanged text is the same allocation in both revisions.
+        assert!(Arc::ptr_eq(
+            &one.resources["Api/a"],
+            &two.resources["Api/a"]
+        ));
+        let d = two.delta.as_deref().cloned().unwrap_or_default();
+        assert_eq!((d.base, d.revision), (1, 2));
+        assert_eq!(
+            d.upserts.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+            ["Api/c"]
+        );
+        assert_eq!(d.removals, ["Api/b"]);
+        // A stream that held revision 0 (nothing) gets everything as upserts.
+        let d = delta(&Published::default(), &two);
+        assert_eq!(d.upserts.len(), 2);
+        assert!(d.removals.is_empty());
+    }
+}
