@@ -19,10 +19,35 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = os.environ.get("MESHGATE_BIN", str(ROOT / "target" / "debug" / "meshgate"))
 
 
+_handed_out = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before in this run (the kernel may offer a
+    just-released port again before the test has bound the first one)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+
+
+def wait_ready(proc, probe, what, logs=lambda: "", timeout=15.0):
+    """Wait until `probe()` is true (OSError counts as not yet), failing at once if
+    `proc` exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}: {logs()}")
+        try:
+            if probe():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not become ready: {logs()}")
 
 
 def wait_port(port, timeout=10.0):
@@ -324,17 +349,7 @@ class Gateway:
         self.state_dir = self.dir.parent / "state"
         self.proc = subprocess.Popen([BIN, "run", "-c", str(self.config_arg), "--state-dir", str(self.state_dir)],
                                      stdout=subprocess.DEVNULL, stderr=self.stderr)
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"meshgate exited {self.proc.returncode}: {self.logs()}")
-            try:
-                if self.admin("GET", "/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError("meshgate did not become ready: " + self.logs())
+        wait_ready(self.proc, lambda: self.admin("GET", "/ready")[0] == 200, "meshgate", self.logs)
 
     def logs(self):
         try:
@@ -555,6 +570,43 @@ class Redis:
                 self.proc.wait()
 
 
+class Etcd:
+    """A real single-member etcd on client and peer ports chosen now, its data in
+    tmp_path, stopped by its PID."""
+
+    def __init__(self, tmp_path):
+        self.port, self.peer = free_port(), free_port()
+        self.dir = Path(tmp_path) / f"etcd-{self.port}"
+        binary = shutil.which("etcd") or "/usr/bin/etcd"
+        client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer}"
+        self.log = open(Path(tmp_path) / f"etcd-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [binary, "--name", "t", "--data-dir", str(self.dir),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"t={peer}", "--initial-cluster-state", "new"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+        def healthy():
+            with urllib.request.urlopen(f"{client}/health", timeout=1) as r:
+                return json.loads(r.read()).get("health") == "true"
+        wait_ready(self.proc, healthy, "etcd", timeout=20)
+
+    @property
+    def url(self):
+        """The `--store` URL for meshgate control."""
+        return f"etcd://127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 TOKEN = "t0ken-for-tests"
 
 
@@ -571,21 +623,14 @@ class Control:
         self.stderr = open(self.dir / f"control-{self.port}.stderr", "w")
         env = dict(os.environ, MESHGATE_ADMIN_TOKEN=TOKEN)
         self.proc = subprocess.Popen(
-            [BIN, "control", "--listen", f"127.0.0.1:{self.port}", "--store", str(self.store)],
+            [BIN, "control", "--listen", f"127.0.0.1:{self.port}", "--store", str(self.store),
+             "--state-dir", str(self.dir / "control-state")],
             stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
         if not wait:
             return self
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"control exited {self.proc.returncode}: {self.logs()}")
-            try:
-                if self.call("GET", "/api/v1/revision")[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError("control plane did not start: " + self.logs())
+        wait_ready(self.proc, lambda: self.call("GET", "/api/v1/revision")[0] == 200,
+                   "control plane", self.logs)
+        return self
 
     def logs(self):
         return (self.dir / f"control-{self.port}.stderr").read_text()

@@ -1,9 +1,11 @@
-"""Push to proxies end to end: a real `meshgate control` and three real `meshgate
-proxy` processes, each serving its own Gateway resource on ports chosen here. A write
-through the admin API reaches every proxy; each node's revision shows in `ctl get
-nodes`; a config one proxy cannot apply is NACKed and reported while it keeps serving
-its last good one; with the control plane gone the proxies serve on, a restarted
-proxy starts from its cache, and all catch up when the control plane is back."""
+"""Push to proxies end to end: three real `meshgate proxy` processes, each serving its
+own Gateway resource on ports chosen here, fed by a real `meshgate control` on the
+embedded store, or by two control planes sharing a real etcd (proxies a and b on the
+first, c on the second; every write goes through the first). A write reaches every
+proxy; each node's revision shows in `ctl get nodes` on either control plane; a
+config one proxy cannot apply is NACKed and reported while it keeps serving its last
+good one; with every control plane gone the proxies serve on, a restarted proxy
+starts from its cache, and all catch up when the control planes are back."""
 
 import json
 import signal
@@ -13,7 +15,7 @@ import time
 
 import pytest
 
-from harness import BIN, TOKEN, Control, Proxy, free_port
+from harness import BIN, Control, Etcd, Proxy, free_port
 
 NODES = ("a", "b", "c")
 NAMES = {f"node-{n}" for n in NODES}
@@ -69,30 +71,64 @@ def in_sync(rev, by_name):
         n["revision"] == rev and n["connected"] for n in by_name.values())
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    """A control plane holding three Gateways, and a proxy serving each."""
-    control = Control(tmp_path).start()
-    proxies = {}
-    gateways = []
-    for i, n in enumerate(NODES):
-        port, admin = free_port(), free_port()
-        gateways.append(gateway(f"gw-{n}", port, admin))
-        proxies[n] = Proxy(tmp_path, control.url, f"node-{n}", f"gw-{n}", port, admin,
-                           labels=f"zone=z{i % 2},name={n}")
-    put(control, tmp_path, "gateways", *gateways, hello("v1"))
-    for p in proxies.values():
-        p.start()
-    for p in proxies.values():
-        p.wait_for("/hello", "v1")
-    yield control, proxies
-    for p in proxies.values():
-        p.stop()
-    control.stop()
+class Fleet:
+    """Control planes on one store, and a proxy per Gateway."""
+
+    def __init__(self, tmp_path, store):
+        self.tmp_path = tmp_path
+        self.etcd = Etcd(tmp_path) if store == "etcd" else None
+        count = 2 if self.etcd else 1
+        self.controls = [Control(tmp_path, store=self.etcd.url if self.etcd else None).start()
+                         for _ in range(count)]
+        self.proxies = {}
+        gateways = []
+        for i, n in enumerate(NODES):
+            port, admin = free_port(), free_port()
+            gateways.append(gateway(f"gw-{n}", port, admin))
+            # a and b stream from the first control plane, c from the last; each
+            # names the other as its fallback.
+            urls = [c.url for c in self.controls]
+            if n == "c":
+                urls.reverse()
+            self.proxies[n] = Proxy(tmp_path, ",".join(urls), f"node-{n}", f"gw-{n}", port, admin,
+                                    labels=f"zone=z{i % 2},name={n}")
+        put(self.control, tmp_path, "gateways", *gateways, hello("v1"))
+        for p in self.proxies.values():
+            p.start()
+        for p in self.proxies.values():
+            p.wait_for("/hello", "v1")
+
+    @property
+    def control(self):
+        """The control plane writes go through."""
+        return self.controls[0]
+
+    def kill_controls(self):
+        for c in self.controls:
+            c.stop(signal.SIGKILL)
+
+    def restart_controls(self):
+        self.controls = [Control(self.tmp_path, store=c.store, port=c.port).start()
+                         for c in self.controls]
+
+    def stop(self):
+        for p in self.proxies.values():
+            p.stop()
+        for c in self.controls:
+            c.stop()
+        if self.etcd:
+            self.etcd.stop()
+
+
+@pytest.fixture(params=["embedded", "etcd"])
+def fleet(request, tmp_path):
+    f = Fleet(tmp_path, request.param)
+    yield f
+    f.stop()
 
 
 def test_a_write_reaches_every_proxy_and_every_node_shows_its_revision(fleet, tmp_path):
-    control, proxies = fleet
+    control, proxies = fleet.control, fleet.proxies
     rev, by_name = wait_nodes(control, in_sync)
     assert by_name["node-a"]["labels"] == {"zone": "z0", "name": "a"}
     assert by_name["node-b"]["gateway"] == "gw-b"
@@ -104,11 +140,12 @@ def test_a_write_reaches_every_proxy_and_every_node_shows_its_revision(fleet, tm
     for p in proxies.values():
         p.wait_for("/hello", "v2", timeout=5)
     assert time.time() - start < 3, "a write should reach every proxy in well under a second"
-    wait_nodes(control, lambda r, b: r == rev2 and in_sync(r, b))
+    for c in fleet.controls:
+        wait_nodes(c, lambda r, b: r == rev2 and in_sync(r, b))
     # Each proxy reports the control plane's revision at GET /config.
     for p in proxies.values():
         cfg = p.config()
-        assert cfg["revision"] == str(rev2) and cfg["sources"] == [f"control:{control.url}"]
+        assert cfg["revision"] == str(rev2) and cfg["sources"] == [f"control:{p.control_url}"]
 
     code, out, _ = control.ctl("get", "nodes")
     assert code == 0
@@ -125,7 +162,7 @@ def test_a_write_reaches_every_proxy_and_every_node_shows_its_revision(fleet, tm
 
 
 def test_a_config_one_proxy_cannot_apply_is_nacked_and_reported(fleet, tmp_path):
-    control, proxies = fleet
+    control, proxies = fleet.control, fleet.proxies
     c = proxies["c"]
     # Valid config, but gw-c's new port is taken on c's machine.
     taken = socket.socket()
@@ -156,13 +193,13 @@ def test_a_config_one_proxy_cannot_apply_is_nacked_and_reported(fleet, tmp_path)
 
 
 def test_proxies_outlive_the_control_plane_and_catch_up(fleet, tmp_path):
-    control, proxies = fleet
+    control, proxies = fleet.control, fleet.proxies
     before = put(control, tmp_path, "hello", hello("v5"))
     for p in proxies.values():
         p.wait_for("/hello", "v5")
     wait_nodes(control, lambda r, b: r == before and in_sync(r, b))
 
-    control.stop(signal.SIGKILL)
+    fleet.kill_controls()
     for _ in range(20):
         for p in proxies.values():
             assert p.get("/hello") == (200, "v5")
@@ -175,16 +212,14 @@ def test_proxies_outlive_the_control_plane_and_catch_up(fleet, tmp_path):
     assert b.config()["revision"] == str(before)
     assert "starting from the cached config" in b.logs()
 
-    # The control plane comes back (same store, same port); everyone catches up.
-    back = Control(tmp_path, store=control.store, port=control.port).start()
-    try:
-        after = put(back, tmp_path, "hello", hello("v6"))
-        assert after == before + 1
-        for p in proxies.values():
-            p.wait_for("/hello", "v6", timeout=20)
-        wait_nodes(back, lambda r, b: r == after and in_sync(r, b), timeout=20)
-    finally:
-        back.stop()
+    # The control planes come back (same store, same ports); everyone catches up.
+    fleet.restart_controls()
+    after = put(fleet.control, tmp_path, "hello", hello("v6"))
+    assert after == before + 1
+    for p in proxies.values():
+        p.wait_for("/hello", "v6", timeout=20)
+    for c in fleet.controls:
+        wait_nodes(c, lambda r, b: r == after and in_sync(r, b), timeout=20)
 
 
 def test_a_proxy_needs_a_token_and_a_wrong_one_is_refused(tmp_path):

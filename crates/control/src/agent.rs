@@ -98,6 +98,8 @@ impl Held {
 /// Where the control plane is and how to talk to it.
 #[derive(Debug, Clone)]
 pub struct Agent {
+    /// The control planes, `http://HOST:PORT`, comma-separated: the agent moves to
+    /// the next one when a stream fails.
     pub url: String,
     pub token: String,
     pub identity: Identity,
@@ -122,15 +124,21 @@ impl Agent {
         F: FnMut(Held) -> Fut,
         Fut: Future<Output = Result<(), Vec<String>>>,
     {
+        let urls: Vec<&str> = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
         let mut backoff = MIN_BACKOFF;
-        loop {
-            match self.session(&mut good, &mut apply).await {
+        for url in urls.iter().cycle() {
+            match self.session(url, &mut good, &mut apply).await {
                 Ended::Served(why) => {
-                    tracing::warn!(control = %self.url, reason = %why, revision = good.revision, "control plane stream ended; serving the last good config");
+                    tracing::warn!(control = %url, reason = %why, revision = good.revision, "control plane stream ended; serving the last good config");
                     backoff = MIN_BACKOFF;
                 }
                 Ended::Failed(why) => {
-                    tracing::warn!(control = %self.url, reason = %why, revision = good.revision, retry_in = ?backoff, "control plane unreachable; serving the last good config");
+                    tracing::warn!(control = %url, reason = %why, revision = good.revision, retry_in = ?backoff, "control plane unreachable; serving the last good config");
                 }
             }
             // Full jitter keeps a fleet of proxies from reconnecting in step.
@@ -140,12 +148,12 @@ impl Agent {
         }
     }
 
-    async fn session<F, Fut>(&self, good: &mut Held, apply: &mut F) -> Ended
+    async fn session<F, Fut>(&self, url: &str, good: &mut Held, apply: &mut F) -> Ended
     where
         F: FnMut(Held) -> Fut,
         Fut: Future<Output = Result<(), Vec<String>>>,
     {
-        let (tx, mut inbound) = match self.open(good).await {
+        let (tx, mut inbound) = match self.open(url, good).await {
             Ok(s) => s,
             Err(e) => return Ended::Failed(e),
         };
@@ -192,6 +200,7 @@ impl Agent {
     /// Connect, say hello, and return the two halves of the stream.
     async fn open(
         &self,
+        url: &str,
         good: &Held,
     ) -> Result<
         (
@@ -200,8 +209,8 @@ impl Agent {
         ),
         String,
     > {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
-            .map_err(|e| format!("bad control plane URL {}: {e}", self.url))?
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| format!("bad control plane URL {url}: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(HEARTBEAT)

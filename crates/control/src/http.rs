@@ -216,7 +216,8 @@ async fn revision<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Answer {
 
 async fn nodes<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Response {
     let revision = ctx.push.current().revision;
-    axum::Json(json!({"revision": revision, "items": ctx.push.nodes.list()})).into_response()
+    let items = ctx.push.all_nodes().await;
+    axum::Json(json!({"revision": revision, "items": items})).into_response()
 }
 
 async fn list<S: Store>(

@@ -1,7 +1,7 @@
 //! meshgate's control plane: the config center.
 //!
 //! - [`store`]: the [`Store`] trait, revisions and commits; [`embedded`] keeps them
-//!   in one redb file.
+//!   in one redb file, [`etcd`] in etcd v3 for several control planes.
 //! - [`plane`]: reads, writes (each validated whole by the config compiler), history,
 //!   diff and rollback.
 //! - [`http`]: the admin REST API under `/api/v1/`.
@@ -10,12 +10,14 @@
 
 pub mod agent;
 pub mod embedded;
+pub mod etcd;
 pub mod http;
 pub mod plane;
 pub mod push;
 pub mod store;
 
 pub use embedded::Embedded;
+pub use etcd::Etcd;
 pub use plane::{Meta, Plane, Write, WriteError, Written};
 pub use store::{Commit, Config, Store, StoreError};
 

@@ -80,13 +80,20 @@ pub struct Read {
 }
 
 impl<S: Store> Plane<S> {
+    /// A plane over `store`, following the revisions other control planes write
+    /// to it.
     pub async fn new(store: S) -> Result<Arc<Self>, StoreError> {
         let now = store.load(None).await?.revision;
-        Ok(Arc::new(Self {
+        let this = Arc::new(Self {
             store,
             write: tokio::sync::Mutex::new(()),
             revision: tokio::sync::watch::channel(now).0,
-        }))
+        });
+        let follower = this.clone();
+        tokio::spawn(async move {
+            follower.store.follow(follower.revision.clone()).await;
+        });
+        Ok(this)
     }
 
     pub fn store(&self) -> &S {
@@ -299,7 +306,7 @@ impl<S: Store> Plane<S> {
             let summary = commit.summary(current.revision + 1).changes;
             match self.store.commit(current.revision, commit).await {
                 Ok(revision) => {
-                    self.revision.send_replace(revision);
+                    crate::store::raise(&self.revision, revision);
                     tracing::info!(revision, author = %meta.author, message = %meta.message, "config written");
                     return Ok(Written {
                         revision,

@@ -168,6 +168,9 @@ mod unix_seconds {
 pub struct Nodes {
     by_name: Mutex<HashMap<String, NodeStatus>>,
     streams: AtomicU64,
+    /// Where changed statuses go to be shared with other control planes (a
+    /// shared store only): the record, or `None` once the node left.
+    share: Option<mpsc::UnboundedSender<(String, Option<String>)>>,
 }
 
 impl Nodes {
@@ -194,6 +197,40 @@ impl Nodes {
             && n.stream == stream
         {
             f(n);
+            self.shared(n);
+        }
+    }
+
+    fn insert(&self, n: NodeStatus) {
+        self.shared(&n);
+        if let Ok(mut map) = self.by_name.lock() {
+            map.insert(n.name.clone(), n);
+        }
+    }
+
+    fn shared(&self, n: &NodeStatus) {
+        if let Some(share) = &self.share {
+            let record = n
+                .connected
+                .then(|| serde_json::to_string(n).unwrap_or_default());
+            let _ = share.send((n.name.clone(), record));
+        }
+    }
+}
+
+/// Write node records to the store as they change, in batches: the newest record
+/// of each node since the last batch.
+async fn share_nodes<S: Store>(
+    plane: Arc<Plane<S>>,
+    mut changes: mpsc::UnboundedReceiver<(String, Option<String>)>,
+) {
+    while let Some((name, record)) = changes.recv().await {
+        let mut batch: BTreeMap<String, Option<String>> = BTreeMap::from([(name, record)]);
+        while let Ok((name, record)) = changes.try_recv() {
+            batch.insert(name, record);
+        }
+        if let Err(e) = plane.store().share_nodes(batch.into_iter().collect()).await {
+            tracing::warn!(error = %e, "cannot share node statuses with the other control planes");
         }
     }
 }
@@ -219,10 +256,16 @@ impl<S: Store> Publisher<S> {
     ) -> Result<Arc<Self>, crate::StoreError> {
         let config = plane.store().load(None).await?;
         let first = Published::from_config(&config, None);
+        let mut nodes = Nodes::default();
+        if plane.store().shares_nodes() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            nodes.share = Some(tx);
+            tokio::spawn(share_nodes(plane.clone(), rx));
+        }
         let this = Arc::new(Self {
             plane: plane.clone(),
             current: watch::channel(Arc::new(first)).0,
-            nodes: Nodes::default(),
+            nodes,
             token,
             stopping,
         });
@@ -251,6 +294,42 @@ impl<S: Store> Publisher<S> {
             }
         });
         Ok(this)
+    }
+
+    /// Every node this control plane serves, and, with a shared store, those the
+    /// other control planes serve: by name, a connected record before a
+    /// disconnected one, then the latest contact.
+    pub async fn all_nodes(&self) -> Vec<serde_json::Value> {
+        let mut by_name: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        let local = self
+            .nodes
+            .list()
+            .into_iter()
+            .filter_map(|n| serde_json::to_value(n).ok());
+        let shared = match self.plane.store().shared_nodes().await {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the other control planes' nodes");
+                Vec::new()
+            }
+        };
+        let shared = shared.iter().filter_map(|r| serde_json::from_str(r).ok());
+        for n in local.chain(shared) {
+            let name = n["name"].as_str().unwrap_or_default().to_string();
+            let rank = |v: &serde_json::Value| {
+                (
+                    v["connected"].as_bool() == Some(true),
+                    v["lastContact"].as_str().unwrap_or_default().to_string(),
+                )
+            };
+            match by_name.get(&name) {
+                Some(seen) if rank(seen) >= rank(&n) => {}
+                _ => {
+                    by_name.insert(name, n);
+                }
+            }
+        }
+        by_name.into_values().collect()
     }
 
     /// The newest published config.
@@ -364,9 +443,7 @@ impl<S: Store> pb::push_server::Push for Service<S> {
             last_error: None,
             stream,
         };
-        if let Ok(mut map) = publisher.nodes.by_name.lock() {
-            map.insert(hello.node.clone(), status);
-        }
+        publisher.nodes.insert(status);
         tracing::info!(node = %hello.node, revision = hello.revision, "node connected");
         let (tx, rx) = mpsc::channel(QUEUE);
         let _ = tx.send(Ok(first)).await;

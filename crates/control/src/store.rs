@@ -111,6 +111,50 @@ pub trait Store: Send + Sync + 'static {
         key: Option<&str>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Commit>, StoreError>> + Send;
+
+    /// Raise `revisions` to each newer revision that other writers commit, for as
+    /// long as the channel has receivers. A store only this process writes (the
+    /// embedded one) has nothing to follow.
+    fn follow(
+        &self,
+        revisions: tokio::sync::watch::Sender<u64>,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = revisions;
+        async {}
+    }
+
+    /// Whether several control planes share this store, and so share what they
+    /// know of their proxies through [`Store::share_nodes`].
+    fn shares_nodes(&self) -> bool {
+        false
+    }
+
+    /// Record each node's status (JSON) for the other control planes, or drop it
+    /// (`None`) when it left this one. A record outlives its writer by a short
+    /// lease only.
+    fn share_nodes(
+        &self,
+        nodes: Vec<(String, Option<String>)>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = nodes;
+        async { Ok(()) }
+    }
+
+    /// Every node's status as recorded by any control plane (JSON each).
+    fn shared_nodes(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
+        async { Ok(Vec::new()) }
+    }
+}
+
+/// Raise `revisions` to `rev` if it is newer; revisions never go back.
+pub(crate) fn raise(revisions: &tokio::sync::watch::Sender<u64>, rev: u64) {
+    revisions.send_if_modified(|r| {
+        let newer = rev > *r;
+        if newer {
+            *r = rev;
+        }
+        newer
+    });
 }
 
 impl NewCommit {

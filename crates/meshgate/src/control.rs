@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 pub struct Options {
     pub listen: SocketAddr,
-    /// A file path (the embedded store) or `etcd://host:port[,host:port]`.
+    /// A file path (the embedded store) or `etcd://host:port[,host:port][/prefix]`.
     pub store: String,
     pub tokens: meshgate_control::Tokens,
 }
@@ -60,18 +60,48 @@ pub fn default_store(state_dir: &Path) -> PathBuf {
 }
 
 pub async fn serve(o: Options) -> anyhow::Result<()> {
-    if o.store.starts_with("etcd://") {
-        anyhow::bail!("the etcd store is not built yet in this version of meshgate");
+    if let Some(rest) = o.store.strip_prefix("etcd://") {
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((h, p)) if !p.is_empty() => (h, format!("/{p}")),
+            Some((h, _)) => (h, DEFAULT_ETCD_PREFIX.to_string()),
+            None => (rest, DEFAULT_ETCD_PREFIX.to_string()),
+        };
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("http://{h}"))
+            .collect();
+        if endpoints.is_empty() {
+            anyhow::bail!(
+                "--store {}: name at least one etcd member, etcd://HOST:PORT",
+                o.store
+            );
+        }
+        let store = meshgate_control::Etcd::connect(&endpoints, &prefix).await?;
+        let shown = format!("etcd {} under {prefix}", endpoints.join(","));
+        return serve_on(o, store, shown).await;
     }
     let path = PathBuf::from(o.store.strip_prefix("file://").unwrap_or(&o.store));
     let store = meshgate_control::Embedded::open(&path)?;
+    let shown = path.display().to_string();
+    serve_on(o, store, shown).await
+}
+
+/// Where in etcd the config lives unless the URL names a path.
+const DEFAULT_ETCD_PREFIX: &str = "/meshgate";
+
+async fn serve_on<S: meshgate_control::Store>(
+    o: Options,
+    store: S,
+    shown: String,
+) -> anyhow::Result<()> {
     let plane = meshgate_control::Plane::new(store).await?;
     let listener = tokio::net::TcpListener::bind(o.listen)
         .await
         .with_context(|| format!("cannot listen on {}", o.listen))?;
     tracing::info!(
         listen = %o.listen,
-        store = %path.display(),
+        store = %shown,
         revision = *plane.watch().borrow(),
         "control plane ready"
     );

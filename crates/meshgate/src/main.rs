@@ -46,7 +46,8 @@ enum Command {
         /// Where the admin API listens; loopback unless you choose otherwise.
         #[arg(long, default_value = "127.0.0.1:7400")]
         listen: std::net::SocketAddr,
-        /// A file path (the embedded store) or `etcd://HOST:PORT[,HOST:PORT]`.
+        /// A file path (the embedded store) or `etcd://HOST:PORT[,HOST:PORT][/PREFIX]`
+        /// (the config then lives under PREFIX, default `/meshgate`).
         /// Default: control.redb in the state directory.
         #[arg(long)]
         store: Option<String>,
@@ -62,7 +63,8 @@ enum Command {
     },
     /// Run a data plane whose config the control plane pushes.
     Proxy {
-        /// The control plane, `http://HOST:PORT`.
+        /// The control plane, `http://HOST:PORT`; replicas comma-separated (the
+        /// proxy moves to the next when its stream fails).
         #[arg(long, env = "MESHGATE_CONTROL")]
         control: String,
         /// This proxy's name, unique among the control plane's proxies.

@@ -98,6 +98,13 @@ fn compile(held: &Held, gateway: Option<&str>) -> Result<Snapshot, Vec<String>> 
 }
 
 pub async fn run(o: Options) -> anyhow::Result<()> {
+    for url in o.control.split(',') {
+        if !url.trim().starts_with("http://") {
+            anyhow::bail!(
+                "--control {url:?}: give http://HOST:PORT (several, comma-separated, for replicas); TLS to the control plane is not built yet"
+            );
+        }
+    }
     let mut good = Held::default();
     let mut first = Snapshot::default();
     match Held::load(&o.cache_dir) {
