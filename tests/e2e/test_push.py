@@ -173,7 +173,9 @@ def test_a_config_one_proxy_cannot_apply_is_nacked_and_reported(fleet, tmp_path)
         rev = put(control, tmp_path, "gw-c", gateway("gw-c", busy, c.admin_port), hello("v3"))
         for n in ("a", "b"):
             proxies[n].wait_for("/hello", "v3")
-        _, by_name = wait_nodes(control, lambda r, b: b["node-c"]["lastError"] is not None)
+        # A proxy serves a revision a moment before its ACK is recorded: wait for both.
+        _, by_name = wait_nodes(control, lambda r, b: b["node-c"]["lastError"] is not None
+                                and b["node-a"]["revision"] == rev)
         err = by_name["node-c"]["lastError"]
         assert err["revision"] == rev and f"127.0.0.1:{busy}" in " ".join(err["errors"]), err
         assert by_name["node-c"]["revision"] == rev - 1
