@@ -66,8 +66,8 @@ def test_apply_get_and_yaml_round_trip_with_ctl(control, tmp_path):
     assert out.startswith("revision 1:") and "put Gateway/public" in out and "put Api/hello" in out
     code, out, _ = control.ctl("get", "apis")
     lines = out.splitlines()
-    assert lines[0].split() == ["KIND", "NAME", "REVISION"]
-    assert ["Api", "hello", "1"] in [l.split() for l in lines[1:]]
+    assert lines[0].split() == ["KIND", "NAME", "REVISION", "STAGE"]
+    assert ["Api", "hello", "1", "published"] in [l.split() for l in lines[1:]]
     code, out, _ = control.ctl("get", "service", "demo", "-o", "json")
     body = json.loads(out)
     assert body["revision"] == 1 and body["resource"]["spec"]["endpoints"][0]["address"] == "127.0.0.1:9001"

@@ -106,6 +106,9 @@ pub struct GatewaySpec {
     /// Grace period for in-flight requests on SIGTERM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<String>,
+    /// Serve draft Apis too (a test or staging gateway).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serve_drafts: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -350,6 +353,60 @@ pub struct ApiSpec {
     pub invoke: InvokeSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<ResponseSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<LifecycleSpec>,
+}
+
+/// Where an Api is in its life, and what its callers are told about it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LifecycleSpec {
+    #[serde(default)]
+    pub stage: Stage,
+    /// When it was deprecated (RFC 3339): the `Deprecation` header's date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deprecated_at: Option<String>,
+    /// When it stops (RFC 3339): the `Sunset` header; after it, 410.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sunset: Option<String>,
+    /// Where callers read about the change: `Link: <URL>; rel="deprecation"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Served only on gateways with `serveDrafts: true`.
+    Draft,
+    #[default]
+    Published,
+    /// Served, with `Deprecation` (and `Sunset`, `Link`) headers.
+    Deprecated,
+    /// Answers 410 until it is deleted.
+    Offline,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [
+        Stage::Draft,
+        Stage::Published,
+        Stage::Deprecated,
+        Stage::Offline,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Draft => "draft",
+            Stage::Published => "published",
+            Stage::Deprecated => "deprecated",
+            Stage::Offline => "offline",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|st| st.as_str() == s)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -119,6 +119,7 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
                 chain,
                 invoke,
                 max_body_bytes: draft.max_body_bytes,
+                lifecycle: draft.lifecycle.clone(),
             }));
             api_drafts.push((i, draft));
         }
@@ -142,6 +143,9 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
         let mut owners: Vec<usize> = Vec::new();
         for (api_idx, (di, d)) in api_drafts.iter().enumerate() {
             if !d.gateways.is_empty() && !d.gateways.contains(&gdoc.name) {
+                continue;
+            }
+            if d.lifecycle.stage == meshgate_api::Stage::Draft && !g.serve_drafts {
                 continue;
             }
             let route = Route {
@@ -182,6 +186,7 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
             global: Chain::new(filters),
             router: builder.build(),
             drain_timeout: g.drain_timeout,
+            serve_drafts: g.serve_drafts,
         }));
     }
     if had_errors || !diags.is_empty() {

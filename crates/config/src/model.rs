@@ -46,6 +46,8 @@ pub struct Gateway {
     /// Routes to indices into [`Snapshot::apis`].
     pub router: Router<usize>,
     pub drain_timeout: Duration,
+    /// Routes draft Apis too.
+    pub serve_drafts: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +151,24 @@ pub struct Api {
     pub invoke: Invoke,
     /// Per-Api request body limit (below the gateway's).
     pub max_body_bytes: Option<u64>,
+    pub lifecycle: Lifecycle,
+}
+
+/// An Api's stage, and what its answers say about it.
+#[derive(Debug, Clone, Default)]
+pub struct Lifecycle {
+    pub stage: meshgate_api::Stage,
+    /// Added to every answer: `Deprecation`, `Sunset`, `Link`.
+    pub headers: Vec<(HeaderName, http::HeaderValue)>,
+    /// After this the Api answers 410, as if offline.
+    pub sunset: Option<std::time::SystemTime>,
+}
+
+impl Lifecycle {
+    /// Whether the Api answers 410 at `now`.
+    pub fn gone(&self, now: std::time::SystemTime) -> bool {
+        self.stage == meshgate_api::Stage::Offline || self.sunset.is_some_and(|s| now >= s)
+    }
 }
 
 #[derive(Debug)]

@@ -24,6 +24,7 @@ pub struct GatewayDraft {
     pub access_log: AccessLog,
     pub policies: Vec<String>,
     pub drain_timeout: std::time::Duration,
+    pub serve_drafts: bool,
 }
 
 /// An Api before linking.
@@ -35,6 +36,7 @@ pub struct ApiDraft {
     pub methods: Vec<Method>,
     pub headers: Vec<HeaderMatch>,
     pub max_body_bytes: Option<u64>,
+    pub lifecycle: Lifecycle,
 }
 
 /// Everything that passed stage 2, by document index.
@@ -639,6 +641,7 @@ fn gateway(c: &mut Check<'_>, spec: &GatewaySpec) -> Option<GatewayDraft> {
         access_log,
         policies: spec.policies.clone(),
         drain_timeout,
+        serve_drafts: spec.serve_drafts,
     })
 }
 
@@ -860,8 +863,10 @@ fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
             );
         }
     }
+    let lifecycle = lifecycle(c, spec.lifecycle.as_ref());
     (c.diags.len() == before).then_some(())?;
     Some(ApiDraft {
+        lifecycle,
         gateways: spec.gateways.clone(),
         hosts: r.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
         pattern: pattern?,
@@ -869,6 +874,70 @@ fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
         headers,
         max_body_bytes,
     })
+}
+
+/// `spec.lifecycle`: the stage, and for a deprecated Api the headers its answers
+/// carry (RFC 9745 `Deprecation`, RFC 8594 `Sunset`, a `Link` with
+/// `rel="deprecation"`).
+fn lifecycle(c: &mut Check<'_>, spec: Option<&meshgate_api::LifecycleSpec>) -> Lifecycle {
+    use http::HeaderValue;
+    use meshgate_api::Stage;
+    let Some(spec) = spec else {
+        return Lifecycle::default();
+    };
+    let mut out = Lifecycle {
+        stage: spec.stage,
+        ..Lifecycle::default()
+    };
+    let time = |c: &mut Check<'_>, field: &str, v: &Option<String>| {
+        let v = v.as_deref()?;
+        let path = format!("spec.lifecycle.{field}");
+        if !matches!(spec.stage, Stage::Deprecated | Stage::Offline) {
+            c.err(
+                &path,
+                format!("only a deprecated (or offline) Api has a {field}"),
+            );
+            return None;
+        }
+        v.parse::<jiff::Timestamp>()
+            .map_err(|e| c.err(&path, format!("{v:?} is not an RFC 3339 time ({e})")))
+            .ok()
+    };
+    let deprecated_at = time(c, "deprecatedAt", &spec.deprecated_at);
+    let sunset = time(c, "sunset", &spec.sunset);
+    if spec.stage == Stage::Deprecated && spec.deprecated_at.is_none() {
+        c.err(
+            "spec.lifecycle.deprecatedAt",
+            "a deprecated Api needs deprecatedAt, the date its Deprecation header gives (meshgate ctl lifecycle sets it)",
+        );
+    }
+    if let Some(link) = &spec.link {
+        let ok = (link.starts_with("https://") || link.starts_with("http://"))
+            && link.parse::<http::Uri>().is_ok();
+        match HeaderValue::from_str(&format!("<{link}>; rel=\"deprecation\"")) {
+            Ok(v) if ok => out.headers.push((http::header::LINK, v)),
+            _ => c.err(
+                "spec.lifecycle.link",
+                format!("{link:?} is not an http(s) URL"),
+            ),
+        }
+    }
+    if spec.stage == Stage::Deprecated {
+        if let Some(at) = deprecated_at
+            && let Ok(v) = HeaderValue::from_str(&format!("@{}", at.as_second()))
+        {
+            out.headers
+                .push((HeaderName::from_static("deprecation"), v));
+        }
+        if let Some(at) = sunset
+            && let Ok(v) =
+                HeaderValue::from_str(&at.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string())
+        {
+            out.headers.push((HeaderName::from_static("sunset"), v));
+        }
+    }
+    out.sunset = sunset.map(std::time::SystemTime::from);
+    out
 }
 
 fn valid_host(h: &str) -> bool {

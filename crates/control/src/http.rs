@@ -7,6 +7,7 @@
 //! | `GET`, `PUT`, `DELETE /api/v1/{kind}/{name}` | read, create or replace, delete |
 //! | `GET /api/v1/{kind}/{name}/history` | commits that touched it |
 //! | `POST /api/v1/{kind}/{name}/rollback` | `{"to": REV}`: it as it was then |
+//! | `POST /api/v1/apis/{name}/lifecycle` | `{"stage", "sunset"?, "link"?}`: another stage |
 //! | `POST /api/v1/apply` | `{"files": [{"name", "text"}], "delete": ["Kind/name"]}` |
 //! | `GET /api/v1/history` | every commit, newest first |
 //! | `GET /api/v1/diff?from=&to=&kind=&name=` | unified diffs between revisions |
@@ -65,6 +66,7 @@ pub fn router<S: Store>(plane: Arc<Plane<S>>, push: Arc<Publisher<S>>, token: St
         )
         .route("/api/v1/{kind}/{name}/history", get(history_one::<S>))
         .route("/api/v1/{kind}/{name}/rollback", post(rollback_one::<S>))
+        .route("/api/v1/{kind}/{name}/lifecycle", post(lifecycle::<S>))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
         .layer(middleware::from_fn_with_state(ctx.clone(), auth::<S>))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -443,6 +445,26 @@ async fn rollback_all<S: Store>(
     let w = ctx
         .plane
         .rollback(meta(&headers), b.to, None, f.dry_run)
+        .await?;
+    Ok(written(w, StatusCode::OK))
+}
+
+async fn lifecycle<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(f): Query<Flags>,
+    headers: HeaderMap,
+    body: String,
+) -> Answer {
+    if kind_of(&kind)? != Kind::Api {
+        return Err(WriteError::BadRequest(
+            "only Apis have a lifecycle: POST /api/v1/apis/NAME/lifecycle".into(),
+        ));
+    }
+    let change: crate::plane::StageChange = json_body(&body)?;
+    let w = ctx
+        .plane
+        .lifecycle(meta(&headers), &name, change, f.dry_run)
         .await?;
     Ok(written(w, StatusCode::OK))
 }

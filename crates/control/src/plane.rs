@@ -37,6 +37,18 @@ pub struct Write {
     pub dry_run: bool,
 }
 
+/// A move to another lifecycle stage (`Plane::lifecycle`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StageChange {
+    pub stage: meshgate_api::Stage,
+    /// RFC 3339; deprecated Apis answer 410 after it.
+    #[serde(default)]
+    pub sunset: Option<String>,
+    #[serde(default)]
+    pub link: Option<String>,
+}
+
 /// What a write did (or, dry, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
@@ -211,6 +223,69 @@ impl<S: Store> Plane<S> {
             Ok((changes, files.clone()))
         })
         .await
+    }
+
+    /// Move Api `name` to another lifecycle stage, as a new revision. Deprecating
+    /// stamps `deprecatedAt` (now, unless already set) and takes the sunset and
+    /// link given; going back to draft or published clears them.
+    pub async fn lifecycle(
+        &self,
+        meta: Meta,
+        name: &str,
+        change: StageChange,
+        dry_run: bool,
+    ) -> Result<Written, WriteError> {
+        use meshgate_api::Stage;
+        let k = key(Kind::Api, name);
+        let current = self.store.load(None).await?;
+        let stored = current
+            .resources
+            .get(&k)
+            .ok_or_else(|| WriteError::NotFound(k.clone()))?;
+        let mut doc: serde_json::Value = serde_saphyr::from_str(&stored.text)
+            .map_err(|e| WriteError::BadRequest(format!("{k} does not read back: {e}")))?;
+        let Some(spec) = doc.get_mut("spec").and_then(|s| s.as_object_mut()) else {
+            return Err(WriteError::BadRequest(format!("{k} has no spec")));
+        };
+        let lc = spec
+            .entry("lifecycle")
+            .or_insert_with(|| serde_json::json!({}));
+        if !lc.is_object() {
+            *lc = serde_json::json!({});
+        }
+        let Some(lc) = lc.as_object_mut() else {
+            return Err(WriteError::BadRequest(format!("{k} has a bad lifecycle")));
+        };
+        lc.insert("stage".into(), change.stage.as_str().into());
+        match change.stage {
+            Stage::Draft | Stage::Published => {
+                for f in ["deprecatedAt", "sunset", "link"] {
+                    lc.remove(f);
+                }
+            }
+            Stage::Deprecated | Stage::Offline => {
+                if !lc.contains_key("deprecatedAt") {
+                    let now = jiff::Timestamp::now()
+                        .round(jiff::Unit::Second)
+                        .unwrap_or_else(|_| jiff::Timestamp::now());
+                    lc.insert("deprecatedAt".into(), now.to_string().into());
+                }
+                if let Some(t) = change.sunset {
+                    lc.insert("sunset".into(), t.into());
+                }
+                if let Some(l) = change.link {
+                    lc.insert("link".into(), l.into());
+                }
+            }
+        }
+        let text = serde_saphyr::to_string(&doc)
+            .map_err(|e| WriteError::BadRequest(format!("cannot write {k} back: {e}")))?;
+        let w = Write {
+            files: vec![store_source(&k, &text)],
+            dry_run,
+            ..Write::default()
+        };
+        self.write(meta, w).await
     }
 
     /// Make the config (or one resource, `only`) what it was at revision `to`, as a

@@ -159,7 +159,7 @@ mod unix_seconds {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let ts = jiff::Timestamp::from_millisecond(secs).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-        s.collect_str(&ts)
+        s.collect_str(&ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ"))
     }
 }
 

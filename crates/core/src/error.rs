@@ -14,6 +14,8 @@ pub enum ErrorCode {
     Forbidden,
     NoRoute,
     MethodNotAllowed,
+    /// The Api is offline, or past its sunset.
+    Gone,
     RateLimited,
     /// The Consumer used up its calendar quota (`quota` filter).
     QuotaExceeded,
@@ -41,6 +43,7 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::NoRoute => "no_route",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::Gone => "api_gone",
             Self::RateLimited => "rate_limited",
             Self::QuotaExceeded => "quota_exceeded",
             Self::RateLimitUnavailable => "rate_limit_unavailable",
@@ -64,6 +67,7 @@ impl ErrorCode {
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Gone => StatusCode::GONE,
             Self::RateLimited | Self::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::CircuitOpen
@@ -83,16 +87,16 @@ impl ErrorCode {
             Self::InvalidRequest | Self::HeadersTooLarge | Self::UriTooLong => 3, // INVALID_ARGUMENT
             Self::PayloadTooLarge | Self::RateLimited | Self::QuotaExceeded => 8, // RESOURCE_EXHAUSTED
             Self::Unauthorized => 16,                                             // UNAUTHENTICATED
-            Self::Forbidden => 7,                         // PERMISSION_DENIED
-            Self::NoRoute | Self::MethodNotAllowed => 12, // UNIMPLEMENTED
+            Self::Forbidden => 7, // PERMISSION_DENIED
+            Self::NoRoute | Self::MethodNotAllowed | Self::Gone => 12, // UNIMPLEMENTED
             Self::UpstreamUnavailable
             | Self::CircuitOpen
             | Self::NoHealthyUpstream
             | Self::RateLimitUnavailable
             | Self::ConcurrencyLimited
             | Self::FaultInjected => 14, // UNAVAILABLE
-            Self::UpstreamTimeout => 4,                   // DEADLINE_EXCEEDED
-            Self::Internal => 13,                         // INTERNAL
+            Self::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
+            Self::Internal => 13, // INTERNAL
         }
     }
 }

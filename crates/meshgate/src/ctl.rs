@@ -60,6 +60,22 @@ pub enum Action {
         #[arg(long)]
         to: Option<u64>,
     },
+    /// Move an Api to another stage: draft, published, deprecated or offline.
+    Lifecycle {
+        name: String,
+        #[arg(value_parser = ["draft", "published", "deprecated", "offline"])]
+        stage: String,
+        /// When a deprecated Api stops (RFC 3339); it answers 410 after.
+        #[arg(long)]
+        sunset: Option<String>,
+        /// Where callers read about the change (Link: rel="deprecation").
+        #[arg(long)]
+        link: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short = 'm', long, default_value = "")]
+        message: String,
+    },
     /// Make a resource (or, without one, the whole config) what it was at a revision,
     /// as a new revision.
     Rollback {
@@ -205,18 +221,29 @@ impl Client {
                     Output::Json => pretty(&v),
                     Output::Yaml => yaml_docs(&items),
                     Output::Table => {
+                        let apis = plural(&kind)? == "apis";
                         let rows = items
                             .iter()
                             .map(|i| {
                                 let r = &i["resource"];
-                                vec![
+                                let mut row = vec![
                                     r["kind"].as_str().unwrap_or("").to_string(),
                                     r["metadata"]["name"].as_str().unwrap_or("").to_string(),
                                     i["revision"].to_string(),
-                                ]
+                                ];
+                                if apis {
+                                    let stage = r["spec"]["lifecycle"]["stage"].as_str();
+                                    row.push(stage.unwrap_or("published").to_string());
+                                }
+                                row
                             })
                             .collect();
-                        table(&["KIND", "NAME", "REVISION"], rows)
+                        let head: &[&str] = if apis {
+                            &["KIND", "NAME", "REVISION", "STAGE"]
+                        } else {
+                            &["KIND", "NAME", "REVISION"]
+                        };
+                        table(head, rows)
                     }
                 })
             }
@@ -286,6 +313,27 @@ impl Client {
                         .map(|d| d["diff"].as_str().unwrap_or("").to_string())
                         .collect(),
                 })
+            }
+            Action::Lifecycle {
+                name,
+                stage,
+                sunset,
+                link,
+                dry_run,
+                message,
+            } => {
+                let mut body = json!({"stage": stage});
+                if let Some(t) = sunset {
+                    body["sunset"] = t.into();
+                }
+                if let Some(l) = link {
+                    body["link"] = l.into();
+                }
+                let path = format!("/api/v1/apis/{name}/lifecycle{}", flag(dry_run));
+                let v = self
+                    .call(Method::POST, &path, Some(body), Some(&message))
+                    .await?;
+                Ok(render_written(&v, output))
             }
             Action::Rollback {
                 kind,

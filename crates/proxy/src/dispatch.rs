@@ -10,6 +10,7 @@ use crate::respond::{self, X_REQUEST_ID};
 use crate::state::{Active, GatewayRt, service_of};
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
+use meshgate_api::Stage;
 use meshgate_config::{Api, Invoke};
 use meshgate_core::{ErrorCode, GatewayError, RequestCtx, RequestId};
 use meshgate_filter::Flow;
@@ -249,6 +250,13 @@ async fn serve(
     done.stats = grt.api_stats[api_idx].clone();
     done.api = Some(api.clone());
     ctx.api = Some(api.name.clone());
+    if api.lifecycle.stage >= Stage::Deprecated && api.lifecycle.gone(std::time::SystemTime::now())
+    {
+        return Err(GatewayError::new(
+            ErrorCode::Gone,
+            format!("Api {} is no longer offered", api.name),
+        ));
+    }
     ctx.captures = captures;
     let limit = api.max_body_bytes.map_or(gw.limits.max_body_bytes, |l| {
         l.min(gw.limits.max_body_bytes)
@@ -389,6 +397,10 @@ fn finish(
     api: &Api,
     gw: &meshgate_config::Gateway,
 ) -> Response<ResponseBody> {
+    let mut resp = resp;
+    for (name, value) in &api.lifecycle.headers {
+        resp.headers_mut().insert(name.clone(), value.clone());
+    }
     if api.chain.is_empty() && gw.global.is_empty() {
         return resp;
     }
