@@ -271,6 +271,9 @@ impl<S: Store> Publisher<S> {
         });
         let weak = Arc::downgrade(&this);
         let mut revisions = plane.watch();
+        // A write may have landed between the load above and this subscription:
+        // look once at whatever the watch holds now.
+        revisions.mark_changed();
         tokio::spawn(async move {
             while revisions.changed().await.is_ok() {
                 let Some(this) = weak.upgrade() else { return };
