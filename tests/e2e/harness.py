@@ -50,6 +50,18 @@ def wait_ready(proc, probe, what, logs=lambda: "", timeout=15.0):
     raise TimeoutError(f"{what} did not become ready: {logs()}")
 
 
+def terminate(proc):
+    """SIGTERM a process this test started, then SIGKILL it if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_port(port, timeout=10.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -561,13 +573,7 @@ class Redis:
                               timeout=10).stdout
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 class Etcd:
@@ -598,13 +604,7 @@ class Etcd:
         return f"etcd://127.0.0.1:{self.port}"
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 TOKEN = "t0ken-for-tests"
