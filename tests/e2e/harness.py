@@ -694,15 +694,21 @@ class Proxy:
     def logs(self):
         return self.stderr_path.read_text()
 
-    def get(self, path):
-        """(status, body text) of a GET on the proxy's listener; (None, error) if refused."""
+    def request(self, path):
+        """(status, headers, body text) of a GET on the proxy's listener; (None, {},
+        error) if refused."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
+                return r.status, r.headers, r.read().decode()
         except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
+            return e.code, e.headers, e.read().decode()
         except OSError as e:
-            return None, str(e)
+            return None, {}, str(e)
+
+    def get(self, path):
+        """(status, body text) of a GET on the proxy's listener."""
+        status, _, body = self.request(path)
+        return status, body
 
     def wait_for(self, path, body, timeout=10.0):
         """Wait until GET path answers 200 with `body`."""

@@ -9,8 +9,6 @@ import email.utils
 import json
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -41,13 +39,7 @@ spec:
 
 def get(proxy, path="/v2/orders"):
     """(status, headers, body) of a GET through the proxy."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{proxy.port}{path}", timeout=5) as r:
-            return r.status, r.headers, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read().decode()
-    except OSError as e:
-        return None, {}, str(e)
+    return proxy.request(path)
 
 
 def wait_status(proxy, status, timeout=10.0):

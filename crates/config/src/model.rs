@@ -165,9 +165,16 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    /// Whether the Api answers 410 at `now`.
-    pub fn gone(&self, now: std::time::SystemTime) -> bool {
-        self.stage == meshgate_api::Stage::Offline || self.sunset.is_some_and(|s| now >= s)
+    /// Whether the Api answers 410 now. Only a deprecated Api with a sunset reads
+    /// the clock.
+    pub fn gone(&self) -> bool {
+        match self.stage {
+            meshgate_api::Stage::Offline => true,
+            meshgate_api::Stage::Deprecated => self
+                .sunset
+                .is_some_and(|s| std::time::SystemTime::now() >= s),
+            _ => false,
+        }
     }
 }
 

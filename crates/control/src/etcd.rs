@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Most reads a single transaction carries (etcd's `--max-txn-ops` is 128 by default).
-const READS_PER_TXN: usize = 100;
+/// Most operations one transaction carries (etcd's `--max-txn-ops` is 128 by default).
+const OPS_PER_TXN: usize = 100;
 /// Seconds a node's record outlives the control plane that wrote it.
 pub const NODE_TTL: i64 = 30;
 
@@ -87,8 +87,7 @@ impl Etcd {
                 CompareOp::Equal,
                 0,
             )])
-            .and_then([TxnOp::put(id_key.clone(), crate::store::new_id(), None)])
-            .or_else([TxnOp::get(id_key.clone(), None)]);
+            .and_then([TxnOp::put(id_key.clone(), crate::store::new_id(), None)]);
         this.client.kv_client().txn(txn).await.map_err(backend)?;
         let got = this
             .client
@@ -192,7 +191,7 @@ impl Etcd {
     /// The commits at these revisions, in order, skipping any that are missing.
     async fn commits(&self, revs: &[u64]) -> Result<Vec<Commit>, StoreError> {
         let mut out = Vec::new();
-        for chunk in revs.chunks(READS_PER_TXN) {
+        for chunk in revs.chunks(OPS_PER_TXN) {
             let ops: Vec<TxnOp> = chunk
                 .iter()
                 .map(|r| TxnOp::get(self.key(&format!("commits/{}", rev_key(*r))), None))
@@ -421,7 +420,7 @@ impl Etcd {
         nodes: &[(String, Option<String>)],
         lease: i64,
     ) -> Result<(), StoreError> {
-        for chunk in nodes.chunks(READS_PER_TXN) {
+        for chunk in nodes.chunks(OPS_PER_TXN) {
             let ops: Vec<TxnOp> = chunk
                 .iter()
                 .map(|(name, status)| {

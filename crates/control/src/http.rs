@@ -57,7 +57,7 @@ pub fn router<S: Store>(plane: Arc<Plane<S>>, push: Arc<Publisher<S>>, token: St
         .route("/api/v1/nodes", get(nodes::<S>))
         .route("/api/v1/history", get(history_all::<S>))
         .route("/api/v1/diff", get(diff::<S>))
-        .route("/api/v1/rollback", post(rollback_all::<S>))
+        .route("/api/v1/rollback", post(rollback::<S>))
         .route("/api/v1/apply", post(apply::<S>))
         .route("/api/v1/{kind}", get(list::<S>).post(create::<S>))
         .route(
@@ -65,7 +65,7 @@ pub fn router<S: Store>(plane: Arc<Plane<S>>, push: Arc<Publisher<S>>, token: St
             get(read::<S>).put(replace::<S>).delete(remove::<S>),
         )
         .route("/api/v1/{kind}/{name}/history", get(history_one::<S>))
-        .route("/api/v1/{kind}/{name}/rollback", post(rollback_one::<S>))
+        .route("/api/v1/{kind}/{name}/rollback", post(rollback::<S>))
         .route("/api/v1/{kind}/{name}/lifecycle", post(lifecycle::<S>))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
         .layer(middleware::from_fn_with_state(ctx.clone(), auth::<S>))
@@ -79,11 +79,8 @@ async fn auth<S: Store>(State(ctx): State<Arc<Ctx<S>>>, req: Request, next: Next
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), ctx.token.as_bytes()).into();
-    if !ok {
+        .and_then(|v| v.to_str().ok());
+    if !crate::bearer_is(given, &ctx.token) {
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -435,16 +432,22 @@ struct RollbackBody {
     to: u64,
 }
 
-async fn rollback_all<S: Store>(
+/// `POST /api/v1/rollback` (the whole config) and `POST /api/v1/{kind}/{name}/rollback`.
+async fn rollback<S: Store>(
     State(ctx): State<Arc<Ctx<S>>>,
+    one: Option<Path<(String, String)>>,
     Query(f): Query<Flags>,
     headers: HeaderMap,
     body: String,
 ) -> Answer {
+    let only = match one {
+        Some(Path((kind, name))) => Some(key(kind_of(&kind)?, &name)),
+        None => None,
+    };
     let b: RollbackBody = json_body(&body)?;
     let w = ctx
         .plane
-        .rollback(meta(&headers), b.to, None, f.dry_run)
+        .rollback(meta(&headers), b.to, only, f.dry_run)
         .await?;
     Ok(written(w, StatusCode::OK))
 }
@@ -465,22 +468,6 @@ async fn lifecycle<S: Store>(
     let w = ctx
         .plane
         .lifecycle(meta(&headers), &name, change, f.dry_run)
-        .await?;
-    Ok(written(w, StatusCode::OK))
-}
-
-async fn rollback_one<S: Store>(
-    State(ctx): State<Arc<Ctx<S>>>,
-    Path((kind, name)): Path<(String, String)>,
-    Query(f): Query<Flags>,
-    headers: HeaderMap,
-    body: String,
-) -> Answer {
-    let k = key(kind_of(&kind)?, &name);
-    let b: RollbackBody = json_body(&body)?;
-    let w = ctx
-        .plane
-        .rollback(meta(&headers), b.to, Some(k), f.dry_run)
         .await?;
     Ok(written(w, StatusCode::OK))
 }

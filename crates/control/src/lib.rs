@@ -21,6 +21,13 @@ pub use etcd::Etcd;
 pub use plane::{Meta, Plane, Write, WriteError, Written};
 pub use store::{Commit, Config, Store, StoreError};
 
+/// Whether an `Authorization` header value is `Bearer TOKEN` with this token,
+/// compared in constant time.
+pub(crate) fn bearer_is(header: Option<&str>, token: &str) -> bool {
+    let given = header.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()).into()
+}
+
 /// The bearer tokens the control plane asks for.
 #[derive(Debug, Clone)]
 pub struct Tokens {

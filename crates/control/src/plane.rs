@@ -3,7 +3,9 @@
 //! `meshgate_config::compile` that `meshgate validate` runs, and stored only when
 //! the whole resulting config is valid.
 
-use crate::store::{ChangeSummary, Commit, Config, Key, NewCommit, Store, StoreError, key};
+use crate::store::{
+    ChangeSummary, Commit, Config, Key, NewCommit, Store, StoreError, key, source as store_source,
+};
 use meshgate_api::Kind;
 use meshgate_config::{Diagnostic, Source};
 use std::collections::BTreeMap;
@@ -469,14 +471,6 @@ fn same(a: Option<&str>, b: Option<&str>) -> bool {
 
 fn lines(diags: &[Diagnostic]) -> String {
     diags.iter().map(|d| format!("\n  {d}")).collect()
-}
-
-/// A stored resource as a compile source, named so diagnostics say where it lives.
-fn store_source(k: &str, text: &str) -> Source {
-    Source {
-        file: format!("store:{k}").into(),
-        text: text.to_string(),
-    }
 }
 
 #[cfg(test)]

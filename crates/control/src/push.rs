@@ -133,9 +133,9 @@ pub struct NodeStatus {
     pub revision: u64,
     /// The newest revision sent to it.
     pub sent: u64,
-    #[serde(with = "unix_seconds")]
+    #[serde(with = "rfc3339_millis")]
     pub connected_at: SystemTime,
-    #[serde(with = "unix_seconds")]
+    #[serde(with = "rfc3339_millis")]
     pub last_contact: SystemTime,
     /// The last revision the proxy rejected and why, until it accepts a newer one.
     pub last_error: Option<Rejection>,
@@ -150,15 +150,15 @@ pub struct Rejection {
 }
 
 /// RFC 3339 times in JSON.
-mod unix_seconds {
+mod rfc3339_millis {
     pub fn serialize<S: serde::Serializer>(
         t: &std::time::SystemTime,
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        let secs = t
+        let ms = t
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let ts = jiff::Timestamp::from_millisecond(secs).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let ts = jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
         s.collect_str(&ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ"))
     }
 }
@@ -392,12 +392,8 @@ impl<S: Store> pb::push_server::Push for Service<S> {
         let given = request
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let ok: bool =
-            subtle::ConstantTimeEq::ct_eq(given.as_bytes(), publisher.token.as_bytes()).into();
-        if !ok {
+            .and_then(|v| v.to_str().ok());
+        if !crate::bearer_is(given, &publisher.token) {
             return Err(Status::unauthenticated(
                 "a valid node token is required (authorization: Bearer TOKEN)",
             ));

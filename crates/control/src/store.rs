@@ -17,6 +17,15 @@ pub fn key(kind: meshgate_api::Kind, name: &str) -> Key {
     format!("{}/{name}", kind.as_str())
 }
 
+/// A stored resource as a compile source, named `store:Kind/name` so diagnostics
+/// say where it lives. The control plane and the proxies compile these alike.
+pub fn source(key: &str, text: &str) -> meshgate_config::Source {
+    meshgate_config::Source {
+        file: format!("store:{key}").into(),
+        text: text.to_string(),
+    }
+}
+
 /// Every resource at one revision.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {

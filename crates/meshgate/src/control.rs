@@ -11,48 +11,73 @@ pub struct Options {
     pub tokens: meshgate_control::Tokens,
 }
 
-/// The admin token: `--token-file`, else `MESHGATE_ADMIN_TOKEN`. Without one, the
-/// reason is printed for `meshgate COMMAND` and the exit code (2) returned.
-pub fn token(command: &str, file: Option<&Path>) -> Result<String, std::process::ExitCode> {
-    let token = match file {
-        Some(f) => std::fs::read_to_string(f)
-            .map(|t| t.trim().to_string())
-            .map_err(|e| format!("cannot read --token-file {}: {e}", f.display())),
-        None => Ok(std::env::var("MESHGATE_ADMIN_TOKEN").unwrap_or_default()),
-    };
-    match token {
-        Ok(t) if !t.is_empty() => Ok(t),
-        Ok(_) => Err(
-            "an admin token is required: set MESHGATE_ADMIN_TOKEN or pass --token-file FILE".into(),
-        ),
-        Err(e) => Err(e),
+/// A bearer token from `file` (given as `flag`), else from the first of `envs`
+/// that is set; `None` when neither gives one.
+fn find_token(file: Option<&Path>, flag: &str, envs: &[&str]) -> Result<Option<String>, String> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read {flag} {}: {e}", f.display()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(format!("{flag} {} is empty", f.display()));
+        }
+        return Ok(Some(token.to_string()));
     }
-    .map_err(|e: String| {
+    Ok(envs
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|t| !t.is_empty())))
+}
+
+/// `found`, or the reason there is none printed for `meshgate COMMAND` and exit
+/// code 2.
+fn or_exit<T>(command: &str, found: Result<T, String>) -> Result<T, std::process::ExitCode> {
+    found.map_err(|e| {
         eprintln!("meshgate {command}: {e}");
         std::process::ExitCode::from(2)
     })
 }
 
+fn required(found: Result<Option<String>, String>, missing: &str) -> Result<String, String> {
+    found?.ok_or_else(|| missing.to_string())
+}
+
+/// The admin token: `--token-file`, else `MESHGATE_ADMIN_TOKEN`.
+pub fn token(command: &str, file: Option<&Path>) -> Result<String, std::process::ExitCode> {
+    let found = find_token(file, "--token-file", &["MESHGATE_ADMIN_TOKEN"]);
+    or_exit(
+        command,
+        required(
+            found,
+            "an admin token is required: set MESHGATE_ADMIN_TOKEN or pass --token-file FILE",
+        ),
+    )
+}
+
 /// The token proxies present: `--node-token-file`, else `MESHGATE_NODE_TOKEN`, else
 /// none (proxies then present the admin token).
 pub fn node_token(file: Option<&Path>) -> Result<Option<String>, std::process::ExitCode> {
-    match file {
-        Some(f) => match std::fs::read_to_string(f) {
-            Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
-            Ok(_) => Err(format!("--node-token-file {} is empty", f.display())),
-            Err(e) => Err(format!(
-                "cannot read --node-token-file {}: {e}",
-                f.display()
-            )),
-        },
-        None => Ok(std::env::var("MESHGATE_NODE_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())),
-    }
-    .map_err(|e| {
-        eprintln!("meshgate control: {e}");
-        std::process::ExitCode::from(2)
-    })
+    or_exit(
+        "control",
+        find_token(file, "--node-token-file", &["MESHGATE_NODE_TOKEN"]),
+    )
+}
+
+/// The token a proxy presents: `--token-file`, else `MESHGATE_NODE_TOKEN`, else
+/// `MESHGATE_ADMIN_TOKEN` (a control plane with no node token of its own takes
+/// the admin token from proxies).
+pub fn proxy_token(file: Option<&Path>) -> Result<String, std::process::ExitCode> {
+    let found = find_token(
+        file,
+        "--token-file",
+        &["MESHGATE_NODE_TOKEN", "MESHGATE_ADMIN_TOKEN"],
+    );
+    or_exit(
+        "proxy",
+        required(
+            found,
+            "a node token is required: set MESHGATE_NODE_TOKEN (or MESHGATE_ADMIN_TOKEN) or pass --token-file FILE",
+        ),
+    )
 }
 
 pub fn default_store(state_dir: &Path) -> PathBuf {

@@ -147,12 +147,9 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            let token = match proxy::token(token_file.as_deref()) {
+            let token = match control::proxy_token(token_file.as_deref()) {
                 Ok(t) => t,
-                Err(e) => {
-                    eprintln!("meshgate proxy: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             let cache_dir = cache_dir.unwrap_or_else(|| state_dir.join("control-cache"));

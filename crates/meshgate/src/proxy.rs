@@ -4,7 +4,7 @@
 //! answer becomes the ACK or NACK. The last good config is cached on disk and
 //! served at start-up until the control plane answers.
 
-use meshgate_config::{Snapshot, Source};
+use meshgate_config::Snapshot;
 use meshgate_control::agent::{Agent, Held, Identity};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,34 +41,13 @@ pub fn labels(s: &str) -> Result<BTreeMap<String, String>, String> {
         .collect()
 }
 
-/// The node token: `--token-file`, else `MESHGATE_NODE_TOKEN`, else
-/// `MESHGATE_ADMIN_TOKEN` (a control plane with no node token of its own takes
-/// the admin token from proxies).
-pub fn token(file: Option<&std::path::Path>) -> Result<String, String> {
-    if let Some(f) = file {
-        return std::fs::read_to_string(f)
-            .map(|t| t.trim().to_string())
-            .map_err(|e| format!("cannot read --token-file {}: {e}", f.display()));
-    }
-    ["MESHGATE_NODE_TOKEN", "MESHGATE_ADMIN_TOKEN"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|t| !t.is_empty()))
-        .ok_or_else(|| {
-            "a node token is required: set MESHGATE_NODE_TOKEN (or MESHGATE_ADMIN_TOKEN) or pass --token-file FILE"
-                .to_string()
-        })
-}
-
 /// Compile a received config for this proxy: the whole config, as the control
 /// plane compiled it, then only the Gateway this proxy serves.
 fn compile(held: &Held, gateway: Option<&str>) -> Result<Snapshot, Vec<String>> {
-    let sources: Vec<Source> = held
+    let sources: Vec<_> = held
         .resources
         .iter()
-        .map(|(k, t)| Source {
-            file: format!("store:{k}").into(),
-            text: t.clone(),
-        })
+        .map(|(k, t)| meshgate_control::store::source(k, t))
         .collect();
     let (snapshot, diags) = meshgate_config::compile(&sources);
     let Some(mut snapshot) = snapshot else {

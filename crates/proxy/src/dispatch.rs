@@ -10,7 +10,6 @@ use crate::respond::{self, X_REQUEST_ID};
 use crate::state::{Active, GatewayRt, service_of};
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
-use meshgate_api::Stage;
 use meshgate_config::{Api, Invoke};
 use meshgate_core::{ErrorCode, GatewayError, RequestCtx, RequestId};
 use meshgate_filter::Flow;
@@ -250,8 +249,7 @@ async fn serve(
     done.stats = grt.api_stats[api_idx].clone();
     done.api = Some(api.clone());
     ctx.api = Some(api.name.clone());
-    if api.lifecycle.stage >= Stage::Deprecated && api.lifecycle.gone(std::time::SystemTime::now())
-    {
+    if api.lifecycle.gone() {
         return Err(GatewayError::new(
             ErrorCode::Gone,
             format!("Api {} is no longer offered", api.name),
@@ -392,12 +390,11 @@ fn identity_headers(h: &mut http::HeaderMap, ctx: &RequestCtx) {
 
 /// Response-phase filters, in reverse order: the Api's, then the global ones.
 fn finish(
-    resp: Response<ResponseBody>,
+    mut resp: Response<ResponseBody>,
     ctx: &RequestCtx,
     api: &Api,
     gw: &meshgate_config::Gateway,
 ) -> Response<ResponseBody> {
-    let mut resp = resp;
     for (name, value) in &api.lifecycle.headers {
         resp.headers_mut().insert(name.clone(), value.clone());
     }
