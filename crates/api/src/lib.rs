@@ -355,6 +355,48 @@ pub struct ApiSpec {
     pub response: Option<ResponseSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<LifecycleSpec>,
+    /// This Api is a grey release of another: it serves part of that Api's traffic
+    /// until it is promoted (it becomes that Api) or rolled back (deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseSpec>,
+}
+
+/// Who a grey release serves. With none of `percent` and `headers`, every request
+/// for the released Api on the chosen proxies; with both, the share of the requests
+/// that match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReleaseSpec {
+    /// The Api this one is a new revision of.
+    pub of: String,
+    /// Only proxies carrying all of these labels (`--labels`) serve this revision;
+    /// every proxy when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, String>,
+    /// The share of requests (0 to 100, to two decimals), chosen by a stable hash
+    /// of `by`, so one key always lands on the same side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// What `percent` hashes: `header:NAME`, `cookie:NAME`, `query:NAME` or `ip`
+    /// (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// Only requests whose headers match these regexes (header name → regex).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+impl ReleaseSpec {
+    /// Whether proxies with `labels` serve this release.
+    pub fn placed_on(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.nodes.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+
+    /// Whether only part of the traffic goes to the release (else all of it, on
+    /// the proxies it is placed on).
+    pub fn splits_traffic(&self) -> bool {
+        self.percent.is_some() || !self.headers.is_empty()
+    }
 }
 
 /// Where an Api is in its life, and what its callers are told about it.

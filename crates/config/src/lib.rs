@@ -23,25 +23,58 @@ pub use load::{Source, load_paths};
 pub use meshgate_core::parse_duration;
 pub use model::*;
 
-/// Compile sources into a snapshot. Returns the snapshot only when there are no
-/// diagnostics; the diagnostics are sorted by file and line.
+/// Compile sources into a snapshot, as served by a proxy without labels. Grey
+/// releases placed by node labels are checked too, as if placed here. Returns the
+/// snapshot only when there are no diagnostics; the diagnostics are sorted by file
+/// and line.
 pub fn compile(sources: &[Source]) -> (Option<Snapshot>, Vec<Diagnostic>) {
+    let no_labels = std::collections::BTreeMap::new();
+    let (snapshot, mut diags) = compile_for(sources, Placement::Node(&no_labels));
+    if diags.is_empty() && placed_releases(sources) {
+        diags = compile_for(sources, Placement::Everywhere).1;
+        if !diags.is_empty() {
+            return (None, diags);
+        }
+    }
+    (snapshot, diags)
+}
+
+/// Compile sources into the snapshot a proxy at `placement` serves.
+pub fn compile_for(
+    sources: &[Source],
+    placement: Placement<'_>,
+) -> (Option<Snapshot>, Vec<Diagnostic>) {
     let mut diags = Vec::new();
     let docs = load::parse_sources(sources, &mut diags);
     let checked = validate::validate(&docs, &mut diags);
     // Link even when stage 2 found problems: every error is reported in one run.
     // References to resources that exist but failed their own checks are not
     // reported again.
-    let snapshot = link::link(&docs, checked, &mut diags).map(|mut s| {
+    let snapshot = link::link(&docs, checked, placement, &mut diags).map(|mut s| {
         s.revision = revision(sources);
         s
     });
-    diags.dedup();
     diags.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+    diags.dedup();
     if diags.is_empty() {
         (snapshot, diags)
     } else {
         (None, diags)
+    }
+}
+
+/// Whether any Api is a release placed by node labels (a cheap text check first).
+fn placed_releases(sources: &[Source]) -> bool {
+    sources.iter().any(|s| s.text.contains("release")) && {
+        let mut ignored = Vec::new();
+        load::parse_sources(sources, &mut ignored)
+            .iter()
+            .any(|d| match &d.resource {
+                load::Resource::Api(e) => {
+                    e.spec.release.as_ref().is_some_and(|r| !r.nodes.is_empty())
+                }
+                _ => false,
+            })
     }
 }
 

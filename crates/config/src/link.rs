@@ -20,7 +20,12 @@ use std::sync::Arc;
 /// are then checked against none (a template naming one says it is undefined).
 const ANY_CAPTURES: &[Arc<str>] = &[];
 
-pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Option<Snapshot> {
+pub fn link(
+    docs: &[Doc],
+    checked: Checked,
+    placement: Placement<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Snapshot> {
     let Checked {
         gateways,
         mut services,
@@ -86,7 +91,7 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
         policies: &policies,
         consumers: &consumers,
     };
-    let mut built_apis: Vec<Arc<Api>> = Vec::new();
+    let mut built_apis: Vec<Api> = Vec::new();
     let mut api_drafts: Vec<(usize, ApiDraft)> = Vec::new();
     let mut drafts: BTreeMap<usize, ApiDraft> = apis.into_iter().collect();
     for (i, doc) in docs.iter().enumerate() {
@@ -114,16 +119,19 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
             &declared,
         );
         if let (Some(chain), Some(invoke), Some(draft)) = (chain, invoke, draft) {
-            built_apis.push(Arc::new(Api {
+            built_apis.push(Api {
                 name: doc.name.as_str().into(),
                 chain,
                 invoke,
                 max_body_bytes: draft.max_body_bytes,
                 lifecycle: draft.lifecycle.clone(),
-            }));
+                grey: None,
+            });
             api_drafts.push((i, draft));
         }
     }
+
+    let routed = releases(docs, &api_drafts, &mut built_apis, placement, diags);
 
     let mut built_gateways = Vec::new();
     for (gi, g) in gateways {
@@ -145,7 +153,9 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
             if !d.gateways.is_empty() && !d.gateways.contains(&gdoc.name) {
                 continue;
             }
-            if d.lifecycle.stage == meshgate_api::Stage::Draft && !g.serve_drafts {
+            if !routed[api_idx]
+                || (d.lifecycle.stage == meshgate_api::Stage::Draft && !g.serve_drafts)
+            {
                 continue;
             }
             let route = Route {
@@ -199,10 +209,106 @@ pub fn link(docs: &[Doc], checked: Checked, diags: &mut Vec<Diagnostic>) -> Opti
             .into_iter()
             .map(|(n, (_, s))| (n, Arc::new(s)))
             .collect(),
-        apis: built_apis,
+        apis: built_apis.into_iter().map(Arc::new).collect(),
         consumers,
         resources: docs.iter().map(|d| d.resource.to_json()).collect(),
     })
+}
+
+/// Link each grey release (`spec.release`) to the Api it releases, and say which
+/// Apis the routers hold: a release placed on this proxy takes its Api's route
+/// when it takes all of the traffic, and is reached through its Api's route when
+/// it splits the traffic; a release placed elsewhere is not served here.
+fn releases(
+    docs: &[Doc],
+    drafts: &[(usize, ApiDraft)],
+    apis: &mut [Api],
+    placement: Placement<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<bool> {
+    let mut routed = vec![true; drafts.len()];
+    let index: BTreeMap<&str, usize> = drafts
+        .iter()
+        .enumerate()
+        .map(|(i, (di, _))| (docs[*di].name.as_str(), i))
+        .collect();
+    let mut released: BTreeMap<usize, usize> = BTreeMap::new();
+    for (i, (di, d)) in drafts.iter().enumerate() {
+        let Some(r) = &d.release else { continue };
+        // Not routed unless it takes its Api's place, below.
+        routed[i] = false;
+        let doc = &docs[*di];
+        let mut c = Check { doc, diags };
+        let of = r.spec.of.as_str();
+        let Some(&base) = index.get(of) else {
+            // An Api that failed its own checks has already been reported.
+            if !docs
+                .iter()
+                .any(|x| x.kind == meshgate_api::Kind::Api && x.name == of)
+            {
+                c.err("spec.release.of", format!("unknown Api {of:?}"));
+            }
+            continue;
+        };
+        if base == i {
+            c.err("spec.release.of", "an Api cannot be a release of itself");
+            continue;
+        }
+        if drafts[base].1.release.is_some() {
+            c.err(
+                "spec.release.of",
+                format!("Api {of:?} is itself a release: release the Api it releases"),
+            );
+            continue;
+        }
+        if let Some(other) = released.insert(base, i) {
+            c.err(
+                "spec.release.of",
+                format!(
+                    "Api {of:?} already has a release, {:?}: promote or roll it back first",
+                    docs[drafts[other].0].name
+                ),
+            );
+            continue;
+        }
+        let (Resource::Api(mine), Resource::Api(theirs)) =
+            (&doc.resource, &docs[drafts[base].0].resource)
+        else {
+            continue;
+        };
+        let splits = r.spec.splits_traffic();
+        if splits {
+            let (a, b) = (&mine.spec, &theirs.spec);
+            let same_route = a.gateways == b.gateways
+                && a.request.hosts == b.request.hosts
+                && a.request.path == b.request.path
+                && a.request.methods == b.request.methods
+                && a.request.headers == b.request.headers;
+            if !same_route {
+                c.err(
+                    "spec.request",
+                    format!("a release that splits traffic is reached through the route of Api {of:?}: give it the same gateways, hosts, path, methods and headers (or release it to whole proxies with nodes alone)"),
+                );
+                continue;
+            }
+        }
+        if !placement.admits(&r.spec) {
+            continue;
+        }
+        if splits {
+            apis[base].grey = Some(Grey {
+                to: i,
+                permyriad: r.permyriad,
+                by: r.by.clone(),
+                headers: r.headers.clone(),
+                salt: of.into(),
+            });
+        } else {
+            routed[i] = true;
+            routed[base] = false;
+        }
+    }
+    routed
 }
 
 /// What filter entries may refer to.

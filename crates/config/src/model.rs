@@ -7,7 +7,7 @@ use meshgate_filter::Chain;
 use meshgate_route::{RewriteTemplate, Router};
 use meshgate_upstream::{HashOn, LbPolicy, RetryPolicy, Selector};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,6 +152,67 @@ pub struct Api {
     /// Per-Api request body limit (below the gateway's).
     pub max_body_bytes: Option<u64>,
     pub lifecycle: Lifecycle,
+    /// A grey release that takes part of this Api's traffic on this proxy.
+    pub grey: Option<Grey>,
+}
+
+/// Where part of an Api's traffic goes instead: its grey release, another Api of
+/// the same snapshot (`spec.release`). The side is chosen before any Api filter
+/// runs, so the two revisions may authenticate differently.
+#[derive(Debug)]
+pub struct Grey {
+    /// The release's index in [`Snapshot::apis`].
+    pub to: usize,
+    /// Parts per 10,000 of the requests that carry the key; `None`: all of them.
+    pub permyriad: Option<u32>,
+    pub by: HashOn,
+    /// Only requests with these headers go to the release.
+    pub headers: Vec<meshgate_route::HeaderMatch>,
+    /// The released Api's name: each release splits its keys on its own.
+    pub salt: Arc<str>,
+}
+
+impl Grey {
+    /// Whether this request goes to the release. A request without the hash key
+    /// stays on the current revision.
+    pub fn picks(&self, headers: &HeaderMap, query: Option<&str>, client: IpAddr) -> bool {
+        let matches = self.headers.iter().all(|h| {
+            headers
+                .get_all(&h.name)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|s| h.regex.is_match(s)))
+        });
+        if !matches {
+            return false;
+        }
+        let Some(share) = self.permyriad else {
+            return true;
+        };
+        self.by
+            .hash_with(headers, query, client, |k| {
+                meshgate_upstream::stable_hash(self.salt.as_bytes(), k)
+            })
+            .is_some_and(|h| h % 10_000 < u64::from(share))
+    }
+}
+
+/// Which proxy a config is compiled for, as far as grey releases placed by node
+/// labels (`spec.release.nodes`) go.
+#[derive(Debug, Clone, Copy)]
+pub enum Placement<'a> {
+    /// A proxy with these labels.
+    Node(&'a BTreeMap<String, String>),
+    /// As if every release were placed here: how a config is checked.
+    Everywhere,
+}
+
+impl Placement<'_> {
+    pub fn admits(&self, r: &meshgate_api::ReleaseSpec) -> bool {
+        match self {
+            Self::Node(labels) => r.placed_on(labels),
+            Self::Everywhere => true,
+        }
+    }
 }
 
 /// An Api's stage, and what its answers say about it.

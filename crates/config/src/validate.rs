@@ -37,6 +37,16 @@ pub struct ApiDraft {
     pub headers: Vec<HeaderMatch>,
     pub max_body_bytes: Option<u64>,
     pub lifecycle: Lifecycle,
+    pub release: Option<ReleaseDraft>,
+}
+
+/// `spec.release`, checked on its own (the released Api is resolved in linking).
+#[derive(Debug)]
+pub struct ReleaseDraft {
+    pub spec: meshgate_api::ReleaseSpec,
+    pub permyriad: Option<u32>,
+    pub by: HashOn,
+    pub headers: Vec<HeaderMatch>,
 }
 
 /// Everything that passed stage 2, by document index.
@@ -715,7 +725,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         (None, LbPolicy::RingHash) => {
             c.err(
                 "spec.loadBalancer.hashOn",
-                "ring-hash needs hashOn (header:NAME, cookie:NAME or ip)",
+                "ring-hash needs hashOn (header:NAME, cookie:NAME, query:NAME or ip)",
             );
             None
         }
@@ -806,26 +816,7 @@ fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
             );
         }
     }
-    let mut headers = Vec::new();
-    for (n, re) in &r.headers {
-        let p = format!("spec.request.headers.{n}");
-        let name = HeaderName::from_bytes(n.as_bytes())
-            .map_err(|_| c.err(&p, format!("{n:?} is not a header name")))
-            .ok();
-        let regex = regex::RegexBuilder::new(re)
-            .size_limit(1 << 20)
-            .build()
-            .map_err(|e| {
-                c.err(
-                    &p,
-                    format!("bad regex: {}", e.to_string().lines().last().unwrap_or("")),
-                )
-            })
-            .ok();
-        if let (Some(name), Some(regex)) = (name, regex) {
-            headers.push(HeaderMatch { name, regex });
-        }
-    }
+    let headers = header_matches(c, &r.headers, "spec.request.headers");
     let max_body_bytes = r.body.as_ref().and_then(|b| b.max_bytes);
     let inv = &spec.invoke;
     let kinds = [
@@ -864,6 +855,10 @@ fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
         }
     }
     let lifecycle = lifecycle(c, spec.lifecycle.as_ref());
+    let release = spec
+        .release
+        .as_ref()
+        .and_then(|r| release(c, r, &lifecycle));
     (c.diags.len() == before).then_some(())?;
     Some(ApiDraft {
         lifecycle,
@@ -873,6 +868,107 @@ fn api(c: &mut Check<'_>, spec: &ApiSpec) -> Option<ApiDraft> {
         methods,
         headers,
         max_body_bytes,
+        release,
+    })
+}
+
+/// Header name → regex, as `request.headers` and `release.headers` take them.
+fn header_matches(
+    c: &mut Check<'_>,
+    spec: &BTreeMap<String, String>,
+    at: &str,
+) -> Vec<HeaderMatch> {
+    let mut headers = Vec::new();
+    for (n, re) in spec {
+        let p = format!("{at}.{n}");
+        let name = HeaderName::from_bytes(n.as_bytes())
+            .map_err(|_| c.err(&p, format!("{n:?} is not a header name")))
+            .ok();
+        let regex = regex::RegexBuilder::new(re)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| {
+                c.err(
+                    &p,
+                    format!("bad regex: {}", e.to_string().lines().last().unwrap_or("")),
+                )
+            })
+            .ok();
+        if let (Some(name), Some(regex)) = (name, regex) {
+            headers.push(HeaderMatch { name, regex });
+        }
+    }
+    headers
+}
+
+/// `spec.release`: the share, its key and the header match.
+fn release(
+    c: &mut Check<'_>,
+    spec: &meshgate_api::ReleaseSpec,
+    lifecycle: &Lifecycle,
+) -> Option<ReleaseDraft> {
+    let before = c.diags.len();
+    if !valid_name(&spec.of) {
+        c.err(
+            "spec.release.of",
+            format!("{:?} is not an Api name", spec.of),
+        );
+    }
+    if matches!(
+        lifecycle.stage,
+        meshgate_api::Stage::Draft | meshgate_api::Stage::Offline
+    ) {
+        c.err(
+            "spec.lifecycle.stage",
+            "a release serves traffic: it cannot be a draft or offline (try it as a draft under its own path first)",
+        );
+    }
+    let permyriad = match spec.percent {
+        Some(p) if (0.0..=100.0).contains(&p) => {
+            let scaled = p * 100.0;
+            if (scaled - scaled.round()).abs() > 1e-6 {
+                c.err("spec.release.percent", "use at most two decimals");
+            }
+            // In 0..=10_000 and rounded: the cast is exact.
+            Some(scaled.round() as u32)
+        }
+        Some(p) => {
+            c.err(
+                "spec.release.percent",
+                format!("{p} is not a percentage: use 0 to 100"),
+            );
+            None
+        }
+        None => None,
+    };
+    let by = match (&spec.by, spec.percent) {
+        (Some(_), None) => {
+            c.err(
+                "spec.release.by",
+                "by chooses who falls in the percent: give percent too",
+            );
+            None
+        }
+        (Some(b), Some(_)) => HashOn::parse(b)
+            .map_err(|e| c.err("spec.release.by", e))
+            .ok(),
+        (None, _) => Some(HashOn::ClientIp),
+    };
+    for (k, v) in &spec.nodes {
+        if k.is_empty() || v.is_empty() {
+            c.err(
+                format!("spec.release.nodes.{k}"),
+                "node labels need a name and a value",
+            );
+        }
+    }
+    let headers = header_matches(c, &spec.headers, "spec.release.headers");
+    (c.diags.len() == before).then_some(())?;
+    Some(ReleaseDraft {
+        spec: spec.clone(),
+        permyriad,
+        by: by?,
+        headers,
     })
 }
 

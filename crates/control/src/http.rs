@@ -14,6 +14,10 @@
 //! | `POST /api/v1/rollback` | `{"to": REV}`: the whole config as it was then |
 //! | `GET /api/v1/revision` | the newest revision |
 //! | `GET /api/v1/nodes` | the proxies, what they run and their last error |
+//! | `GET`, `POST /api/v1/releases` | grey releases and where they run; start one |
+//! | `GET /api/v1/releases/{name}` | one release and where it runs |
+//! | `POST /api/v1/releases/{name}/promote` | the Api becomes the release |
+//! | `POST /api/v1/releases/{name}/rollback` | the release goes |
 //!
 //! The push stream (gRPC, `meshgate.control.v1.Push`) is served on the same port,
 //! behind the node token instead of the admin token.
@@ -59,6 +63,19 @@ pub fn router<S: Store>(plane: Arc<Plane<S>>, push: Arc<Publisher<S>>, token: St
         .route("/api/v1/diff", get(diff::<S>))
         .route("/api/v1/rollback", post(rollback::<S>))
         .route("/api/v1/apply", post(apply::<S>))
+        .route(
+            "/api/v1/releases",
+            get(releases::<S>).post(release_start::<S>),
+        )
+        .route("/api/v1/releases/{name}", get(release_one::<S>))
+        .route(
+            "/api/v1/releases/{name}/promote",
+            post(release_promote::<S>),
+        )
+        .route(
+            "/api/v1/releases/{name}/rollback",
+            post(release_rollback::<S>),
+        )
         .route("/api/v1/{kind}", get(list::<S>).post(create::<S>))
         .route(
             "/api/v1/{kind}/{name}",
@@ -469,5 +486,60 @@ async fn lifecycle<S: Store>(
         .plane
         .lifecycle(meta(&headers), &name, change, f.dry_run)
         .await?;
+    Ok(written(w, StatusCode::OK))
+}
+
+async fn releases<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Answer {
+    let (revision, list) = crate::release::list(&ctx.plane).await?;
+    let nodes = ctx.push.all_nodes().await;
+    let items: Vec<Value> = list
+        .iter()
+        .map(|r| crate::release::status(r, &nodes))
+        .collect();
+    Ok(axum::Json(json!({"revision": revision, "items": items})).into_response())
+}
+
+async fn release_one<S: Store>(State(ctx): State<Arc<Ctx<S>>>, Path(name): Path<String>) -> Answer {
+    let (_, list) = crate::release::list(&ctx.plane).await?;
+    let r = list
+        .iter()
+        .find(|r| r.name == name)
+        .ok_or_else(|| WriteError::NotFound(key(Kind::Api, &name)))?;
+    let nodes = ctx.push.all_nodes().await;
+    Ok(axum::Json(crate::release::status(r, &nodes)).into_response())
+}
+
+async fn release_start<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Query(f): Query<Flags>,
+    headers: HeaderMap,
+    body: String,
+) -> Answer {
+    let start: crate::release::Start = json_body(&body)?;
+    let (name, w) = crate::release::start(&ctx.plane, meta(&headers), start, f.dry_run).await?;
+    let mut resp = written(w, StatusCode::CREATED);
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("/api/v1/releases/{name}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+async fn release_promote<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path(name): Path<String>,
+    Query(f): Query<Flags>,
+    headers: HeaderMap,
+) -> Answer {
+    let w = crate::release::promote(&ctx.plane, meta(&headers), &name, f.dry_run).await?;
+    Ok(written(w, StatusCode::OK))
+}
+
+async fn release_rollback<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path(name): Path<String>,
+    Query(f): Query<Flags>,
+    headers: HeaderMap,
+) -> Answer {
+    let w = crate::release::roll_back(&ctx.plane, meta(&headers), &name, f.dry_run).await?;
     Ok(written(w, StatusCode::OK))
 }

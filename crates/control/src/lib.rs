@@ -5,6 +5,7 @@
 //! - [`plane`]: reads, writes (each validated whole by the config compiler), history,
 //!   diff and rollback.
 //! - [`http`]: the admin REST API under `/api/v1/`.
+//! - [`release`]: grey releases of Apis: start, status, promote, roll back.
 //! - [`push`]: the gRPC stream that sends the config to proxies; [`agent`] is the
 //!   proxy's end of it.
 
@@ -14,6 +15,7 @@ pub mod etcd;
 pub mod http;
 pub mod plane;
 pub mod push;
+pub mod release;
 pub mod store;
 
 pub use embedded::Embedded;

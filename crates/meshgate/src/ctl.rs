@@ -76,6 +76,9 @@ pub enum Action {
         #[arg(short = 'm', long, default_value = "")]
         message: String,
     },
+    /// Grey releases: start one, see where it runs, promote it or roll it back.
+    #[command(subcommand)]
+    Release(ReleaseAction),
     /// Make a resource (or, without one, the whole config) what it was at a revision,
     /// as a new revision.
     Rollback {
@@ -83,6 +86,53 @@ pub enum Action {
         name: Option<String>,
         #[arg(long)]
         to: u64,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short = 'm', long, default_value = "")]
+        message: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReleaseAction {
+    /// Release a new revision of an Api to part of the traffic or of the proxies.
+    /// FILE holds the Api as it will be once promoted, under the Api's own name.
+    Start {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// The release's name (default: API-canary).
+        #[arg(long)]
+        name: Option<String>,
+        /// Only proxies with these labels serve it (k=v,k=v).
+        #[arg(long)]
+        nodes: Option<String>,
+        /// The share of requests, by a stable hash of --by.
+        #[arg(long)]
+        percent: Option<f64>,
+        /// What --percent hashes: header:NAME, cookie:NAME, query:NAME or ip.
+        #[arg(long)]
+        by: Option<String>,
+        /// Only requests with this header matching this regex (NAME=REGEX; repeat).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short = 'm', long, default_value = "")]
+        message: String,
+    },
+    /// Every release (or one) and where it runs.
+    Status { name: Option<String> },
+    /// The Api becomes the release, everywhere, as one revision.
+    Promote {
+        name: String,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short = 'm', long, default_value = "")]
+        message: String,
+    },
+    /// Withdraw the release: the Api serves all of its traffic again.
+    Rollback {
+        name: String,
         #[arg(long)]
         dry_run: bool,
         #[arg(short = 'm', long, default_value = "")]
@@ -194,6 +244,10 @@ impl Client {
                     .await?;
                 Ok(render_written(&v, output))
             }
+            Action::Get { kind, name, .. } if matches!(kind.as_str(), "releases" | "release") => {
+                self.release(ReleaseAction::Status { name }, output).await
+            }
+            Action::Release(r) => self.release(r, output).await,
             Action::Get { kind, .. } if matches!(kind.as_str(), "nodes" | "node") => {
                 let v = self.call(Method::GET, "/api/v1/nodes", None, None).await?;
                 Ok(match output {
@@ -354,6 +408,147 @@ impl Client {
             }
         }
     }
+}
+
+impl Client {
+    async fn release(&self, action: ReleaseAction, output: Output) -> Result<String, Failed> {
+        use reqwest::Method;
+        let flag = |dry: bool| if dry { "?dryRun=true" } else { "" };
+        let (path, body, message) = match action {
+            ReleaseAction::Status { name } => {
+                let path = match &name {
+                    Some(n) => format!("/api/v1/releases/{n}"),
+                    None => "/api/v1/releases".into(),
+                };
+                let v = self.call(Method::GET, &path, None, None).await?;
+                let items = match name {
+                    Some(_) => vec![v.clone()],
+                    None => v["items"].as_array().cloned().unwrap_or_default(),
+                };
+                return Ok(match output {
+                    Output::Json => pretty(&v),
+                    Output::Yaml => yaml_docs(&[v]),
+                    Output::Table => releases_table(&items),
+                });
+            }
+            ReleaseAction::Start {
+                file,
+                name,
+                nodes,
+                percent,
+                by,
+                headers,
+                dry_run,
+                message,
+            } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| Failed(1, format!("{}: {e}", file.display())))?;
+                let nodes = crate::proxy::labels(nodes.as_deref().unwrap_or(""))
+                    .map_err(|e| Failed(2, format!("--nodes: {e}")))?;
+                let mut matches = serde_json::Map::new();
+                for h in headers {
+                    let Some((n, re)) = h.split_once('=') else {
+                        return Err(Failed(2, format!("--header {h:?}: give NAME=REGEX")));
+                    };
+                    matches.insert(n.to_string(), re.into());
+                }
+                let mut body = json!({"text": text, "nodes": nodes, "headers": matches});
+                if let Some(n) = name {
+                    body["name"] = n.into();
+                }
+                if let Some(p) = percent {
+                    body["percent"] = p.into();
+                }
+                if let Some(b) = by {
+                    body["by"] = b.into();
+                }
+                let path = format!("/api/v1/releases{}", flag(dry_run));
+                (path, Some(body), message)
+            }
+            ReleaseAction::Promote {
+                name,
+                dry_run,
+                message,
+            } => (
+                format!("/api/v1/releases/{name}/promote{}", flag(dry_run)),
+                None,
+                message,
+            ),
+            ReleaseAction::Rollback {
+                name,
+                dry_run,
+                message,
+            } => (
+                format!("/api/v1/releases/{name}/rollback{}", flag(dry_run)),
+                None,
+                message,
+            ),
+        };
+        let v = self.call(Method::POST, &path, body, Some(&message)).await?;
+        Ok(render_written(&v, output))
+    }
+}
+
+/// Releases: what they release, to whom, and how many placed proxies run them.
+fn releases_table(items: &[Value]) -> String {
+    let rows = items
+        .iter()
+        .map(|r| {
+            let rule = &r["rule"];
+            let nodes: Vec<String> = rule["nodes"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect();
+            let mut share = r["share"].as_str().unwrap_or("").to_string();
+            if let Some(by) = rule["by"].as_str() {
+                let _ = write!(share, " by {by}");
+            }
+            let running: Vec<String> = r["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| n["runs"] != "current")
+                .map(|n| {
+                    format!(
+                        "{}{}",
+                        n["node"].as_str().unwrap_or(""),
+                        if n["runs"] == "pending" {
+                            " (pending)"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+                .collect();
+            vec![
+                r["name"].as_str().unwrap_or("").to_string(),
+                r["of"].as_str().unwrap_or("").to_string(),
+                r["revision"].to_string(),
+                if nodes.is_empty() {
+                    "all".to_string()
+                } else {
+                    nodes.join(",")
+                },
+                share,
+                format!("{}/{}", r["nodesApplied"], r["nodesPlaced"]),
+                running.join(", "),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "RELEASE",
+            "API",
+            "REVISION",
+            "NODES",
+            "SHARE",
+            "APPLIED",
+            "RUNNING ON",
+        ],
+        rows,
+    )
 }
 
 /// The proxies: what each runs against the newest revision, and why not if it

@@ -4,10 +4,11 @@
 //! answer becomes the ACK or NACK. The last good config is cached on disk and
 //! served at start-up until the control plane answers.
 
-use meshgate_config::Snapshot;
+use meshgate_config::{Placement, Snapshot};
 use meshgate_control::agent::{Agent, Held, Identity};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -41,15 +42,20 @@ pub fn labels(s: &str) -> Result<BTreeMap<String, String>, String> {
         .collect()
 }
 
-/// Compile a received config for this proxy: the whole config, as the control
-/// plane compiled it, then only the Gateway this proxy serves.
-fn compile(held: &Held, gateway: Option<&str>) -> Result<Snapshot, Vec<String>> {
+/// Compile a received config for this proxy: the whole config as the control plane
+/// compiled it, with the grey releases placed on this proxy's labels, then only
+/// the Gateway this proxy serves.
+fn compile(
+    held: &Held,
+    gateway: Option<&str>,
+    labels: &BTreeMap<String, String>,
+) -> Result<Snapshot, Vec<String>> {
     let sources: Vec<_> = held
         .resources
         .iter()
         .map(|(k, t)| meshgate_control::store::source(k, t))
         .collect();
-    let (snapshot, diags) = meshgate_config::compile(&sources);
+    let (snapshot, diags) = meshgate_config::compile_for(&sources, Placement::Node(labels));
     let Some(mut snapshot) = snapshot else {
         return Err(diags.iter().map(ToString::to_string).collect());
     };
@@ -87,7 +93,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let mut good = Held::default();
     let mut first = Snapshot::default();
     match Held::load(&o.cache_dir) {
-        Ok(Some(cached)) => match compile(&cached, o.gateway.as_deref()) {
+        Ok(Some(cached)) => match compile(&cached, o.gateway.as_deref(), &o.labels) {
             Ok(s) => {
                 tracing::info!(revision = cached.revision, dir = %o.cache_dir.display(), "starting from the cached config");
                 first = s;
@@ -118,13 +124,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         cache_dir: Some(o.cache_dir),
     };
     let gateway = o.gateway;
+    let labels = Arc::new(agent.identity.labels.clone());
     tokio::spawn(agent.run(good, move |held| {
         let pushes = pushes.clone();
         let gateway = gateway.clone();
+        let labels = labels.clone();
         async move {
-            let compiled = tokio::task::spawn_blocking(move || compile(&held, gateway.as_deref()))
-                .await
-                .map_err(|e| vec![format!("compile task failed: {e}")])?;
+            let compiled =
+                tokio::task::spawn_blocking(move || compile(&held, gateway.as_deref(), &labels))
+                    .await
+                    .map_err(|e| vec![format!("compile task failed: {e}")])?;
             let snapshot = compiled?;
             let (reply, answer) = tokio::sync::oneshot::channel();
             pushes

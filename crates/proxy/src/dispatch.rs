@@ -245,6 +245,10 @@ async fn serve(
             ));
         }
     };
+    let api_idx = match &active.snapshot.apis[api_idx].grey {
+        Some(g) if g.picks(req.headers(), req.uri().query(), conn.client.ip()) => g.to,
+        _ => api_idx,
+    };
     let api = active.snapshot.apis[api_idx].clone();
     done.stats = grt.api_stats[api_idx].clone();
     done.api = Some(api.clone());

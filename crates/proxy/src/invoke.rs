@@ -280,7 +280,7 @@ async fn tries(
         .cluster
         .hash_on
         .as_ref()
-        .and_then(|h| h.hash(&parts.headers, ctx.client_addr.ip()));
+        .and_then(|h| h.hash(&parts.headers, parts.uri.query(), ctx.client_addr.ip()));
     let exceeded = Arc::new(AtomicBool::new(false));
     let retries = up.retry.attempts > 0;
     if retries {

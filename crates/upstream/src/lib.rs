@@ -10,7 +10,7 @@ mod cluster;
 mod health;
 mod retry;
 
-pub use balancer::{HashOn, LbPolicy};
+pub use balancer::{HashOn, LbPolicy, stable_hash};
 pub use breaker::{Breaker, BreakerConfig, BreakerState, Refusal, Ticket};
 pub use cluster::{
     Cluster, DEFAULT_PANIC_THRESHOLD, Endpoint, EndpointSet, InFlight, Picked, Selector,
