@@ -14,6 +14,8 @@
 //! | `POST /api/v1/rollback` | `{"to": REV}`: the whole config as it was then |
 //! | `GET /api/v1/revision` | the newest revision |
 //! | `GET /api/v1/nodes` | the proxies, what they run and their last error |
+//! | `GET /api/v1/openapi.json?gateway=` | OpenAPI 3.1 of the published Apis |
+//! | `POST /api/v1/import/openapi?service=` | draft Apis from an OpenAPI 3.x document (the body) |
 //! | `GET`, `POST /api/v1/releases` | grey releases and where they run; start one |
 //! | `GET /api/v1/releases/{name}` | one release and where it runs |
 //! | `POST /api/v1/releases/{name}/promote` | the Api becomes the release |
@@ -63,6 +65,8 @@ pub fn router<S: Store>(plane: Arc<Plane<S>>, push: Arc<Publisher<S>>, token: St
         .route("/api/v1/diff", get(diff::<S>))
         .route("/api/v1/rollback", post(rollback::<S>))
         .route("/api/v1/apply", post(apply::<S>))
+        .route("/api/v1/openapi.json", get(openapi_export::<S>))
+        .route("/api/v1/import/openapi", post(openapi_import::<S>))
         .route(
             "/api/v1/releases",
             get(releases::<S>).post(release_start::<S>),
@@ -542,4 +546,67 @@ async fn release_rollback<S: Store>(
 ) -> Answer {
     let w = crate::release::roll_back(&ctx.plane, meta(&headers), &name, f.dry_run).await?;
     Ok(written(w, StatusCode::OK))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OpenApiQuery {
+    gateway: Option<String>,
+    service: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn openapi_export<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Query(q): Query<OpenApiQuery>,
+) -> Answer {
+    let config = ctx.plane.store().load(None).await?;
+    let resources = crate::openapi::Resources::from_texts(
+        config
+            .resources
+            .iter()
+            .map(|(k, s)| (k.as_str(), s.text.as_str())),
+    );
+    let doc = crate::openapi::export(
+        &resources,
+        q.gateway.as_deref(),
+        &config.revision.to_string(),
+    )
+    .map_err(|_| WriteError::NotFound(key(Kind::Gateway, q.gateway.as_deref().unwrap_or(""))))?;
+    Ok(axum::Json(doc).into_response())
+}
+
+async fn openapi_import<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Query(q): Query<OpenApiQuery>,
+    headers: HeaderMap,
+    body: String,
+) -> Answer {
+    let imported =
+        crate::openapi::import(&body, q.service.as_deref()).map_err(WriteError::BadRequest)?;
+    let files = imported
+        .apis
+        .iter()
+        .map(|(name, text)| crate::store::source(&key(Kind::Api, name), text))
+        .collect();
+    let mut m = meta(&headers);
+    if m.message.is_empty() {
+        m.message = format!("import {} Apis from OpenAPI", imported.apis.len());
+    }
+    let w = Write {
+        files,
+        create_only: true,
+        dry_run: q.dry_run,
+        ..Write::default()
+    };
+    let w = ctx.plane.write(m, w).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(
+            json!({"revision": w.revision, "dryRun": w.dry_run, "changes": w.changes,
+                          "skipped": imported.skipped}),
+        ),
+    )
+        .into_response())
 }

@@ -5,6 +5,7 @@
 //! - [`plane`]: reads, writes (each validated whole by the config compiler), history,
 //!   diff and rollback.
 //! - [`http`]: the admin REST API under `/api/v1/`.
+//! - [`openapi`]: OpenAPI 3.1 export of the published Apis, and import of drafts.
 //! - [`release`]: grey releases of Apis: start, status, promote, roll back.
 //! - [`push`]: the gRPC stream that sends the config to proxies; [`agent`] is the
 //!   proxy's end of it.
@@ -13,6 +14,7 @@ pub mod agent;
 pub mod embedded;
 pub mod etcd;
 pub mod http;
+pub mod openapi;
 pub mod plane;
 pub mod push;
 pub mod release;

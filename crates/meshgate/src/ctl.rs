@@ -76,6 +76,27 @@ pub enum Action {
         #[arg(short = 'm', long, default_value = "")]
         message: String,
     },
+    /// The OpenAPI 3.1 document of the published Apis (JSON; `-o yaml` for YAML).
+    Openapi {
+        /// Only the Apis this Gateway serves, with its global policies' security.
+        #[arg(long)]
+        gateway: Option<String>,
+    },
+    /// Create draft Apis from an OpenAPI 3.x document (JSON or YAML), one per
+    /// operation, as one revision.
+    Import {
+        #[arg(value_parser = ["openapi"])]
+        format: String,
+        file: PathBuf,
+        /// The Service the Apis call; without it they answer with mocks of the
+        /// documented examples.
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short = 'm', long, default_value = "")]
+        message: String,
+    },
     /// Grey releases: start one, see where it runs, promote it or roll it back.
     #[command(subcommand)]
     Release(ReleaseAction),
@@ -166,6 +187,29 @@ impl Client {
         body: Option<Value>,
         message: Option<&str>,
     ) -> Result<Value, Failed> {
+        let body = body.map(|b| ("application/json", b.to_string()));
+        self.send(method, path, body, message).await
+    }
+
+    /// `call` with a body of any text.
+    async fn call_text(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        text: String,
+        message: Option<&str>,
+    ) -> Result<Value, Failed> {
+        self.send(method, path, Some(("text/plain", text)), message)
+            .await
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, String)>,
+        message: Option<&str>,
+    ) -> Result<Value, Failed> {
         let url = format!("{}{path}", self.server);
         let mut req = self
             .http
@@ -175,10 +219,8 @@ impl Client {
         if let Some(m) = message.filter(|m| !m.is_empty()) {
             req = req.header("x-meshgate-message", m);
         }
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
+        if let Some((content_type, b)) = body {
+            req = req.header("content-type", content_type).body(b);
         }
         let resp = req
             .send()
@@ -248,6 +290,41 @@ impl Client {
                 self.release(ReleaseAction::Status { name }, output).await
             }
             Action::Release(r) => self.release(r, output).await,
+            Action::Openapi { gateway } => {
+                let path = match gateway {
+                    Some(g) => format!("/api/v1/openapi.json?gateway={g}"),
+                    None => "/api/v1/openapi.json".into(),
+                };
+                let v = self.call(Method::GET, &path, None, None).await?;
+                Ok(match output {
+                    Output::Yaml => serde_saphyr::to_string(&v).unwrap_or_default(),
+                    _ => pretty(&v),
+                })
+            }
+            Action::Import {
+                file,
+                service,
+                dry_run,
+                message,
+                ..
+            } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| Failed(1, format!("{}: {e}", file.display())))?;
+                let mut path = format!("/api/v1/import/openapi?dryRun={dry_run}");
+                if let Some(s) = service {
+                    let _ = write!(path, "&service={s}");
+                }
+                let v = self
+                    .call_text(Method::POST, &path, text, Some(&message))
+                    .await?;
+                let mut out = render_written(&v, output);
+                if matches!(output, Output::Table) {
+                    for s in v["skipped"].as_array().into_iter().flatten() {
+                        let _ = writeln!(out, "skipped: {}", s.as_str().unwrap_or(""));
+                    }
+                }
+                Ok(out)
+            }
             Action::Get { kind, .. } if matches!(kind.as_str(), "nodes" | "node") => {
                 let v = self.call(Method::GET, "/api/v1/nodes", None, None).await?;
                 Ok(match output {
