@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// The largest message a proxy takes from the control plane (a snapshot of the
+/// whole config).
+const MAX_MESSAGE: usize = 1 << 30;
 /// The first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
@@ -216,7 +219,9 @@ impl Agent {
             .http2_keep_alive_interval(HEARTBEAT)
             .keep_alive_timeout(CONNECT_TIMEOUT);
         let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
-        let mut client = pb::push_client::PushClient::new(channel);
+        // A snapshot holds the whole config: far above tonic's 4 MiB default.
+        let mut client =
+            pb::push_client::PushClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
         let (tx, rx) = mpsc::channel(16);
         let id = &self.identity;
         let hello = pb::Hello {

@@ -31,6 +31,10 @@ const SILENCE: Duration = Duration::from_secs(3 * HEARTBEAT.as_secs());
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 /// Messages queued for one proxy before its stream applies back-pressure.
 const QUEUE: usize = 16;
+/// Whole snapshots being sent at once. A snapshot holds every resource, so when a
+/// fleet (re)connects at once the rest wait their turn instead of each holding a
+/// copy of the whole config in memory. A turn ends when the proxy answers.
+const SNAPSHOTS_IN_FLIGHT: usize = 16;
 
 /// Every resource's text at one revision. Texts are shared between revisions
 /// (`Arc`), so a diff of two revisions compares pointers first.
@@ -244,6 +248,7 @@ pub struct Publisher<S> {
     /// Becomes true when the control plane stops: every stream then ends, so the
     /// server's graceful shutdown does not wait on them for ever.
     stopping: watch::Receiver<bool>,
+    snapshots: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S: Store> Publisher<S> {
@@ -268,6 +273,7 @@ impl<S: Store> Publisher<S> {
             nodes,
             token,
             stopping,
+            snapshots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_IN_FLIGHT)),
         });
         let weak = Arc::downgrade(&this);
         let mut revisions = plane.watch();
@@ -345,34 +351,47 @@ impl<S: Store> Publisher<S> {
         pb::push_server::PushServer::new(Service(self.clone()))
     }
 
-    /// What a proxy that says it holds `revision` of `store_id` is sent first.
-    async fn first(
-        &self,
-        hello: &pb::Hello,
-        now: &Published,
-    ) -> Result<pb::ControlMessage, Status> {
+    /// What a proxy that says it holds `revision` of `store_id` is sent first, the
+    /// config that brings it to, and for a snapshot, its turn among the snapshots
+    /// in flight.
+    async fn first(&self, hello: &pb::Hello) -> Result<First, Status> {
         use pb::control_message::Message;
         let store_id = self.plane.store().id();
+        let now = self.current();
         let resumable =
             hello.store_id == store_id && hello.revision > 0 && hello.revision <= now.revision;
         if resumable {
             match self.plane.store().load(Some(hello.revision)).await {
                 Ok(then) => {
-                    let then = Published::from_config(&then, Some(now));
-                    return Ok(pb::ControlMessage {
-                        message: Some(Message::Delta(delta(&then, now))),
-                    });
+                    let then = Published::from_config(&then, Some(&now));
+                    let message = Some(Message::Delta(delta(&then, &now)));
+                    return Ok((pb::ControlMessage { message }, now, None));
                 }
                 Err(e) => {
                     tracing::warn!(node = %hello.node, error = %e, "cannot read the node's revision; sending a snapshot")
                 }
             }
         }
-        Ok(pb::ControlMessage {
-            message: Some(Message::Snapshot(now.snapshot(store_id))),
-        })
+        let turn = self
+            .snapshots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the control plane is stopping"))?;
+        // The newest config, since the wait for a turn may have been long.
+        let now = self.current();
+        let message = Some(Message::Snapshot(now.snapshot(store_id)));
+        Ok((pb::ControlMessage { message }, now, Some(turn)))
     }
 }
+
+/// A stream's first message, the config it brings the proxy to, and the snapshot
+/// turn it holds (released when the proxy answers).
+type First = (
+    pb::ControlMessage,
+    Arc<Published>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
 
 /// The push gRPC service.
 pub struct Service<S>(Arc<Publisher<S>>);
@@ -419,8 +438,7 @@ impl<S: Store> pb::push_server::Push for Service<S> {
         if hello.node.is_empty() {
             return Err(Status::invalid_argument("the hello names no node"));
         }
-        let now = publisher.current();
-        let first = publisher.first(&hello, &now).await?;
+        let (first, now, turn) = publisher.first(&hello).await?;
         let stream = publisher.nodes.streams.fetch_add(1, Ordering::Relaxed) + 1;
         let t = SystemTime::now();
         let status = NodeStatus {
@@ -446,7 +464,9 @@ impl<S: Store> pb::push_server::Push for Service<S> {
         tracing::info!(node = %hello.node, revision = hello.revision, "node connected");
         let (tx, rx) = mpsc::channel(QUEUE);
         let _ = tx.send(Ok(first)).await;
-        tokio::spawn(serve_node(publisher, hello.node, stream, now, inbound, tx));
+        tokio::spawn(serve_node(
+            publisher, hello.node, stream, now, turn, inbound, tx,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -460,6 +480,7 @@ async fn serve_node<S: Store>(
     node: String,
     stream: u64,
     mut held: Arc<Published>,
+    mut turn: Option<tokio::sync::OwnedSemaphorePermit>,
     mut inbound: Streaming<pb::NodeMessage>,
     tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
 ) {
@@ -498,6 +519,10 @@ async fn serve_node<S: Store>(
                     Ok(Ok(Some(m))) => m,
                 };
                 let at = SystemTime::now();
+                if matches!(msg.message, Some(Message::Ack(_) | Message::Nack(_))) {
+                    // The proxy has the snapshot: the next one may go.
+                    drop(turn.take());
+                }
                 match msg.message {
                     Some(Message::Ack(a)) => nodes.update(&node, stream, |n| {
                         n.last_contact = at;
