@@ -19,7 +19,7 @@ mod model;
 mod validate;
 
 pub use diag::Diagnostic;
-pub use load::{Source, load_paths};
+pub use load::{ParseCache, Source, load_paths};
 pub use meshgate_core::parse_duration;
 pub use model::*;
 
@@ -28,10 +28,19 @@ pub use model::*;
 /// snapshot only when there are no diagnostics; the diagnostics are sorted by file
 /// and line.
 pub fn compile(sources: &[Source]) -> (Option<Snapshot>, Vec<Diagnostic>) {
+    compile_cached(sources, None)
+}
+
+/// [`compile`], parsing again only the sources that changed since the last
+/// compile with `cache`.
+pub fn compile_cached(
+    sources: &[Source],
+    cache: Option<&ParseCache>,
+) -> (Option<Snapshot>, Vec<Diagnostic>) {
     let no_labels = std::collections::BTreeMap::new();
-    let (snapshot, mut diags) = compile_for(sources, Placement::Node(&no_labels));
+    let (snapshot, mut diags) = compile_inner(sources, Placement::Node(&no_labels), cache);
     if diags.is_empty() && placed_releases(sources) {
-        diags = compile_for(sources, Placement::Everywhere).1;
+        diags = compile_inner(sources, Placement::Everywhere, cache).1;
         if !diags.is_empty() {
             return (None, diags);
         }
@@ -44,8 +53,19 @@ pub fn compile_for(
     sources: &[Source],
     placement: Placement<'_>,
 ) -> (Option<Snapshot>, Vec<Diagnostic>) {
+    compile_inner(sources, placement, None)
+}
+
+fn compile_inner(
+    sources: &[Source],
+    placement: Placement<'_>,
+    cache: Option<&ParseCache>,
+) -> (Option<Snapshot>, Vec<Diagnostic>) {
     let mut diags = Vec::new();
-    let docs = load::parse_sources(sources, &mut diags);
+    let docs = match cache {
+        Some(c) => load::parse_sources_cached(sources, &mut diags, c),
+        None => load::parse_sources(sources, &mut diags),
+    };
     let checked = validate::validate(&docs, &mut diags);
     // Link even when stage 2 found problems: every error is reported in one run.
     // References to resources that exist but failed their own checks are not

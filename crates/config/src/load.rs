@@ -4,6 +4,7 @@ use meshgate_api::{
     API_VERSION, ApiSpec, ConsumerSpec, Envelope, GatewaySpec, Head, Kind, PolicySpec, ServiceSpec,
 };
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -182,12 +183,8 @@ fn de<T: DeserializeOwned>(
     })
 }
 
-fn line_at(text: &str, offset: usize) -> u32 {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|b| *b == b'\n')
-        .count() as u32
-        + 1
+fn newlines(text: &str) -> u32 {
+    text.bytes().filter(|b| *b == b'\n').count() as u32
 }
 
 fn is_blank(doc: &str) -> bool {
@@ -198,6 +195,41 @@ fn is_blank(doc: &str) -> bool {
 }
 
 /// Stage 1: every document of every source, typed by its kind.
+/// Parsed documents kept between compiles of mostly unchanged sources (the control
+/// plane compiles the whole config on every write): only new or changed texts are
+/// parsed again. It keeps the sources of the last compile only.
+#[derive(Debug, Default)]
+pub struct ParseCache(std::sync::Mutex<HashMap<(Arc<str>, String), Vec<Doc>>>);
+
+/// [`parse_sources`], taking unchanged sources' documents from `cache`.
+pub fn parse_sources_cached(
+    sources: &[Source],
+    diags: &mut Vec<Diagnostic>,
+    cache: &ParseCache,
+) -> Vec<Doc> {
+    let Ok(mut map) = cache.0.lock() else {
+        return parse_sources(sources, diags);
+    };
+    let mut kept = HashMap::with_capacity(sources.len());
+    let mut docs = Vec::new();
+    for src in sources {
+        let key = (src.file.clone(), src.text.clone());
+        if let Some(d) = map.remove(&key) {
+            docs.extend(d.iter().cloned());
+            kept.insert(key, d);
+            continue;
+        }
+        let before = diags.len();
+        let d = parse_sources(std::slice::from_ref(src), diags);
+        docs.extend(d.iter().cloned());
+        if diags.len() == before {
+            kept.insert(key, d);
+        }
+    }
+    *map = kept;
+    docs
+}
+
 pub fn parse_sources(sources: &[Source], diags: &mut Vec<Diagnostic>) -> Vec<Doc> {
     let mut docs = Vec::new();
     for src in sources {
@@ -211,8 +243,13 @@ pub fn parse_sources(sources: &[Source], diags: &mut Vec<Diagnostic>) -> Vec<Doc
                 lines: Default::default(),
             });
         }
+        // Lines are counted on from the previous document, not from the top.
+        let (mut at, mut line) = (0, 1);
         for mut span in spans {
-            span.first_line = line_at(&src.text, span.start);
+            let start = span.start.min(src.text.len());
+            line += newlines(&src.text[at.min(start)..start]);
+            at = start;
+            span.first_line = line;
             let text = &src.text[span.start..span.end];
             if is_blank(text) {
                 continue;

@@ -161,6 +161,7 @@ impl Agent {
             Err(e) => return Ended::Failed(e),
         };
         let mut held = good.clone();
+        let mut parts = None;
         let mut beat = tokio::time::interval(HEARTBEAT);
         beat.reset();
         loop {
@@ -175,6 +176,11 @@ impl Agent {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ended::Served("the control plane closed the stream".into()),
                 Err(s) => return Ended::Served(status_text(&s)),
+            };
+            let msg = match assemble(&mut parts, msg) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => return Ended::Served(e),
             };
             if let Err(e) = held.take(msg) {
                 return Ended::Served(e);
@@ -250,6 +256,39 @@ impl Agent {
     }
 }
 
+/// Gather the parts of a snapshot: `None` until the last part is in, then the
+/// whole snapshot. Other messages pass through.
+fn assemble(
+    parts: &mut Option<pb::Snapshot>,
+    msg: pb::ControlMessage,
+) -> Result<Option<pb::ControlMessage>, String> {
+    use pb::control_message::Message;
+    let Some(Message::Snapshot(mut s)) = msg.message else {
+        if parts.is_some() {
+            return Err("a snapshot's parts were cut short".into());
+        }
+        return Ok(Some(msg));
+    };
+    if let Some(mut whole) = parts.take() {
+        if (&whole.store_id, whole.revision) != (&s.store_id, s.revision) {
+            return Err(format!(
+                "a part of revision {} arrived amid the parts of revision {}",
+                s.revision, whole.revision
+            ));
+        }
+        whole.resources.append(&mut s.resources);
+        whole.more = s.more;
+        s = whole;
+    }
+    if s.more {
+        *parts = Some(s);
+        return Ok(None);
+    }
+    Ok(Some(pb::ControlMessage {
+        message: Some(Message::Snapshot(s)),
+    }))
+}
+
 fn message(m: pb::node_message::Message) -> pb::NodeMessage {
     pb::NodeMessage { message: Some(m) }
 }
@@ -292,6 +331,7 @@ mod tests {
             store_id: "s1".into(),
             revision: 3,
             resources: vec![resource("Api/a", "a"), resource("Api/b", "b")],
+            more: false,
         };
         let ok = held.take(pb::ControlMessage {
             message: Some(Message::Snapshot(snap)),
@@ -312,6 +352,43 @@ mod tests {
             held.resources.into_iter().collect::<Vec<_>>(),
             [("Api/a".to_string(), "a2".to_string())]
         );
+    }
+
+    #[test]
+    fn snapshot_parts_are_gathered_before_use() {
+        use pb::control_message::Message;
+        let part = |revision, keys: &[&str], more| pb::ControlMessage {
+            message: Some(Message::Snapshot(pb::Snapshot {
+                store_id: "s1".into(),
+                revision,
+                resources: keys.iter().map(|k| resource(k, "x")).collect(),
+                more,
+            })),
+        };
+        let mut parts = None;
+        assert_eq!(assemble(&mut parts, part(5, &["Api/a"], true)), Ok(None));
+        assert_eq!(assemble(&mut parts, part(5, &["Api/b"], true)), Ok(None));
+        let whole = assemble(&mut parts, part(5, &["Api/c"], false));
+        let Ok(Some(pb::ControlMessage {
+            message: Some(Message::Snapshot(s)),
+        })) = whole
+        else {
+            panic!("no whole snapshot: {whole:?}");
+        };
+        let keys: Vec<&str> = s.resources.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(
+            (s.revision, s.more, keys),
+            (5, false, vec!["Api/a", "Api/b", "Api/c"])
+        );
+        assert!(parts.is_none());
+        // A part of another revision, or a delta, amid the parts is a broken stream.
+        assert_eq!(assemble(&mut parts, part(5, &["Api/a"], true)), Ok(None));
+        assert!(assemble(&mut parts, part(6, &["Api/a"], false)).is_err());
+        assert_eq!(assemble(&mut parts, part(7, &["Api/a"], true)), Ok(None));
+        let delta = pb::ControlMessage {
+            message: Some(Message::Delta(pb::Delta::default())),
+        };
+        assert!(assemble(&mut parts, delta).is_err());
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub struct Plane<S> {
     write: tokio::sync::Mutex<()>,
     /// The newest revision this process wrote or saw.
     revision: tokio::sync::watch::Sender<u64>,
+    /// Parsed resources from the last write's compile: a write parses only what
+    /// it changes.
+    parsed: Arc<meshgate_config::ParseCache>,
 }
 
 /// Who writes, and why.
@@ -102,7 +105,9 @@ impl<S: Store> Plane<S> {
             store,
             write: tokio::sync::Mutex::new(()),
             revision: tokio::sync::watch::channel(now).0,
+            parsed: Arc::default(),
         });
+        this.warm(store_sources_of(&this.store.load(None).await?.resources));
         let follower = this.clone();
         tokio::spawn(async move {
             follower.store.follow(follower.revision.clone()).await;
@@ -337,6 +342,7 @@ impl<S: Store> Plane<S> {
         for _ in 0..CONFLICT_RETRIES {
             let current = self.store.load(None).await?;
             let (changes, files) = plan(&current)?;
+            let from_files = !files.is_empty();
             let mut sources: Vec<Source> = current
                 .resources
                 .iter()
@@ -352,8 +358,15 @@ impl<S: Store> Plane<S> {
             } else {
                 sources.extend(files);
             }
-            let (snapshot, diags) = meshgate_config::compile(&sources);
-            if snapshot.is_none() {
+            // Compiling a big config takes a while: off the async workers, which
+            // serve the push streams meanwhile.
+            let cache = self.parsed.clone();
+            let diags = tokio::task::spawn_blocking(move || {
+                meshgate_config::compile_cached(&sources, Some(&cache)).1
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("the compile task failed: {e}")))?;
+            if !diags.is_empty() {
                 return Err(WriteError::Invalid(diags));
             }
             // Writes that leave a resource as it was (formatting aside) are left out.
@@ -381,9 +394,36 @@ impl<S: Store> Plane<S> {
                 });
             }
             let summary = commit.summary(current.revision + 1).changes;
+            let commit_changes = if !from_files {
+                Vec::new()
+            } else {
+                commit.changes.clone()
+            };
             match self.store.commit(current.revision, commit).await {
                 Ok(revision) => {
                     crate::store::raise(&self.revision, revision);
+                    if from_files {
+                        // That compile named the user's files: parse the stored
+                        // texts now, so that the next write finds them parsed.
+                        let mut stored = current.resources.clone();
+                        for c in &commit_changes {
+                            match &c.text {
+                                Some(t) => {
+                                    stored.insert(
+                                        c.key.clone(),
+                                        crate::store::Stored {
+                                            text: t.clone(),
+                                            revision,
+                                        },
+                                    );
+                                }
+                                None => {
+                                    stored.remove(&c.key);
+                                }
+                            }
+                        }
+                        self.warm(store_sources_of(&stored));
+                    }
                     tracing::info!(revision, author = %meta.author, message = %meta.message, "config written");
                     return Ok(Written {
                         revision,
@@ -400,6 +440,14 @@ impl<S: Store> Plane<S> {
         Err(WriteError::Store(StoreError::Backend(
             "the store kept moving under this write; try again".into(),
         )))
+    }
+
+    /// Parse `sources` into the cache, off the request path.
+    fn warm(&self, sources: Vec<Source>) {
+        let cache = self.parsed.clone();
+        tokio::task::spawn_blocking(move || {
+            meshgate_config::compile_cached(&sources, Some(&cache));
+        });
     }
 
     pub async fn history(
@@ -456,6 +504,14 @@ impl<S: Store> Plane<S> {
 }
 
 /// Whether two texts of a resource hold the same YAML, formatting and comments aside.
+/// Every stored resource as a source named `store:Kind/name`.
+fn store_sources_of(resources: &BTreeMap<Key, crate::store::Stored>) -> Vec<Source> {
+    resources
+        .iter()
+        .map(|(k, s)| store_source(k, &s.text))
+        .collect()
+}
+
 fn same(a: Option<&str>, b: Option<&str>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => {

@@ -35,6 +35,10 @@ const QUEUE: usize = 16;
 /// fleet (re)connects at once the rest wait their turn instead of each holding a
 /// copy of the whole config in memory. A turn ends when the proxy answers.
 const SNAPSHOTS_IN_FLIGHT: usize = 16;
+/// Snapshots go out in parts of about this many bytes of text: the gRPC encoder
+/// keeps a buffer as large as the largest message of its stream, for the life of
+/// the stream, so one whole-config message would cost its size per proxy.
+const SNAPSHOT_PART: usize = 64 << 10;
 
 /// Every resource's text at one revision. Texts are shared between revisions
 /// (`Arc`), so a diff of two revisions compares pointers first.
@@ -76,19 +80,32 @@ impl Published {
         p
     }
 
-    fn snapshot(&self, store_id: &str) -> pb::Snapshot {
-        pb::Snapshot {
-            store_id: store_id.to_string(),
-            revision: self.revision,
-            resources: self
-                .resources
-                .iter()
-                .map(|(k, t)| pb::Resource {
-                    key: k.clone(),
-                    text: t.to_string(),
-                })
-                .collect(),
+    /// The whole config, in parts of about [`SNAPSHOT_PART`] bytes.
+    fn snapshot(&self, store_id: &str) -> Vec<pb::ControlMessage> {
+        let part = |resources, more| pb::ControlMessage {
+            message: Some(pb::control_message::Message::Snapshot(pb::Snapshot {
+                store_id: store_id.to_string(),
+                revision: self.revision,
+                resources,
+                more,
+            })),
+        };
+        let mut parts = Vec::new();
+        let mut resources = Vec::new();
+        let mut size = 0;
+        for (k, t) in self.resources.iter() {
+            size += k.len() + t.len();
+            resources.push(pb::Resource {
+                key: k.clone(),
+                text: t.to_string(),
+            });
+            if size >= SNAPSHOT_PART {
+                parts.push(part(std::mem::take(&mut resources), true));
+                size = 0;
+            }
         }
+        parts.push(part(resources, false));
+        parts
     }
 }
 
@@ -365,7 +382,7 @@ impl<S: Store> Publisher<S> {
                 Ok(then) => {
                     let then = Published::from_config(&then, Some(&now));
                     let message = Some(Message::Delta(delta(&then, &now)));
-                    return Ok((pb::ControlMessage { message }, now, None));
+                    return Ok((vec![pb::ControlMessage { message }], now, None));
                 }
                 Err(e) => {
                     tracing::warn!(node = %hello.node, error = %e, "cannot read the node's revision; sending a snapshot")
@@ -380,15 +397,15 @@ impl<S: Store> Publisher<S> {
             .map_err(|_| Status::unavailable("the control plane is stopping"))?;
         // The newest config, since the wait for a turn may have been long.
         let now = self.current();
-        let message = Some(Message::Snapshot(now.snapshot(store_id)));
-        Ok((pb::ControlMessage { message }, now, Some(turn)))
+        Ok((now.snapshot(store_id), now, Some(turn)))
     }
 }
 
-/// A stream's first message, the config it brings the proxy to, and the snapshot
-/// turn it holds (released when the proxy answers).
+/// A stream's first messages (a delta, or a snapshot's parts), the config they
+/// bring the proxy to, and the snapshot turn they hold (released when the proxy
+/// answers).
 type First = (
-    pb::ControlMessage,
+    Vec<pb::ControlMessage>,
     Arc<Published>,
     Option<tokio::sync::OwnedSemaphorePermit>,
 );
@@ -463,9 +480,8 @@ impl<S: Store> pb::push_server::Push for Service<S> {
         publisher.nodes.insert(status);
         tracing::info!(node = %hello.node, revision = hello.revision, "node connected");
         let (tx, rx) = mpsc::channel(QUEUE);
-        let _ = tx.send(Ok(first)).await;
         tokio::spawn(serve_node(
-            publisher, hello.node, stream, now, turn, inbound, tx,
+            publisher, hello.node, stream, first, now, turn, inbound, tx,
         ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -479,6 +495,7 @@ async fn serve_node<S: Store>(
     publisher: Arc<Publisher<S>>,
     node: String,
     stream: u64,
+    first: Vec<pb::ControlMessage>,
     mut held: Arc<Published>,
     mut turn: Option<tokio::sync::OwnedSemaphorePermit>,
     mut inbound: Streaming<pb::NodeMessage>,
@@ -489,6 +506,16 @@ async fn serve_node<S: Store>(
     current.mark_changed();
     let nodes = &publisher.nodes;
     let mut stopping = publisher.stopping.clone();
+    for m in first {
+        if !matches!(
+            tokio::time::timeout(SILENCE, tx.send(Ok(m))).await,
+            Ok(Ok(()))
+        ) {
+            tracing::info!(node = %node, "node stopped taking its first config");
+            nodes.update(&node, stream, |n| n.connected = false);
+            return;
+        }
+    }
     let why = loop {
         tokio::select! {
             _ = async { let _ = stopping.wait_for(|s| *s).await; } => break "the control plane is stopping".to_string(),

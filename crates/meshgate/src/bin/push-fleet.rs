@@ -68,7 +68,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("push-fleet: {e}");
@@ -132,7 +135,8 @@ async fn run(a: Args) -> Result<Value, String> {
             .map_err(|e| e.to_string())
             .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))?;
         let mut resource = current["resource"].clone();
-        resource["spec"]["invoke"] = json!({"mock": {"status": 200, "body": format!("change {k}")}});
+        resource["spec"]["invoke"] =
+            json!({"mock": {"status": 200, "body": format!("change {k}")}});
         let t0 = Instant::now();
         let answer: Value = admin(reqwest::Method::PUT, &path)
             .header("x-meshgate-message", format!("scale bench change {k}"))
@@ -235,8 +239,7 @@ async fn node(
         .connect()
         .await
         .map_err(|e| e.to_string())?;
-    let mut client =
-        pb::push_client::PushClient::new(channel).max_decoding_message_size(1 << 30);
+    let mut client = pb::push_client::PushClient::new(channel).max_decoding_message_size(1 << 30);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::Hello {
         node: format!("fleet-{i}"),
@@ -261,6 +264,7 @@ async fn node(
         .into_inner();
     let mut beat = tokio::time::interval(meshgate_control::push::HEARTBEAT);
     let mut first = true;
+    let mut snapshot_bytes = 0;
     loop {
         tokio::select! {
             _ = beat.tick() => {
@@ -273,12 +277,23 @@ async fn node(
                 let at = Instant::now();
                 let bytes = msg.encoded_len();
                 let revision = match &msg.message {
-                    Some(pb::control_message::Message::Snapshot(s)) => s.revision,
+                    // A snapshot comes in parts; it is answered once whole.
+                    Some(pb::control_message::Message::Snapshot(s)) => {
+                        snapshot_bytes += bytes;
+                        if s.more {
+                            continue;
+                        }
+                        s.revision
+                    }
                     Some(pb::control_message::Message::Delta(d)) => d.revision,
                     None => continue,
                 };
                 let _ = tx.send(say(Message::Ack(pb::Ack { revision }))).await;
-                let e = if first { Event::Synced(revision, bytes) } else { Event::Received(revision, bytes, at) };
+                let e = if first {
+                    Event::Synced(revision, std::mem::take(&mut snapshot_bytes))
+                } else {
+                    Event::Received(revision, bytes, at)
+                };
                 first = false;
                 let _ = events.send(e);
             }
