@@ -199,7 +199,10 @@ fn is_blank(doc: &str) -> bool {
 /// plane compiles the whole config on every write): only new or changed texts are
 /// parsed again. It keeps the sources of the last compile only.
 #[derive(Debug, Default)]
-pub struct ParseCache(std::sync::Mutex<HashMap<(Arc<str>, String), Vec<Doc>>>);
+pub struct ParseCache(std::sync::Mutex<HashMap<SourceKey, Vec<Doc>>>);
+
+/// A source's file name and text.
+type SourceKey = (Arc<str>, String);
 
 /// [`parse_sources`], taking unchanged sources' documents from `cache`.
 pub fn parse_sources_cached(
