@@ -455,7 +455,8 @@ impl<S: Store> pb::push_server::Push for Service<S> {
         if hello.node.is_empty() {
             return Err(Status::invalid_argument("the hello names no node"));
         }
-        let (first, now, turn) = publisher.first(&hello).await?;
+        let first = publisher.first(&hello).await?;
+        let now = first.1.clone();
         let stream = publisher.nodes.streams.fetch_add(1, Ordering::Relaxed) + 1;
         let t = SystemTime::now();
         let status = NodeStatus {
@@ -481,7 +482,7 @@ impl<S: Store> pb::push_server::Push for Service<S> {
         tracing::info!(node = %hello.node, revision = hello.revision, "node connected");
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(serve_node(
-            publisher, hello.node, stream, first, now, turn, inbound, tx,
+            publisher, hello.node, stream, first, inbound, tx,
         ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -495,9 +496,7 @@ async fn serve_node<S: Store>(
     publisher: Arc<Publisher<S>>,
     node: String,
     stream: u64,
-    first: Vec<pb::ControlMessage>,
-    mut held: Arc<Published>,
-    mut turn: Option<tokio::sync::OwnedSemaphorePermit>,
+    (first, mut held, mut turn): First,
     mut inbound: Streaming<pb::NodeMessage>,
     tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
 ) {
