@@ -667,6 +667,18 @@ class Control:
         return self.proc.returncode if self.proc else None
 
 
+def proxy_gateway(name, port, admin_port, extra=""):
+    """A Gateway resource for one `Proxy`: its listener and admin ports (YAML, no
+    leading `---`); `extra` adds spec lines."""
+    return f"""apiVersion: meshgate.io/v1
+kind: Gateway
+metadata: {{name: {name}}}
+spec:
+  listeners: [{{name: web, address: "127.0.0.1:{port}"}}]
+  admin: {{address: "127.0.0.1:{admin_port}"}}{extra}
+"""
+
+
 class Proxy:
     """A `meshgate proxy` fed by a control plane, serving one Gateway resource whose
     listener and admin ports the test chose. Its cache and state live in tmp_path."""

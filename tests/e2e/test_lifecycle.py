@@ -13,18 +13,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from harness import BIN, Control, Proxy, free_port
+from harness import BIN, Control, Proxy, free_port, proxy_gateway
 
 
 def gateway(name, port, admin, drafts=False):
-    extra = "\n  serveDrafts: true" if drafts else ""
-    return f"""apiVersion: meshgate.io/v1
-kind: Gateway
-metadata: {{name: {name}}}
-spec:
-  listeners: [{{name: web, address: "127.0.0.1:{port}"}}]
-  admin: {{address: "127.0.0.1:{admin}"}}{extra}
-"""
+    return proxy_gateway(name, port, admin, "\n  serveDrafts: true" if drafts else "")
 
 
 ORDERS = """apiVersion: meshgate.io/v1

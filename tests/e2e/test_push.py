@@ -15,20 +15,13 @@ import time
 
 import pytest
 
-from harness import BIN, Control, Etcd, Proxy, free_port
+from harness import BIN, Control, Etcd, Proxy, free_port, proxy_gateway
 
 NODES = ("a", "b", "c")
 NAMES = {f"node-{n}" for n in NODES}
 
 
-def gateway(name, port, admin_port):
-    return f"""apiVersion: meshgate.io/v1
-kind: Gateway
-metadata: {{name: {name}}}
-spec:
-  listeners: [{{name: web, address: "127.0.0.1:{port}"}}]
-  admin: {{address: "127.0.0.1:{admin_port}"}}
-"""
+gateway = proxy_gateway
 
 
 def hello(body):

@@ -16,19 +16,12 @@ import time
 
 import pytest
 
-from harness import BIN, Backend, Control, Proxy, free_port, service
+from harness import BIN, Backend, Control, Proxy, free_port, service, proxy_gateway
 
 NODES = {"a1": "zone=a", "b1": "zone=b", "b2": "zone=b"}
 
 
-def gateway(name, port, admin):
-    return f"""apiVersion: meshgate.io/v1
-kind: Gateway
-metadata: {{name: {name}}}
-spec:
-  listeners: [{{name: web, address: "127.0.0.1:{port}"}}]
-  admin: {{address: "127.0.0.1:{admin}"}}
-"""
+gateway = proxy_gateway
 
 
 def get_user(svc, path="/users/{id}"):

@@ -249,8 +249,7 @@ impl<S: Store> Plane<S> {
             .resources
             .get(&k)
             .ok_or_else(|| WriteError::NotFound(k.clone()))?;
-        let mut doc: serde_json::Value = serde_saphyr::from_str(&stored.text)
-            .map_err(|e| WriteError::BadRequest(format!("{k} does not read back: {e}")))?;
+        let mut doc = read_text(&k, &stored.text)?;
         let Some(spec) = doc.get_mut("spec").and_then(|s| s.as_object_mut()) else {
             return Err(WriteError::BadRequest(format!("{k} has no spec")));
         };
@@ -285,8 +284,7 @@ impl<S: Store> Plane<S> {
                 }
             }
         }
-        let text = serde_saphyr::to_string(&doc)
-            .map_err(|e| WriteError::BadRequest(format!("cannot write {k} back: {e}")))?;
+        let text = write_text(&k, &doc)?;
         let w = Write {
             files: vec![store_source(&k, &text)],
             dry_run,
@@ -504,6 +502,18 @@ impl<S: Store> Plane<S> {
 }
 
 /// Whether two texts of a resource hold the same YAML, formatting and comments aside.
+/// A stored resource's text as JSON, to edit it.
+pub(crate) fn read_text(k: &str, text: &str) -> Result<serde_json::Value, WriteError> {
+    serde_saphyr::from_str(text)
+        .map_err(|e| WriteError::BadRequest(format!("{k} does not read back: {e}")))
+}
+
+/// An edited resource back to YAML text (comments are lost).
+pub(crate) fn write_text(k: &str, value: &serde_json::Value) -> Result<String, WriteError> {
+    serde_saphyr::to_string(value)
+        .map_err(|e| WriteError::BadRequest(format!("cannot write {k}: {e}")))
+}
+
 /// Every stored resource as a source named `store:Kind/name`.
 fn store_sources_of(resources: &BTreeMap<Key, crate::store::Stored>) -> Vec<Source> {
     resources

@@ -9,7 +9,7 @@
 //!   revision;
 //! - roll back: the release goes; the Api never changed.
 
-use crate::plane::{Meta, Plane, Write, WriteError, Written};
+use crate::plane::{Meta, Plane, Write, WriteError, Written, read_text, write_text};
 use crate::store::{Store, key, source};
 use meshgate_api::{Kind, ReleaseSpec};
 use serde_json::{Value, json};
@@ -249,16 +249,6 @@ fn release_of(k: &str, text: &str) -> Result<Option<ReleaseSpec>, WriteError> {
     serde_json::from_value(rule.clone())
         .map(Some)
         .map_err(|e| WriteError::BadRequest(format!("{k} has a bad spec.release: {e}")))
-}
-
-fn read_text(k: &str, text: &str) -> Result<Value, WriteError> {
-    serde_saphyr::from_str(text)
-        .map_err(|e| WriteError::BadRequest(format!("{k} does not read back: {e}")))
-}
-
-fn write_text(k: &str, value: &Value) -> Result<String, WriteError> {
-    serde_saphyr::to_string(value)
-        .map_err(|e| WriteError::BadRequest(format!("cannot write {k}: {e}")))
 }
 
 fn with_message(meta: Meta, default: impl FnOnce() -> String) -> Meta {

@@ -126,28 +126,17 @@ async fn run(a: Args) -> Result<Value, String> {
     let path = format!("/api/v1/apis/{}", a.api);
     let mut changes = Vec::new();
     for k in 1..=a.changes {
-        let current: Value = admin(reqwest::Method::GET, &path)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .text()
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))?;
+        let current: Value = json_of(admin(reqwest::Method::GET, &path)).await?;
         let mut resource = current["resource"].clone();
         resource["spec"]["invoke"] =
             json!({"mock": {"status": 200, "body": format!("change {k}")}});
         let t0 = Instant::now();
-        let answer: Value = admin(reqwest::Method::PUT, &path)
-            .header("x-meshgate-message", format!("scale bench change {k}"))
-            .body(resource.to_string())
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .text()
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))?;
+        let answer: Value = json_of(
+            admin(reqwest::Method::PUT, &path)
+                .header("x-meshgate-message", format!("scale bench change {k}"))
+                .body(resource.to_string()),
+        )
+        .await?;
         let write_ms = t0.elapsed().as_secs_f64() * 1e3;
         let rev = answer["revision"]
             .as_u64()
@@ -175,14 +164,7 @@ async fn run(a: Args) -> Result<Value, String> {
         let received_ms = last.saturating_duration_since(t0).as_secs_f64() * 1e3;
         // The control plane recorded every ACK.
         let acked_ms = loop {
-            let nodes: Value = admin(reqwest::Method::GET, "/api/v1/nodes")
-                .send()
-                .await
-                .map_err(|e| e.to_string())?
-                .text()
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))?;
+            let nodes: Value = json_of(admin(reqwest::Method::GET, "/api/v1/nodes")).await?;
             let done = nodes["items"]
                 .as_array()
                 .into_iter()
@@ -219,6 +201,18 @@ async fn run(a: Args) -> Result<Value, String> {
         "snapshotBytesPerProxy": snapshot_bytes,
         "changes": changes,
     }))
+}
+
+/// Send an admin API request and read its JSON answer.
+async fn json_of(req: reqwest::RequestBuilder) -> Result<Value, String> {
+    let text = req
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))
 }
 
 fn round(x: f64) -> f64 {
