@@ -227,12 +227,22 @@ async fn node(
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<(), String> {
     use pb::node_message::Message;
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| e.to_string())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
+        .tcp_nodelay(true);
+    // A thousand connections at once can overflow the listen queue: retry, as a
+    // real proxy's agent does with its backoff.
+    let mut tries = 0;
+    let channel = loop {
+        match endpoint.connect().await {
+            Ok(c) => break c,
+            Err(e) if tries >= 10 => return Err(format!("connect: {e:?}")),
+            Err(_) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+            }
+        }
+    };
     let mut client = pb::push_client::PushClient::new(channel).max_decoding_message_size(1 << 30);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::Hello {
@@ -254,7 +264,7 @@ async fn node(
     let mut inbound = client
         .stream(request)
         .await
-        .map_err(|s| s.message().to_string())?
+        .map_err(|s| format!("{s:?}"))?
         .into_inner();
     let mut beat = tokio::time::interval(meshgate_control::push::HEARTBEAT);
     let mut first = true;
@@ -265,7 +275,7 @@ async fn node(
                 let _ = tx.send(say(Message::Heartbeat(pb::Heartbeat {}))).await;
             }
             msg = inbound.message() => {
-                let Some(msg) = msg.map_err(|s| s.message().to_string())? else {
+                let Some(msg) = msg.map_err(|s| format!("{s:?}"))? else {
                     return Err("the control plane closed the stream".into());
                 };
                 let at = Instant::now();
