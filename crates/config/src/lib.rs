@@ -37,12 +37,18 @@ pub fn compile_cached(
     sources: &[Source],
     cache: Option<&ParseCache>,
 ) -> (Option<Snapshot>, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+    let docs = parse(sources, cache, &mut diags);
     let no_labels = std::collections::BTreeMap::new();
-    let (snapshot, mut diags) = compile_inner(sources, Placement::Node(&no_labels), cache);
-    if diags.is_empty() && placed_releases(sources) {
-        diags = compile_inner(sources, Placement::Everywhere, cache).1;
-        if !diags.is_empty() {
-            return (None, diags);
+    let (snapshot, diags) = build(sources, &docs, Placement::Node(&no_labels), diags);
+    let placed = |d: &load::Doc| match &d.resource {
+        load::Resource::Api(e) => e.spec.release.as_ref().is_some_and(|r| !r.nodes.is_empty()),
+        _ => false,
+    };
+    if diags.is_empty() && docs.iter().any(placed) {
+        let everywhere = build(sources, &docs, Placement::Everywhere, Vec::new()).1;
+        if !everywhere.is_empty() {
+            return (None, everywhere);
         }
     }
     (snapshot, diags)
@@ -53,24 +59,36 @@ pub fn compile_for(
     sources: &[Source],
     placement: Placement<'_>,
 ) -> (Option<Snapshot>, Vec<Diagnostic>) {
-    compile_inner(sources, placement, None)
+    let mut diags = Vec::new();
+    let docs = parse(sources, None, &mut diags);
+    build(sources, &docs, placement, diags)
 }
 
-fn compile_inner(
+/// Stage 1, from `cache` where the sources did not change.
+fn parse(
     sources: &[Source],
-    placement: Placement<'_>,
     cache: Option<&ParseCache>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<load::Doc> {
+    match cache {
+        Some(c) => load::parse_sources_cached(sources, diags, c),
+        None => load::parse_sources(sources, diags),
+    }
+}
+
+/// Stages 2 and 3 over parsed documents, for a proxy at `placement`; `diags`
+/// holds stage 1's.
+fn build(
+    sources: &[Source],
+    docs: &[load::Doc],
+    placement: Placement<'_>,
+    mut diags: Vec<Diagnostic>,
 ) -> (Option<Snapshot>, Vec<Diagnostic>) {
-    let mut diags = Vec::new();
-    let docs = match cache {
-        Some(c) => load::parse_sources_cached(sources, &mut diags, c),
-        None => load::parse_sources(sources, &mut diags),
-    };
-    let checked = validate::validate(&docs, &mut diags);
+    let checked = validate::validate(docs, &mut diags);
     // Link even when stage 2 found problems: every error is reported in one run.
     // References to resources that exist but failed their own checks are not
     // reported again.
-    let snapshot = link::link(&docs, checked, placement, &mut diags).map(|mut s| {
+    let snapshot = link::link(docs, checked, placement, &mut diags).map(|mut s| {
         s.revision = revision(sources);
         s
     });
@@ -80,21 +98,6 @@ fn compile_inner(
         (snapshot, diags)
     } else {
         (None, diags)
-    }
-}
-
-/// Whether any Api is a release placed by node labels (a cheap text check first).
-fn placed_releases(sources: &[Source]) -> bool {
-    sources.iter().any(|s| s.text.contains("release")) && {
-        let mut ignored = Vec::new();
-        load::parse_sources(sources, &mut ignored)
-            .iter()
-            .any(|d| match &d.resource {
-                load::Resource::Api(e) => {
-                    e.spec.release.as_ref().is_some_and(|r| !r.nodes.is_empty())
-                }
-                _ => false,
-            })
     }
 }
 

@@ -203,11 +203,12 @@ struct Flags {
 }
 
 fn written(w: Written, status: StatusCode) -> Response {
-    (
-        status,
-        axum::Json(json!({"revision": w.revision, "dryRun": w.dry_run, "changes": w.changes})),
-    )
-        .into_response()
+    (status, axum::Json(written_json(w))).into_response()
+}
+
+/// What a write answers: the revision, whether it was dry, and the changes.
+fn written_json(w: Written) -> Value {
+    json!({"revision": w.revision, "dryRun": w.dry_run, "changes": w.changes})
 }
 
 /// Run a write with the request's author, message and `dryRun`.
@@ -600,13 +601,7 @@ async fn openapi_import<S: Store>(
         dry_run: q.dry_run,
         ..Write::default()
     };
-    let w = ctx.plane.write(m, w).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(
-            json!({"revision": w.revision, "dryRun": w.dry_run, "changes": w.changes,
-                          "skipped": imported.skipped}),
-        ),
-    )
-        .into_response())
+    let mut answer = written_json(ctx.plane.write(m, w).await?);
+    answer["skipped"] = json!(imported.skipped);
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
 }

@@ -100,14 +100,19 @@ impl<S: Store> Plane<S> {
     /// A plane over `store`, following the revisions other control planes write
     /// to it.
     pub async fn new(store: S) -> Result<Arc<Self>, StoreError> {
-        let now = store.load(None).await?.revision;
+        let now = store.load(None).await?;
         let this = Arc::new(Self {
             store,
             write: tokio::sync::Mutex::new(()),
-            revision: tokio::sync::watch::channel(now).0,
+            revision: tokio::sync::watch::channel(now.revision).0,
             parsed: Arc::default(),
         });
-        this.warm(store_sources_of(&this.store.load(None).await?.resources));
+        this.warm(
+            now.resources
+                .iter()
+                .map(|(k, s)| store_source(k, &s.text))
+                .collect(),
+        );
         let follower = this.clone();
         tokio::spawn(async move {
             follower.store.follow(follower.revision.clone()).await;
@@ -340,22 +345,32 @@ impl<S: Store> Plane<S> {
         for _ in 0..CONFLICT_RETRIES {
             let current = self.store.load(None).await?;
             let (changes, files) = plan(&current)?;
-            let from_files = !files.is_empty();
-            let mut sources: Vec<Source> = current
+            // The resulting config as stored texts (`store:Kind/name`).
+            let kept: Vec<Source> = current
                 .resources
                 .iter()
                 .filter(|(k, _)| !changes.contains_key(*k))
                 .map(|(k, s)| store_source(k, &s.text))
                 .collect();
-            if files.is_empty() {
-                sources.extend(
+            let as_stored = |mut kept: Vec<Source>| {
+                kept.extend(
                     changes
                         .iter()
                         .filter_map(|(k, t)| t.as_ref().map(|t| store_source(k, t))),
                 );
+                kept
+            };
+            // Compiled with the user's files instead, where given, so that
+            // diagnostics name them; the stored texts are then parsed after the
+            // commit, so that the next write finds them parsed.
+            let (sources, warm_later) = if files.is_empty() {
+                (as_stored(kept), None)
             } else {
-                sources.extend(files);
-            }
+                let stored = as_stored(kept.clone());
+                let mut named = kept;
+                named.extend(files);
+                (named, Some(stored))
+            };
             // Compiling a big config takes a while: off the async workers, which
             // serve the push streams meanwhile.
             let cache = self.parsed.clone();
@@ -392,35 +407,11 @@ impl<S: Store> Plane<S> {
                 });
             }
             let summary = commit.summary(current.revision + 1).changes;
-            let commit_changes = if !from_files {
-                Vec::new()
-            } else {
-                commit.changes.clone()
-            };
             match self.store.commit(current.revision, commit).await {
                 Ok(revision) => {
                     crate::store::raise(&self.revision, revision);
-                    if from_files {
-                        // That compile named the user's files: parse the stored
-                        // texts now, so that the next write finds them parsed.
-                        let mut stored = current.resources.clone();
-                        for c in &commit_changes {
-                            match &c.text {
-                                Some(t) => {
-                                    stored.insert(
-                                        c.key.clone(),
-                                        crate::store::Stored {
-                                            text: t.clone(),
-                                            revision,
-                                        },
-                                    );
-                                }
-                                None => {
-                                    stored.remove(&c.key);
-                                }
-                            }
-                        }
-                        self.warm(store_sources_of(&stored));
+                    if let Some(stored) = warm_later {
+                        self.warm(stored);
                     }
                     tracing::info!(revision, author = %meta.author, message = %meta.message, "config written");
                     return Ok(Written {
@@ -512,14 +503,6 @@ pub(crate) fn read_text(k: &str, text: &str) -> Result<serde_json::Value, WriteE
 pub(crate) fn write_text(k: &str, value: &serde_json::Value) -> Result<String, WriteError> {
     serde_saphyr::to_string(value)
         .map_err(|e| WriteError::BadRequest(format!("cannot write {k}: {e}")))
-}
-
-/// Every stored resource as a source named `store:Kind/name`.
-fn store_sources_of(resources: &BTreeMap<Key, crate::store::Stored>) -> Vec<Source> {
-    resources
-        .iter()
-        .map(|(k, s)| store_source(k, &s.text))
-        .collect()
 }
 
 fn same(a: Option<&str>, b: Option<&str>) -> bool {

@@ -112,8 +112,7 @@ pub async fn promote<S: Store>(
     name: &str,
     dry_run: bool,
 ) -> Result<Written, WriteError> {
-    let (k, text, spec) = stored_release(plane, name).await?;
-    let mut value = read_text(&k, &text)?;
+    let (k, mut value, spec) = stored_release(plane, name).await?;
     if let Some(s) = value["spec"].as_object_mut() {
         s.remove("release");
     }
@@ -226,22 +225,26 @@ pub fn status(r: &Release, nodes: &[Value]) -> Value {
 async fn stored_release<S: Store>(
     plane: &Plane<S>,
     name: &str,
-) -> Result<(String, String, ReleaseSpec), WriteError> {
+) -> Result<(String, Value, ReleaseSpec), WriteError> {
     let k = key(Kind::Api, name);
     let current = plane.store().load(None).await?;
-    let text = current
+    let stored = current
         .resources
         .get(&k)
-        .map(|s| s.text.clone())
         .ok_or_else(|| WriteError::NotFound(k.clone()))?;
-    let spec = release_of(&k, &text)?
+    let value = read_text(&k, &stored.text)?;
+    let spec = rule_of(&k, &value)?
         .ok_or_else(|| WriteError::BadRequest(format!("{k} is not a release")))?;
-    Ok((k, text, spec))
+    Ok((k, value, spec))
 }
 
 /// The release rule of a stored Api, if it is a release.
 fn release_of(k: &str, text: &str) -> Result<Option<ReleaseSpec>, WriteError> {
-    let value = read_text(k, text)?;
+    rule_of(k, &read_text(k, text)?)
+}
+
+/// The release rule of an Api read as JSON, if it is a release.
+fn rule_of(k: &str, value: &Value) -> Result<Option<ReleaseSpec>, WriteError> {
     let rule = &value["spec"]["release"];
     if rule.is_null() {
         return Ok(None);

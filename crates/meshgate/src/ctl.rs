@@ -263,7 +263,6 @@ impl Client {
 
     async fn act(&self, action: Action, output: Output) -> Result<String, Failed> {
         use reqwest::Method;
-        let flag = |dry: bool| if dry { "?dryRun=true" } else { "" };
         match action {
             Action::Apply {
                 files,
@@ -279,7 +278,7 @@ impl Client {
                 let v = self
                     .call(
                         Method::POST,
-                        &format!("/api/v1/apply{}", flag(dry_run)),
+                        &format!("/api/v1/apply{}", dry_flag(dry_run)),
                         Some(json!({"files": files})),
                         Some(&message),
                     )
@@ -384,7 +383,7 @@ impl Client {
                 dry_run,
                 message,
             } => {
-                let path = format!("/api/v1/{}/{name}{}", plural(&kind)?, flag(dry_run));
+                let path = format!("/api/v1/{}/{name}{}", plural(&kind)?, dry_flag(dry_run));
                 let v = self
                     .call(Method::DELETE, &path, None, Some(&message))
                     .await?;
@@ -460,7 +459,7 @@ impl Client {
                 if let Some(l) = link {
                     body["link"] = l.into();
                 }
-                let path = format!("/api/v1/apis/{name}/lifecycle{}", flag(dry_run));
+                let path = format!("/api/v1/apis/{name}/lifecycle{}", dry_flag(dry_run));
                 let v = self
                     .call(Method::POST, &path, Some(body), Some(&message))
                     .await?;
@@ -476,7 +475,7 @@ impl Client {
                 let path = format!(
                     "{}/rollback{}",
                     one(kind.as_deref(), name.as_deref())?,
-                    flag(dry_run)
+                    dry_flag(dry_run)
                 );
                 let v = self
                     .call(Method::POST, &path, Some(json!({"to": to})), Some(&message))
@@ -490,7 +489,6 @@ impl Client {
 impl Client {
     async fn release(&self, action: ReleaseAction, output: Output) -> Result<String, Failed> {
         use reqwest::Method;
-        let flag = |dry: bool| if dry { "?dryRun=true" } else { "" };
         let (path, body, message) = match action {
             ReleaseAction::Status { name } => {
                 let path = match &name {
@@ -539,7 +537,7 @@ impl Client {
                 if let Some(b) = by {
                     body["by"] = b.into();
                 }
-                let path = format!("/api/v1/releases{}", flag(dry_run));
+                let path = format!("/api/v1/releases{}", dry_flag(dry_run));
                 (path, Some(body), message)
             }
             ReleaseAction::Promote {
@@ -547,7 +545,7 @@ impl Client {
                 dry_run,
                 message,
             } => (
-                format!("/api/v1/releases/{name}/promote{}", flag(dry_run)),
+                format!("/api/v1/releases/{name}/promote{}", dry_flag(dry_run)),
                 None,
                 message,
             ),
@@ -556,7 +554,7 @@ impl Client {
                 dry_run,
                 message,
             } => (
-                format!("/api/v1/releases/{name}/rollback{}", flag(dry_run)),
+                format!("/api/v1/releases/{name}/rollback{}", dry_flag(dry_run)),
                 None,
                 message,
             ),
@@ -707,6 +705,11 @@ fn plural(kind: &str) -> Result<&'static str, Failed> {
                 format!("unknown kind {kind:?} (api, service, consumer, gateway, policy)"),
             )
         })
+}
+
+/// The query string of a write that is only validated.
+fn dry_flag(dry: bool) -> &'static str {
+    if dry { "?dryRun=true" } else { "" }
 }
 
 fn author() -> String {
