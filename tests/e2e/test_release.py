@@ -24,14 +24,29 @@ NODES = {"a1": "zone=a", "b1": "zone=b", "b2": "zone=b"}
 gateway = proxy_gateway
 
 
-def get_user(svc, path="/users/{id}"):
+def get_user(svc, path="/users/{id}", filters=""):
     return f"""apiVersion: meshgate.io/v1
 kind: Api
 metadata: {{name: get-user}}
 spec:
   request: {{path: "{path}", methods: [GET]}}
   invoke: {{service: {svc}}}
-"""
+{filters}"""
+
+
+KEY_AUTH = "  filters:\n    - {name: key-auth, config: {header: x-api-key}}\n"
+
+
+def consumers(n, beta):
+    """Consumers c0..c{n-1} with keys key-0..; the first `beta` are labelled tier=beta."""
+    return "".join(f"""---
+apiVersion: meshgate.io/v1
+kind: Consumer
+metadata: {{name: c{i}}}
+spec:
+  labels: {{tier: {"beta" if i < beta else "ga"}}}
+  credentials: [{{type: key, key: key-{i}}}]
+""" for i in range(n))
 
 
 class World:
@@ -213,6 +228,55 @@ def test_a_header_match_release_and_mistakes_refused(world, tmp_path):
     world.wait_acked(rev)
     for node in NODES:
         assert world.side(node, {"x-canary": "true"}) == "v1"
+
+
+def test_a_release_keyed_on_consumers_chooses_after_authentication(world, tmp_path):
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text(get_user("users-v1", filters=KEY_AUTH) + consumers(200, beta=5))
+    world.ctl_ok("apply", "-f", str(keyed))
+    # The new revision authenticates the same way first, then adds its own answer header.
+    new = tmp_path / "keyed-v2.yaml"
+    new.write_text(get_user("users-v2", filters=KEY_AUTH
+                            + "  response: {headers: {set: {x-revision: v2}}}\n"))
+    rev = world.ctl_release("start", "-f", str(new), "--consumers", "tier=beta")
+    world.wait_acked(rev)
+    for node in NODES:
+        for i in range(10):
+            want = "v2" if i < 5 else "v1"
+            assert world.side(node, {"x-api-key": f"key-{i}"}) == want, (node, i)
+    # The release's own filters run: its answer header; the shared key-auth still
+    # refuses a caller without a key, on the current revision's terms.
+    conn = http.client.HTTPConnection("127.0.0.1", world.proxies["a1"].port, timeout=5)
+    conn.request("GET", "/users/7", headers={"x-api-key": "key-0"})
+    r = conn.getresponse()
+    r.read()
+    assert r.getheader("x-revision") == "v2"
+    conn.request("GET", "/users/7")
+    r = conn.getresponse()
+    assert r.status == 401 and r.getheader("x-revision") is None, r.status
+    r.read()
+    conn.close()
+    _, body = world.control.call("GET", "/api/v1/releases/get-user-canary")
+    assert body["share"] == "requests from Consumers labelled tier=beta", body
+
+    # A share of Consumers by name: sticky per Consumer, whichever proxy answers.
+    rev = world.ctl_release("rollback", "get-user-canary")
+    rev = world.ctl_release("start", "-f", str(new), "--percent", "30", "--by", "consumer")
+    world.wait_acked(rev)
+    nodes = list(NODES)
+    seen = {i: world.side(nodes[i % 3], {"x-api-key": f"key-{i}"}) for i in range(200)}
+    share = sum(1 for s in seen.values() if s == "v2")
+    assert 44 <= share <= 76, f"{share} of 200 Consumers on the release"
+    for i, side in seen.items():
+        assert world.side(nodes[(i + 1) % 3], {"x-api-key": f"key-{i}"}) == side, i
+
+    # A release that does not start with the same authentication cannot key on it.
+    plain = tmp_path / "plain-v2.yaml"
+    plain.write_text(get_user("users-v2"))
+    code, _, err = world.control.ctl("release", "start", "-f", str(plain),
+                                     "--consumers", "tier=beta", "--dry-run")
+    assert code == 1, err
+    assert "a release keyed on the Consumer is chosen once the caller is identified" in err, err
 
 
 def test_a_release_written_by_hand_is_checked_with_file_and_line(tmp_path):

@@ -377,13 +377,16 @@ pub struct ReleaseSpec {
     /// of `by`, so one key always lands on the same side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<f64>,
-    /// What `percent` hashes: `header:NAME`, `cookie:NAME`, `query:NAME` or `ip`
-    /// (the default).
+    /// What `percent` hashes: `header:NAME`, `cookie:NAME`, `query:NAME`, `ip`
+    /// (the default) or `consumer` (the authenticated Consumer's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
     /// Only requests whose headers match these regexes (header name → regex).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// Only requests from Consumers carrying all of these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consumers: BTreeMap<String, String>,
 }
 
 impl ReleaseSpec {
@@ -395,7 +398,13 @@ impl ReleaseSpec {
     /// Whether only part of the traffic goes to the release (else all of it, on
     /// the proxies it is placed on).
     pub fn splits_traffic(&self) -> bool {
-        self.percent.is_some() || !self.headers.is_empty()
+        self.percent.is_some() || !self.headers.is_empty() || !self.consumers.is_empty()
+    }
+
+    /// Whether the side depends on the Consumer, so it is chosen once the request
+    /// is authenticated rather than right after routing.
+    pub fn keys_on_consumer(&self) -> bool {
+        self.by.as_deref() == Some("consumer") || !self.consumers.is_empty()
     }
 }
 
@@ -477,7 +486,7 @@ pub struct BodySpec {
 }
 
 /// One entry of `filters:` — a built-in filter with its config, or a Policy reference.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FilterRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -93,6 +93,7 @@ pub fn link(
     };
     let mut built_apis: Vec<Api> = Vec::new();
     let mut api_drafts: Vec<(usize, ApiDraft)> = Vec::new();
+    let mut chain_marks: Vec<Vec<usize>> = Vec::new();
     let mut drafts: BTreeMap<usize, ApiDraft> = apis.into_iter().collect();
     for (i, doc) in docs.iter().enumerate() {
         let Resource::Api(env) = &doc.resource else {
@@ -118,7 +119,8 @@ pub fn link(
             captures.as_deref(),
             &declared,
         );
-        if let (Some(chain), Some(invoke), Some(draft)) = (chain, invoke, draft) {
+        if let (Some((chain, marks)), Some(invoke), Some(draft)) = (chain, invoke, draft) {
+            chain_marks.push(marks);
             built_apis.push(Api {
                 name: doc.name.as_str().into(),
                 chain,
@@ -131,7 +133,16 @@ pub fn link(
         }
     }
 
-    let routed = releases(docs, &api_drafts, &mut built_apis, placement, diags);
+    let Released {
+        routed,
+        unidentified,
+    } = releases(
+        docs,
+        &api_drafts,
+        (&mut built_apis, &chain_marks),
+        placement,
+        diags,
+    );
 
     let mut built_gateways = Vec::new();
     for (gi, g) in gateways {
@@ -146,6 +157,21 @@ pub fn link(
                 &format!("spec.policies.{j}"),
                 Some(&[]),
             ));
+        }
+        let identifies = filters.iter().any(|f| f.identifies());
+        for &(rel, base) in &unidentified {
+            let served = &api_drafts[base].1.gateways;
+            if identifies || !(served.is_empty() || served.contains(&gdoc.name)) {
+                continue;
+            }
+            let doc = &docs[api_drafts[rel].0];
+            Check { doc, diags: c.diags }.err(
+                "spec.release.consumers",
+                format!(
+                    "a release keyed on the Consumer is chosen once the caller is identified: start its filters with the same authentication filter (key-auth, jwt, hmac-auth or oauth2-introspection) as Api {:?}, or authenticate in Gateway {:?}'s policies",
+                    docs[api_drafts[base].0].name, gdoc.name
+                ),
+            );
         }
         let mut builder = Router::builder();
         let mut owners: Vec<usize> = Vec::new();
@@ -219,14 +245,18 @@ pub fn link(
 /// Apis the routers hold: a release placed on this proxy takes its Api's route
 /// when it takes all of the traffic, and is reached through its Api's route when
 /// it splits the traffic; a release placed elsewhere is not served here.
+///
+/// A release keyed on the Consumer runs the filters it shares with its Api at the
+/// start of both chains (the same instances), then chooses.
 fn releases(
     docs: &[Doc],
     drafts: &[(usize, ApiDraft)],
-    apis: &mut [Api],
+    (apis, marks): (&mut [Api], &[Vec<usize>]),
     placement: Placement<'_>,
     diags: &mut Vec<Diagnostic>,
-) -> Vec<bool> {
+) -> Released {
     let mut routed = vec![true; drafts.len()];
+    let mut unidentified = Vec::new();
     let index: BTreeMap<&str, usize> = drafts
         .iter()
         .enumerate()
@@ -292,6 +322,25 @@ fn releases(
                 continue;
             }
         }
+        let mut identified_at = (0, 0);
+        if r.spec.keys_on_consumer() {
+            let (mine, theirs) = (&mine.spec.filters, &theirs.spec.filters);
+            let n = mine.iter().zip(theirs).take_while(|(a, b)| a == b).count();
+            let (bm, rm) = (&marks[base], &marks[i]);
+            identified_at = (bm[n], rm[n]);
+            if !apis[base].chain.identifies(bm[0]..bm[n]) {
+                unidentified.push((i, base));
+            }
+            let shared = &apis[base].chain.filters()[bm[0]..bm[n]];
+            let own = apis[i].chain.filters();
+            let spliced = own[..rm[0]]
+                .iter()
+                .chain(shared)
+                .chain(&own[rm[n]..])
+                .cloned()
+                .collect();
+            apis[i].chain = Chain::new(spliced);
+        }
         if !placement.admits(&r.spec) {
             continue;
         }
@@ -301,14 +350,28 @@ fn releases(
                 permyriad: r.permyriad,
                 by: r.by.clone(),
                 headers: r.headers.clone(),
+                consumers: r.spec.consumers.clone(),
                 salt: of.into(),
+                identified_at,
             });
         } else {
             routed[i] = true;
             routed[base] = false;
         }
     }
-    routed
+    Released {
+        routed,
+        unidentified,
+    }
+}
+
+/// What [`releases`] decided.
+struct Released {
+    /// Which Apis the routers hold.
+    routed: Vec<bool>,
+    /// Releases keyed on the Consumer whose shared filters do not identify the
+    /// caller (release, Api): each gateway serving them must, in its policies.
+    unidentified: Vec<(usize, usize)>,
 }
 
 /// What filter entries may refer to.
@@ -319,12 +382,14 @@ struct Refs<'a> {
     consumers: &'a Arc<ConsumerSet>,
 }
 
+/// An Api's chain, with where each entry of its `filters:` ends in it: `marks[0]`
+/// is where the first entry starts, `marks[j + 1]` where entry `j` ends.
 fn api_chain(
     c: &mut Check<'_>,
     refs: &Refs<'_>,
     spec: &ApiSpec,
     captures: Option<&[Arc<str>]>,
-) -> Option<Chain> {
+) -> Option<(Chain, Vec<usize>)> {
     let before = c.diags.len();
     let mut filters: Vec<Arc<dyn Filter>> = Vec::new();
     // response.headers runs last on the way out, so it goes first in the chain.
@@ -335,6 +400,7 @@ fn api_chain(
             Err(e) => c.err(&e.path, e.message),
         }
     }
+    let mut marks = vec![filters.len()];
     let mut cache_at: Option<String> = None;
     for (i, f) in spec.filters.iter().enumerate() {
         let path = format!("spec.filters.{i}");
@@ -349,6 +415,7 @@ fn api_chain(
             }
             filters.push(filter);
         }
+        marks.push(filters.len());
     }
     // Validation runs after the Api's filters: unauthenticated callers learn nothing
     // about the API's parameters.
@@ -359,7 +426,7 @@ fn api_chain(
         Ok(None) => {}
         Err(e) => c.err(format!("spec.request.{}", e.path), e.message),
     }
-    (c.diags.len() == before).then(|| Chain::new(filters))
+    (c.diags.len() == before).then(|| (Chain::new(filters), marks))
 }
 
 fn meshgate_filter_header_cfg(h: &meshgate_api::HeaderOpsSpec) -> meshgate_filter::HeaderOpsConfig {

@@ -157,25 +157,51 @@ pub struct Api {
 }
 
 /// Where part of an Api's traffic goes instead: its grey release, another Api of
-/// the same snapshot (`spec.release`). The side is chosen before any Api filter
-/// runs, so the two revisions may authenticate differently.
+/// the same snapshot (`spec.release`). The side is chosen right after routing, before
+/// any Api filter runs, so the two revisions may authenticate differently; unless it
+/// depends on the Consumer: then it is chosen once the filters the two revisions
+/// share at the start of their chains have identified the caller.
 #[derive(Debug)]
 pub struct Grey {
     /// The release's index in [`Snapshot::apis`].
     pub to: usize,
     /// Parts per 10,000 of the requests that carry the key; `None`: all of them.
     pub permyriad: Option<u32>,
-    pub by: HashOn,
+    pub by: GreyKey,
     /// Only requests with these headers go to the release.
     pub headers: Vec<meshgate_route::HeaderMatch>,
+    /// Only requests from Consumers carrying these labels go to the release.
+    pub consumers: BTreeMap<String, String>,
     /// The released Api's name: each release splits its keys on its own.
     pub salt: Arc<str>,
+    /// For a choice that depends on the Consumer: how many filters of the current
+    /// Api's chain run first (the shared ones), and where the release's chain
+    /// goes on from (its filters up to there are the same instances).
+    pub identified_at: (usize, usize),
+}
+
+/// What a release's share is keyed on.
+#[derive(Debug, Clone)]
+pub enum GreyKey {
+    Request(HashOn),
+    /// The authenticated Consumer's name.
+    Consumer,
+}
+
+/// Which side a request is on, as far as routing can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Current,
+    Release,
+    /// It depends on the Consumer: ask [`Grey::picks_consumer`] once the shared
+    /// filters have run.
+    AfterIdentity,
 }
 
 impl Grey {
-    /// Whether this request goes to the release. A request without the hash key
-    /// stays on the current revision.
-    pub fn picks(&self, headers: &HeaderMap, query: Option<&str>, client: IpAddr) -> bool {
+    /// Which side this request goes to. A request without the hash key stays on
+    /// the current revision.
+    pub fn side(&self, headers: &HeaderMap, query: Option<&str>, client: IpAddr) -> Side {
         let matches = self.headers.iter().all(|h| {
             headers
                 .get_all(&h.name)
@@ -183,17 +209,55 @@ impl Grey {
                 .any(|v| v.to_str().is_ok_and(|s| h.regex.is_match(s)))
         });
         if !matches {
+            return Side::Current;
+        }
+        let in_share = match (self.permyriad, &self.by) {
+            (Some(share), GreyKey::Request(by)) => by
+                .hash_with(headers, query, client, |k| {
+                    meshgate_upstream::stable_hash(self.salt.as_bytes(), k)
+                })
+                .is_some_and(|h| in_share(h, share)),
+            // No share, or one of Consumers: decided later.
+            _ => true,
+        };
+        match (in_share, self.keys_on_consumer()) {
+            (false, _) => Side::Current,
+            (true, true) => Side::AfterIdentity,
+            (true, false) => Side::Release,
+        }
+    }
+
+    /// Whether a request from `consumer` (after [`Side::AfterIdentity`]) goes to
+    /// the release. An anonymous request stays on the current revision.
+    pub fn picks_consumer(&self, consumer: Option<&meshgate_core::Consumer>) -> bool {
+        let Some(c) = consumer else {
+            return false;
+        };
+        if !self
+            .consumers
+            .iter()
+            .all(|(k, v)| c.labels.get(k) == Some(v))
+        {
             return false;
         }
-        let Some(share) = self.permyriad else {
-            return true;
-        };
-        self.by
-            .hash_with(headers, query, client, |k| {
-                meshgate_upstream::stable_hash(self.salt.as_bytes(), k)
-            })
-            .is_some_and(|h| h % 10_000 < u64::from(share))
+        match (self.permyriad, &self.by) {
+            (Some(share), GreyKey::Consumer) => in_share(
+                meshgate_upstream::stable_hash(self.salt.as_bytes(), c.name.as_bytes()),
+                share,
+            ),
+            // No share, or one of request keys, already checked.
+            _ => true,
+        }
     }
+
+    fn keys_on_consumer(&self) -> bool {
+        matches!(self.by, GreyKey::Consumer) || !self.consumers.is_empty()
+    }
+}
+
+/// Whether a key's hash falls in a share of `share` parts per 10,000.
+fn in_share(hash: u64, share: u32) -> bool {
+    hash % 10_000 < u64::from(share)
 }
 
 /// Which proxy a config is compiled for, as far as grey releases placed by node

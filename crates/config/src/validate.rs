@@ -45,7 +45,7 @@ pub struct ApiDraft {
 pub struct ReleaseDraft {
     pub spec: meshgate_api::ReleaseSpec,
     pub permyriad: Option<u32>,
-    pub by: HashOn,
+    pub by: crate::model::GreyKey,
     pub headers: Vec<HeaderMatch>,
 }
 
@@ -949,11 +949,26 @@ fn release(
             );
             None
         }
+        (Some(b), Some(_)) if b == "consumer" => Some(GreyKey::Consumer),
         (Some(b), Some(_)) => HashOn::parse(b)
-            .map_err(|e| c.err("spec.release.by", e))
+            .map(GreyKey::Request)
+            .map_err(|_| {
+                c.err(
+                    "spec.release.by",
+                    format!("{b:?} is not a release key: use header:NAME, cookie:NAME, query:NAME, ip or consumer"),
+                )
+            })
             .ok(),
-        (None, _) => Some(HashOn::ClientIp),
+        (None, _) => Some(GreyKey::Request(HashOn::ClientIp)),
     };
+    for (k, v) in &spec.consumers {
+        if k.is_empty() || v.is_empty() {
+            c.err(
+                format!("spec.release.consumers.{k}"),
+                "Consumer labels need a name and a value",
+            );
+        }
+    }
     for (k, v) in &spec.nodes {
         if k.is_empty() || v.is_empty() {
             c.err(

@@ -32,6 +32,8 @@ pub struct Start {
     pub by: Option<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub consumers: BTreeMap<String, String>,
 }
 
 /// A release in the store.
@@ -91,6 +93,7 @@ pub async fn start<S: Store>(
         percent: start.percent,
         by: start.by,
         headers: start.headers,
+        consumers: start.consumers,
     };
     value["metadata"]["name"] = name.clone().into();
     value["spec"]["release"] = serde_json::to_value(&spec)
@@ -178,11 +181,24 @@ pub async fn list<S: Store>(plane: &Plane<S>) -> Result<(u64, Vec<Release>), Wri
 /// what share of the Api's traffic, and whether it has applied the release's
 /// revision yet. `nodes` are the node records of `/api/v1/nodes`.
 pub fn status(r: &Release, nodes: &[Value]) -> Value {
-    let share = match (r.spec.percent, r.spec.headers.is_empty()) {
+    let mut which = String::new();
+    if !r.spec.headers.is_empty() {
+        which.push_str(" matching headers");
+    }
+    if !r.spec.consumers.is_empty() {
+        let labels: Vec<String> = r
+            .spec
+            .consumers
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        which = format!("{which} from Consumers labelled {}", labels.join(","));
+    }
+    let share = match (r.spec.percent, which.is_empty()) {
         (None, true) => "100%".to_string(),
         (Some(p), true) => format!("{p}%"),
-        (None, false) => "requests matching headers".to_string(),
-        (Some(p), false) => format!("{p}% of requests matching headers"),
+        (None, false) => format!("requests{which}"),
+        (Some(p), false) => format!("{p}% of requests{which}"),
     };
     let mut serving = 0;
     let mut applied = 0;

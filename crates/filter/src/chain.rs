@@ -22,6 +22,10 @@ impl Chain {
         Self { filters }
     }
 
+    pub fn len(&self) -> usize {
+        self.filters.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.filters.is_empty()
     }
@@ -30,13 +34,35 @@ impl Chain {
         self.filters.iter().map(|f| f.name()).collect()
     }
 
+    pub fn filters(&self) -> &[Arc<dyn Filter>] {
+        &self.filters
+    }
+
+    /// Whether a filter in `range` identifies the caller as a Consumer.
+    pub fn identifies(&self, range: std::ops::Range<usize>) -> bool {
+        self.filters
+            .get(range)
+            .is_some_and(|fs| fs.iter().any(|f| f.identifies()))
+    }
+
     /// Run `on_request` in order; stop at the first filter that answers or fails.
     pub async fn on_request(
         &self,
         ctx: &mut RequestCtx,
         req: &mut http::request::Parts,
     ) -> FilterResult {
-        for f in &self.filters {
+        self.on_request_range(ctx, req, 0..self.filters.len()).await
+    }
+
+    /// [`Chain::on_request`] for the filters in `range` only: a grey release keyed
+    /// on the Consumer runs the filters both revisions share, then chooses.
+    pub async fn on_request_range(
+        &self,
+        ctx: &mut RequestCtx,
+        req: &mut http::request::Parts,
+        range: std::ops::Range<usize>,
+    ) -> FilterResult {
+        for f in self.filters.get(range).unwrap_or_default() {
             let out = match f.on_request(ctx, req) {
                 Step::Done(r) => r,
                 Step::Pending(fut) => fut.await,

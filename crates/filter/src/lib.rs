@@ -91,6 +91,12 @@ pub trait Filter: Send + Sync + 'static {
 
     fn on_response(&self, _ctx: &RequestCtx, _resp: &mut http::response::Parts) {}
 
+    /// True for filters that identify the caller as a Consumer (`ctx.consumer`):
+    /// decisions keyed on the Consumer are taken after them.
+    fn identifies(&self) -> bool {
+        false
+    }
+
     fn on_complete(&self, _ctx: &RequestCtx, _status: http::StatusCode) {}
 }
 

@@ -130,12 +130,16 @@ pub enum ReleaseAction {
         /// The share of requests, by a stable hash of --by.
         #[arg(long)]
         percent: Option<f64>,
-        /// What --percent hashes: header:NAME, cookie:NAME, query:NAME or ip.
+        /// What --percent hashes: header:NAME, cookie:NAME, query:NAME, ip or
+        /// consumer.
         #[arg(long)]
         by: Option<String>,
         /// Only requests with this header matching this regex (NAME=REGEX; repeat).
         #[arg(long = "header")]
         headers: Vec<String>,
+        /// Only requests from Consumers with these labels (k=v,k=v).
+        #[arg(long)]
+        consumers: Option<String>,
         #[arg(long)]
         dry_run: bool,
         #[arg(short = 'm', long, default_value = "")]
@@ -513,6 +517,7 @@ impl Client {
                 percent,
                 by,
                 headers,
+                consumers,
                 dry_run,
                 message,
             } => {
@@ -520,6 +525,8 @@ impl Client {
                     .map_err(|e| Failed(1, format!("{}: {e}", file.display())))?;
                 let nodes = crate::proxy::labels(nodes.as_deref().unwrap_or(""))
                     .map_err(|e| Failed(2, format!("--nodes: {e}")))?;
+                let consumers = crate::proxy::labels(consumers.as_deref().unwrap_or(""))
+                    .map_err(|e| Failed(2, format!("--consumers: {e}")))?;
                 let mut matches = serde_json::Map::new();
                 for h in headers {
                     let Some((n, re)) = h.split_once('=') else {
@@ -527,7 +534,9 @@ impl Client {
                     };
                     matches.insert(n.to_string(), re.into());
                 }
-                let mut body = json!({"text": text, "nodes": nodes, "headers": matches});
+                let mut body = json!({
+                    "text": text, "nodes": nodes, "headers": matches, "consumers": consumers,
+                });
                 if let Some(n) = name {
                     body["name"] = n.into();
                 }

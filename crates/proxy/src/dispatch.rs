@@ -10,7 +10,7 @@ use crate::respond::{self, X_REQUEST_ID};
 use crate::state::{Active, GatewayRt, service_of};
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
-use meshgate_config::{Api, Invoke};
+use meshgate_config::{Api, Invoke, Side};
 use meshgate_core::{ErrorCode, GatewayError, RequestCtx, RequestId};
 use meshgate_filter::Flow;
 use meshgate_route::{Outcome, normalize_path};
@@ -245,14 +245,15 @@ async fn serve(
             ));
         }
     };
-    let api_idx = match &active.snapshot.apis[api_idx].grey {
-        Some(g) if g.picks(req.headers(), req.uri().query(), conn.client.ip()) => g.to,
-        _ => api_idx,
+    let (mut api_idx, deferred) = match &active.snapshot.apis[api_idx].grey {
+        Some(g) => match g.side(req.headers(), req.uri().query(), conn.client.ip()) {
+            Side::Current => (api_idx, false),
+            Side::Release => (g.to, false),
+            Side::AfterIdentity => (api_idx, true),
+        },
+        None => (api_idx, false),
     };
-    let api = active.snapshot.apis[api_idx].clone();
-    done.stats = grt.api_stats[api_idx].clone();
-    done.api = Some(api.clone());
-    ctx.api = Some(api.name.clone());
+    let mut api = enter(active, grt, ctx, done, api_idx);
     if api.lifecycle.gone() {
         return Err(GatewayError::new(
             ErrorCode::Gone,
@@ -260,15 +261,7 @@ async fn serve(
         ));
     }
     ctx.captures = captures;
-    let limit = api.max_body_bytes.map_or(gw.limits.max_body_bytes, |l| {
-        l.min(gw.limits.max_body_bytes)
-    });
-    if crate::body::content_length(req.headers()).is_some_and(|n| n > limit) {
-        return Err(GatewayError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("request body is larger than {limit} bytes"),
-        ));
-    }
+    let mut limit = body_limit(&api, gw, req.headers())?;
     let client_host = match req.headers().get(header::HOST) {
         Some(h) => Some(h.clone()),
         None => req
@@ -289,10 +282,35 @@ async fn serve(
     {
         parts.headers.insert(header::HOST, h.clone());
     }
-    for chain in [&gw.global, &api.chain] {
-        if let Flow::Respond(r) = chain.on_request(ctx, &mut parts).await? {
+    if let Flow::Respond(r) = gw.global.on_request(ctx, &mut parts).await? {
+        return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
+    }
+    let mut from = 0;
+    if deferred && let Some(g) = &api.grey {
+        // The side depends on the Consumer: run the filters both revisions share
+        // (they identify the caller), then choose.
+        let (shared, resume) = g.identified_at;
+        let flow = api
+            .chain
+            .on_request_range(ctx, &mut parts, 0..shared)
+            .await?;
+        if let Flow::Respond(r) = flow {
             return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
         }
+        from = shared;
+        if g.picks_consumer(ctx.consumer.as_deref()) {
+            api_idx = g.to;
+            api = enter(active, grt, ctx, done, api_idx);
+            from = resume;
+            limit = body_limit(&api, gw, &parts.headers)?;
+        }
+    }
+    let flow = api
+        .chain
+        .on_request_range(ctx, &mut parts, from..api.chain.len())
+        .await?;
+    if let Flow::Respond(r) = flow {
+        return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
     }
     let body = if gw.global.wants_body() || api.chain.wants_body() {
         let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -331,6 +349,41 @@ async fn serve(
     strip_hop_by_hop(&mut rparts.headers, false);
     let resp = Response::from_parts(rparts, rbody);
     Ok(finish(resp, ctx, &api, gw))
+}
+
+/// Make `api_idx` the Api this request is served by, for the filters, the metrics
+/// and the access log.
+fn enter(
+    active: &Active,
+    grt: &GatewayRt,
+    ctx: &mut RequestCtx,
+    done: &mut Done,
+    api_idx: usize,
+) -> Arc<Api> {
+    let api = active.snapshot.apis[api_idx].clone();
+    done.stats = grt.api_stats[api_idx].clone();
+    done.api = Some(api.clone());
+    ctx.api = Some(api.name.clone());
+    api
+}
+
+/// The request body limit for `api` (the gateway's, or the Api's when lower); 413
+/// at once when `Content-Length` says the body is larger.
+fn body_limit(
+    api: &Api,
+    gw: &meshgate_config::Gateway,
+    headers: &http::HeaderMap,
+) -> Result<u64, GatewayError> {
+    let limit = api.max_body_bytes.map_or(gw.limits.max_body_bytes, |l| {
+        l.min(gw.limits.max_body_bytes)
+    });
+    if crate::body::content_length(headers).is_some_and(|n| n > limit) {
+        return Err(GatewayError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("request body is larger than {limit} bytes"),
+        ));
+    }
+    Ok(limit)
 }
 
 /// Point the request at `path` (or keep its own), keeping the query and dropping

@@ -410,6 +410,10 @@ impl Filter for HmacAuth {
         "hmac-auth"
     }
 
+    fn identifies(&self) -> bool {
+        true
+    }
+
     fn on_request<'a>(
         &'a self,
         ctx: &'a mut RequestCtx,

@@ -235,6 +235,10 @@ impl Filter for Introspection {
         "oauth2-introspection"
     }
 
+    fn identifies(&self) -> bool {
+        true
+    }
+
     fn on_request<'a>(
         &'a self,
         ctx: &'a mut RequestCtx,

@@ -112,6 +112,10 @@ impl Filter for KeyAuth {
         "key-auth"
     }
 
+    fn identifies(&self) -> bool {
+        true
+    }
+
     fn on_request<'a>(
         &'a self,
         ctx: &'a mut RequestCtx,

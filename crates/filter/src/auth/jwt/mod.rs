@@ -541,6 +541,10 @@ impl Filter for Jwt {
         "jwt"
     }
 
+    fn identifies(&self) -> bool {
+        true
+    }
+
     fn on_request<'a>(
         &'a self,
         ctx: &'a mut RequestCtx,
