@@ -279,6 +279,56 @@ def test_a_release_keyed_on_consumers_chooses_after_authentication(world, tmp_pa
     assert "a release keyed on the Consumer is chosen once the caller is identified" in err, err
 
 
+def test_a_failing_release_is_rolled_back_on_its_own(world):
+    rev = world.ctl_release("start", "-f", str(world.new), "--percent", "50", "--by", "header:x-user",
+                            "--rollback-above", "20", "--window", "10s", "--min-requests", "20")
+    world.wait_acked(rev)
+    nodes = list(NODES)
+
+    def answers(n):
+        """n requests over the proxies, by user; the statuses of those the release served."""
+        statuses = []
+        for i in range(n):
+            conn = http.client.HTTPConnection("127.0.0.1", world.proxies[nodes[i % 3]].port, timeout=5)
+            conn.request("GET", "/users/7", headers={"x-user": f"user-{i}"})
+            r = conn.getresponse()
+            body = r.read()
+            conn.close()
+            if json.loads(body).get("backend") == "v2":
+                statuses.append(r.status)
+        return statuses
+
+    def observed():
+        return world.control.call("GET", "/api/v1/releases/get-user-canary")[1].get("observed")
+
+    # Healthy, it stays: the proxies report its answers and the guard sees no 5xx.
+    assert set(answers(120)) == {200}
+    deadline = time.time() + 10
+    while (observed() or {}).get("requests", 0) < 40 and time.time() < deadline:
+        time.sleep(0.2)
+    seen = observed()
+    assert seen["window"] == "10s" and seen["requests"] >= 40 and seen["errors"] == 0, seen
+    time.sleep(2)
+    assert [r["name"] for r in world.control.call("GET", "/api/v1/releases")[1]["items"]] == ["get-user-canary"]
+
+    # The new revision's backend fails: within seconds, the release is rolled back.
+    world.v2.mode = "fail"
+    assert set(answers(60)) == {500}
+    deadline = time.time() + 15
+    while world.control.call("GET", "/api/v1/releases")[1]["items"] and time.time() < deadline:
+        answers(6)
+        time.sleep(0.2)
+    assert world.control.call("GET", "/api/v1/releases")[1]["items"] == [], "never rolled back"
+    _, history = world.control.call("GET", "/api/v1/history")
+    top = history["items"][0]
+    assert top["author"] == "meshgate (automatic rollback)", top
+    assert top["message"].startswith("automatic rollback: ") and "were 5xx in the last 10s, above 20%" in top["message"], top
+    assert [(c["op"], c["key"]) for c in top["changes"]] == [("delete", "Api/get-user-canary")]
+    world.wait_acked(top["revision"])
+    for i in range(30):
+        assert world.side(nodes[i % 3], {"x-user": f"user-{i}"}) == "v1"
+
+
 def test_a_release_written_by_hand_is_checked_with_file_and_line(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(gateway("edge", 8080, 9901) + "---\n" + get_user("users") + """---
@@ -304,10 +354,24 @@ spec:
   request: {path: "/users/{id}", methods: [GET]}
   invoke: {service: users}
   lifecycle: {stage: draft}
+---
+apiVersion: meshgate.io/v1
+kind: Api
+metadata: {name: guarded}
+spec:
+  release:
+    of: get-user
+    percent: 5
+    rollback: {errorPercent: 0, window: 2h, minRequests: 0}
+  request: {path: "/users/{id}", methods: [GET]}
+  invoke: {service: users}
 """)
     p = subprocess.run([BIN, "validate", "-c", str(f)], capture_output=True, text=True, timeout=10)
     assert p.returncode == 1
     out = p.stdout
     assert "Api/self-made: spec.release.by: by chooses who falls in the percent: give percent too" in out, out
     assert "Api/drafted: spec.lifecycle.stage: a release serves traffic: it cannot be a draft" in out, out
+    assert "Api/guarded: spec.release.rollback.errorPercent: 0 is not a percentage above 0" in out, out
+    assert "Api/guarded: spec.release.rollback.window: use 1s to 1h" in out, out
+    assert "Api/guarded: spec.release.rollback.minRequests: use at least 1" in out, out
     assert all(l.startswith(f"{f}:") for l in out.splitlines() if "Api/" in l), out

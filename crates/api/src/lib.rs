@@ -387,6 +387,30 @@ pub struct ReleaseSpec {
     /// Only requests from Consumers carrying all of these labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub consumers: BTreeMap<String, String>,
+    /// Roll the release back on its own when too many of its answers fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<AutoRollbackSpec>,
+}
+
+/// When the control plane rolls a release back on its own: more than
+/// `errorPercent` of the release's answers were 5xx over the last `window`, with at
+/// least `minRequests` answers in it (summed over the proxies that report to it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoRollbackSpec {
+    pub error_percent: f64,
+    #[serde(default = "default_rollback_window")]
+    pub window: String,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+}
+
+fn default_rollback_window() -> String {
+    "60s".into()
+}
+
+fn default_min_requests() -> u64 {
+    20
 }
 
 impl ReleaseSpec {

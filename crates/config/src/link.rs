@@ -128,6 +128,7 @@ pub fn link(
                 max_body_bytes: draft.max_body_bytes,
                 lifecycle: draft.lifecycle.clone(),
                 grey: None,
+                release_of: draft.release.as_ref().map(|r| r.spec.of.as_str().into()),
             });
             api_drafts.push((i, draft));
         }

@@ -154,6 +154,8 @@ pub struct Api {
     pub lifecycle: Lifecycle,
     /// A grey release that takes part of this Api's traffic on this proxy.
     pub grey: Option<Grey>,
+    /// This Api is a grey release of that one (`spec.release.of`).
+    pub release_of: Option<Arc<str>>,
 }
 
 /// Where part of an Api's traffic goes instead: its grey release, another Api of

@@ -961,6 +961,25 @@ fn release(
             .ok(),
         (None, _) => Some(GreyKey::Request(HashOn::ClientIp)),
     };
+    if let Some(r) = &spec.rollback {
+        if !(r.error_percent > 0.0 && r.error_percent <= 100.0) {
+            c.err(
+                "spec.release.rollback.errorPercent",
+                format!(
+                    "{} is not a percentage above 0: use more than 0, up to 100",
+                    r.error_percent
+                ),
+            );
+        }
+        match parse_duration(&r.window) {
+            Ok(w) if (1..=3600).contains(&w.as_secs()) => {}
+            Ok(_) => c.err("spec.release.rollback.window", "use 1s to 1h"),
+            Err(e) => c.err("spec.release.rollback.window", e),
+        }
+        if r.min_requests == 0 {
+            c.err("spec.release.rollback.minRequests", "use at least 1");
+        }
+    }
     for (k, v) in &spec.consumers {
         if k.is_empty() || v.is_empty() {
             c.err(

@@ -108,6 +108,45 @@ pub struct Agent {
     pub identity: Identity,
     /// Where the last good config is kept (none: not kept).
     pub cache_dir: Option<PathBuf>,
+    /// Reads the answer counts of the grey releases served, sent every
+    /// [`REPORT_EVERY`] while there are any.
+    pub report: Option<Reporter>,
+}
+
+/// How often a proxy serving grey releases reports their answer counts.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// One grey release's answers as a proxy counts them: (release, answers, 5xx
+/// answers) since the proxy began to serve it.
+pub type ReleaseCount = (std::sync::Arc<str>, u64, u64);
+
+/// The proxy's reading of its grey releases' answers.
+#[derive(Clone)]
+pub struct Reporter(std::sync::Arc<dyn Fn() -> Vec<ReleaseCount> + Send + Sync>);
+
+impl Reporter {
+    pub fn new(read: impl Fn() -> Vec<ReleaseCount> + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(read))
+    }
+
+    /// The report to send, if any release is served.
+    fn message(&self) -> Option<pb::NodeMessage> {
+        let apis: Vec<pb::ApiCount> = (self.0)()
+            .into_iter()
+            .map(|(api, requests, errors)| pb::ApiCount {
+                api: api.to_string(),
+                requests,
+                errors,
+            })
+            .collect();
+        (!apis.is_empty()).then(|| message(pb::node_message::Message::Report(pb::Report { apis })))
+    }
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reporter")
+    }
 }
 
 /// How a session with the control plane ended.
@@ -164,10 +203,18 @@ impl Agent {
         let mut parts = None;
         let mut beat = tokio::time::interval(HEARTBEAT);
         beat.reset();
+        let mut report = tokio::time::interval(REPORT_EVERY);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let msg = tokio::select! {
                 _ = beat.tick() => {
                     let _ = tx.send(message(pb::node_message::Message::Heartbeat(pb::Heartbeat {}))).await;
+                    continue;
+                }
+                _ = report.tick(), if self.report.is_some() => {
+                    if let Some(m) = self.report.as_ref().and_then(Reporter::message) {
+                        let _ = tx.send(m).await;
+                    }
                     continue;
                 }
                 m = inbound.message() => m,

@@ -499,7 +499,7 @@ async fn releases<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Answer {
     let nodes = ctx.push.all_nodes().await;
     let items: Vec<Value> = list
         .iter()
-        .map(|r| crate::release::status(r, &nodes))
+        .map(|r| crate::release::status(r, &nodes, &ctx.push.observed))
         .collect();
     Ok(axum::Json(json!({"revision": revision, "items": items})).into_response())
 }
@@ -511,7 +511,7 @@ async fn release_one<S: Store>(State(ctx): State<Arc<Ctx<S>>>, Path(name): Path<
         .find(|r| r.name == name)
         .ok_or_else(|| WriteError::NotFound(key(Kind::Api, &name)))?;
     let nodes = ctx.push.all_nodes().await;
-    Ok(axum::Json(crate::release::status(r, &nodes)).into_response())
+    Ok(axum::Json(crate::release::status(r, &nodes, &ctx.push.observed)).into_response())
 }
 
 async fn release_start<S: Store>(

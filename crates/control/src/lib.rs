@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod embedded;
 pub mod etcd;
+pub mod guard;
 pub mod http;
 pub mod openapi;
 pub mod plane;
@@ -53,6 +54,7 @@ pub async fn serve<S: Store>(
     let push = push::Publisher::start(plane.clone(), tokens.node, stopping.clone())
         .await
         .map_err(std::io::Error::other)?;
+    tokio::spawn(guard::run(push.clone(), plane.clone(), stopping.clone()));
     let app = http::router(plane, push, tokens.admin)
         .into_make_service_with_connect_info::<std::net::SocketAddr>();
     tokio::spawn(async move {

@@ -261,6 +261,8 @@ pub struct Publisher<S> {
     plane: Arc<Plane<S>>,
     current: watch::Sender<Arc<Published>>,
     pub nodes: Nodes,
+    /// What proxies report of the grey releases they serve.
+    pub observed: crate::guard::Observed,
     token: String,
     /// Becomes true when the control plane stops: every stream then ends, so the
     /// server's graceful shutdown does not wait on them for ever.
@@ -288,6 +290,7 @@ impl<S: Store> Publisher<S> {
             plane: plane.clone(),
             current: watch::channel(Arc::new(first)).0,
             nodes,
+            observed: crate::guard::Observed::default(),
             token,
             stopping,
             snapshots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_IN_FLIGHT)),
@@ -563,6 +566,10 @@ async fn serve_node<S: Store>(
                             n.last_contact = at;
                             n.last_error = Some(Rejection { revision: r.revision, errors: r.errors });
                         });
+                    }
+                    Some(Message::Report(r)) => {
+                        publisher.observed.record(&node, r, std::time::Instant::now());
+                        nodes.update(&node, stream, |n| n.last_contact = at);
                     }
                     _ => nodes.update(&node, stream, |n| n.last_contact = at),
                 }

@@ -34,6 +34,8 @@ pub struct Start {
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub consumers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub rollback: Option<meshgate_api::AutoRollbackSpec>,
 }
 
 /// A release in the store.
@@ -94,6 +96,7 @@ pub async fn start<S: Store>(
         by: start.by,
         headers: start.headers,
         consumers: start.consumers,
+        rollback: start.rollback,
     };
     value["metadata"]["name"] = name.clone().into();
     value["spec"]["release"] = serde_json::to_value(&spec)
@@ -180,7 +183,7 @@ pub async fn list<S: Store>(plane: &Plane<S>) -> Result<(u64, Vec<Release>), Wri
 /// A release and where it runs: for each proxy, whether it serves the release and
 /// what share of the Api's traffic, and whether it has applied the release's
 /// revision yet. `nodes` are the node records of `/api/v1/nodes`.
-pub fn status(r: &Release, nodes: &[Value]) -> Value {
+pub fn status(r: &Release, nodes: &[Value], observed: &crate::guard::Observed) -> Value {
     let mut which = String::new();
     if !r.spec.headers.is_empty() {
         which.push_str(" matching headers");
@@ -226,7 +229,7 @@ pub fn status(r: &Release, nodes: &[Value]) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut out = json!({
         "name": r.name,
         "of": r.spec.of,
         "revision": r.revision,
@@ -235,7 +238,16 @@ pub fn status(r: &Release, nodes: &[Value]) -> Value {
         "nodesPlaced": serving,
         "nodesApplied": applied,
         "nodes": per_node,
-    })
+    });
+    // What the automatic rollback sees now.
+    if let Some(rule) = &r.spec.rollback
+        && let Ok(window) = meshgate_config::parse_duration(&rule.window)
+    {
+        let t = observed.over(&r.name, window, std::time::Instant::now());
+        out["observed"] =
+            json!({"window": rule.window, "requests": t.requests, "errors": t.errors});
+    }
+    out
 }
 
 async fn stored_release<S: Store>(

@@ -140,6 +140,16 @@ pub enum ReleaseAction {
         /// Only requests from Consumers with these labels (k=v,k=v).
         #[arg(long)]
         consumers: Option<String>,
+        /// Roll back on its own when more than this percent of the release's
+        /// answers are 5xx over --window.
+        #[arg(long)]
+        rollback_above: Option<f64>,
+        /// The window --rollback-above looks at (default 60s).
+        #[arg(long, requires = "rollback_above")]
+        window: Option<String>,
+        /// The fewest answers in the window to judge by (default 20).
+        #[arg(long, requires = "rollback_above")]
+        min_requests: Option<u64>,
         #[arg(long)]
         dry_run: bool,
         #[arg(short = 'm', long, default_value = "")]
@@ -518,6 +528,9 @@ impl Client {
                 by,
                 headers,
                 consumers,
+                rollback_above,
+                window,
+                min_requests,
                 dry_run,
                 message,
             } => {
@@ -545,6 +558,16 @@ impl Client {
                 }
                 if let Some(b) = by {
                     body["by"] = b.into();
+                }
+                if let Some(p) = rollback_above {
+                    let mut rule = json!({"errorPercent": p});
+                    if let Some(w) = window {
+                        rule["window"] = w.into();
+                    }
+                    if let Some(n) = min_requests {
+                        rule["minRequests"] = n.into();
+                    }
+                    body["rollback"] = rule;
                 }
                 let path = format!("/api/v1/releases{}", dry_flag(dry_run));
                 (path, Some(body), message)

@@ -324,6 +324,6 @@ fn run(config: Vec<PathBuf>, demo_upstream: Option<String>, state_dir: PathBuf) 
             control: None,
             state_dir,
         };
-        Ok(meshgate_proxy::run(options, snapshot, None).await?)
+        Ok(meshgate_proxy::run(options, snapshot, None, None).await?)
     })
 }

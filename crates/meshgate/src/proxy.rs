@@ -112,6 +112,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         }
     }
     let (pushes, received) = tokio::sync::mpsc::channel(1);
+    let counts = Arc::new(meshgate_proxy::ReleaseCounts::default());
     let agent = Agent {
         url: o.control.clone(),
         token: o.token,
@@ -122,6 +123,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             gateway: o.gateway.clone().unwrap_or_default(),
         },
         cache_dir: Some(o.cache_dir),
+        report: Some(meshgate_control::agent::Reporter::new({
+            let counts = counts.clone();
+            move || counts.read()
+        })),
     };
     let gateway = o.gateway;
     let labels = Arc::new(agent.identity.labels.clone());
@@ -151,5 +156,5 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         control: Some(o.control),
         state_dir: o.state_dir,
     };
-    Ok(meshgate_proxy::run(options, first, Some(received)).await?)
+    Ok(meshgate_proxy::run(options, first, Some(received), Some(counts)).await?)
 }

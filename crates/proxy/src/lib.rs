@@ -53,6 +53,36 @@ pub struct Push {
     pub reply: tokio::sync::oneshot::Sender<Result<String, Vec<String>>>,
 }
 
+/// The answers of the grey releases this proxy serves, for the control plane's
+/// automatic rollback; readable once [`run`] has started.
+#[derive(Debug, Default)]
+pub struct ReleaseCounts(std::sync::OnceLock<std::sync::Weak<Shared>>);
+
+impl ReleaseCounts {
+    /// For each release in the active config: its name, its answers since the
+    /// proxy started, and how many of them were 5xx.
+    pub fn read(&self) -> Vec<(Arc<str>, u64, u64)> {
+        let Some(shared) = self.0.get().and_then(std::sync::Weak::upgrade) else {
+            return Vec::new();
+        };
+        let active = shared.active.load();
+        let mut out = Vec::new();
+        for (i, api) in active.snapshot.apis.iter().enumerate() {
+            if api.release_of.is_none() {
+                continue;
+            }
+            let (mut all, mut failed) = (0, 0);
+            for g in &active.gateways {
+                let (a, f) = g.api_stats[i].totals();
+                all += a;
+                failed += f;
+            }
+            out.push((api.name.clone(), all, failed));
+        }
+        out
+    }
+}
+
 /// The outcome of the last reload attempt, for `GET /config`.
 #[derive(Debug, Clone)]
 pub struct ReloadStatus {
@@ -188,6 +218,7 @@ pub async fn run(
     options: Options,
     snapshot: Snapshot,
     pushes: Option<tokio::sync::mpsc::Receiver<Push>>,
+    counts: Option<Arc<ReleaseCounts>>,
 ) -> std::io::Result<()> {
     let store = open_state(&options.state_dir)?;
     let metrics = metrics::Metrics::default();
@@ -208,6 +239,9 @@ pub async fn run(
         drain,
         epoch: Instant::now(),
     });
+    if let Some(c) = counts {
+        let _ = c.0.set(Arc::downgrade(&shared));
+    }
     let prepared = shared
         .listeners
         .prepare(&shared.active.load())

@@ -330,6 +330,8 @@ impl prometheus_client::collector::Collector for UsageCollector {
 pub struct ApiStats {
     by_class: [Counter; 5],
     duration: Histogram,
+    /// The counts when this proxy began to serve the Api, for [`ApiStats::totals`].
+    base: (u64, u64),
 }
 
 impl ApiStats {
@@ -337,6 +339,32 @@ impl ApiStats {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].inc();
         self.duration.observe(seconds);
+    }
+
+    /// Answers since this proxy began to serve the Api (see
+    /// [`ApiStats::counting_from`]), and how many of them were 5xx.
+    pub fn totals(&self) -> (u64, u64) {
+        let (all, failed) = self.raw();
+        (
+            all.saturating_sub(self.base.0),
+            failed.saturating_sub(self.base.1),
+        )
+    }
+
+    /// Count [`ApiStats::totals`] from `earlier`'s start when it counted the same
+    /// series; else from now (the series may hold the answers of an Api of the
+    /// same name served before).
+    pub fn counting_from(mut self, earlier: Option<&ApiStats>) -> Self {
+        self.base = match earlier {
+            Some(e) if std::ptr::eq(e.by_class[4].inner(), self.by_class[4].inner()) => e.base,
+            _ => self.raw(),
+        };
+        self
+    }
+
+    fn raw(&self) -> (u64, u64) {
+        let all = self.by_class.iter().map(|c| c.get()).sum();
+        (all, self.by_class[4].get())
     }
 }
 
@@ -405,6 +433,7 @@ impl Metrics {
                     api: api.into(),
                 })
                 .clone(),
+            base: (0, 0),
         }
     }
 

@@ -117,6 +117,12 @@ impl Active {
     pub fn gateway(&self, name: &str) -> Option<&GatewayRt> {
         self.gateways.iter().find(|g| g.gateway.name == name)
     }
+
+    /// The metric handles of Api `api` on gateway `gateway`.
+    fn stats_of(&self, gateway: &str, api: &str) -> Option<&ApiStats> {
+        let i = self.snapshot.apis.iter().position(|a| &*a.name == api)?;
+        self.gateway(gateway).map(|g| &*g.api_stats[i])
+    }
 }
 
 impl Active {
@@ -149,7 +155,16 @@ impl Active {
                 let api_stats = snapshot
                     .apis
                     .iter()
-                    .map(|a| Arc::new(metrics.api(&g.name, &a.name, service_of(a))))
+                    .map(|a| {
+                        let stats = metrics.api(&g.name, &a.name, service_of(a));
+                        if a.release_of.is_none() {
+                            return Arc::new(stats);
+                        }
+                        // A grey release's answers count from when this proxy began
+                        // to serve it, for the control plane's automatic rollback.
+                        let earlier = prev.and_then(|p| p.stats_of(&g.name, &a.name));
+                        Arc::new(stats.counting_from(earlier))
+                    })
                     .collect();
                 GatewayRt {
                     gateway: g.clone(),
