@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import ssl
 import threading
 import time
 import urllib.error
@@ -578,22 +579,31 @@ class Redis:
 
 class Etcd:
     """A real single-member etcd on client and peer ports chosen now, its data in
-    tmp_path, stopped by its PID."""
+    tmp_path, stopped by its PID. With `tls=(cert, key, ca)` its client port speaks
+    TLS only and asks clients for a certificate signed by `ca`."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, tls=None):
         self.port, self.peer = free_port(), free_port()
         self.dir = Path(tmp_path) / f"etcd-{self.port}"
+        self.tls = tls
         binary = shutil.which("etcd") or "/usr/bin/etcd"
-        client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer}"
+        scheme = "https" if tls else "http"
+        client, peer = f"{scheme}://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer}"
+        secure = ["--cert-file", str(tls[0]), "--key-file", str(tls[1]),
+                  "--client-cert-auth", "--trusted-ca-file", str(tls[2])] if tls else []
         self.log = open(Path(tmp_path) / f"etcd-{self.port}.log", "w")
         self.proc = subprocess.Popen(
             [binary, "--name", "t", "--data-dir", str(self.dir),
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"t={peer}", "--initial-cluster-state", "new"],
+             "--initial-cluster", f"t={peer}", "--initial-cluster-state", "new", *secure],
             stdout=self.log, stderr=subprocess.STDOUT)
 
         def healthy():
+            if tls:
+                # The client port asks for a certificate: being up is enough here.
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return "ready to serve client requests" in Path(self.log.name).read_text()
             with urllib.request.urlopen(f"{client}/health", timeout=1) as r:
                 return json.loads(r.read()).get("health") == "true"
         wait_ready(self.proc, healthy, "etcd", timeout=20)
@@ -601,7 +611,7 @@ class Etcd:
     @property
     def url(self):
         """The `--store` URL for meshgate control."""
-        return f"etcd://127.0.0.1:{self.port}"
+        return f"etcd{'s' if self.tls else ''}://127.0.0.1:{self.port}"
 
     def stop(self):
         terminate(self.proc)
@@ -611,20 +621,24 @@ TOKEN = "t0ken-for-tests"
 
 
 class Control:
-    """A `meshgate control` process on a store file it owns."""
+    """A `meshgate control` process on a store file it owns; over TLS when given
+    `tls=(cert, key, ca)` (PEM files)."""
 
-    def __init__(self, tmp_path, store=None, port=None):
+    def __init__(self, tmp_path, store=None, port=None, tls=None, args=()):
         self.port = port or free_port()
         self.dir = Path(tmp_path)
         self.store = store or self.dir / "control.redb"
         self.proc = None
+        self.tls = tls
+        self.args = list(args)
 
     def start(self, wait=True):
         self.stderr = open(self.dir / f"control-{self.port}.stderr", "w")
         env = dict(os.environ, MESHGATE_ADMIN_TOKEN=TOKEN)
+        tls = ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])] if self.tls else []
         self.proc = subprocess.Popen(
             [BIN, "control", "--listen", f"127.0.0.1:{self.port}", "--store", str(self.store),
-             "--state-dir", str(self.dir / "control-state")],
+             "--state-dir", str(self.dir / "control-state"), *tls, *self.args],
             stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
         if not wait:
             return self
@@ -637,7 +651,7 @@ class Control:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def call(self, method, path, body=None, token=TOKEN, headers=None):
         data = body.encode() if isinstance(body, str) else (json.dumps(body).encode() if body is not None else None)
@@ -646,14 +660,17 @@ class Control:
             req.add_header("authorization", f"Bearer {token}")
         for k, v in (headers or {}).items():
             req.add_header(k, v)
+        context = ssl.create_default_context(cafile=str(self.tls[2])) if self.tls else None
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=10, context=context) as r:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
 
     def ctl(self, *args, token=TOKEN):
         env = dict(os.environ, MESHGATE_SERVER=self.url, MESHGATE_AUTHOR="ana")
+        if self.tls:
+            env["MESHGATE_CA_FILE"] = str(self.tls[2])
         env.pop("MESHGATE_ADMIN_TOKEN", None)
         if token is not None:
             env["MESHGATE_ADMIN_TOKEN"] = token
@@ -683,8 +700,10 @@ class Proxy:
     """A `meshgate proxy` fed by a control plane, serving one Gateway resource whose
     listener and admin ports the test chose. Its cache and state live in tmp_path."""
 
-    def __init__(self, tmp_path, control_url, node, gateway, port, admin_port, labels=""):
+    def __init__(self, tmp_path, control_url, node, gateway, port, admin_port, labels="",
+                 control_ca=None):
         self.dir = Path(tmp_path)
+        self.control_ca = control_ca
         self.control_url, self.node, self.gateway = control_url, node, gateway
         self.port, self.admin_port, self.labels = port, admin_port, labels
         self.cache = self.dir / f"cache-{node}"
@@ -696,6 +715,8 @@ class Proxy:
         self.stderr_path = self.dir / f"proxy-{self.node}-{self.starts}.stderr"
         env = dict(os.environ, MESHGATE_NODE_TOKEN=token, MESHGATE_LOG="info")
         env.pop("MESHGATE_ADMIN_TOKEN", None)
+        if self.control_ca:
+            env["MESHGATE_CONTROL_CA"] = str(self.control_ca)
         self.proc = subprocess.Popen(
             [BIN, "proxy", "--control", self.control_url, "--node", self.node,
              "--gateway", self.gateway, "--labels", self.labels,

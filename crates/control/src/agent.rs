@@ -108,6 +108,8 @@ pub struct Agent {
     pub identity: Identity,
     /// Where the last good config is kept (none: not kept).
     pub cache_dir: Option<PathBuf>,
+    /// The CA certificates (PEM) an `https://` control plane is verified with.
+    pub ca: Option<Vec<u8>>,
     /// Reads the answer counts of the grey releases served, sent every
     /// [`REPORT_EVERY`] while there are any.
     pub report: Option<Reporter>,
@@ -265,12 +267,21 @@ impl Agent {
         ),
         String,
     > {
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
             .map_err(|e| format!("bad control plane URL {url}: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(HEARTBEAT)
             .keep_alive_timeout(CONNECT_TIMEOUT);
+        if url.starts_with("https://") {
+            let ca = self
+                .ca
+                .as_deref()
+                .ok_or("an https control plane needs a CA")?;
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+            endpoint = endpoint.tls_config(tls).map_err(|e| error_chain(&e))?;
+        }
         let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
         // A snapshot holds the whole config: far above tonic's 4 MiB default.
         let mut client =

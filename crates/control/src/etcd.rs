@@ -63,13 +63,34 @@ fn rev_key(rev: u64) -> String {
     format!("{rev:020}")
 }
 
+/// TLS towards etcd (`https://` endpoints): the CA that signs the members'
+/// certificates, and this client's certificate and key when etcd asks for one.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: Vec<u8>,
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 impl Etcd {
     /// Connect to the etcd members `endpoints` (`host:port`) and keep the config
     /// under `prefix`.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<EtcdTls>,
+    ) -> Result<Self, StoreError> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(10));
+        let client_cert = tls.as_ref().is_none_or(|t| t.client.is_some());
+        if let Some(t) = tls {
+            let mut o = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(t.ca));
+            if let Some((cert, key)) = t.client {
+                o = o.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(o);
+        }
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| backend(format!("cannot connect to {}: {e}", endpoints.join(","))))?;
@@ -88,7 +109,15 @@ impl Etcd {
                 0,
             )])
             .and_then([TxnOp::put(id_key.clone(), crate::store::new_id(), None)]);
-        this.client.kv_client().txn(txn).await.map_err(backend)?;
+        // The first request is where a refused TLS handshake (say, etcd wants a
+        // client certificate) shows.
+        this.client.kv_client().txn(txn).await.map_err(|e| {
+            backend(format!(
+                "cannot use etcd at {}: {e}{}",
+                endpoints.join(","),
+                if client_cert { "" } else { " (if etcd checks client certificates, give one with --etcd-cert and --etcd-key)" }
+            ))
+        })?;
         let got = this
             .client
             .kv_client()

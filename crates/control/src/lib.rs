@@ -20,9 +20,10 @@ pub mod plane;
 pub mod push;
 pub mod release;
 pub mod store;
+pub mod tls;
 
 pub use embedded::Embedded;
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdTls};
 pub use plane::{Meta, Plane, Write, WriteError, Written};
 pub use store::{Commit, Config, Store, StoreError};
 
@@ -43,9 +44,10 @@ pub struct Tokens {
 }
 
 /// Serve the admin API and the push stream on `listener` until `shutdown`
-/// resolves.
+/// resolves; over TLS when given a server config.
 pub async fn serve<S: Store>(
     listener: tokio::net::TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     plane: std::sync::Arc<Plane<S>>,
     tokens: Tokens,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -61,10 +63,22 @@ pub async fn serve<S: Store>(
         shutdown.await;
         let _ = stop.send(true);
     });
-    let mut stopped = stopping;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        })
-        .await
+    let stopped = |mut s: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = s.wait_for(|s| *s).await;
+    };
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped(stopping))
+                .await
+        }
+        Some(config) => {
+            use axum::serve::ListenerExt as _;
+            // tap_io: so the peer's address reaches handlers as ConnectInfo.
+            let listener = tls::TlsListener::new(listener, config)?.tap_io(|_| {});
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped(stopping))
+                .await
+        }
+    }
 }

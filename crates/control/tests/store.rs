@@ -162,7 +162,7 @@ impl EtcdProcess {
     }
 
     async fn store(&self, prefix: &str) -> Etcd {
-        Etcd::connect(std::slice::from_ref(&self.endpoint), prefix)
+        Etcd::connect(std::slice::from_ref(&self.endpoint), prefix, None)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
     }

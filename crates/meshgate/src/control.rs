@@ -6,9 +6,15 @@ use std::path::{Path, PathBuf};
 
 pub struct Options {
     pub listen: SocketAddr,
-    /// A file path (the embedded store) or `etcd://host:port[,host:port][/prefix]`.
+    /// A file path (the embedded store) or `etcd[s]://host:port[,host:port][/prefix]`.
     pub store: String,
     pub tokens: meshgate_control::Tokens,
+    /// Serve over TLS with this certificate chain and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// For `etcds://`: the CA of etcd's certificates, and a client certificate
+    /// and key (PEM files).
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_client: Option<(PathBuf, PathBuf)>,
 }
 
 /// A bearer token from `file` (given as `flag`), else from the first of `envs`
@@ -85,7 +91,12 @@ pub fn default_store(state_dir: &Path) -> PathBuf {
 }
 
 pub async fn serve(o: Options) -> anyhow::Result<()> {
-    if let Some(rest) = o.store.strip_prefix("etcd://") {
+    let etcd = o
+        .store
+        .strip_prefix("etcd://")
+        .map(|r| ("http", r))
+        .or_else(|| o.store.strip_prefix("etcds://").map(|r| ("https", r)));
+    if let Some((scheme, rest)) = etcd {
         let (hosts, prefix) = match rest.split_once('/') {
             Some((h, p)) if !p.is_empty() => (h, format!("/{p}")),
             Some((h, _)) => (h, DEFAULT_ETCD_PREFIX.to_string()),
@@ -94,7 +105,7 @@ pub async fn serve(o: Options) -> anyhow::Result<()> {
         let endpoints: Vec<String> = hosts
             .split(',')
             .filter(|h| !h.is_empty())
-            .map(|h| format!("http://{h}"))
+            .map(|h| format!("{scheme}://{h}"))
             .collect();
         if endpoints.is_empty() {
             anyhow::bail!(
@@ -102,7 +113,8 @@ pub async fn serve(o: Options) -> anyhow::Result<()> {
                 o.store
             );
         }
-        let store = meshgate_control::Etcd::connect(&endpoints, &prefix).await?;
+        let tls = etcd_tls(&o, scheme == "https")?;
+        let store = meshgate_control::Etcd::connect(&endpoints, &prefix, tls).await?;
         let shown = format!("etcd {} under {prefix}", endpoints.join(","));
         return serve_on(o, store, shown).await;
     }
@@ -110,6 +122,31 @@ pub async fn serve(o: Options) -> anyhow::Result<()> {
     let store = meshgate_control::Embedded::open(&path)?;
     let shown = path.display().to_string();
     serve_on(o, store, shown).await
+}
+
+/// TLS towards etcd from `--etcd-ca` (required for `etcds://`, refused without
+/// it) and `--etcd-cert`/`--etcd-key`.
+fn etcd_tls(o: &Options, tls: bool) -> anyhow::Result<Option<meshgate_control::EtcdTls>> {
+    let read = |flag: &str, f: &Path| {
+        std::fs::read(f).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", f.display()))
+    };
+    match (&o.etcd_ca, tls) {
+        (None, false) if o.etcd_client.is_none() => Ok(None),
+        (None, true) => anyhow::bail!(
+            "--store {}: give the CA of etcd's certificates with --etcd-ca",
+            o.store
+        ),
+        (Some(_), false) | (None, false) => anyhow::bail!(
+            "--etcd-ca, --etcd-cert and --etcd-key are for TLS: use --store etcds://HOST:PORT"
+        ),
+        (Some(ca), true) => Ok(Some(meshgate_control::EtcdTls {
+            ca: read("--etcd-ca", ca)?,
+            client: match &o.etcd_client {
+                Some((c, k)) => Some((read("--etcd-cert", c)?, read("--etcd-key", k)?)),
+                None => None,
+            },
+        })),
+    }
 }
 
 /// Where in etcd the config lives unless the URL names a path.
@@ -120,17 +157,29 @@ async fn serve_on<S: meshgate_control::Store>(
     store: S,
     shown: String,
 ) -> anyhow::Result<()> {
+    let tls = match &o.tls {
+        Some((cert, key)) => Some(
+            meshgate_proxy::tls::server_config(&[meshgate_config::Certificate {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                hosts: Vec::new(),
+            }])
+            .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))?,
+        ),
+        None => None,
+    };
     let plane = meshgate_control::Plane::new(store).await?;
     let listener = tokio::net::TcpListener::bind(o.listen)
         .await
         .with_context(|| format!("cannot listen on {}", o.listen))?;
     tracing::info!(
         listen = %o.listen,
+        tls = tls.is_some(),
         store = %shown,
         revision = *plane.watch().borrow(),
         "control plane ready"
     );
-    meshgate_control::serve(listener, plane, o.tokens, shutdown()).await?;
+    meshgate_control::serve(listener, tls, plane, o.tokens, shutdown()).await?;
     tracing::info!("control plane stopped");
     Ok(())
 }

@@ -5,7 +5,7 @@
 use clap::{Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -186,12 +186,30 @@ pub struct Client {
 struct Failed(u8, String);
 
 impl Client {
-    pub fn new(server: String, token: String) -> Self {
-        Self {
+    /// A client of the admin API at `server`; an `https://` server is verified
+    /// against the CA certificates in `ca_file` (PEM).
+    pub fn new(server: String, token: String, ca_file: Option<&Path>) -> Result<Self, String> {
+        let mut http = reqwest::Client::builder();
+        match ca_file {
+            Some(f) => {
+                let pem =
+                    std::fs::read(f).map_err(|e| format!("--ca-file {}: {e}", f.display()))?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| format!("--ca-file {}: {e}", f.display()))?;
+                http = http.tls_certs_only(certs);
+            }
+            None if server.starts_with("https://") => {
+                return Err(format!(
+                    "--server {server}: give the CA certificates that sign its certificate with --ca-file (or MESHGATE_CA_FILE)"
+                ));
+            }
+            None => {}
+        }
+        Ok(Self {
             server: server.trim_end_matches('/').to_string(),
             token,
-            http: reqwest::Client::new(),
-        }
+            http: http.build().map_err(|e| e.to_string())?,
+        })
     }
 
     async fn call(
@@ -236,10 +254,16 @@ impl Client {
         if let Some((content_type, b)) = body {
             req = req.header("content-type", content_type).body(b);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| Failed(3, format!("cannot reach the control plane at {url}: {e}")))?;
+        let resp = req.send().await.map_err(|e| {
+            // The causes say what went wrong: refused, a certificate, a timeout.
+            let mut why = String::new();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                let _ = write!(why, ": {c}");
+                cause = c.source();
+            }
+            Failed(3, format!("cannot reach the control plane at {url}{why}"))
+        })?;
         let status = resp.status();
         let text = resp
             .text()

@@ -58,6 +58,22 @@ enum Command {
         /// MESHGATE_NODE_TOKEN. Default: proxies present the admin token.
         #[arg(long)]
         node_token_file: Option<PathBuf>,
+        /// Serve the admin API and the push streams over TLS with this
+        /// certificate chain (PEM); needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// With --store etcds://: the CA certificates (PEM) of etcd's members.
+        #[arg(long)]
+        etcd_ca: Option<PathBuf>,
+        /// A client certificate (PEM) for etcd, when it asks for one.
+        #[arg(long, requires = "etcd_key")]
+        etcd_cert: Option<PathBuf>,
+        /// The private key (PEM) of --etcd-cert.
+        #[arg(long, requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
         #[arg(long, env = "MESHGATE_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
@@ -87,6 +103,10 @@ enum Command {
         /// MESHGATE_ADMIN_TOKEN).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// The CA certificates (PEM) that sign the control plane's certificate,
+        /// for an `https://` --control.
+        #[arg(long, env = "MESHGATE_CONTROL_CA")]
+        control_ca: Option<PathBuf>,
         #[arg(long, env = "MESHGATE_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
@@ -97,6 +117,10 @@ enum Command {
         /// Read the admin token from this file instead of MESHGATE_ADMIN_TOKEN.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// The CA certificates (PEM) that sign the control plane's certificate,
+        /// for an `https://` --server.
+        #[arg(long, env = "MESHGATE_CA_FILE")]
+        ca_file: Option<PathBuf>,
         /// table (default), json (as the API answered) or yaml.
         #[arg(short = 'o', long, value_enum, default_value_t, global = true)]
         output: ctl::Output,
@@ -139,6 +163,7 @@ fn main() -> ExitCode {
             labels,
             cache_dir,
             token_file,
+            control_ca,
             state_dir,
         } => {
             if role == proxy::Role::Sidecar {
@@ -161,6 +186,7 @@ fn main() -> ExitCode {
                     gateway,
                     labels,
                     cache_dir,
+                    control_ca,
                     state_dir,
                 })
             })
@@ -170,6 +196,11 @@ fn main() -> ExitCode {
             store,
             token_file,
             node_token_file,
+            tls_cert,
+            tls_key,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
             state_dir,
         } => {
             let token = match control::token("control", token_file.as_deref()) {
@@ -192,12 +223,16 @@ fn main() -> ExitCode {
                         admin: token,
                         node: node_token,
                     },
+                    tls: tls_cert.zip(tls_key),
+                    etcd_ca,
+                    etcd_client: etcd_cert.zip(etcd_key),
                 })
             })
         }
         Command::Ctl {
             server,
             token_file,
+            ca_file,
             output,
             action,
         } => {
@@ -205,7 +240,13 @@ fn main() -> ExitCode {
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            let client = ctl::Client::new(server, token);
+            let client = match ctl::Client::new(server, token, ca_file.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("meshgate ctl: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

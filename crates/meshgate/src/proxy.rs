@@ -26,6 +26,8 @@ pub struct Options {
     pub gateway: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub cache_dir: PathBuf,
+    /// The CA certificates for an `https://` control plane.
+    pub control_ca: Option<PathBuf>,
     pub state_dir: PathBuf,
 }
 
@@ -83,11 +85,22 @@ fn compile(
 }
 
 pub async fn run(o: Options) -> anyhow::Result<()> {
-    for url in o.control.split(',') {
-        if !url.trim().starts_with("http://") {
-            anyhow::bail!(
-                "--control {url:?}: give http://HOST:PORT (several, comma-separated, for replicas); TLS to the control plane is not built yet"
-            );
+    let ca = match &o.control_ca {
+        Some(f) => Some(
+            std::fs::read(f).map_err(|e| anyhow::anyhow!("--control-ca {}: {e}", f.display()))?,
+        ),
+        None => None,
+    };
+    for url in o.control.split(',').map(str::trim) {
+        match url.split_once("://") {
+            Some(("http", _)) => {}
+            Some(("https", _)) if ca.is_some() => {}
+            Some(("https", _)) => anyhow::bail!(
+                "--control {url:?}: give the CA certificates that sign the control plane's certificate with --control-ca (or MESHGATE_CONTROL_CA)"
+            ),
+            _ => anyhow::bail!(
+                "--control {url:?}: give http://HOST:PORT or https://HOST:PORT (several, comma-separated, for replicas)"
+            ),
         }
     }
     let mut good = Held::default();
@@ -123,6 +136,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             gateway: o.gateway.clone().unwrap_or_default(),
         },
         cache_dir: Some(o.cache_dir),
+        ca,
         report: Some(meshgate_control::agent::Reporter::new({
             let counts = counts.clone();
             move || counts.read()

@@ -20,7 +20,7 @@ mod mirror;
 mod respond;
 mod server;
 mod state;
-mod tls;
+pub mod tls;
 mod usage;
 
 use arc_swap::ArcSwap;
