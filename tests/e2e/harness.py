@@ -684,6 +684,17 @@ class Control:
         return self.proc.returncode if self.proc else None
 
 
+def hello_api(body):
+    """Api `hello`: GET /hello answers 200 with `body` from a mock (YAML, no `---`)."""
+    return f"""apiVersion: meshgate.io/v1
+kind: Api
+metadata: {{name: hello}}
+spec:
+  request: {{path: /hello}}
+  invoke: {{mock: {{status: 200, body: "{body}"}}}}
+"""
+
+
 def proxy_gateway(name, port, admin_port, extra=""):
     """A Gateway resource for one `Proxy`: its listener and admin ports (YAML, no
     leading `---`); `extra` adds spec lines."""

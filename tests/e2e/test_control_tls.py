@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness import BIN, Control, Etcd, Proxy, free_port, proxy_gateway, TOKEN
+from harness import BIN, Control, Etcd, Proxy, free_port, hello_api as hello, proxy_gateway, TOKEN
 
 
 def openssl(*args):
@@ -33,16 +33,6 @@ def pki(tmp_path):
     openssl("x509", "-req", "-in", d / "client.csr", "-CA", d / "ca.pem", "-CAkey", d / "ca.key",
             "-CAcreateserial", "-days", "2", "-extfile", d / "client.cnf", "-out", d / "client.pem")
     return d
-
-
-def hello(body):
-    return f"""apiVersion: meshgate.io/v1
-kind: Api
-metadata: {{name: hello}}
-spec:
-  request: {{path: /hello}}
-  invoke: {{mock: {{status: 200, body: "{body}"}}}}
-"""
 
 
 def test_admin_api_and_push_over_tls(tmp_path, pki):

@@ -15,23 +15,13 @@ import time
 
 import pytest
 
-from harness import BIN, Control, Etcd, Proxy, free_port, proxy_gateway
+from harness import BIN, Control, Etcd, Proxy, free_port, hello_api as hello, proxy_gateway
 
 NODES = ("a", "b", "c")
 NAMES = {f"node-{n}" for n in NODES}
 
 
 gateway = proxy_gateway
-
-
-def hello(body):
-    return f"""apiVersion: meshgate.io/v1
-kind: Api
-metadata: {{name: hello}}
-spec:
-  request: {{path: /hello}}
-  invoke: {{mock: {{status: 200, body: "{body}"}}}}
-"""
 
 
 def put(control, tmp_path, name, *docs):

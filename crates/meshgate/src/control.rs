@@ -169,9 +169,8 @@ async fn serve_on<S: meshgate_control::Store>(
         None => None,
     };
     let plane = meshgate_control::Plane::new(store).await?;
-    let listener = tokio::net::TcpListener::bind(o.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", o.listen))?;
+    let listener =
+        meshgate_proxy::bind(o.listen).with_context(|| format!("cannot listen on {}", o.listen))?;
     tracing::info!(
         listen = %o.listen,
         tls = tls.is_some(),

@@ -21,6 +21,8 @@ mod respond;
 mod server;
 mod state;
 pub mod tls;
+
+pub use server::bind;
 mod usage;
 
 use arc_swap::ArcSwap;

@@ -128,7 +128,9 @@ impl Listeners {
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listening socket with a deep accept queue (4096): a burst of connections
+/// (a fleet of proxies reconnecting at once) waits in it rather than being dropped.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
