@@ -364,11 +364,7 @@ impl Client {
             }
             Action::Get { kind, .. } if matches!(kind.as_str(), "nodes" | "node") => {
                 let v = self.call(Method::GET, "/api/v1/nodes", None, None).await?;
-                Ok(match output {
-                    Output::Json => pretty(&v),
-                    Output::Yaml => yaml_docs(&[v]),
-                    Output::Table => nodes_table(&v),
-                })
+                Ok(render(output, &v, nodes_table))
             }
             Action::Get {
                 kind,
@@ -430,32 +426,28 @@ impl Client {
             Action::History { kind, name } => {
                 let path = format!("{}/history", one(kind.as_deref(), name.as_deref())?);
                 let v = self.call(Method::GET, &path, None, None).await?;
-                Ok(match output {
-                    Output::Json => pretty(&v),
-                    Output::Yaml => yaml_docs(&[v]),
-                    Output::Table => {
-                        let rows = v["items"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .map(|c| {
-                                let changes = changes(c);
-                                let shown = match changes.len() {
-                                    0..=3 => changes.join(", "),
-                                    n => format!("{}, and {} more", changes[..2].join(", "), n - 2),
-                                };
-                                vec![
-                                    c["revision"].to_string(),
-                                    c["time"].as_str().unwrap_or("").to_string(),
-                                    c["author"].as_str().unwrap_or("").to_string(),
-                                    shown,
-                                    c["message"].as_str().unwrap_or("").to_string(),
-                                ]
-                            })
-                            .collect();
-                        table(&["REVISION", "TIME", "AUTHOR", "CHANGES", "MESSAGE"], rows)
-                    }
-                })
+                Ok(render(output, &v, |v| {
+                    let rows = v["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| {
+                            let changes = changes(c);
+                            let shown = match changes.len() {
+                                0..=3 => changes.join(", "),
+                                n => format!("{}, and {} more", changes[..2].join(", "), n - 2),
+                            };
+                            vec![
+                                c["revision"].to_string(),
+                                c["time"].as_str().unwrap_or("").to_string(),
+                                c["author"].as_str().unwrap_or("").to_string(),
+                                shown,
+                                c["message"].as_str().unwrap_or("").to_string(),
+                            ]
+                        })
+                        .collect();
+                    table(&["REVISION", "TIME", "AUTHOR", "CHANGES", "MESSAGE"], rows)
+                }))
             }
             Action::Diff {
                 kind,
@@ -471,16 +463,14 @@ impl Client {
                     let _ = write!(path, "&kind={}&name={n}", plural(k)?);
                 }
                 let v = self.call(Method::GET, &path, None, None).await?;
-                Ok(match output {
-                    Output::Json => pretty(&v),
-                    Output::Yaml => yaml_docs(&[v]),
-                    Output::Table => v["items"]
+                Ok(render(output, &v, |v| {
+                    v["items"]
                         .as_array()
                         .into_iter()
                         .flatten()
                         .map(|d| d["diff"].as_str().unwrap_or("").to_string())
-                        .collect(),
-                })
+                        .collect()
+                }))
             }
             Action::Lifecycle {
                 name,
@@ -538,11 +528,7 @@ impl Client {
                     Some(_) => vec![v.clone()],
                     None => v["items"].as_array().cloned().unwrap_or_default(),
                 };
-                return Ok(match output {
-                    Output::Json => pretty(&v),
-                    Output::Yaml => yaml_docs(&[v]),
-                    Output::Table => releases_table(&items),
-                });
+                return Ok(render(output, &v, |_| releases_table(&items)));
             }
             ReleaseAction::Start {
                 file,
@@ -790,23 +776,28 @@ fn changes(v: &Value) -> Vec<String> {
         .collect()
 }
 
-fn render_written(v: &Value, output: Output) -> String {
+/// One answer as asked: JSON as the API gave it, YAML, or the human `table`.
+fn render(output: Output, v: &Value, table: impl FnOnce(&Value) -> String) -> String {
     match output {
         Output::Json => pretty(v),
         Output::Yaml => yaml_docs(std::slice::from_ref(v)),
-        Output::Table => {
-            let changes: Vec<String> = changes(v).iter().map(|c| format!("  {c}\n")).collect();
-            let rev = &v["revision"];
-            let head = if v["dryRun"].as_bool() == Some(true) {
-                format!("dry run: valid; would change (at revision {rev}):\n")
-            } else if changes.is_empty() {
-                format!("no changes (revision {rev})\n")
-            } else {
-                format!("revision {rev}:\n")
-            };
-            head + &changes.concat()
-        }
+        Output::Table => table(v),
     }
+}
+
+fn render_written(v: &Value, output: Output) -> String {
+    render(output, v, |v| {
+        let changes: Vec<String> = changes(v).iter().map(|c| format!("  {c}\n")).collect();
+        let rev = &v["revision"];
+        let head = if v["dryRun"].as_bool() == Some(true) {
+            format!("dry run: valid; would change (at revision {rev}):\n")
+        } else if changes.is_empty() {
+            format!("no changes (revision {rev})\n")
+        } else {
+            format!("revision {rev}:\n")
+        };
+        head + &changes.concat()
+    })
 }
 
 fn pretty(v: &Value) -> String {
