@@ -109,6 +109,10 @@ pub struct GatewaySpec {
     /// Serve draft Apis too (a test or staging gateway).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub serve_drafts: bool,
+    /// Serve only the Apis that name this gateway in their `spec.gateways`, not
+    /// those that leave it out (an internal gateway; a sidecar's listeners).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub only_named_apis: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

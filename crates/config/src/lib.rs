@@ -16,6 +16,7 @@ mod index;
 mod link;
 mod load;
 mod model;
+pub mod sidecar;
 mod validate;
 
 pub use diag::Diagnostic;

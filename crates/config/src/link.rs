@@ -177,7 +177,8 @@ pub fn link(
         let mut builder = Router::builder();
         let mut owners: Vec<usize> = Vec::new();
         for (api_idx, (di, d)) in api_drafts.iter().enumerate() {
-            if !d.gateways.is_empty() && !d.gateways.contains(&gdoc.name) {
+            let named = d.gateways.contains(&gdoc.name);
+            if !named && (g.only_named_apis || !d.gateways.is_empty()) {
                 continue;
             }
             if !routed[api_idx]

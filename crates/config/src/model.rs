@@ -119,6 +119,9 @@ pub struct Service {
     pub protocol: UpstreamProtocol,
     pub endpoints: Vec<EndpointConfig>,
     pub dns: Option<DnsDiscovery>,
+    /// The service name whose registered instances are the endpoints
+    /// (`discovery: {registry: NAME}`), pushed by the control plane.
+    pub registry: Option<String>,
     pub policy: LbPolicy,
     pub hash_on: Option<HashOn>,
     pub timeout: Option<Duration>,

@@ -25,6 +25,7 @@ pub struct GatewayDraft {
     pub policies: Vec<String>,
     pub drain_timeout: std::time::Duration,
     pub serve_drafts: bool,
+    pub only_named_apis: bool,
 }
 
 /// An Api before linking.
@@ -481,6 +482,13 @@ pub fn validate(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> Checked {
             );
             continue;
         }
+        if doc.name.starts_with(crate::sidecar::RESERVED_PREFIX) && &*doc.file != crate::sidecar::FILE {
+            c.err(
+                "metadata.name",
+                format!("names starting with {:?} are reserved for the resources a sidecar adds", crate::sidecar::RESERVED_PREFIX),
+            );
+            continue;
+        }
         if !seen.insert((doc.kind, doc.name.as_str())) {
             c.err(
                 "metadata.name",
@@ -652,6 +660,7 @@ fn gateway(c: &mut Check<'_>, spec: &GatewaySpec) -> Option<GatewayDraft> {
         policies: spec.policies.clone(),
         drain_timeout,
         serve_drafts: spec.serve_drafts,
+        only_named_apis: spec.only_named_apis,
     })
 }
 
@@ -672,6 +681,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         }
     }
     let mut dns = None;
+    let mut registry = None;
     match &spec.discovery {
         None if spec.endpoints.is_empty() => {
             c.err("spec.endpoints", "a Service needs endpoints or discovery");
@@ -684,9 +694,6 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
             );
         }
         Some(d) => {
-            if d.registry.is_some() {
-                c.not_built("spec.discovery.registry", "registry discovery");
-            }
             match (&d.dns, &d.registry) {
                 (Some(h), None) => {
                     let refresh = c
@@ -706,8 +713,16 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
                         _ => c.err("spec.discovery.dns", format!("{h:?} must be HOST:PORT")),
                     }
                 }
+                (None, Some(r)) if valid_name(r) => registry = Some(r.clone()),
+                (None, Some(r)) => c.err(
+                    "spec.discovery.registry",
+                    format!("{r:?} is not a service name: use lowercase letters, digits, '-' and '.'"),
+                ),
                 (None, None) => c.err("spec.discovery", "discovery needs dns or registry"),
-                _ => {}
+                (Some(_), Some(_)) => c.err(
+                    "spec.discovery",
+                    "use either dns or registry, not both",
+                ),
             }
         }
     }
@@ -771,6 +786,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         protocol: spec.protocol,
         endpoints,
         dns,
+        registry,
         policy,
         hash_on,
         timeout,

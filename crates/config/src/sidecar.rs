@@ -1,0 +1,201 @@
+//! A sidecar's view of the config. A sidecar runs the same data plane as an edge
+//! gateway; what makes it a sidecar is a few resources it adds to the config it
+//! receives, compiled with it by the same compiler:
+//!
+//! - Gateway `meshgate.inbound`: the inbound listener (what other proxies reach
+//!   this instance on) and the admin listener, with one Api, `meshgate.inbound`,
+//!   passing every request to the sidecar's own Service;
+//! - Gateway `meshgate.outbound`: the listener the app calls other services on,
+//!   with one Api per Service, `meshgate.outbound.NAME`, matching `Host: NAME`;
+//! - the sidecar's own Service, when the config does not declare it.
+//!
+//! Both gateways serve only the Apis that name them (`onlyNamedApis`), so the
+//! config's own Apis never reach them. Once compiled, [`Sidecar::place`] points
+//! the own Service at the local app: whoever invokes it through this sidecar (the
+//! inbound Api, an Api of a Gateway the sidecar also serves in the fused "BFF"
+//! mode, or the app calling itself) reaches the app with no further hop.
+
+use crate::{EndpointConfig, Snapshot, Source};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The file name the added resources' diagnostics carry.
+pub const FILE: &str = "<sidecar>";
+/// The inbound Gateway's (and Api's) name.
+pub const INBOUND: &str = "meshgate.inbound";
+/// The outbound Gateway's name; its Apis are `meshgate.outbound.SERVICE`.
+pub const OUTBOUND: &str = "meshgate.outbound";
+/// Names with this prefix are the sidecar's own: the config may not use them.
+pub const RESERVED_PREFIX: &str = "meshgate.";
+
+/// Where a sidecar listens and what it stands beside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sidecar {
+    /// The service this instance belongs to.
+    pub service: String,
+    /// The local app.
+    pub app: SocketAddr,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    /// `stdout`, `off` or a file path.
+    pub access_log: String,
+}
+
+/// Retries on the outbound side when an Api does not say: a try that never
+/// reached the peer, or was refused by a peer going away, goes to another
+/// endpoint (idempotent requests only for resets and 503s, as everywhere).
+const OUTBOUND_RETRY: &str = r#"{attempts: 2, on: [connect-failure, reset, "503"]}"#;
+
+impl Sidecar {
+    /// The resources this sidecar adds to a config whose Services are `services`.
+    pub fn source(&self, services: &[&str]) -> Source {
+        let mut y = String::new();
+        let log = serde_json::Value::from(self.access_log.as_str());
+        let admin = self
+            .admin
+            .map(|a| format!("\n  admin: {{address: \"{a}\"}}"))
+            .unwrap_or_default();
+        let _ = write!(
+            y,
+            "apiVersion: meshgate.io/v1\nkind: Gateway\nmetadata: {{name: {INBOUND}}}\nspec:\n  onlyNamedApis: true\n  accessLog: {{path: {log}}}\n  listeners: [{{name: inbound, address: \"{}\"}}]{admin}\n",
+            self.inbound
+        );
+        let _ = write!(
+            y,
+            "---\napiVersion: meshgate.io/v1\nkind: Api\nmetadata: {{name: {INBOUND}}}\nspec:\n  gateways: [{INBOUND}]\n  request: {{path: \"/{{*rest}}\"}}\n  invoke: {{service: {}}}\n",
+            self.service
+        );
+        let _ = write!(
+            y,
+            "---\napiVersion: meshgate.io/v1\nkind: Gateway\nmetadata: {{name: {OUTBOUND}}}\nspec:\n  onlyNamedApis: true\n  accessLog: {{path: {log}}}\n  listeners: [{{name: outbound, address: \"{}\"}}]\n",
+            self.outbound
+        );
+        let own_declared = services.contains(&self.service.as_str());
+        let own = (!own_declared).then_some(self.service.as_str());
+        for s in services.iter().copied().chain(own) {
+            let _ = write!(
+                y,
+                "---\napiVersion: meshgate.io/v1\nkind: Api\nmetadata: {{name: {OUTBOUND}.{s}}}\nspec:\n  gateways: [{OUTBOUND}]\n  request: {{hosts: [\"{s}\"], path: \"/{{*rest}}\"}}\n  invoke: {{service: {s}, retry: {OUTBOUND_RETRY}}}\n"
+            );
+        }
+        if !own_declared {
+            let _ = write!(
+                y,
+                "---\napiVersion: meshgate.io/v1\nkind: Service\nmetadata: {{name: {}}}\nspec:\n  endpoints: [{{address: \"{}\"}}]\n",
+                self.service, self.app
+            );
+        }
+        Source {
+            file: Arc::from(FILE),
+            text: y,
+        }
+    }
+
+    /// Point the own Service at the local app: one endpoint, no discovery. The
+    /// rest of the Service (protocol, timeouts, breaker) still applies.
+    pub fn place(&self, snapshot: &mut Snapshot) {
+        if let Some(s) = snapshot.services.get_mut(&self.service) {
+            let mut own = (**s).clone();
+            own.endpoints = vec![EndpointConfig {
+                address: self.app,
+                weight: 1,
+                labels: Default::default(),
+            }];
+            own.dns = None;
+            own.registry = None;
+            *s = Arc::new(own);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sidecar() -> Sidecar {
+        Sidecar {
+            service: "orders".into(),
+            app: "127.0.0.1:9000".parse().unwrap_or_else(|e| panic!("{e}")),
+            inbound: "127.0.0.1:15006".parse().unwrap_or_else(|e| panic!("{e}")),
+            outbound: "127.0.0.1:15001".parse().unwrap_or_else(|e| panic!("{e}")),
+            admin: "127.0.0.1:15000".parse().ok(),
+            access_log: "off".into(),
+        }
+    }
+
+    const CONFIG: &str = r#"
+apiVersion: meshgate.io/v1
+kind: Gateway
+metadata: {name: public}
+spec: {listeners: [{name: web, address: "127.0.0.1:8080"}]}
+---
+apiVersion: meshgate.io/v1
+kind: Service
+metadata: {name: users}
+spec: {discovery: {registry: users}}
+---
+apiVersion: meshgate.io/v1
+kind: Api
+metadata: {name: everything}
+spec:
+  request: {path: "/{*rest}"}
+  invoke: {service: users}
+"#;
+
+    fn compiled(extra: &str, services: &[&str]) -> Snapshot {
+        let sources = vec![
+            Source {
+                file: Arc::from("config.yaml"),
+                text: format!("{CONFIG}{extra}"),
+            },
+            sidecar().source(services),
+        ];
+        let (snapshot, diags) = crate::compile(&sources);
+        assert!(diags.is_empty(), "{diags:?}");
+        let mut snapshot = snapshot.unwrap_or_else(|| panic!("no snapshot"));
+        sidecar().place(&mut snapshot);
+        snapshot
+    }
+
+    #[test]
+    fn the_added_gateways_serve_only_their_own_apis() {
+        let snapshot = compiled("", &["users"]);
+        let routes = |gateway: &str, host: &str, path: &str| {
+            let g = snapshot
+                .gateways
+                .iter()
+                .find(|g| g.name == gateway)
+                .unwrap_or_else(|| panic!("no gateway {gateway}"));
+            match g.router.route(host, &http::Method::GET, path, &http::HeaderMap::new()) {
+                meshgate_route::Outcome::Matched(m) => Some(snapshot.apis[*m.value].name.to_string()),
+                _ => None,
+            }
+        };
+        assert_eq!(routes(OUTBOUND, "users", "/").as_deref(), Some("meshgate.outbound.users"));
+        assert_eq!(routes(OUTBOUND, "orders", "/a/b").as_deref(), Some("meshgate.outbound.orders"));
+        assert_eq!(routes(OUTBOUND, "elsewhere", "/"), None, "the config's catch-all Api is not served outbound");
+        assert_eq!(routes(INBOUND, "any", "/x").as_deref(), Some(INBOUND));
+        assert_eq!(routes("public", "any", "/x").as_deref(), Some("everything"));
+    }
+
+    #[test]
+    fn an_undeclared_own_service_is_added_as_the_app() {
+        let snapshot = compiled("", &["users"]);
+        let addrs: Vec<_> = snapshot.services["orders"].endpoints.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.1:9000"]);
+        assert_eq!(snapshot.services["users"].registry.as_deref(), Some("users"));
+    }
+
+    #[test]
+    fn a_declared_own_service_keeps_its_settings_and_points_at_the_app() {
+        let orders = "---\napiVersion: meshgate.io/v1\nkind: Service\nmetadata: {name: orders}\nspec: {discovery: {registry: orders}, timeout: 2s}\n";
+        assert!(!sidecar().source(&["orders"]).text.contains("kind: Service"));
+        let snapshot = compiled(orders, &["users", "orders"]);
+        let own = &snapshot.services["orders"];
+        let addrs: Vec<_> = own.endpoints.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.1:9000"]);
+        assert_eq!((own.registry.as_deref(), own.timeout), (None, Some(std::time::Duration::from_secs(2))));
+    }
+}
