@@ -168,14 +168,29 @@ spec:
                 .iter()
                 .find(|g| g.name == gateway)
                 .unwrap_or_else(|| panic!("no gateway {gateway}"));
-            match g.router.route(host, &http::Method::GET, path, &http::HeaderMap::new()) {
-                meshgate_route::Outcome::Matched(m) => Some(snapshot.apis[*m.value].name.to_string()),
+            match g
+                .router
+                .route(host, &http::Method::GET, path, &http::HeaderMap::new())
+            {
+                meshgate_route::Outcome::Matched(m) => {
+                    Some(snapshot.apis[*m.value].name.to_string())
+                }
                 _ => None,
             }
         };
-        assert_eq!(routes(OUTBOUND, "users", "/").as_deref(), Some("meshgate.outbound.users"));
-        assert_eq!(routes(OUTBOUND, "orders", "/a/b").as_deref(), Some("meshgate.outbound.orders"));
-        assert_eq!(routes(OUTBOUND, "elsewhere", "/"), None, "the config's catch-all Api is not served outbound");
+        assert_eq!(
+            routes(OUTBOUND, "users", "/").as_deref(),
+            Some("meshgate.outbound.users")
+        );
+        assert_eq!(
+            routes(OUTBOUND, "orders", "/a/b").as_deref(),
+            Some("meshgate.outbound.orders")
+        );
+        assert_eq!(
+            routes(OUTBOUND, "elsewhere", "/"),
+            None,
+            "the config's catch-all Api is not served outbound"
+        );
         assert_eq!(routes(INBOUND, "any", "/x").as_deref(), Some(INBOUND));
         assert_eq!(routes("public", "any", "/x").as_deref(), Some("everything"));
     }
@@ -183,9 +198,16 @@ spec:
     #[test]
     fn an_undeclared_own_service_is_added_as_the_app() {
         let snapshot = compiled("", &["users"]);
-        let addrs: Vec<_> = snapshot.services["orders"].endpoints.iter().map(|e| e.address.to_string()).collect();
+        let addrs: Vec<_> = snapshot.services["orders"]
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
         assert_eq!(addrs, ["127.0.0.1:9000"]);
-        assert_eq!(snapshot.services["users"].registry.as_deref(), Some("users"));
+        assert_eq!(
+            snapshot.services["users"].registry.as_deref(),
+            Some("users")
+        );
     }
 
     #[test]
@@ -194,8 +216,15 @@ spec:
         assert!(!sidecar().source(&["orders"]).text.contains("kind: Service"));
         let snapshot = compiled(orders, &["users", "orders"]);
         let own = &snapshot.services["orders"];
-        let addrs: Vec<_> = own.endpoints.iter().map(|e| e.address.to_string()).collect();
+        let addrs: Vec<_> = own
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
         assert_eq!(addrs, ["127.0.0.1:9000"]);
-        assert_eq!((own.registry.as_deref(), own.timeout), (None, Some(std::time::Duration::from_secs(2))));
+        assert_eq!(
+            (own.registry.as_deref(), own.timeout),
+            (None, Some(std::time::Duration::from_secs(2)))
+        );
     }
 }

@@ -482,10 +482,15 @@ pub fn validate(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> Checked {
             );
             continue;
         }
-        if doc.name.starts_with(crate::sidecar::RESERVED_PREFIX) && &*doc.file != crate::sidecar::FILE {
+        if doc.name.starts_with(crate::sidecar::RESERVED_PREFIX)
+            && &*doc.file != crate::sidecar::FILE
+        {
             c.err(
                 "metadata.name",
-                format!("names starting with {:?} are reserved for the resources a sidecar adds", crate::sidecar::RESERVED_PREFIX),
+                format!(
+                    "names starting with {:?} are reserved for the resources a sidecar adds",
+                    crate::sidecar::RESERVED_PREFIX
+                ),
             );
             continue;
         }
@@ -693,38 +698,33 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
                 "use either endpoints or discovery, not both",
             );
         }
-        Some(d) => {
-            match (&d.dns, &d.registry) {
-                (Some(h), None) => {
-                    let refresh = c
-                        .duration("spec.discovery.refresh", d.refresh.as_ref())
-                        .unwrap_or(DEFAULT_DNS_REFRESH);
-                    match h
-                        .rsplit_once(':')
-                        .map(|(host, port)| (host, port.parse::<u16>()))
-                    {
-                        Some((host, Ok(port))) if !host.is_empty() && port > 0 => {
-                            dns = Some(DnsDiscovery {
-                                host: host.to_string(),
-                                port,
-                                refresh,
-                            });
-                        }
-                        _ => c.err("spec.discovery.dns", format!("{h:?} must be HOST:PORT")),
+        Some(d) => match (&d.dns, &d.registry) {
+            (Some(h), None) => {
+                let refresh = c
+                    .duration("spec.discovery.refresh", d.refresh.as_ref())
+                    .unwrap_or(DEFAULT_DNS_REFRESH);
+                match h
+                    .rsplit_once(':')
+                    .map(|(host, port)| (host, port.parse::<u16>()))
+                {
+                    Some((host, Ok(port))) if !host.is_empty() && port > 0 => {
+                        dns = Some(DnsDiscovery {
+                            host: host.to_string(),
+                            port,
+                            refresh,
+                        });
                     }
+                    _ => c.err("spec.discovery.dns", format!("{h:?} must be HOST:PORT")),
                 }
-                (None, Some(r)) if valid_name(r) => registry = Some(r.clone()),
-                (None, Some(r)) => c.err(
-                    "spec.discovery.registry",
-                    format!("{r:?} is not a service name: use lowercase letters, digits, '-' and '.'"),
-                ),
-                (None, None) => c.err("spec.discovery", "discovery needs dns or registry"),
-                (Some(_), Some(_)) => c.err(
-                    "spec.discovery",
-                    "use either dns or registry, not both",
-                ),
             }
-        }
+            (None, Some(r)) if valid_name(r) => registry = Some(r.clone()),
+            (None, Some(r)) => c.err(
+                "spec.discovery.registry",
+                format!("{r:?} is not a service name: use lowercase letters, digits, '-' and '.'"),
+            ),
+            (None, None) => c.err("spec.discovery", "discovery needs dns or registry"),
+            (Some(_), Some(_)) => c.err("spec.discovery", "use either dns or registry, not both"),
+        },
     }
     let lb = spec.load_balancer.clone().unwrap_or_default();
     let policy = match lb.policy {

@@ -29,6 +29,61 @@ pub struct Identity {
     pub labels: BTreeMap<String, String>,
     pub role: String,
     pub gateway: String,
+    /// A sidecar's own instance, registered while the agent keeps in touch.
+    pub instance: Option<Registration>,
+}
+
+/// An instance to register: the service, where other proxies reach it, and the
+/// lease's TTL (the agent then says something at least every third of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub service: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub zone: String,
+    pub lease: Duration,
+}
+
+/// A registered instance as the control plane lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub zone: String,
+    pub node: String,
+}
+
+/// Takes each service's instances as the control plane pushes them: the service
+/// and its whole list (empty: none left).
+#[derive(Clone)]
+pub struct OnEndpoints(std::sync::Arc<dyn Fn(&str, Vec<Registered>) + Send + Sync>);
+
+impl OnEndpoints {
+    pub fn new(f: impl Fn(&str, Vec<Registered>) + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+
+    fn take(&self, e: pb::Endpoints) {
+        for s in e.services {
+            let list = s
+                .instances
+                .into_iter()
+                .map(|i| Registered {
+                    address: i.address,
+                    labels: i.labels.into_iter().collect(),
+                    zone: i.zone,
+                    node: i.node,
+                })
+                .collect();
+            (self.0)(&s.service, list);
+        }
+    }
+}
+
+impl std::fmt::Debug for OnEndpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnEndpoints")
+    }
 }
 
 /// A whole config as received: the store it came from, its revision and every
@@ -93,6 +148,9 @@ impl Held {
                 self.revision = d.revision;
                 Ok(())
             }
+            Some(pb::control_message::Message::Endpoints(_)) => {
+                Err("registry endpoints are not config".into())
+            }
             None => Err("an empty message from the control plane".into()),
         }
     }
@@ -113,6 +171,11 @@ pub struct Agent {
     /// Reads the answer counts of the grey releases served, sent every
     /// [`REPORT_EVERY`] while there are any.
     pub report: Option<Reporter>,
+    /// Where the registry's instances go (none: the proxy has no use for them).
+    pub endpoints: Option<OnEndpoints>,
+    /// Becomes true when the proxy stops: the agent deregisters its instance and
+    /// registers it no more.
+    pub leaving: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// How often a proxy serving grey releases reports their answer counts.
@@ -203,14 +266,23 @@ impl Agent {
         };
         let mut held = good.clone();
         let mut parts = None;
-        let mut beat = tokio::time::interval(HEARTBEAT);
+        let mut beat = tokio::time::interval(self.heartbeat());
         beat.reset();
+        let mut leaving = self.leaving.clone();
+        // Told already when the stream opened: the hello registered nothing.
+        let mut left = self.left();
         let mut report = tokio::time::interval(REPORT_EVERY);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let msg = tokio::select! {
                 _ = beat.tick() => {
                     let _ = tx.send(message(pb::node_message::Message::Heartbeat(pb::Heartbeat {}))).await;
+                    continue;
+                }
+                _ = async { if let Some(l) = leaving.as_mut() { let _ = l.wait_for(|l| *l).await; } }, if !left && leaving.is_some() => {
+                    left = true;
+                    tracing::info!("deregistering this instance");
+                    let _ = tx.send(message(pb::node_message::Message::Deregister(pb::Deregister {}))).await;
                     continue;
                 }
                 _ = report.tick(), if self.report.is_some() => {
@@ -227,6 +299,14 @@ impl Agent {
                 Err(s) => return Ended::Served(status_text(&s)),
             };
             let msg = match assemble(&mut parts, msg) {
+                Ok(Some(pb::ControlMessage {
+                    message: Some(pb::control_message::Message::Endpoints(e)),
+                })) => {
+                    if let Some(on) = &self.endpoints {
+                        on.take(e);
+                    }
+                    continue;
+                }
                 Ok(Some(m)) => m,
                 Ok(None) => continue,
                 Err(e) => return Ended::Served(e),
@@ -253,6 +333,20 @@ impl Agent {
                 return Ended::Served("the stream closed".into());
             }
         }
+    }
+
+    /// How often to say something when there is nothing to say: often enough to
+    /// keep a registered instance's lease.
+    fn heartbeat(&self) -> Duration {
+        match &self.identity.instance {
+            Some(r) => HEARTBEAT.min(r.lease / 3).max(Duration::from_millis(100)),
+            None => HEARTBEAT,
+        }
+    }
+
+    /// Whether the proxy is stopping (its instance is to be registered no more).
+    fn left(&self) -> bool {
+        self.leaving.as_ref().is_some_and(|l| *l.borrow())
     }
 
     /// Connect, say hello, and return the two halves of the stream.
@@ -296,6 +390,21 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_string(),
             store_id: good.store_id.clone(),
             revision: good.revision,
+            instance: id
+                .instance
+                .as_ref()
+                .filter(|_| !self.left())
+                .map(|r| pb::Instance {
+                    service: r.service.clone(),
+                    address: r.address.clone(),
+                    labels: r.labels.clone().into_iter().collect(),
+                    zone: r.zone.clone(),
+                    node: id.node.clone(),
+                }),
+            lease_seconds: id
+                .instance
+                .as_ref()
+                .map_or(0, |r| r.lease.as_secs().max(1) as u32),
         };
         let _ = tx
             .send(message(pb::node_message::Message::Hello(hello)))

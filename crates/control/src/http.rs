@@ -61,6 +61,8 @@ pub fn router<S: Store>(plane: Arc<Plane<S>>, push: Arc<Publisher<S>>, token: St
     Router::new()
         .route("/api/v1/revision", get(revision::<S>))
         .route("/api/v1/nodes", get(nodes::<S>))
+        .route("/api/v1/registry", get(registry::<S>))
+        .route("/api/v1/registry/{service}", get(registry_one::<S>))
         .route("/api/v1/history", get(history_all::<S>))
         .route("/api/v1/diff", get(diff::<S>))
         .route("/api/v1/rollback", post(rollback::<S>))
@@ -233,6 +235,19 @@ fn item(r: &crate::plane::Read) -> Value {
 async fn revision<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Answer {
     let rev = ctx.plane.revision().await?;
     Ok(axum::Json(json!({"revision": rev})).into_response())
+}
+
+/// Every registered instance, by service.
+async fn registry<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Response {
+    axum::Json(json!({"items": ctx.push.registry.list(None)})).into_response()
+}
+
+/// One service's registered instances (an empty list for a service with none).
+async fn registry_one<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    Path(service): Path<String>,
+) -> Response {
+    axum::Json(json!({"items": ctx.push.registry.list(Some(&service))})).into_response()
 }
 
 async fn nodes<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Response {

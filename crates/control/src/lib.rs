@@ -18,6 +18,7 @@ pub mod http;
 pub mod openapi;
 pub mod plane;
 pub mod push;
+pub mod registry;
 pub mod release;
 pub mod store;
 pub mod tls;

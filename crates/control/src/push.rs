@@ -171,7 +171,7 @@ pub struct Rejection {
 }
 
 /// RFC 3339 times in JSON.
-mod rfc3339_millis {
+pub(crate) mod rfc3339_millis {
     pub fn serialize<S: serde::Serializer>(
         t: &std::time::SystemTime,
         s: S,
@@ -263,6 +263,8 @@ pub struct Publisher<S> {
     pub nodes: Nodes,
     /// What proxies report of the grey releases they serve.
     pub observed: crate::guard::Observed,
+    /// The instances sidecars registered with this control plane.
+    pub registry: Arc<crate::registry::Registry>,
     token: String,
     /// Becomes true when the control plane stops: every stream then ends, so the
     /// server's graceful shutdown does not wait on them for ever.
@@ -291,10 +293,12 @@ impl<S: Store> Publisher<S> {
             current: watch::channel(Arc::new(first)).0,
             nodes,
             observed: crate::guard::Observed::default(),
+            registry: Arc::new(crate::registry::Registry::default()),
             token,
             stopping,
             snapshots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_IN_FLIGHT)),
         });
+        this.registry.sweep();
         let weak = Arc::downgrade(&this);
         let mut revisions = plane.watch();
         // A write may have landed between the load above and this subscription:
@@ -458,6 +462,9 @@ impl<S: Store> pb::push_server::Push for Service<S> {
         if hello.node.is_empty() {
             return Err(Status::invalid_argument("the hello names no node"));
         }
+        if let Some(i) = &hello.instance {
+            crate::registry::check(i).map_err(Status::invalid_argument)?;
+        }
         let first = publisher.first(&hello).await?;
         let now = first.1.clone();
         let stream = publisher.nodes.streams.fetch_add(1, Ordering::Relaxed) + 1;
@@ -483,6 +490,12 @@ impl<S: Store> pb::push_server::Push for Service<S> {
         };
         publisher.nodes.insert(status);
         tracing::info!(node = %hello.node, revision = hello.revision, "node connected");
+        if let Some(i) = hello.instance {
+            let ttl = crate::registry::lease(hello.lease_seconds);
+            publisher
+                .registry
+                .register(&hello.node, i, ttl, std::time::Instant::now());
+        }
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(serve_node(
             publisher, hello.node, stream, first, inbound, tx,
@@ -508,7 +521,15 @@ async fn serve_node<S: Store>(
     current.mark_changed();
     let nodes = &publisher.nodes;
     let mut stopping = publisher.stopping.clone();
-    for m in first {
+    // The registry goes first, so that a config's Services with registry discovery
+    // start with their instances.
+    let mut registry = publisher.registry.subscribe();
+    let mut listed = registry.borrow_and_update().clone();
+    let endpoints =
+        crate::registry::changes(&Default::default(), &listed).map(|e| pb::ControlMessage {
+            message: Some(pb::control_message::Message::Endpoints(e)),
+        });
+    for m in endpoints.into_iter().chain(first) {
         if !matches!(
             tokio::time::timeout(SILENCE, tx.send(Ok(m))).await,
             Ok(Ok(()))
@@ -540,6 +561,19 @@ async fn serve_node<S: Store>(
                 nodes.update(&node, stream, |n| n.sent = next.revision);
                 held = next;
             }
+            changed = registry.changed() => {
+                if changed.is_err() {
+                    break "the control plane is stopping".to_string();
+                }
+                let now = registry.borrow_and_update().clone();
+                if let Some(e) = crate::registry::changes(&listed, &now) {
+                    let msg = pb::ControlMessage { message: Some(pb::control_message::Message::Endpoints(e)) };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break "the node closed the stream".to_string();
+                    }
+                }
+                listed = now;
+            }
             msg = tokio::time::timeout(SILENCE, inbound.message()) => {
                 let msg = match msg {
                     Err(_) => break format!("no message from the node for {SILENCE:?}"),
@@ -548,6 +582,7 @@ async fn serve_node<S: Store>(
                     Ok(Ok(Some(m))) => m,
                 };
                 let at = SystemTime::now();
+                publisher.registry.renew(&node, std::time::Instant::now());
                 if matches!(msg.message, Some(Message::Ack(_) | Message::Nack(_))) {
                     // The proxy has the snapshot: the next one may go.
                     drop(turn.take());
@@ -566,6 +601,10 @@ async fn serve_node<S: Store>(
                             n.last_contact = at;
                             n.last_error = Some(Rejection { revision: r.revision, errors: r.errors });
                         });
+                    }
+                    Some(Message::Deregister(_)) => {
+                        publisher.registry.deregister(&node);
+                        nodes.update(&node, stream, |n| n.last_contact = at);
                     }
                     Some(Message::Report(r)) => {
                         publisher.observed.record(&node, r, std::time::Instant::now());

@@ -109,6 +109,8 @@ enum Command {
         control_ca: Option<PathBuf>,
         #[arg(long, env = "MESHGATE_STATE_DIR")]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        sidecar: proxy::SidecarArgs,
     },
     /// Talk to a control plane's admin API.
     Ctl {
@@ -165,13 +167,15 @@ fn main() -> ExitCode {
             token_file,
             control_ca,
             state_dir,
+            sidecar,
         } => {
-            if role == proxy::Role::Sidecar {
-                eprintln!(
-                    "meshgate proxy: --role sidecar is not built yet in this version of meshgate"
-                );
-                return ExitCode::from(2);
-            }
+            let sidecar = match sidecar.check(role) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("meshgate proxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let token = match control::proxy_token(token_file.as_deref()) {
                 Ok(t) => t,
                 Err(code) => return code,
@@ -188,6 +192,7 @@ fn main() -> ExitCode {
                     cache_dir,
                     control_ca,
                     state_dir,
+                    sidecar,
                 })
             })
         }
@@ -365,6 +370,6 @@ fn run(config: Vec<PathBuf>, demo_upstream: Option<String>, state_dir: PathBuf) 
             control: None,
             state_dir,
         };
-        Ok(meshgate_proxy::run(options, snapshot, None, None).await?)
+        Ok(meshgate_proxy::run(options, snapshot, meshgate_proxy::Feed::default()).await?)
     })
 }

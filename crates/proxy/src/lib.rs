@@ -22,6 +22,7 @@ mod server;
 mod state;
 pub mod tls;
 
+pub use discovery::{Instance, Registry};
 pub use server::bind;
 mod usage;
 
@@ -53,6 +54,27 @@ pub struct Options {
 pub struct Push {
     pub snapshot: Snapshot,
     pub reply: tokio::sync::oneshot::Sender<Result<String, Vec<String>>>,
+}
+
+/// What a control plane's agent gives the proxy (`meshgate proxy`); `meshgate
+/// run` has none of it.
+#[derive(Default)]
+pub struct Feed {
+    /// Configs to swap in, each answered.
+    pub pushes: Option<tokio::sync::mpsc::Receiver<Push>>,
+    /// Filled in once the proxy runs, for the agent's reports.
+    pub counts: Option<Arc<ReleaseCounts>>,
+    /// The registered instances Services with registry discovery follow.
+    pub registry: Arc<Registry>,
+    /// Run when the proxy is told to stop, before it drains: a sidecar takes its
+    /// instance out of the registry so that no new request is sent its way.
+    pub before_drain: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed").finish_non_exhaustive()
+    }
 }
 
 /// The answers of the grey releases this proxy serves, for the control plane's
@@ -103,6 +125,7 @@ pub struct Shared {
     listeners: server::Listeners,
     admins: admin::Admins,
     loggers: access_log::Loggers,
+    registry: Arc<Registry>,
     last_reload: Mutex<Option<ReloadStatus>>,
     reload_lock: tokio::sync::Mutex<()>,
     draining: AtomicBool,
@@ -203,7 +226,13 @@ impl Shared {
         if prev.snapshot.revision == snapshot.revision {
             return Ok(snapshot.revision.clone());
         }
-        let next = Active::build(snapshot, Some(&prev), &self.metrics, &self.loggers);
+        let next = Active::build(
+            snapshot,
+            Some(&prev),
+            &self.metrics,
+            &self.loggers,
+            &self.registry,
+        );
         let prepared = self.listeners.prepare(&next).await?;
         let admins = self.admins.prepare(&next.snapshot).await?;
         let rev = next.snapshot.revision.clone();
@@ -215,18 +244,19 @@ impl Shared {
 }
 
 /// Serve a compiled config until SIGTERM or SIGINT, then drain and return. With
-/// `pushes`, each config received there is swapped in and answered.
-pub async fn run(
-    options: Options,
-    snapshot: Snapshot,
-    pushes: Option<tokio::sync::mpsc::Receiver<Push>>,
-    counts: Option<Arc<ReleaseCounts>>,
-) -> std::io::Result<()> {
+/// a `feed`'s pushes, each config received there is swapped in and answered.
+pub async fn run(options: Options, snapshot: Snapshot, feed: Feed) -> std::io::Result<()> {
+    let Feed {
+        pushes,
+        counts,
+        registry,
+        before_drain,
+    } = feed;
     let store = open_state(&options.state_dir)?;
     let metrics = metrics::Metrics::default();
     let loggers = access_log::Loggers::default();
     let snapshot = Arc::new(snapshot);
-    let active = Active::build(snapshot.clone(), None, &metrics, &loggers);
+    let active = Active::build(snapshot.clone(), None, &metrics, &loggers, &registry);
     let (drain, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         options,
@@ -235,6 +265,7 @@ pub async fn run(
         listeners: server::Listeners::default(),
         admins: admin::Admins::default(),
         loggers,
+        registry,
         last_reload: Mutex::new(None),
         reload_lock: tokio::sync::Mutex::new(()),
         draining: AtomicBool::new(false),
@@ -276,6 +307,9 @@ pub async fn run(
     }
     tracing::info!(revision = %snapshot.revision, "meshgate ready");
     wait_for_stop(&shared).await?;
+    if let Some(first) = before_drain {
+        first.await;
+    }
     drain_all(&shared).await;
     shared.admins.stop_all();
     store.abort();

@@ -18,7 +18,8 @@ pub struct ClusterRt {
     pub stats: ServiceStats,
     pub breaker: Option<meshgate_upstream::Breaker>,
     pub budget: meshgate_upstream::RetryBudget,
-    _dns: Option<AbortOnDrop>,
+    /// Follows DNS or the registry.
+    _discovery: Option<AbortOnDrop>,
     _sweep: Option<AbortOnDrop>,
     _health: Option<AbortOnDrop>,
 }
@@ -33,7 +34,11 @@ impl Drop for AbortOnDrop {
 }
 
 impl ClusterRt {
-    fn new(service: Arc<Service>, metrics: &Metrics) -> Arc<Self> {
+    fn new(
+        service: Arc<Service>,
+        metrics: &Metrics,
+        registry: &crate::discovery::Registry,
+    ) -> Arc<Self> {
         let endpoints = service
             .endpoints
             .iter()
@@ -72,6 +77,10 @@ impl ClusterRt {
             .dns
             .clone()
             .map(|d| AbortOnDrop(tokio::spawn(crate::discovery::follow(cluster.clone(), d))));
+        let registered = service
+            .registry
+            .as_deref()
+            .map(|r| AbortOnDrop(tokio::spawn(registry.follow(cluster.clone(), r))));
         let breaker = service.circuit_breaker.as_ref().map(|cb| {
             meshgate_upstream::Breaker::new(cb.config.clone(), std::time::Instant::now())
         });
@@ -84,7 +93,7 @@ impl ClusterRt {
             transport,
             stats,
             breaker,
-            _dns: dns,
+            _discovery: dns.or(registered),
             _sweep: sweep,
             _health: health,
         })
@@ -133,6 +142,7 @@ impl Active {
         prev: Option<&Active>,
         metrics: &Metrics,
         loggers: &crate::access_log::Loggers,
+        registry: &crate::discovery::Registry,
     ) -> Self {
         let clusters: HashMap<String, Arc<ClusterRt>> = snapshot
             .services
@@ -144,7 +154,7 @@ impl Active {
                     .cloned();
                 (
                     name.clone(),
-                    reuse.unwrap_or_else(|| ClusterRt::new(svc.clone(), metrics)),
+                    reuse.unwrap_or_else(|| ClusterRt::new(svc.clone(), metrics, registry)),
                 )
             })
             .collect();

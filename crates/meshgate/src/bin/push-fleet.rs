@@ -253,6 +253,7 @@ async fn node(
         version: "fleet".into(),
         store_id: String::new(),
         revision: 0,
+        ..Default::default()
     };
     let say = |m: Message| pb::NodeMessage { message: Some(m) };
     let _ = tx.send(say(Message::Hello(hello))).await;
@@ -290,7 +291,8 @@ async fn node(
                         s.revision
                     }
                     Some(pb::control_message::Message::Delta(d)) => d.revision,
-                    None => continue,
+                    // The registry: no instances in this bench, and not config.
+                    Some(pb::control_message::Message::Endpoints(_)) | None => continue,
                 };
                 let _ = tx.send(say(Message::Ack(pb::Ack { revision }))).await;
                 let e = if first {
