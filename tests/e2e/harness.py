@@ -86,10 +86,18 @@ class Backend:
     On command, for every path: `mode = "fail"` answers 500, `"hang"` holds each
     request unanswered (until the mode changes), `"reset"` resets the connection
     without an answer; `refuse()` closes the listening socket so connects are refused,
-    and `heal()` undoes any of these."""
+    and `heal()` undoes any of these.
 
-    def __init__(self, name="backend"):
+    As a mesh app (`outbound` set to its sidecar's outbound port), `/call/SERVICE/REST`
+    calls `http://SERVICE/REST` through the sidecar, passing on the trace context
+    (`traceparent`, `tracestate`, `baggage`) as an instrumented app does, and answers
+    with its own record plus the callee's answer under `called`."""
+
+    PROPAGATED = ("traceparent", "tracestate", "baggage")
+
+    def __init__(self, name="backend", outbound=None):
         self.name = name
+        self.outbound = outbound
         self.port = free_port()
         self.requests = []
         self.lock = threading.Lock()
@@ -151,6 +159,16 @@ class Backend:
                     time.sleep(ms / 1000)
                 if path.startswith("/status/"):
                     return self._send(int(path.split("/")[2]), rec)
+                if path.startswith("/call/") and backend.outbound:
+                    service, _, rest = path[len("/call/"):].partition("/")
+                    carry = {k: v for k, v in rec["headers"].items() if k in Backend.PROPAGATED}
+                    status, _, answer = mesh_call(backend.outbound, service, "/" + rest, carry)
+                    try:
+                        rec["called"] = json.loads(answer)
+                    except ValueError:
+                        rec["called"] = answer
+                    rec["calledStatus"] = status
+                    return self._send(200 if status == 200 else 502, rec)
                 if path.startswith("/flaky"):
                     key = rec["headers"].get("x-key", "")
                     with backend.lock:
@@ -238,6 +256,22 @@ class Backend:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+def mesh_call(outbound_port, service, path, headers=None, timeout=5):
+    """GET `http://SERVICE/PATH` through a sidecar's outbound port: (status,
+    headers, body text), or (None, {}, error) when the connection fails."""
+    req = urllib.request.Request(f"http://127.0.0.1:{outbound_port}{path}")
+    req.add_header("Host", service)
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+    except OSError as e:
+        return None, {}, str(e)
 
 
 # ---------------------------------------------------------------- identity provider
@@ -770,6 +804,68 @@ class Proxy:
     def config(self):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/config", timeout=5) as r:
             return json.loads(r.read())
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(15)
+        return self.proc.returncode if self.proc else None
+
+
+class Sidecar:
+    """A `meshgate proxy --role sidecar` next to `app` (HOST:PORT) for `service`, fed
+    by a control plane, with inbound, outbound and admin ports chosen at run time.
+    Its cache and state live in tmp_path."""
+
+    def __init__(self, tmp_path, control_url, node, service, app, labels="", lease="2s",
+                 gateway=None, args=()):
+        self.dir = Path(tmp_path)
+        self.control_url, self.node, self.service, self.app = control_url, node, service, app
+        self.labels, self.lease, self.gateway, self.args = labels, lease, gateway, list(args)
+        self.inbound, self.outbound, self.admin_port = free_port(), free_port(), free_port()
+        self.proc = None
+        self.starts = 0
+
+    def start(self, wait=True):
+        self.starts += 1
+        self.stderr_path = self.dir / f"sidecar-{self.node}-{self.starts}.stderr"
+        env = dict(os.environ, MESHGATE_NODE_TOKEN=TOKEN, MESHGATE_LOG="info")
+        env.pop("MESHGATE_ADMIN_TOKEN", None)
+        gateway = ["--gateway", self.gateway] if self.gateway else []
+        self.proc = subprocess.Popen(
+            [BIN, "proxy", "--role", "sidecar", "--control", self.control_url, "--node", self.node,
+             "--service", self.service, "--app", self.app,
+             "--inbound", f"127.0.0.1:{self.inbound}", "--outbound", f"127.0.0.1:{self.outbound}",
+             "--admin", f"127.0.0.1:{self.admin_port}", "--lease", self.lease,
+             "--labels", self.labels, *gateway, *self.args,
+             "--cache-dir", str(self.dir / f"cache-{self.node}"),
+             "--state-dir", str(self.dir / f"state-{self.node}")],
+            stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "w"), env=env)
+        if wait:
+            wait_ready(self.proc, self.ready, f"sidecar {self.node}", self.logs)
+        return self
+
+    def ready(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=2) as r:
+            return r.status == 200
+
+    def logs(self):
+        return self.stderr_path.read_text()
+
+    @property
+    def address(self):
+        """The address it registers: its inbound listener."""
+        return f"127.0.0.1:{self.inbound}"
+
+    def call(self, service, path, headers=None):
+        """GET http://SERVICE/PATH as the app would: through the outbound listener."""
+        return mesh_call(self.outbound, service, path, headers)
+
+    def kill(self):
+        """SIGKILL: no chance to deregister."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc and self.proc.poll() is None:

@@ -37,19 +37,6 @@ pub fn link(
     let declared = |kind: meshgate_api::Kind, name: &str| {
         docs.iter().any(|d| d.kind == kind && d.name == name)
     };
-    if gateways.is_empty()
-        && !had_errors
-        && !docs.iter().any(|d| d.kind == meshgate_api::Kind::Gateway)
-    {
-        diags.push(Diagnostic {
-            file: docs.first().map_or_else(|| "-".into(), |d| d.file.clone()),
-            line: 1,
-            resource: "-".into(),
-            path: "-".into(),
-            message: "the config has no Gateway resource: nothing would listen".into(),
-        });
-        return None;
-    }
     let gateway_names: Vec<&str> = gateways
         .iter()
         .map(|(i, _)| docs[*i].name.as_str())

@@ -34,6 +34,17 @@ pub struct Snapshot {
     pub resources: Vec<serde_json::Value>,
 }
 
+impl Snapshot {
+    /// Why this config cannot be served alone (`meshgate run`): a config without
+    /// a Gateway is fine in a control plane, where sidecars add their own, but a
+    /// gateway run from files would listen on nothing.
+    pub fn nothing_listens(&self) -> Option<&'static str> {
+        self.gateways
+            .is_empty()
+            .then_some("the config has no Gateway resource: nothing would listen")
+    }
+}
+
 #[derive(Debug)]
 pub struct Gateway {
     pub name: String,

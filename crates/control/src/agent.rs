@@ -56,7 +56,9 @@ pub struct Registered {
 /// Takes each service's instances as the control plane pushes them: the service
 /// and its whole list (empty: none left).
 #[derive(Clone)]
-pub struct OnEndpoints(std::sync::Arc<dyn Fn(&str, Vec<Registered>) + Send + Sync>);
+pub struct OnEndpoints(std::sync::Arc<TakeList>);
+
+type TakeList = dyn Fn(&str, Vec<Registered>) + Send + Sync;
 
 impl OnEndpoints {
     pub fn new(f: impl Fn(&str, Vec<Registered>) + Send + Sync + 'static) -> Self {

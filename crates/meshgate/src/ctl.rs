@@ -29,7 +29,8 @@ pub enum Action {
         #[arg(short = 'm', long, default_value = "")]
         message: String,
     },
-    /// List resources of a kind, or show one; `get nodes` lists the proxies.
+    /// List resources of a kind, or show one; `get nodes` lists the proxies,
+    /// `get registry [SERVICE]` the registered instances.
     Get {
         kind: String,
         name: Option<String>,
@@ -362,6 +363,14 @@ impl Client {
                 }
                 Ok(out)
             }
+            Action::Get { kind, name, .. } if kind == "registry" => {
+                let path = match name {
+                    Some(service) => format!("/api/v1/registry/{service}"),
+                    None => "/api/v1/registry".into(),
+                };
+                let v = self.call(Method::GET, &path, None, None).await?;
+                Ok(render(output, &v, registry_table))
+            }
             Action::Get { kind, .. } if matches!(kind.as_str(), "nodes" | "node") => {
                 let v = self.call(Method::GET, "/api/v1/nodes", None, None).await?;
                 Ok(render(output, &v, nodes_table))
@@ -670,6 +679,44 @@ fn releases_table(items: &[Value]) -> String {
 
 /// The proxies: what each runs against the newest revision, and why not if it
 /// rejected it.
+fn registry_table(v: &Value) -> String {
+    let rows = v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            let labels: Vec<String> = i["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect();
+            let text = |k: &str| i[k].as_str().unwrap_or("").to_string();
+            vec![
+                text("service"),
+                text("address"),
+                text("node"),
+                labels.join(","),
+                text("zone"),
+                format!("{}s", i["leaseSeconds"]),
+                format!("{:.1}s", i["expiresInMs"].as_f64().unwrap_or(0.0) / 1000.0),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SERVICE",
+            "ADDRESS",
+            "NODE",
+            "LABELS",
+            "ZONE",
+            "LEASE",
+            "EXPIRES IN",
+        ],
+        rows,
+    )
+}
+
 fn nodes_table(v: &Value) -> String {
     let newest = v["revision"].as_u64().unwrap_or(0);
     let rows = v["items"]

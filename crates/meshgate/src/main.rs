@@ -357,6 +357,11 @@ fn run(config: Vec<PathBuf>, demo_upstream: Option<String>, state_dir: PathBuf) 
         eprintln!("meshgate: config rejected: {} problem(s)", diags.len());
         return ExitCode::from(1);
     };
+    if let Some(why) = snapshot.nothing_listens() {
+        let paths: Vec<String> = config.iter().map(|p| p.display().to_string()).collect();
+        eprintln!("{}: {why}", paths.join(", "));
+        return ExitCode::from(1);
+    }
     runtime_then(move || async move {
         if let Some(addr) = demo_upstream {
             tokio::spawn(async move {

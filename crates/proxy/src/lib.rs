@@ -178,7 +178,10 @@ impl Shared {
             } else {
                 diags.iter().map(|d| d.to_string()).collect()
             }),
-            Some(s) => self.activate(Arc::new(s)).await.map_err(|e| vec![e]),
+            Some(s) => match s.nothing_listens() {
+                Some(why) => Err(vec![why.to_string()]),
+                None => self.activate(Arc::new(s)).await.map_err(|e| vec![e]),
+            },
         };
         self.settle(trigger, result)
     }

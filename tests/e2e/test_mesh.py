@@ -1,0 +1,238 @@
+"""The mesh: three services (front, orders, users), each instance a real HTTP app
+with a real `meshgate proxy --role sidecar` beside it, registered through a real
+control plane. Apps call each other by service name through their sidecar's
+outbound listener; sidecars find each other through the registry."""
+
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+
+from harness import (BIN, TOKEN, Backend, Control, Proxy, Sidecar, curl, free_port,
+                     proxy_gateway, wait_ready)
+
+SERVICES = "\n---\n".join(
+    f"""apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: {name}}}
+spec: {{discovery: {{registry: {name}}}}}
+""" for name in ("front", "orders", "users"))
+
+
+class Mesh:
+    """A control plane with the three Services, and the apps and sidecars a test
+    adds; stop() stops every process the test started."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.control = Control(tmp_path).start()
+        f = tmp_path / "services.yaml"
+        f.write_text(SERVICES)
+        code, out, err = self.control.ctl("apply", "-f", str(f))
+        assert code == 0, err
+        self.apps, self.sidecars, self.others = [], [], []
+
+    def instance(self, service, name, labels="", lease="2s", wait=True):
+        """A new app `name` of `service` with its sidecar, started."""
+        app = Backend(name)
+        self.apps.append(app)
+        sidecar = Sidecar(self.tmp_path, self.control.url, name, service, app.addr,
+                          labels=labels, lease=lease)
+        app.outbound = sidecar.outbound
+        self.sidecars.append(sidecar)
+        return app, sidecar.start(wait=wait)
+
+    def registered(self, service):
+        status, body = self.control.call("GET", f"/api/v1/registry/{service}")
+        assert status == 200, body
+        return sorted(i["address"] for i in body["items"])
+
+    def wait_registered(self, service, addresses, timeout=10.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            now = self.registered(service)
+            if now == sorted(addresses):
+                return time.time()
+            time.sleep(0.02)
+        raise TimeoutError(f"{service}: registered {now}, not {sorted(addresses)}")
+
+    def stop(self):
+        for p in self.sidecars + self.others:
+            p.stop()
+        for a in self.apps:
+            a.stop()
+        self.control.stop()
+
+
+@pytest.fixture
+def mesh(tmp_path):
+    m = Mesh(tmp_path)
+    yield m
+    m.stop()
+
+
+def served_by(sidecar, service, n, path="/"):
+    """Which app answered each of n calls to `service` through `sidecar`."""
+    names = []
+    for _ in range(n):
+        status, headers, body = sidecar.call(service, path)
+        assert status == 200, body
+        names.append(headers["x-backend"])
+    return names
+
+
+def test_instances_register_and_calls_by_name_balance_across_them(mesh):
+    _, front = mesh.instance("front", "front-1")
+    o1, s1 = mesh.instance("orders", "orders-1")
+    o2, s2 = mesh.instance("orders", "orders-2")
+    mesh.instance("users", "users-1")
+    mesh.wait_registered("orders", [s1.address, s2.address])
+    status, body = mesh.control.call("GET", "/api/v1/registry")
+    by_node = {i["node"]: i for i in body["items"]}
+    assert set(by_node) == {"front-1", "orders-1", "orders-2", "users-1"}
+    assert by_node["orders-1"]["service"] == "orders"
+    assert by_node["orders-1"]["leaseSeconds"] == 2
+    # The app calls http://orders/... through its sidecar: round robin over both.
+    names = served_by(front, "orders", 20)
+    assert names.count("orders-1") == 10 and names.count("orders-2") == 10, names
+    # What the orders app saw came through its own sidecar's inbound listener.
+    seen = o1.requests[-1]["headers"]
+    assert seen["host"] == "orders" and "x-request-id" in seen
+    # ctl lists the registry too.
+    code, out, err = mesh.control.ctl("get", "registry")
+    assert code == 0, err
+    assert "orders-1" in out and s1.address in out and "users-1" in out
+
+
+def test_a_chain_of_three_services_through_their_sidecars(mesh):
+    _, front = mesh.instance("front", "front-1")
+    mesh.instance("orders", "orders-1")
+    mesh.instance("users", "users-1")
+    for s in ("front", "orders", "users"):
+        assert len(mesh.registered(s)) == 1
+    # The test calls front by name; front's app calls orders, whose app calls users.
+    status, headers, body = front.call("front", "/call/orders/call/users/end")
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["backend"] == "front-1"
+    assert answer["called"]["backend"] == "orders-1"
+    assert answer["called"]["called"]["backend"] == "users-1"
+    assert answer["called"]["called"]["path"] == "/end"
+
+
+def test_a_killed_instance_leaves_within_its_lease_and_a_new_one_is_used_within_a_second(mesh):
+    _, front = mesh.instance("front", "front-1")
+    o1, s1 = mesh.instance("orders", "orders-1", lease="2s")
+    o2, s2 = mesh.instance("orders", "orders-2", lease="2s")
+    mesh.wait_registered("orders", [s1.address, s2.address])
+    assert set(served_by(front, "orders", 4)) == {"orders-1", "orders-2"}
+    killed_at = time.time()
+    s2.kill()
+    gone_at = mesh.wait_registered("orders", [s1.address], timeout=5)
+    # Gone within the 2 s lease (plus the sweep's 100 ms and this poll's step).
+    assert gone_at - killed_at < 2.5, gone_at - killed_at
+    # Calls meanwhile and after: never an error (a refused connection is retried
+    # on the other instance), and after removal only orders-1 answers.
+    assert set(served_by(front, "orders", 6)) == {"orders-1"}
+    # A new instance: used within a second of its registration.
+    o3, s3 = mesh.instance("orders", "orders-3", wait=False)
+    registered_at = mesh.wait_registered("orders", [s1.address, s3.address])
+    while o3.count() == 0:
+        assert time.time() - registered_at < 1.0, "the new instance was not used within 1 s"
+        status, _, body = front.call("orders", "/")
+        assert status == 200, body
+
+
+def test_a_graceful_stop_deregisters_first_and_no_call_fails(mesh):
+    _, front = mesh.instance("front", "front-1")
+    _, s1 = mesh.instance("orders", "orders-1", lease="30s")
+    _, s2 = mesh.instance("orders", "orders-2", lease="30s")
+    mesh.wait_registered("orders", [s1.address, s2.address])
+    failures, done = [], threading.Event()
+
+    def load():
+        while not done.is_set():
+            status, _, body = front.call("orders", "/")
+            if status != 200:
+                failures.append((status, body))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    stopped_at = time.time()
+    s2.proc.terminate()
+    # Out of the registry at once, long before its 30 s lease.
+    gone_at = mesh.wait_registered("orders", [s1.address], timeout=5)
+    assert gone_at - stopped_at < 1.0
+    assert s2.proc.wait(15) == 0
+    time.sleep(0.5)
+    done.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert "deregistered" in s2.logs()
+
+
+def test_outbound_speaks_http2_and_refuses_unknown_services(mesh):
+    _, front = mesh.instance("front", "front-1")
+    mesh.instance("users", "users-1")
+    status, headers, body, code = curl("--http2-prior-knowledge", "-H", "Host: users",
+                                       f"http://127.0.0.1:{front.outbound}/profile")
+    assert (status, code, headers["x-backend"]) == (200, 0, "users-1"), body
+    # curl sends the Host header as :authority; the app sees it as Host.
+    assert json.loads(body)["headers"]["host"] == "users"
+    status, headers, body = front.call("nowhere", "/")
+    assert status == 404 and '"no_route"' in body
+    # A Service with no instance registered: 503, said as JSON.
+    status, _, body = front.call("orders", "/")
+    assert status == 503 and "no_healthy_upstream" in body, body
+
+
+def test_an_edge_proxy_reaches_registered_instances(mesh, tmp_path):
+    _, s1 = mesh.instance("orders", "orders-1")
+    port, admin = free_port(), free_port()
+    f = tmp_path / "edge.yaml"
+    f.write_text(proxy_gateway("edge", port, admin) + """---
+apiVersion: meshgate.io/v1
+kind: Api
+metadata: {name: orders-api}
+spec:
+  gateways: [edge]
+  request: {path: "/orders/{*rest}"}
+  invoke: {service: orders, path: "/{rest}"}
+""")
+    code, _, err = mesh.control.ctl("apply", "-f", str(f))
+    assert code == 0, err
+    edge = Proxy(tmp_path, mesh.control.url, "edge-1", "edge", port, admin).start()
+    mesh.others.append(edge)
+    deadline = time.time() + 10
+    while edge.get("/orders/x")[0] != 200:
+        assert time.time() < deadline, edge.logs()
+        time.sleep(0.05)
+    status, headers, body = edge.request("/orders/x")
+    assert headers["x-backend"] == "orders-1"
+    assert json.loads(body)["path"] == "/x", "the edge's Api rewrote the path"
+    # A sidecar serves none of the config's Apis unless told (--gateway): a call
+    # through its outbound listener goes to the service as it is.
+    status, _, body = s1.call("orders", "/orders/x")
+    assert status == 200 and json.loads(body)["path"] == "/orders/x"
+
+
+def test_sidecar_flags_are_checked():
+    def run(*args):
+        return subprocess.run([BIN, "proxy", "--control", "http://127.0.0.1:1", "--node", "n", *args],
+                              capture_output=True, text=True, timeout=10,
+                              env={"MESHGATE_NODE_TOKEN": TOKEN, "PATH": "/usr/bin:/bin"})
+    p = run("--role", "sidecar", "--service", "orders")
+    assert p.returncode == 2 and "--app" in p.stderr, p.stderr
+    p = run("--role", "sidecar", "--service", "orders", "--app", "127.0.0.1:1",
+            "--inbound", "0.0.0.0:15006")
+    assert p.returncode == 2 and "--advertise" in p.stderr, p.stderr
+    p = run("--service", "orders")
+    assert p.returncode == 2 and "--role sidecar" in p.stderr, p.stderr
+    p = run("--role", "sidecar", "--service", "orders", "--app", "127.0.0.1:1",
+            "--inbound", "127.0.0.1:2", "--lease", "0s")
+    assert p.returncode == 2 and "lease" in p.stderr, p.stderr
