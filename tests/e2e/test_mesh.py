@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import harness
 from harness import (BIN, TOKEN, Backend, Control, Proxy, Sidecar, curl, free_port,
                      proxy_gateway, wait_ready)
 
@@ -236,3 +237,43 @@ def test_sidecar_flags_are_checked():
     p = run("--role", "sidecar", "--service", "orders", "--app", "127.0.0.1:1",
             "--inbound", "127.0.0.1:2", "--lease", "0s")
     assert p.returncode == 2 and "lease" in p.stderr, p.stderr
+
+
+def chain(answer):
+    """The apps a /call/... request went through, in order."""
+    names = []
+    while isinstance(answer, dict):
+        names.append(answer["backend"])
+        answer = answer.get("called")
+    return names
+
+
+def test_a_lane_tag_reaches_each_services_lane_instance_or_its_baseline(mesh):
+    _, front = mesh.instance("front", "front-1")
+    mesh.instance("orders", "orders-1")
+    mesh.instance("orders", "orders-canary", labels="lane=canary")
+    mesh.instance("users", "users-1")
+    assert len(mesh.registered("orders")) == 2
+    path = "/call/orders/call/users/end"
+
+    def through_front(headers):
+        # As another proxy would: straight to front's inbound listener.
+        status, _, body = harness.mesh_call(front.inbound, "front", path, headers)
+        assert status == 200, body
+        return chain(json.loads(body))
+
+    # Untagged: the baseline only, every time.
+    for _ in range(6):
+        assert through_front({}) == ["front-1", "orders-1", "users-1"]
+    # Tagged at the edge; the apps pass on only their trace context: the sidecars
+    # tag each hop from it. orders has a canary, users has none (its baseline).
+    for i in range(4):
+        trace = f"00-{i + 1:032x}-00f067aa0ba902b7-01"
+        got = through_front({"x-mesh-lane": "canary", "traceparent": trace})
+        assert got == ["front-1", "orders-canary", "users-1"], got
+    # The tag in W3C baggage, which the apps pass on themselves.
+    got = through_front({"baggage": "mesh-lane=canary,user=ana"})
+    assert got == ["front-1", "orders-canary", "users-1"], got
+    # A lane no service has: the baseline everywhere.
+    got = through_front({"x-mesh-lane": "blue", "traceparent": f"00-{99:032x}-00f067aa0ba902b7-01"})
+    assert got == ["front-1", "orders-1", "users-1"], got

@@ -212,6 +212,7 @@ pub fn link(
             router: builder.build(),
             drain_timeout: g.drain_timeout,
             serve_drafts: g.serve_drafts,
+            side: crate::sidecar::side_of(gdoc),
         }));
     }
     if had_errors || !diags.is_empty() {

@@ -59,6 +59,19 @@ pub struct Gateway {
     pub drain_timeout: Duration,
     /// Routes draft Apis too.
     pub serve_drafts: bool,
+    /// Which side of a sidecar this gateway is, if it is one.
+    pub side: MeshSide,
+}
+
+/// Where a gateway stands: at the edge, or as one side of a sidecar.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MeshSide {
+    #[default]
+    Edge,
+    /// In front of the local app: requests from other proxies.
+    Inbound,
+    /// The app's calls to other services.
+    Outbound,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

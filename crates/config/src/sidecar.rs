@@ -29,6 +29,15 @@ pub const OUTBOUND: &str = "meshgate.outbound";
 /// Names with this prefix are the sidecar's own: the config may not use them.
 pub const RESERVED_PREFIX: &str = "meshgate.";
 
+/// Which side of a sidecar a Gateway resource is: only those this module adds are.
+pub(crate) fn side_of(doc: &crate::load::Doc) -> crate::MeshSide {
+    match (&*doc.file, doc.name.as_str()) {
+        (FILE, INBOUND) => crate::MeshSide::Inbound,
+        (FILE, OUTBOUND) => crate::MeshSide::Outbound,
+        _ => crate::MeshSide::Edge,
+    }
+}
+
 /// Where a sidecar listens and what it stands beside.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sidecar {

@@ -10,6 +10,7 @@ use crate::respond::{self, X_REQUEST_ID};
 use crate::state::{Active, GatewayRt, service_of};
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
+use meshgate_config::MeshSide;
 use meshgate_config::{Api, Invoke, Side};
 use meshgate_core::{ErrorCode, GatewayError, RequestCtx, RequestId};
 use meshgate_filter::Flow;
@@ -213,9 +214,14 @@ async fn serve(
     grt: &GatewayRt,
     ctx: &mut RequestCtx,
     done: &mut Done,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let gw = &grt.gateway;
+    match gw.side {
+        MeshSide::Edge => {}
+        MeshSide::Inbound => crate::lane::remember(req.headers()),
+        MeshSide::Outbound => crate::lane::restore(req.headers_mut()),
+    }
     let normalized = normalize_path(req.uri().path())
         .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
     let path = normalized.as_deref().unwrap_or(req.uri().path());

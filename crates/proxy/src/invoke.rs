@@ -281,6 +281,12 @@ async fn tries(
         .hash_on
         .as_ref()
         .and_then(|h| h.hash(&parts.headers, parts.uri.query(), ctx.client_addr.ip()));
+    // Lane tags matter only to a Service with endpoints in lanes.
+    let lane: Option<Box<str>> = rt
+        .cluster
+        .has_lanes()
+        .then(|| crate::lane::of(&parts.headers).map(Box::from))
+        .flatten();
     let exceeded = Arc::new(AtomicBool::new(false));
     let retries = up.retry.attempts > 0;
     if retries {
@@ -303,7 +309,7 @@ async fn tries(
     let mut now = start;
     loop {
         tries += 1;
-        let Some(picked) = rt.cluster.pick(target.subset, hash, avoid) else {
+        let Some(picked) = rt.cluster.pick(target.subset, hash, avoid, lane.as_deref()) else {
             return Err(GatewayError::new(
                 ErrorCode::NoHealthyUpstream,
                 format!("service {name:?} has no endpoints"),

@@ -15,6 +15,7 @@ mod guard;
 mod h1;
 mod health;
 mod invoke;
+mod lane;
 mod metrics;
 mod mirror;
 mod respond;

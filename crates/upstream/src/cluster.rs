@@ -172,13 +172,19 @@ fn smooth_wrr(weights: &[u32]) -> Vec<u32> {
     seq
 }
 
-/// All endpoints of a cluster plus the groups balancing is done over: the whole set
-/// and one per label selector that some Api's `split` uses.
+/// The endpoint label that puts an endpoint in a lane (full-link grey release):
+/// only requests tagged with that lane reach it.
+pub const LANE_LABEL: &str = "lane";
+
+/// All endpoints of a cluster plus the groups balancing is done over: the baseline
+/// (every endpoint without a `lane` label), one group per label selector that some
+/// Api's `split` uses (within the baseline), and one per lane.
 #[derive(Debug, Default)]
 pub struct EndpointSet {
     pub endpoints: Vec<Arc<Endpoint>>,
     all: Group,
     subsets: Vec<Group>,
+    lanes: Vec<(Box<str>, Group)>,
 }
 
 impl EndpointSet {
@@ -188,25 +194,40 @@ impl EndpointSet {
         policy: LbPolicy,
         panic_threshold: u8,
     ) -> Self {
-        let all = Group::build(
-            &endpoints,
-            (0..endpoints.len()).collect(),
-            policy,
-            panic_threshold,
-        );
+        let lane = |i: usize| endpoints[i].labels.get(LANE_LABEL);
+        let baseline: Vec<usize> = (0..endpoints.len())
+            .filter(|&i| lane(i).is_none())
+            .collect();
+        let mut names: Vec<&String> = (0..endpoints.len()).filter_map(lane).collect();
+        names.sort();
+        names.dedup();
+        let lanes = names
+            .into_iter()
+            .map(|name| {
+                let members = (0..endpoints.len())
+                    .filter(|&i| lane(i) == Some(name))
+                    .collect();
+                let group = Group::build(&endpoints, members, policy, panic_threshold);
+                (name.as_str().into(), group)
+            })
+            .collect();
         let subsets = selectors
             .iter()
             .map(|sel| {
-                let members = (0..endpoints.len())
+                let members = baseline
+                    .iter()
+                    .copied()
                     .filter(|&i| sel.matches(&endpoints[i].labels))
                     .collect();
                 Group::build(&endpoints, members, policy, panic_threshold)
             })
             .collect();
+        let all = Group::build(&endpoints, baseline, policy, panic_threshold);
         Self {
             endpoints,
             all,
             subsets,
+            lanes,
         }
     }
 
@@ -365,19 +386,29 @@ impl Cluster {
         self.set.load_full()
     }
 
-    /// Pick an endpoint from the whole set or a subset (index into the selectors given
-    /// at construction). An empty subset falls back to the whole set, so a grey
-    /// release with no matching endpoints degrades to the baseline instead of failing.
-    /// `avoid` steers a retry away from the endpoint that just failed when possible.
+    /// Whether some endpoint is in a lane (then requests' lane tags matter).
+    pub fn has_lanes(&self) -> bool {
+        !self.set.load().lanes.is_empty()
+    }
+
+    /// Pick an endpoint: from `lane`'s endpoints when the request is tagged with a
+    /// lane that has some; otherwise from the baseline, or a subset of it (index
+    /// into the selectors given at construction). An empty subset falls back to the
+    /// baseline, so a grey release with no matching endpoints degrades instead of
+    /// failing. `avoid` steers a retry away from the endpoint that just failed when
+    /// possible.
     pub fn pick(
         &self,
         subset: Option<usize>,
         hash: Option<u64>,
         avoid: Option<SocketAddr>,
+        lane: Option<&str>,
     ) -> Option<Picked> {
         let set = self.set.load();
-        let group = match subset.and_then(|s| set.subsets.get(s)) {
-            Some(g) if !g.members.is_empty() => g,
+        let in_lane = lane.and_then(|l| set.lanes.iter().find(|(n, _)| **n == *l));
+        let group = match (in_lane, subset.and_then(|s| set.subsets.get(s))) {
+            (Some((_, g)), _) if !g.members.is_empty() => g,
+            (_, Some(g)) if !g.members.is_empty() => g,
             _ => &set.all,
         };
         let mut idx = self.choose(&set, group, hash)?;

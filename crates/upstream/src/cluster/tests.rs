@@ -9,7 +9,7 @@ fn ep(port: u16, weight: u32, version: &str) -> Endpoint {
 fn counts(c: &Cluster, subset: Option<usize>, n: usize) -> BTreeMap<u16, usize> {
     let mut m = BTreeMap::new();
     for i in 0..n {
-        let p = c.pick(subset, Some(i as u64 * 7919), None);
+        let p = c.pick(subset, Some(i as u64 * 7919), None, None);
         if let Some(p) = p {
             *m.entry(p.endpoint.addr.port()).or_default() += 1;
         }
@@ -65,7 +65,9 @@ fn least_request_avoids_busy_endpoint() {
         vec![ep(1, 1, "v1"), ep(2, 1, "v1")],
     );
     // hold 50 requests on whichever endpoint the first pick chooses
-    let held: Vec<Picked> = (0..50).filter_map(|_| c.pick(None, None, None)).collect();
+    let held: Vec<Picked> = (0..50)
+        .filter_map(|_| c.pick(None, None, None, None))
+        .collect();
     let busy: Vec<u16> = held.iter().map(|p| p.endpoint.addr.port()).collect();
     let port1 = busy.iter().filter(|p| **p == 1).count();
     assert!(port1 > 10 && port1 < 40, "P2C should spread: {port1}");
@@ -86,8 +88,8 @@ fn ring_hash_is_sticky() {
         vec![ep(1, 1, "v1"), ep(2, 1, "v1"), ep(3, 1, "v1")],
     );
     for h in 0..100u64 {
-        let a = c.pick(None, Some(h), None).map(|p| p.endpoint.addr);
-        let b = c.pick(None, Some(h), None).map(|p| p.endpoint.addr);
+        let a = c.pick(None, Some(h), None, None).map(|p| p.endpoint.addr);
+        let b = c.pick(None, Some(h), None, None).map(|p| p.endpoint.addr);
         assert_eq!(a, b);
     }
 }
@@ -123,15 +125,15 @@ fn retry_avoids_failed_endpoint() {
         vec![],
         vec![ep(1, 1, "v1"), ep(2, 1, "v1")],
     );
-    let first = c.pick(None, Some(1), None).map(|p| p.endpoint.addr);
-    let again = c.pick(None, Some(1), first).map(|p| p.endpoint.addr);
+    let first = c.pick(None, Some(1), None, None).map(|p| p.endpoint.addr);
+    let again = c.pick(None, Some(1), first, None).map(|p| p.endpoint.addr);
     assert_ne!(first, again);
 }
 
 #[test]
 fn empty_cluster_picks_nothing() {
     let c = Cluster::new("s", LbPolicy::RoundRobin, None, vec![], vec![]);
-    assert!(c.pick(None, None, None).is_none());
+    assert!(c.pick(None, None, None, None).is_none());
 }
 
 fn outlier() -> crate::OutlierConfig {
@@ -216,4 +218,52 @@ fn health_survives_a_discovery_update() {
     let set = c.endpoints();
     assert!(set.endpoints[0].health.ejected());
     assert_eq!(counts(&c, None, 400).len(), 4);
+}
+
+#[test]
+fn lanes_take_only_their_tagged_requests_and_fall_back_to_the_baseline() {
+    let lane = |port, l: Option<&str>| {
+        let mut labels = v("v1");
+        if let Some(l) = l {
+            labels.insert(LANE_LABEL.to_string(), l.to_string());
+        }
+        Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port)), 1, labels)
+    };
+    let c = Cluster::new(
+        "s",
+        LbPolicy::RoundRobin,
+        None,
+        vec![v2()],
+        vec![lane(1, None), lane(2, None), lane(3, Some("canary"))],
+    );
+    assert!(c.has_lanes());
+    let picks = |l: Option<&str>, subset| -> Vec<u16> {
+        (0..6)
+            .filter_map(|_| c.pick(subset, None, None, l))
+            .map(|p| p.endpoint.addr.port())
+            .collect()
+    };
+    // Untagged traffic, and its subsets, never reach a lane's endpoint.
+    assert!(picks(None, None).iter().all(|&p| p != 3));
+    assert!(
+        picks(None, Some(0)).iter().all(|&p| p != 3),
+        "an empty subset falls back to the baseline"
+    );
+    // Tagged traffic reaches its lane only; an unknown lane goes to the baseline.
+    assert_eq!(picks(Some("canary"), None), [3; 6]);
+    assert!(picks(Some("blue"), None).iter().all(|&p| p != 3));
+    // A cluster with lanes and no baseline serves only tagged traffic.
+    let only = Cluster::new(
+        "s",
+        LbPolicy::RoundRobin,
+        None,
+        vec![],
+        vec![lane(4, Some("canary"))],
+    );
+    assert!(only.pick(None, None, None, None).is_none());
+    assert!(only.pick(None, None, None, Some("canary")).is_some());
+    // Without lane labels nothing changes.
+    assert!(
+        !Cluster::new("s", LbPolicy::RoundRobin, None, vec![], vec![lane(5, None)]).has_lanes()
+    );
 }
