@@ -277,3 +277,45 @@ def test_a_lane_tag_reaches_each_services_lane_instance_or_its_baseline(mesh):
     # A lane no service has: the baseline everywhere.
     got = through_front({"x-mesh-lane": "blue", "traceparent": f"00-{99:032x}-00f067aa0ba902b7-01"})
     assert got == ["front-1", "orders-1", "users-1"], got
+
+
+def test_a_gateway_sidecar_serves_public_apis_with_no_extra_hop(mesh, tmp_path):
+    port, admin = free_port(), free_port()
+    f = tmp_path / "public.yaml"
+    f.write_text(proxy_gateway("public", port, admin) + """---
+apiVersion: meshgate.io/v1
+kind: Consumer
+metadata: {name: shop-app}
+spec:
+  credentials: [{type: key, key: shop-key-123456}]
+---
+apiVersion: meshgate.io/v1
+kind: Api
+metadata: {name: shop}
+spec:
+  gateways: [public]
+  request: {path: "/shop/{*rest}"}
+  filters:
+    - {name: key-auth, config: {header: x-api-key}}
+  invoke: {service: front, path: "/call/orders/{rest}"}
+""")
+    code, _, err = mesh.control.ctl("apply", "-f", str(f))
+    assert code == 0, err
+    app = Backend("bff-1")
+    mesh.apps.append(app)
+    bff = Sidecar(tmp_path, mesh.control.url, "bff-1", "front", app.addr, gateway="public")
+    app.outbound = bff.outbound
+    mesh.sidecars.append(bff.start())
+    mesh.instance("orders", "orders-1")
+    url = f"http://127.0.0.1:{port}/shop/items"
+    status, _, body, _ = curl(url)
+    assert status == 401, body
+    status, headers, body, _ = curl("-H", "x-api-key: shop-key-123456", url)
+    assert status == 200, body
+    answer = json.loads(body)
+    # The public Api ran its filters in the BFF's own sidecar and went straight to
+    # the app, whose call to orders left through the same sidecar.
+    assert chain(answer) == ["bff-1", "orders-1"]
+    assert answer["headers"]["x-consumer-name"] == "shop-app"
+    assert answer["called"]["path"] == "/items"
+    assert len(app.requests) == 1
