@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""What a sidecar costs: latency added over calling the backend directly, and idle
+memory per sidecar, with nginx as a one-hop reference in the same run.
+
+Paths, each measured with wrk -t1 at 1 and at 10 connections, alternating round by
+round:
+
+  direct     wrk -> backend
+  nginx      wrk -> nginx (proxy_pass, keep-alive) -> backend
+  outbound   wrk -> sidecar A outbound (Host: local) -> backend              (one sidecar)
+  mesh       wrk -> sidecar A outbound (Host: echo) -> sidecar B inbound -> backend
+  fused      wrk -> sidecar B, Gateway "public" (BFF mode) -> backend
+  two-hop    wrk -> edge proxy -> sidecar B inbound -> backend
+
+A control plane holds the config; sidecar B registers as service `echo`, which
+sidecar A and the edge proxy find through the registry. Proxies (one worker each,
+MESHGATE_WORKERS=1, access logs off) on CPU 0; backend, control plane and wrk on
+CPU 1 (shared/BENCHMARKING.md). Idle RSS is read after start-up with the config,
+before any load, for the bench's sidecars and for one sidecar with the default
+runtime (a worker per core).
+
+Targets (issue 6): <= 100 us added p50 for the sidecar outbound path, <= 15 MiB
+idle RSS per sidecar.
+
+Usage: bench/sidecar.py [--rounds 3] [--duration 10] [--no-build]   (from the repository root)
+"""
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import ROOT, bench_args, free_port, rss_mib, start, wait_port, wrk  # noqa: E402
+
+TOKEN = "sidecar-bench-token"
+
+CONFIG = """apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: echo}}
+spec: {{discovery: {{registry: echo}}}}
+---
+apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: local}}
+spec: {{endpoints: [{{address: "127.0.0.1:{backend}"}}]}}
+---
+apiVersion: meshgate.io/v1
+kind: Gateway
+metadata: {{name: public}}
+spec:
+  listeners: [{{name: web, address: "127.0.0.1:{public}"}}]
+  accessLog: {{path: "off"}}
+---
+apiVersion: meshgate.io/v1
+kind: Gateway
+metadata: {{name: edge}}
+spec:
+  listeners: [{{name: web, address: "127.0.0.1:{edge}"}}]
+  admin: {{address: "127.0.0.1:{edge_admin}"}}
+  accessLog: {{path: "off"}}
+---
+apiVersion: meshgate.io/v1
+kind: Api
+metadata: {{name: pub}}
+spec:
+  gateways: [public, edge]
+  request: {{path: "/{{*rest}}"}}
+  invoke: {{service: echo}}
+"""
+
+NGINX = """worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{port};
+    keepalive_requests 1000000;
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+"""
+
+
+def call(url, method="GET", body=None):
+    req = urllib.request.Request(url, method=method, data=body)
+    req.add_header("authorization", f"Bearer {TOKEN}")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def main():
+    a = bench_args(__doc__, conns=False)
+    for tool in ("wrk", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: run scripts/setup.sh")
+    if not a.no_build:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshgate"], cwd=ROOT, check=True)
+    rel = ROOT / "target" / "release"
+    mg = str(rel / "meshgate")
+    tmp = Path(tempfile.mkdtemp(prefix="meshgate-sidecar-bench-"))
+    procs = []
+    env = dict(os.environ, MESHGATE_ADMIN_TOKEN=TOKEN, MESHGATE_NODE_TOKEN=TOKEN,
+               MESHGATE_WORKERS="1", MESHGATE_LOG="warn")
+    try:
+        p = {k: free_port() for k in ("backend", "control", "public", "edge", "edge_admin", "nginx")}
+        procs.append(start([str(rel / "bench-backend"), f"127.0.0.1:{p['backend']}"], 1))
+        control = f"http://127.0.0.1:{p['control']}"
+        procs.append(start([mg, "control", "--listen", f"127.0.0.1:{p['control']}",
+                            "--store", str(tmp / "control.redb"), "--state-dir", str(tmp / "cs")],
+                           1, env=env, stdout=subprocess.DEVNULL))
+        wait_port(p["backend"])
+        wait_port(p["control"])
+        files = {"files": [{"name": "bench.yaml", "text": CONFIG.format(**p)}]}
+        call(f"{control}/api/v1/apply", "POST", json.dumps(files).encode())
+
+        def sidecar(name, service, app, extra=(), workers="1"):
+            ports = {k: free_port() for k in ("inbound", "outbound", "admin")}
+            e = dict(env, MESHGATE_WORKERS=workers) if workers else {k: v for k, v in env.items() if k != "MESHGATE_WORKERS"}
+            proc = start([mg, "proxy", "--role", "sidecar", "--control", control, "--node", name,
+                          "--service", service, "--app", app,
+                          "--inbound", f"127.0.0.1:{ports['inbound']}",
+                          "--outbound", f"127.0.0.1:{ports['outbound']}",
+                          "--admin", f"127.0.0.1:{ports['admin']}", *extra,
+                          "--cache-dir", str(tmp / f"cache-{name}"), "--state-dir", str(tmp / f"st-{name}")],
+                         0, env=e, stdout=subprocess.DEVNULL)
+            procs.append(proc)
+            wait_port(ports["admin"])
+            return proc, ports
+
+        b, b_ports = sidecar("b", "echo", f"127.0.0.1:{p['backend']}", ("--gateway", "public"))
+        s, s_ports = sidecar("a", "client", "127.0.0.1:1")
+        d, _ = sidecar("default-runtime", "idle", "127.0.0.1:1", workers=None)
+        edge = start([mg, "proxy", "--control", control, "--node", "edge", "--gateway", "edge",
+                      "--cache-dir", str(tmp / "cache-edge"), "--state-dir", str(tmp / "st-edge")],
+                     0, env=env, stdout=subprocess.DEVNULL)
+        procs.append(edge)
+        (tmp / "nginx.conf").write_text(NGINX.format(dir=tmp, backend=p["backend"], port=p["nginx"]))
+        ng = start([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(tmp / "nginx.conf"),
+                    "-e", str(tmp / "error.log")], 0)
+        procs.append(ng)
+        for port in (p["public"], p["edge"], p["nginx"], s_ports["outbound"]):
+            wait_port(port)
+        time.sleep(1.0)
+        idle = {"sidecar A (1 worker)": rss_mib(s.pid), "sidecar B (1 worker, BFF)": rss_mib(b.pid),
+                "sidecar, default runtime": rss_mib(d.pid), "edge proxy (1 worker)": rss_mib(edge.pid),
+                "nginx (master + worker)": rss_mib(ng.pid)}
+        out = f"http://127.0.0.1:{s_ports['outbound']}/"
+        paths = [
+            ("direct", f"http://127.0.0.1:{p['backend']}/", ()),
+            ("nginx", f"http://127.0.0.1:{p['nginx']}/", ()),
+            ("outbound", out, ("Host: local",)),
+            ("mesh", out, ("Host: echo",)),
+            ("fused", f"http://127.0.0.1:{p['public']}/", ()),
+            ("two-hop", f"http://127.0.0.1:{p['edge']}/", ()),
+        ]
+        for name, url, h in paths:  # warm-up, and every path must answer 200
+            r = wrk(url, 10, 2, h)
+            if r["errors"] or r["requests"] == 0:
+                sys.exit(f"{name}: {url} answered non-2xx during warm-up")
+        results = {(n, c): [] for n, *_ in paths for c in (1, 10)}
+        for rnd in range(a.rounds):
+            for conns in (1, 10):
+                for name, url, h in paths:
+                    r = wrk(url, conns, a.duration, h)
+                    results[(name, conns)].append(r)
+                    print(f"round {rnd + 1} c{conns:<2} {name:9} {r['rps']:>8.0f} req/s  p50 {r['p50'] * 1000:7.0f} us  "
+                          f"p99 {r['p99'] * 1000:7.0f} us  errors {r['errors']}", flush=True)
+        print()
+        print("| path | conns | req/s | p50 us | p99 us | added p50 over direct, us | added p99, us |")
+        print("|---|---|---|---|---|---|---|")
+        for conns in (1, 10):
+            base = results[("direct", conns)]
+            for name, *_ in paths:
+                rs = results[(name, conns)]
+                med = lambda k: statistics.median(x[k] for x in rs) * 1000
+                added = statistics.median(r["p50"] - b["p50"] for r, b in zip(rs, base)) * 1000
+                added99 = statistics.median(r["p99"] - b["p99"] for r, b in zip(rs, base)) * 1000
+                rps = statistics.median(x["rps"] for x in rs)
+                print(f"| {name} | {conns} | {rps:,.0f} | {med('p50'):.0f} | {med('p99'):.0f} | "
+                      f"{added:.0f} | {added99:.0f} |")
+        print()
+        for name, mib in idle.items():
+            print(f"idle RSS {name}: {mib:.1f} MiB")
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
