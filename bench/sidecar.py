@@ -93,6 +93,17 @@ http {{
 """
 
 
+def memory(pid):
+    """RSS, PSS and anonymous memory of one process, in MiB. Most of a meshgate
+    process's RSS is its binary's code, mapped from the file and shared by every
+    process running the same binary; PSS splits shared pages between them."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        k, _, v = line.partition(":")
+        fields[k] = int(v.split()[0]) / 1024
+    return fields.get("Rss", 0.0), fields.get("Pss", 0.0), fields.get("Anonymous", 0.0)
+
+
 def call(url, method="GET", body=None):
     req = urllib.request.Request(url, method=method, data=body)
     req.add_header("authorization", f"Bearer {TOKEN}")
@@ -153,9 +164,9 @@ def main():
         for port in (p["public"], p["edge"], p["nginx"], s_ports["outbound"]):
             wait_port(port)
         time.sleep(1.0)
-        idle = {"sidecar A (1 worker)": rss_mib(s.pid), "sidecar B (1 worker, BFF)": rss_mib(b.pid),
-                "sidecar, default runtime": rss_mib(d.pid), "edge proxy (1 worker)": rss_mib(edge.pid),
-                "nginx (master + worker)": rss_mib(ng.pid)}
+        idle = {"sidecar A (1 worker)": memory(s.pid), "sidecar B (1 worker, BFF)": memory(b.pid),
+                "sidecar, default runtime": memory(d.pid), "edge proxy (1 worker)": memory(edge.pid)}
+        nginx_rss = rss_mib(ng.pid)
         out = f"http://127.0.0.1:{s_ports['outbound']}/"
         paths = [
             ("direct", f"http://127.0.0.1:{p['backend']}/", ()),
@@ -191,10 +202,14 @@ def main():
                 print(f"| {name} | {conns} | {rps:,.0f} | {med('p50'):.0f} | {med('p99'):.0f} | "
                       f"{added:.0f} | {added99:.0f} |")
         print()
-        for name, mib in idle.items():
-            print(f"idle RSS {name}: {mib:.1f} MiB")
+        print("| process, idle | RSS MiB | PSS MiB | anonymous MiB |")
+        print("|---|---|---|---|")
+        for name, (rss, pss, anon) in idle.items():
+            print(f"| {name} | {rss:.1f} | {pss:.1f} | {anon:.1f} |")
+        print(f"| nginx (master + worker) | {nginx_rss:.1f} | | |")
     finally:
-        for proc in procs:
+        # The control plane last, so that the sidecars deregister quickly.
+        for proc in reversed(procs):
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except OSError:
