@@ -741,6 +741,13 @@ spec:
 """
 
 
+def node_env(token):
+    """The environment of a proxy process: the node token, not the admin's."""
+    env = dict(os.environ, MESHGATE_NODE_TOKEN=token, MESHGATE_LOG="info")
+    env.pop("MESHGATE_ADMIN_TOKEN", None)
+    return env
+
+
 class Proxy:
     """A `meshgate proxy` fed by a control plane, serving one Gateway resource whose
     listener and admin ports the test chose. Its cache and state live in tmp_path."""
@@ -758,8 +765,7 @@ class Proxy:
     def start(self, token=TOKEN):
         self.starts += 1
         self.stderr_path = self.dir / f"proxy-{self.node}-{self.starts}.stderr"
-        env = dict(os.environ, MESHGATE_NODE_TOKEN=token, MESHGATE_LOG="info")
-        env.pop("MESHGATE_ADMIN_TOKEN", None)
+        env = node_env(token)
         if self.control_ca:
             env["MESHGATE_CONTROL_CA"] = str(self.control_ca)
         self.proc = subprocess.Popen(
@@ -829,8 +835,7 @@ class Sidecar:
     def start(self, wait=True):
         self.starts += 1
         self.stderr_path = self.dir / f"sidecar-{self.node}-{self.starts}.stderr"
-        env = dict(os.environ, MESHGATE_NODE_TOKEN=TOKEN, MESHGATE_LOG="info")
-        env.pop("MESHGATE_ADMIN_TOKEN", None)
+        env = node_env(TOKEN)
         gateway = ["--gateway", self.gateway] if self.gateway else []
         self.proc = subprocess.Popen(
             [BIN, "proxy", "--role", "sidecar", "--control", self.control_url, "--node", self.node,

@@ -29,11 +29,14 @@ class Mesh:
     def __init__(self, tmp_path):
         self.tmp_path = tmp_path
         self.control = Control(tmp_path).start()
-        f = tmp_path / "services.yaml"
-        f.write_text(SERVICES)
-        code, out, err = self.control.ctl("apply", "-f", str(f))
-        assert code == 0, err
+        self.apply("services", SERVICES)
         self.apps, self.sidecars, self.others = [], [], []
+
+    def apply(self, name, text):
+        f = self.tmp_path / f"{name}.yaml"
+        f.write_text(text)
+        code, _, err = self.control.ctl("apply", "-f", str(f))
+        assert code == 0, err
 
     def instance(self, service, name, labels="", lease="2s", wait=True):
         """A new app `name` of `service` with its sidecar, started."""
@@ -195,8 +198,7 @@ def test_outbound_speaks_http2_and_refuses_unknown_services(mesh):
 def test_an_edge_proxy_reaches_registered_instances(mesh, tmp_path):
     _, s1 = mesh.instance("orders", "orders-1")
     port, admin = free_port(), free_port()
-    f = tmp_path / "edge.yaml"
-    f.write_text(proxy_gateway("edge", port, admin) + """---
+    mesh.apply("edge", proxy_gateway("edge", port, admin) + """---
 apiVersion: meshgate.io/v1
 kind: Api
 metadata: {name: orders-api}
@@ -205,8 +207,6 @@ spec:
   request: {path: "/orders/{*rest}"}
   invoke: {service: orders, path: "/{rest}"}
 """)
-    code, _, err = mesh.control.ctl("apply", "-f", str(f))
-    assert code == 0, err
     edge = Proxy(tmp_path, mesh.control.url, "edge-1", "edge", port, admin).start()
     mesh.others.append(edge)
     deadline = time.time() + 10
@@ -281,8 +281,7 @@ def test_a_lane_tag_reaches_each_services_lane_instance_or_its_baseline(mesh):
 
 def test_a_gateway_sidecar_serves_public_apis_with_no_extra_hop(mesh, tmp_path):
     port, admin = free_port(), free_port()
-    f = tmp_path / "public.yaml"
-    f.write_text(proxy_gateway("public", port, admin) + """---
+    mesh.apply("public", proxy_gateway("public", port, admin) + """---
 apiVersion: meshgate.io/v1
 kind: Consumer
 metadata: {name: shop-app}
@@ -299,8 +298,6 @@ spec:
     - {name: key-auth, config: {header: x-api-key}}
   invoke: {service: front, path: "/call/orders/{rest}"}
 """)
-    code, _, err = mesh.control.ctl("apply", "-f", str(f))
-    assert code == 0, err
     app = Backend("bff-1")
     mesh.apps.append(app)
     bff = Sidecar(tmp_path, mesh.control.url, "bff-1", "front", app.addr, gateway="public")

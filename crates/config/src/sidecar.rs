@@ -204,15 +204,15 @@ spec:
         assert_eq!(routes("public", "any", "/x").as_deref(), Some("everything"));
     }
 
+    fn addresses(snapshot: &Snapshot, service: &str) -> Vec<String> {
+        let s = &snapshot.services[service];
+        s.endpoints.iter().map(|e| e.address.to_string()).collect()
+    }
+
     #[test]
     fn an_undeclared_own_service_is_added_as_the_app() {
         let snapshot = compiled("", &["users"]);
-        let addrs: Vec<_> = snapshot.services["orders"]
-            .endpoints
-            .iter()
-            .map(|e| e.address.to_string())
-            .collect();
-        assert_eq!(addrs, ["127.0.0.1:9000"]);
+        assert_eq!(addresses(&snapshot, "orders"), ["127.0.0.1:9000"]);
         assert_eq!(
             snapshot.services["users"].registry.as_deref(),
             Some("users")
@@ -225,12 +225,7 @@ spec:
         assert!(!sidecar().source(&["orders"]).text.contains("kind: Service"));
         let snapshot = compiled(orders, &["users", "orders"]);
         let own = &snapshot.services["orders"];
-        let addrs: Vec<_> = own
-            .endpoints
-            .iter()
-            .map(|e| e.address.to_string())
-            .collect();
-        assert_eq!(addrs, ["127.0.0.1:9000"]);
+        assert_eq!(addresses(&snapshot, "orders"), ["127.0.0.1:9000"]);
         assert_eq!(
             (own.registry.as_deref(), own.timeout),
             (None, Some(std::time::Duration::from_secs(2)))

@@ -644,11 +644,15 @@ mod tests {
             h.iter().map(|c| c.message.as_str()).collect::<Vec<_>>(),
             ["undo", "v2", "first"]
         );
-        // Rolling everything back to revision 0 would leave nothing to serve.
-        let w = plane.rollback(who("all"), 0, None, true).await;
-        assert!(
-            matches!(w, Err(WriteError::Invalid(_))),
-            "an empty config has no Gateway: {w:?}"
-        );
+        // Rolling everything back to revision 0 empties the config: valid (a mesh
+        // needs no Gateway; edge proxies refuse it and keep serving), and a dry run
+        // shows every delete.
+        let w = plane
+            .rollback(who("all"), 0, None, true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let deleted: Vec<&str> = w.changes.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(deleted, ["Api/get-user", "Gateway/public", "Service/users"]);
+        assert!(w.dry_run);
     }
 }

@@ -621,12 +621,7 @@ fn releases_table(items: &[Value]) -> String {
         .iter()
         .map(|r| {
             let rule = &r["rule"];
-            let nodes: Vec<String> = rule["nodes"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect();
+            let nodes = pairs(&rule["nodes"]);
             let mut share = r["share"].as_str().unwrap_or("").to_string();
             if let Some(by) = rule["by"].as_str() {
                 let _ = write!(share, " by {by}");
@@ -655,7 +650,7 @@ fn releases_table(items: &[Value]) -> String {
                 if nodes.is_empty() {
                     "all".to_string()
                 } else {
-                    nodes.join(",")
+                    nodes
                 },
                 share,
                 format!("{}/{}", r["nodesApplied"], r["nodesPlaced"]),
@@ -679,24 +674,30 @@ fn releases_table(items: &[Value]) -> String {
 
 /// The proxies: what each runs against the newest revision, and why not if it
 /// rejected it.
+/// A JSON map of strings as `k=v,k=v`.
+fn pairs(map: &Value) -> String {
+    let pairs: Vec<String> = map
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    pairs.join(",")
+}
+
 fn registry_table(v: &Value) -> String {
     let rows = v["items"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|i| {
-            let labels: Vec<String> = i["labels"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect();
+            let labels = pairs(&i["labels"]);
             let text = |k: &str| i[k].as_str().unwrap_or("").to_string();
             vec![
                 text("service"),
                 text("address"),
                 text("node"),
-                labels.join(","),
+                labels,
                 text("zone"),
                 format!("{}s", i["leaseSeconds"]),
                 format!("{:.1}s", i["expiresInMs"].as_f64().unwrap_or(0.0) / 1000.0),
@@ -734,12 +735,7 @@ fn nodes_table(v: &Value) -> String {
             } else {
                 "behind"
             };
-            let labels: Vec<String> = n["labels"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect();
+            let labels = pairs(&n["labels"]);
             let error = n["lastError"]["errors"]
                 .as_array()
                 .and_then(|e| e.first())
@@ -754,7 +750,7 @@ fn nodes_table(v: &Value) -> String {
             vec![
                 n["name"].as_str().unwrap_or("").to_string(),
                 n["gateway"].as_str().unwrap_or("").to_string(),
-                labels.join(","),
+                labels,
                 revision.to_string(),
                 status.to_string(),
                 n["lastContact"].as_str().unwrap_or("").to_string(),
