@@ -8,9 +8,11 @@ import subprocess
 import threading
 import time
 
+import grpc
 import pytest
 
 import harness
+from test_grpc import grpc_server  # noqa: F401 (a fixture)
 from harness import (BIN, TOKEN, Backend, Control, Proxy, Sidecar, curl, free_port,
                      proxy_gateway, wait_ready)
 
@@ -316,3 +318,31 @@ spec:
     assert answer["headers"]["x-consumer-name"] == "shop-app"
     assert answer["called"]["path"] == "/items"
     assert len(app.requests) == 1
+
+
+def test_grpc_calls_by_service_name_through_two_sidecars(mesh, tmp_path, grpc_server):
+    mesh.apply("greeter", """apiVersion: meshgate.io/v1
+kind: Service
+metadata: {name: greeter}
+spec: {protocol: grpc, discovery: {registry: greeter}}
+""")
+    greeter = Sidecar(tmp_path, mesh.control.url, "greeter-1", "greeter", f"127.0.0.1:{grpc_server}")
+    mesh.sidecars.append(greeter.start())
+    _, front = mesh.instance("front", "front-1")
+    mesh.wait_registered("greeter", [greeter.address])
+    # A grpcio channel to the app's sidecar, with the service name as authority.
+    ch = grpc.insecure_channel(f"127.0.0.1:{front.outbound}",
+                               options=[("grpc.default_authority", "greeter")])
+    try:
+        unary = ch.unary_unary("/test.Echo/Unary")
+        answer, call = unary.with_call(b"hi", timeout=5)
+        assert answer == b"echo:hi"
+        assert ("x-trailer", "t1") in call.trailing_metadata()
+        stream = ch.unary_stream("/test.Echo/Stream")
+        assert list(stream(b"3", timeout=5)) == [b"msg0", b"msg1", b"msg2"]
+        with pytest.raises(grpc.RpcError) as failed:
+            ch.unary_unary("/test.Echo/Fail")(b"", timeout=5)
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert failed.value.details() == "nope"
+    finally:
+        ch.close()
