@@ -38,7 +38,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ROOT, bench_args, free_port, rss_mib, start, wait_port, wrk  # noqa: E402
+from run import NGINX_CONF, ROOT, bench_args, free_port, rss_mib, start, wait_port, wrk  # noqa: E402
 
 TOKEN = "sidecar-bench-token"
 
@@ -75,23 +75,6 @@ spec:
   request: {{path: "/{{*rest}}"}}
   invoke: {{service: echo}}
 """
-
-NGINX = """worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; keepalive_requests 1000000; }}
-  server {{
-    listen 127.0.0.1:{port};
-    keepalive_requests 1000000;
-    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-  }}
-}}
-"""
-
 
 def memory(pid):
     """RSS, PSS and anonymous memory of one process, in MiB. Most of a meshgate
@@ -157,7 +140,9 @@ def main():
                       "--cache-dir", str(tmp / "cache-edge"), "--state-dir", str(tmp / "st-edge")],
                      0, env=env, stdout=subprocess.DEVNULL)
         procs.append(edge)
-        (tmp / "nginx.conf").write_text(NGINX.format(dir=tmp, backend=p["backend"], port=p["nginx"]))
+        # The main bench's nginx, its HTTP/2 port unused here.
+        (tmp / "nginx.conf").write_text(
+            NGINX_CONF.format(dir=tmp, backend=p["backend"], h1=p["nginx"], h2=free_port()))
         ng = start([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(tmp / "nginx.conf"),
                     "-e", str(tmp / "error.log")], 0)
         procs.append(ng)

@@ -44,13 +44,11 @@ pub struct Registration {
     pub lease: Duration,
 }
 
-/// A registered instance as the control plane lists it.
+/// A registered instance as the control plane lists it: what balancing needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
     pub address: String,
     pub labels: BTreeMap<String, String>,
-    pub zone: String,
-    pub node: String,
 }
 
 /// Takes each service's instances as the control plane pushes them: the service
@@ -73,8 +71,6 @@ impl OnEndpoints {
                 .map(|i| Registered {
                     address: i.address,
                     labels: i.labels.into_iter().collect(),
-                    zone: i.zone,
-                    node: i.node,
                 })
                 .collect();
             (self.0)(&s.service, list);
