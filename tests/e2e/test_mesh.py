@@ -28,9 +28,9 @@ class Mesh:
     """A control plane with the three Services, and the apps and sidecars a test
     adds; stop() stops every process the test started."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, control_args=()):
         self.tmp_path = tmp_path
-        self.control = Control(tmp_path).start()
+        self.control = Control(tmp_path, args=control_args).start()
         self.apply("services", SERVICES)
         self.apps, self.sidecars, self.others = [], [], []
 

@@ -133,6 +133,8 @@ pub enum ListenerProtocol {
     Http,
     Https,
     Tcp,
+    /// Mesh mTLS: the proxy's mesh certificate, and clients must present one.
+    Mesh,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -203,6 +205,19 @@ pub struct ServiceSpec {
     pub circuit_breaker: Option<CircuitBreakerSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudgetSpec>,
+    /// What the sidecars of this service do with requests for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundSpec>,
+}
+
+/// `Service.spec.inbound`: the inbound side of the service's own sidecars.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundSpec {
+    /// Policies whose filters run on every request a sidecar of this service
+    /// takes from the mesh (`authz`, say), before it reaches the app.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
 }
 
 /// `Service.spec.retryBudget`.

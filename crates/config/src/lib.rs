@@ -23,6 +23,7 @@ pub use diag::Diagnostic;
 pub use load::{ParseCache, Source, load_paths};
 pub use meshgate_core::parse_duration;
 pub use model::*;
+pub use validate::valid_name;
 
 /// Compile sources into a snapshot, as served by a proxy without labels. Grey
 /// releases placed by node labels are checked too, as if placed here. Returns the

@@ -132,9 +132,34 @@ pub fn link(
         diags,
     );
 
+    // A Service's inbound policies run in its sidecars: check them here, where
+    // the config is whole, whether or not a sidecar compiles it.
+    for doc in docs.iter() {
+        let Resource::Service(env) = &doc.resource else {
+            continue;
+        };
+        let mut c = Check { doc, diags };
+        for (j, p) in env
+            .spec
+            .inbound
+            .iter()
+            .flat_map(|i| i.policies.iter())
+            .enumerate()
+        {
+            policy_filters(
+                &mut c,
+                &refs,
+                p,
+                &format!("spec.inbound.policies.{j}"),
+                Some(&[]),
+            );
+        }
+    }
+
     let mut built_gateways = Vec::new();
-    for (gi, g) in gateways {
+    for (gi, mut g) in gateways {
         let gdoc = &docs[gi];
+        let side = crate::sidecar::side_of(gdoc);
         let mut c = Check { doc: gdoc, diags };
         let mut filters = Vec::new();
         for (j, p) in g.policies.iter().enumerate() {
@@ -145,6 +170,26 @@ pub fn link(
                 &format!("spec.policies.{j}"),
                 Some(&[]),
             ));
+        }
+        if side == crate::MeshSide::Inbound
+            && let Some((sdoc, own)) = crate::sidecar::own_service(docs)
+        {
+            // The own Service says how its sidecars take requests: over mesh
+            // mTLS when it is called so, through its inbound policies.
+            if own.tls.as_ref().is_some_and(|t| t.mode == "mesh") {
+                for l in &mut g.listeners {
+                    l.protocol = meshgate_api::ListenerProtocol::Mesh;
+                }
+            }
+            // Reported above already: these diagnostics are dropped.
+            let mut again = Vec::new();
+            let mut sc = Check {
+                doc: sdoc,
+                diags: &mut again,
+            };
+            for p in own.inbound.iter().flat_map(|i| i.policies.iter()) {
+                filters.extend(policy_filters(&mut sc, &refs, p, "", Some(&[])));
+            }
         }
         let identifies = filters.iter().any(|f| f.identifies());
         for &(rel, base) in &unidentified {
@@ -212,7 +257,7 @@ pub fn link(
             router: builder.build(),
             drain_timeout: g.drain_timeout,
             serve_drafts: g.serve_drafts,
-            side: crate::sidecar::side_of(gdoc),
+            side,
         }));
     }
     if had_errors || !diags.is_empty() {

@@ -43,6 +43,28 @@ impl Snapshot {
             .is_empty()
             .then_some("the config has no Gateway resource: nothing would listen")
     }
+
+    /// Why this config needs a control plane: mesh mTLS takes certificates from
+    /// its CA.
+    pub fn needs_mesh_ca(&self) -> Option<String> {
+        let service = self.services.values().find(|s| s.tls == UpstreamTls::Mesh);
+        let listener = self
+            .gateways
+            .iter()
+            .flat_map(|g| g.listeners.iter().map(move |l| (g, l)))
+            .find(|(_, l)| l.protocol == ListenerProtocol::Mesh);
+        let what = match (service, listener) {
+            (Some(s), _) => format!("Service {:?} has tls.mode mesh", s.name),
+            (None, Some((g, l))) => format!(
+                "Gateway {:?} listener {:?} has protocol mesh",
+                g.name, l.name
+            ),
+            (None, None) => return None,
+        };
+        Some(format!(
+            "{what}: mesh certificates come from the control plane's CA (run meshgate control, and meshgate proxy)"
+        ))
+    }
 }
 
 #[derive(Debug)]
@@ -158,6 +180,18 @@ pub struct Service {
     /// Percent; see `LoadBalancerSpec::panic_threshold`.
     pub panic_threshold: u8,
     pub retry_budget: meshgate_upstream::BudgetConfig,
+    /// How its endpoints are called.
+    pub tls: UpstreamTls,
+}
+
+/// `Service.spec.tls.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UpstreamTls {
+    #[default]
+    Disable,
+    /// Mesh mTLS: the proxy's mesh certificate, and the endpoints must prove the
+    /// Service's SPIFFE ID.
+    Mesh,
 }
 
 /// A Service's breaker settings, and what to answer while it refuses.

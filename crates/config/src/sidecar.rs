@@ -38,6 +38,22 @@ pub(crate) fn side_of(doc: &crate::load::Doc) -> crate::MeshSide {
     }
 }
 
+/// The sidecar's own Service, as written: the one its inbound Api invokes.
+pub(crate) fn own_service(
+    docs: &[crate::load::Doc],
+) -> Option<(&crate::load::Doc, &meshgate_api::ServiceSpec)> {
+    let own = docs.iter().find_map(|d| match &d.resource {
+        crate::load::Resource::Api(env) if &*d.file == FILE && d.name == INBOUND => {
+            env.spec.invoke.service.as_deref()
+        }
+        _ => None,
+    })?;
+    docs.iter().find_map(|d| match &d.resource {
+        crate::load::Resource::Service(env) if d.name == own => Some((d, &env.spec)),
+        _ => None,
+    })
+}
+
 /// Where a sidecar listens and what it stands beside.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sidecar {
@@ -114,6 +130,8 @@ impl Sidecar {
             }];
             own.dns = None;
             own.registry = None;
+            // The app is next door: the hop to it is plain.
+            own.tls = crate::UpstreamTls::Disable;
             *s = Arc::new(own);
         }
     }

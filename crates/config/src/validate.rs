@@ -530,7 +530,8 @@ pub fn validate(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> Checked {
     out
 }
 
-fn valid_name(n: &str) -> bool {
+/// Whether `n` may name a resource: lower-case letters, digits, `-` and `.`.
+pub fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 253
         && n.bytes()
@@ -586,10 +587,13 @@ fn gateway(c: &mut Check<'_>, spec: &GatewaySpec) -> Option<GatewayDraft> {
                     });
                 }
             }
-            (ListenerProtocol::Http, Some(_)) => {
-                c.err(format!("{p}.tls"), "tls is only valid on an https listener");
+            (ListenerProtocol::Http | ListenerProtocol::Mesh, Some(_)) => {
+                c.err(
+                    format!("{p}.tls"),
+                    "tls is only valid on an https listener (a mesh listener presents the proxy's mesh certificate)",
+                );
             }
-            (ListenerProtocol::Http, None) => {}
+            (ListenerProtocol::Http | ListenerProtocol::Mesh, None) => {}
         }
         if let Some(address) = address {
             listeners.push(Listener {
@@ -776,10 +780,26 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
             "a percentage from 0 to 100",
         );
     }
-    if let Some(t) = &spec.tls
-        && t.mode != "disable"
-    {
-        c.not_built("spec.tls.mode", &format!("upstream tls mode {:?}", t.mode));
+    let tls = match spec.tls.as_ref().map(|t| t.mode.as_str()) {
+        None | Some("disable") => UpstreamTls::Disable,
+        Some("mesh") => UpstreamTls::Mesh,
+        Some("simple") => {
+            c.not_built("spec.tls.mode", "upstream tls mode \"simple\"");
+            UpstreamTls::Disable
+        }
+        Some(other) => {
+            c.err(
+                "spec.tls.mode",
+                format!("unknown mode {other:?} (disable, simple or mesh)"),
+            );
+            UpstreamTls::Disable
+        }
+    };
+    if tls == UpstreamTls::Mesh && spec.health_check.is_some() {
+        c.not_built(
+            "spec.healthCheck",
+            "active health checks over mesh mTLS (use outlierDetection)",
+        );
     }
     (c.diags.len() == before).then(|| Service {
         name: name.to_string(),
@@ -797,6 +817,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         outlier,
         panic_threshold,
         retry_budget,
+        tls,
     })
 }
 

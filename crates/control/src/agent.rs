@@ -78,6 +78,70 @@ impl OnEndpoints {
     }
 }
 
+/// The proxy's mesh certificate: its private key (PKCS#8 DER, made by the agent
+/// and never sent), the chain the control plane signed, and the mesh's roots.
+#[derive(Clone)]
+pub struct MeshCertificate {
+    pub key: Vec<u8>,
+    pub chain: Vec<Vec<u8>>,
+    pub roots: Vec<Vec<u8>>,
+    pub spiffe_id: String,
+    pub not_after: std::time::SystemTime,
+}
+
+impl std::fmt::Debug for MeshCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshCertificate")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Takes each mesh certificate the control plane signs for the proxy.
+#[derive(Clone)]
+pub struct OnCertificate(std::sync::Arc<dyn Fn(MeshCertificate) + Send + Sync>);
+
+impl OnCertificate {
+    pub fn new(f: impl Fn(MeshCertificate) + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for OnCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnCertificate")
+    }
+}
+
+/// A new key and its signing request (DER).
+struct Pending {
+    key: rcgen::KeyPair,
+    csr: Vec<u8>,
+}
+
+impl Pending {
+    fn new() -> Result<Self, String> {
+        let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        let csr = p.serialize_request(&key).map_err(|e| e.to_string())?;
+        Ok(Self {
+            csr: csr.der().to_vec(),
+            key,
+        })
+    }
+}
+
+/// When to ask for the next certificate: half-way through this one's life (at
+/// least a second from now).
+fn renew_at(not_after: std::time::SystemTime) -> tokio::time::Instant {
+    let left = not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now() + (left / 2).max(Duration::from_secs(1))
+}
+
 impl std::fmt::Debug for OnEndpoints {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OnEndpoints")
@@ -146,9 +210,10 @@ impl Held {
                 self.revision = d.revision;
                 Ok(())
             }
-            Some(pb::control_message::Message::Endpoints(_)) => {
-                Err("registry endpoints are not config".into())
-            }
+            Some(
+                pb::control_message::Message::Endpoints(_)
+                | pb::control_message::Message::Certificate(_),
+            ) => Err("registry endpoints and certificates are not config".into()),
             None => Err("an empty message from the control plane".into()),
         }
     }
@@ -174,6 +239,8 @@ pub struct Agent {
     /// Becomes true when the proxy stops: the agent deregisters its instance and
     /// registers it no more.
     pub leaving: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Where mesh certificates go (none: the proxy asks for none).
+    pub certificate: Option<OnCertificate>,
 }
 
 /// How often a proxy serving grey releases reports their answer counts.
@@ -258,10 +325,18 @@ impl Agent {
         F: FnMut(Held) -> Fut,
         Fut: Future<Output = Result<(), Vec<String>>>,
     {
-        let (tx, mut inbound) = match self.open(url, good).await {
+        // A new key for every stream: its request rides in the hello.
+        let mut pending = match self.certificate.as_ref().map(|_| Pending::new()) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => return Ended::Failed(format!("cannot make a mesh key: {e}")),
+            None => None,
+        };
+        let csr = pending.as_ref().map(|p| p.csr.clone()).unwrap_or_default();
+        let (tx, mut inbound) = match self.open(url, good, csr).await {
             Ok(s) => s,
             Err(e) => return Ended::Failed(e),
         };
+        let mut renew: Option<tokio::time::Instant> = None;
         let mut held = good.clone();
         let mut parts = None;
         let mut beat = tokio::time::interval(self.heartbeat());
@@ -283,6 +358,19 @@ impl Agent {
                     let _ = tx.send(message(pb::node_message::Message::Deregister(pb::Deregister {}))).await;
                     continue;
                 }
+                _ = tokio::time::sleep_until(renew.unwrap_or_else(tokio::time::Instant::now)), if renew.is_some() => {
+                    renew = None;
+                    match Pending::new() {
+                        Ok(p) => {
+                            let csr = p.csr.clone();
+                            pending = Some(p);
+                            tracing::debug!("asking for a new mesh certificate");
+                            let _ = tx.send(message(pb::node_message::Message::CertificateRequest(pb::CertificateRequest { csr }))).await;
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot make a mesh key; keeping the certificate held"),
+                    }
+                    continue;
+                }
                 _ = report.tick(), if self.report.is_some() => {
                     if let Some(m) = self.report.as_ref().and_then(Reporter::message) {
                         let _ = tx.send(m).await;
@@ -302,6 +390,27 @@ impl Agent {
                 })) => {
                     if let Some(on) = &self.endpoints {
                         on.take(e);
+                    }
+                    continue;
+                }
+                Ok(Some(pb::ControlMessage {
+                    message: Some(pb::control_message::Message::Certificate(c)),
+                })) => {
+                    match (pending.take(), &self.certificate) {
+                        (Some(p), Some(on)) => {
+                            let not_after = std::time::SystemTime::UNIX_EPOCH
+                                + Duration::from_secs(c.not_after.max(0) as u64);
+                            tracing::info!(spiffe_id = %c.spiffe_id, ?not_after, "mesh certificate received");
+                            renew = Some(renew_at(not_after));
+                            (on.0)(MeshCertificate {
+                                key: p.key.serialize_der(),
+                                chain: c.chain,
+                                roots: c.roots,
+                                spiffe_id: c.spiffe_id,
+                                not_after,
+                            });
+                        }
+                        _ => tracing::warn!("a mesh certificate came unasked; ignored"),
                     }
                     continue;
                 }
@@ -352,6 +461,7 @@ impl Agent {
         &self,
         url: &str,
         good: &Held,
+        csr: Vec<u8>,
     ) -> Result<
         (
             mpsc::Sender<pb::NodeMessage>,
@@ -403,6 +513,7 @@ impl Agent {
                 .instance
                 .as_ref()
                 .map_or(0, |r| r.lease.as_secs().max(1) as u32),
+            csr,
         };
         let _ = tx
             .send(message(pb::node_message::Message::Hello(hello)))

@@ -4,7 +4,8 @@
 //! - `versions`: (key, revision) → the text written then, or `None` for a delete.
 //!   Every version is kept, so any revision can be read back.
 //! - `commits`: revision → the commit's author, time, message and keys (JSON).
-//! - `meta`: `id` → the store's id, made when the file is created.
+//! - `meta`: `id` → the store's id, made when the file is created; `kept/NAME` →
+//!   values kept with [`Store::keep`] (the mesh CA's root).
 //!
 //! The newest revision is the last key of `commits`. Writes run in one redb write
 //! transaction each, and redb allows one writer at a time, so the compare-and-set
@@ -148,6 +149,27 @@ impl Embedded {
         Ok(revision)
     }
 
+    fn keep_now(&self, name: &str, fresh: String) -> Result<String, StoreError> {
+        let key = format!("kept/{name}");
+        let tx = self.db.begin_write().map_err(backend)?;
+        let value = {
+            let mut meta = tx.open_table(META).map_err(backend)?;
+            let known = meta
+                .get(key.as_str())
+                .map_err(backend)?
+                .map(|v| v.value().to_string());
+            match known {
+                Some(v) => v,
+                None => {
+                    meta.insert(key.as_str(), fresh.as_str()).map_err(backend)?;
+                    fresh
+                }
+            }
+        };
+        tx.commit().map_err(backend)?;
+        Ok(value)
+    }
+
     fn history_now(&self, key: Option<&str>, limit: usize) -> Result<Vec<Commit>, StoreError> {
         let tx = self.db.begin_read().map_err(backend)?;
         let commits = tx.open_table(COMMITS).map_err(backend)?;
@@ -210,5 +232,10 @@ impl Store for Embedded {
         let this = self.clone();
         let key = key.map(str::to_string);
         blocking(move || this.history_now(key.as_deref(), limit)).await
+    }
+
+    async fn keep(&self, name: &str, fresh: String) -> Result<String, StoreError> {
+        let (this, name) = (self.clone(), name.to_string());
+        blocking(move || this.keep_now(&name, fresh)).await
     }
 }

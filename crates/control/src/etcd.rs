@@ -8,6 +8,7 @@
 //!   or `null` for a delete. Every version is kept, so any revision reads back.
 //! - `current/{Kind}/{name}`: the newest text and the revision that wrote it, so
 //!   the newest config is one range read.
+//! - `kept/{name}`: values kept with [`Store::keep`] (the mesh CA's root).
 //! - `nodes/{name}`: a proxy's status, written by the control plane it streams
 //!   from under that control plane's lease ([`NODE_TTL`]), so every control plane
 //!   can list every proxy and a dead control plane's records expire.
@@ -319,6 +320,22 @@ impl Store for Etcd {
         } else {
             Err(StoreError::Conflict(self.newest().await?))
         }
+    }
+
+    async fn keep(&self, name: &str, fresh: String) -> Result<String, StoreError> {
+        let key = self.key(&format!("kept/{name}"));
+        let mut kv = self.client.kv_client();
+        // Put only if absent, then read whichever value won.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), fresh, None)]);
+        kv.txn(txn).await.map_err(backend)?;
+        let got = kv.get(key, None).await.map_err(backend)?;
+        got.kvs()
+            .first()
+            .and_then(|kv| kv.value_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| backend(format!("the kept value {name:?} vanished")))
     }
 
     async fn history(&self, key: Option<&str>, limit: usize) -> Result<Vec<Commit>, StoreError> {

@@ -63,6 +63,8 @@ pub fn router<S: Store>(plane: Arc<Plane<S>>, push: Arc<Publisher<S>>, token: St
         .route("/api/v1/nodes", get(nodes::<S>))
         .route("/api/v1/registry", get(registry::<S>))
         .route("/api/v1/registry/{service}", get(registry_one::<S>))
+        .route("/api/v1/mesh/ca", get(mesh_ca::<S>))
+        .route("/api/v1/mesh/certificates", post(mesh_certificate::<S>))
         .route("/api/v1/history", get(history_all::<S>))
         .route("/api/v1/diff", get(diff::<S>))
         .route("/api/v1/rollback", post(rollback::<S>))
@@ -248,6 +250,83 @@ async fn registry_one<S: Store>(
     Path(service): Path<String>,
 ) -> Response {
     axum::Json(json!({"items": ctx.push.registry.list(Some(&service))})).into_response()
+}
+
+/// The mesh's root certificate (PEM): what a workload outside meshgate trusts
+/// mesh certificates with.
+async fn mesh_ca<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Response {
+    let ca = &ctx.push.ca;
+    axum::Json(json!({"trustDomain": ca.trust_domain, "root": ca.root_pem})).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificateRequest {
+    /// The PKCS#10 request, PEM.
+    csr: String,
+    /// The service whose identity the certificate names.
+    service: String,
+}
+
+/// Sign a certificate for a service's workload that does not run a meshgate
+/// proxy (or for tooling): the admin token vouches for the identity.
+async fn mesh_certificate<S: Store>(
+    State(ctx): State<Arc<Ctx<S>>>,
+    body: axum::body::Bytes,
+) -> Response {
+    use rustls_pki_types::pem::PemObject as _;
+    let req: CertificateRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("send JSON {{\"csr\": PEM, \"service\": NAME}}: {e}"),
+            );
+        }
+    };
+    if !meshgate_config::valid_name(&req.service) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "service: a resource name (lower-case letters, digits, '-', '.')",
+        );
+    }
+    let der =
+        match rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(req.csr.as_bytes()) {
+            Ok(d) => d,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", format!("csr: {e}")),
+        };
+    let ca = &ctx.push.ca;
+    match ca.sign(der.as_ref(), &ca.service_id(&req.service)) {
+        Ok(issued) => {
+            let pem = pem_block("CERTIFICATE", &issued.cert);
+            let not_after = jiff::Timestamp::try_from(issued.not_after)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            axum::Json(json!({
+                "certificate": pem,
+                "root": ca.root_pem,
+                "spiffeId": issued.spiffe_id,
+                "notAfter": not_after,
+            }))
+            .into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", e),
+    }
+}
+
+/// DER as a PEM block.
+fn pem_block(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 async fn nodes<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Response {

@@ -11,6 +11,7 @@
 //!   proxy's end of it.
 
 pub mod agent;
+pub mod ca;
 pub mod embedded;
 pub mod etcd;
 pub mod guard;
@@ -51,12 +52,21 @@ pub async fn serve<S: Store>(
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     plane: std::sync::Arc<Plane<S>>,
     tokens: Tokens,
+    ca: ca::CaOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop, stopping) = tokio::sync::watch::channel(false);
-    let push = push::Publisher::start(plane.clone(), tokens.node, stopping.clone())
+    let ca = ca::open(plane.store(), &ca)
         .await
         .map_err(std::io::Error::other)?;
+    let push = push::Publisher::start(
+        plane.clone(),
+        tokens.node,
+        std::sync::Arc::new(ca),
+        stopping.clone(),
+    )
+    .await
+    .map_err(std::io::Error::other)?;
     tokio::spawn(guard::run(push.clone(), plane.clone(), stopping.clone()));
     let app = http::router(plane, push, tokens.admin)
         .into_make_service_with_connect_info::<std::net::SocketAddr>();

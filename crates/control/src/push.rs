@@ -265,6 +265,8 @@ pub struct Publisher<S> {
     pub observed: crate::guard::Observed,
     /// The instances sidecars registered with this control plane.
     pub registry: Arc<crate::registry::Registry>,
+    /// Signs the proxies' mesh certificates.
+    pub ca: Arc<crate::ca::MeshCa>,
     token: String,
     /// Becomes true when the control plane stops: every stream then ends, so the
     /// server's graceful shutdown does not wait on them for ever.
@@ -278,6 +280,7 @@ impl<S: Store> Publisher<S> {
     pub async fn start(
         plane: Arc<Plane<S>>,
         token: String,
+        ca: Arc<crate::ca::MeshCa>,
         stopping: watch::Receiver<bool>,
     ) -> Result<Arc<Self>, crate::StoreError> {
         let config = plane.store().load(None).await?;
@@ -294,6 +297,7 @@ impl<S: Store> Publisher<S> {
             nodes,
             observed: crate::guard::Observed::default(),
             registry: Arc::new(crate::registry::Registry::default()),
+            ca,
             token,
             stopping,
             snapshots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_IN_FLIGHT)),
@@ -465,6 +469,21 @@ impl<S: Store> pb::push_server::Push for Service<S> {
         if let Some(i) = &hello.instance {
             crate::registry::check(i).map_err(Status::invalid_argument)?;
         }
+        // The identity a mesh certificate of this proxy names: its service's, or
+        // an edge proxy's gateway's.
+        let spiffe_id = match &hello.instance {
+            Some(i) => publisher.ca.service_id(&i.service),
+            None if hello.gateway.is_empty() => publisher.ca.gateway_id(&hello.node),
+            None => publisher.ca.gateway_id(&hello.gateway),
+        };
+        let certificate = if hello.csr.is_empty() {
+            None
+        } else {
+            Some(
+                certificate(&publisher.ca, &hello.csr, &spiffe_id)
+                    .map_err(Status::invalid_argument)?,
+            )
+        };
         let first = publisher.first(&hello).await?;
         let now = first.1.clone();
         let stream = publisher.nodes.streams.fetch_add(1, Ordering::Relaxed) + 1;
@@ -498,7 +517,16 @@ impl<S: Store> pb::push_server::Push for Service<S> {
         }
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(serve_node(
-            publisher, hello.node, stream, first, inbound, tx,
+            publisher,
+            Peer {
+                node: hello.node,
+                stream,
+                spiffe_id,
+            },
+            certificate,
+            first,
+            inbound,
+            tx,
         ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -506,12 +534,46 @@ impl<S: Store> pb::push_server::Push for Service<S> {
     }
 }
 
+/// A mesh certificate for `spiffe_id` from a proxy's signing request.
+fn certificate(
+    ca: &crate::ca::MeshCa,
+    csr: &[u8],
+    spiffe_id: &str,
+) -> Result<pb::ControlMessage, String> {
+    let issued = ca.sign(csr, spiffe_id)?;
+    tracing::info!(spiffe_id, not_after = ?issued.not_after, "mesh certificate issued");
+    let not_after = issued
+        .not_after
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    Ok(pb::ControlMessage {
+        message: Some(pb::control_message::Message::Certificate(pb::Certificate {
+            chain: vec![issued.cert],
+            roots: vec![ca.root.clone()],
+            spiffe_id: issued.spiffe_id,
+            not_after,
+        })),
+    })
+}
+
+/// The proxy at the other end of one stream.
+struct Peer {
+    node: String,
+    stream: u64,
+    /// The identity its mesh certificates name.
+    spiffe_id: String,
+}
+
 /// Push every new revision to one node and record what it says, until either side
 /// goes away.
 async fn serve_node<S: Store>(
     publisher: Arc<Publisher<S>>,
-    node: String,
-    stream: u64,
+    Peer {
+        node,
+        stream,
+        spiffe_id,
+    }: Peer,
+    issued: Option<pb::ControlMessage>,
     (first, mut held, mut turn): First,
     mut inbound: Streaming<pb::NodeMessage>,
     tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
@@ -529,7 +591,8 @@ async fn serve_node<S: Store>(
         crate::registry::changes(&Default::default(), &listed).map(|e| pb::ControlMessage {
             message: Some(pb::control_message::Message::Endpoints(e)),
         });
-    for m in endpoints.into_iter().chain(first) {
+    // The certificate goes before all: the config may need it to serve.
+    for m in issued.into_iter().chain(endpoints).chain(first) {
         if !matches!(
             tokio::time::timeout(SILENCE, tx.send(Ok(m))).await,
             Ok(Ok(()))
@@ -605,6 +668,20 @@ async fn serve_node<S: Store>(
                     Some(Message::Deregister(_)) => {
                         publisher.registry.deregister(&node);
                         nodes.update(&node, stream, |n| n.last_contact = at);
+                    }
+                    Some(Message::CertificateRequest(r)) => {
+                        nodes.update(&node, stream, |n| n.last_contact = at);
+                        match certificate(&publisher.ca, &r.csr, &spiffe_id) {
+                            Ok(m) => {
+                                if tx.send(Ok(m)).await.is_err() {
+                                    break "the node closed the stream".to_string();
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(Status::invalid_argument(e.clone()))).await;
+                                break e;
+                            }
+                        }
                     }
                     Some(Message::Report(r)) => {
                         publisher.observed.record(&node, r, std::time::Instant::now());

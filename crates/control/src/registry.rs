@@ -76,8 +76,11 @@ impl Default for Registry {
 
 /// Why an instance cannot be registered.
 pub fn check(instance: &pb::Instance) -> Result<(), String> {
-    if instance.service.is_empty() {
-        return Err("the instance names no service".into());
+    if !meshgate_config::valid_name(&instance.service) {
+        return Err(format!(
+            "the instance's service {:?} is not a resource name (lower-case letters, digits, '-', '.')",
+            instance.service
+        ));
     }
     if instance.address.parse::<std::net::SocketAddr>().is_err() {
         return Err(format!(

@@ -149,6 +149,14 @@ pub trait Store: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// The value kept under `name` (the mesh CA's root), keeping `fresh` first if
+    /// there is none: every control plane on one store ends up with the same value.
+    fn keep(
+        &self,
+        name: &str,
+        fresh: String,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
     /// Every node's status as recorded by any control plane (JSON each).
     fn shared_nodes(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
         async { Ok(Vec::new()) }

@@ -28,7 +28,7 @@ impl fmt::Display for BuildError {
 
 /// Filters the SPEC names that later work will add; naming one is a clear error
 /// until it exists, never a silent no-op.
-const PLANNED: &[&str] = &["waf", "authz"];
+const PLANNED: &[&str] = &["waf"];
 
 const BUILT: &[&str] = &[
     "transform",
@@ -46,6 +46,7 @@ const BUILT: &[&str] = &[
     "quota",
     "mirror",
     "compress",
+    "authz",
 ];
 
 /// True for names that are built in or planned (used for "did you mean" style errors).
@@ -90,6 +91,7 @@ pub fn build(
         "acl" => Ok(Arc::new(crate::auth::Acl::from_config(config)?)),
         "ip-restriction" => Ok(Arc::new(crate::access::IpRestriction::from_config(config)?)),
         "cors" => Ok(Arc::new(crate::access::Cors::from_config(config)?)),
+        "authz" => Ok(Arc::new(crate::access::Authz::from_config(config)?)),
         "oauth2-introspection" => Ok(Arc::new(crate::auth::Introspection::from_config(
             config,
             ctx.consumers,

@@ -15,6 +15,58 @@ pub struct Options {
     /// and key (PEM files).
     pub etcd_ca: Option<PathBuf>,
     pub etcd_client: Option<(PathBuf, PathBuf)>,
+    pub mesh: MeshArgs,
+}
+
+/// The mesh CA's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MeshArgs {
+    /// The trust domain of the mesh's SPIFFE IDs (`spiffe://DOMAIN/svc/NAME`).
+    #[arg(long, default_value = meshgate_control::ca::DEFAULT_TRUST_DOMAIN, value_parser = trust_domain)]
+    pub trust_domain: String,
+    /// How long a mesh certificate lives; proxies renew theirs at half of it.
+    #[arg(long, default_value = "1h", value_parser = cert_ttl)]
+    pub mesh_cert_ttl: std::time::Duration,
+    /// Sign with this CA certificate (PEM) instead of the root kept in the store;
+    /// needs --mesh-ca-key.
+    #[arg(long, requires = "mesh_ca_key")]
+    pub mesh_ca_cert: Option<PathBuf>,
+    /// The private key (PEM) of --mesh-ca-cert.
+    #[arg(long, requires = "mesh_ca_cert")]
+    pub mesh_ca_key: Option<PathBuf>,
+}
+
+fn trust_domain(s: &str) -> Result<String, String> {
+    meshgate_control::ca::check_trust_domain(s).map(|()| s.to_string())
+}
+
+fn cert_ttl(s: &str) -> Result<std::time::Duration, String> {
+    use meshgate_control::ca::{MAX_TTL, MIN_TTL};
+    let d = meshgate_config::parse_duration(s)?;
+    if !(MIN_TTL..=MAX_TTL).contains(&d) {
+        return Err(format!("{s}: give a lifetime from {MIN_TTL:?} to 30 days"));
+    }
+    Ok(d)
+}
+
+impl MeshArgs {
+    fn ca(&self) -> anyhow::Result<meshgate_control::ca::CaOptions> {
+        let read = |flag: &str, f: &Path| {
+            std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", f.display()))
+        };
+        let root = match (&self.mesh_ca_cert, &self.mesh_ca_key) {
+            (Some(c), Some(k)) => Some(meshgate_control::ca::RootPem {
+                cert: read("--mesh-ca-cert", c)?,
+                key: read("--mesh-ca-key", k)?,
+            }),
+            _ => None,
+        };
+        Ok(meshgate_control::ca::CaOptions {
+            trust_domain: self.trust_domain.clone(),
+            ttl: self.mesh_cert_ttl,
+            root,
+        })
+    }
 }
 
 /// A bearer token from `file` (given as `flag`), else from the first of `envs`
@@ -178,7 +230,8 @@ async fn serve_on<S: meshgate_control::Store>(
         revision = *plane.watch().borrow(),
         "control plane ready"
     );
-    meshgate_control::serve(listener, tls, plane, o.tokens, shutdown()).await?;
+    let ca = o.mesh.ca()?;
+    meshgate_control::serve(listener, tls, plane, o.tokens, ca, shutdown()).await?;
     tracing::info!("control plane stopped");
     Ok(())
 }

@@ -76,6 +76,8 @@ enum Command {
         etcd_key: Option<PathBuf>,
         #[arg(long, env = "MESHGATE_STATE_DIR")]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        mesh: control::MeshArgs,
     },
     /// Run a data plane whose config the control plane pushes.
     Proxy {
@@ -207,6 +209,7 @@ fn main() -> ExitCode {
             etcd_cert,
             etcd_key,
             state_dir,
+            mesh,
         } => {
             let token = match control::token("control", token_file.as_deref()) {
                 Ok(t) => t,
@@ -231,6 +234,7 @@ fn main() -> ExitCode {
                     tls: tls_cert.zip(tls_key),
                     etcd_ca,
                     etcd_client: etcd_cert.zip(etcd_key),
+                    mesh,
                 })
             })
         }
@@ -357,7 +361,11 @@ fn run(config: Vec<PathBuf>, demo_upstream: Option<String>, state_dir: PathBuf) 
         eprintln!("meshgate: config rejected: {} problem(s)", diags.len());
         return ExitCode::from(1);
     };
-    if let Some(why) = snapshot.nothing_listens() {
+    let refused = snapshot
+        .nothing_listens()
+        .map(str::to_string)
+        .or_else(|| snapshot.needs_mesh_ca());
+    if let Some(why) = refused {
         let paths: Vec<String> = config.iter().map(|p| p.display().to_string()).collect();
         eprintln!("{}: {why}", paths.join(", "));
         return ExitCode::from(1);

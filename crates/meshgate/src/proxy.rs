@@ -295,6 +295,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let (pushes, received) = tokio::sync::mpsc::channel(1);
     let counts = Arc::new(meshgate_proxy::ReleaseCounts::default());
     let registry = Arc::new(meshgate_proxy::Registry::default());
+    let mesh = Arc::new(meshgate_proxy::mesh::MeshTls::default());
     let (leaving, left) = tokio::sync::watch::channel(false);
     let before_drain = o.sidecar.as_ref().map(|s| {
         let stop = deregister(
@@ -334,6 +335,21 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         })),
         endpoints: Some(follow_registry(registry.clone())),
         leaving: Some(left),
+        certificate: Some(meshgate_control::agent::OnCertificate::new({
+            let mesh = mesh.clone();
+            move |c| {
+                let id = c.spiffe_id.clone();
+                let taken = mesh.set(meshgate_proxy::mesh::Material {
+                    key: c.key,
+                    chain: c.chain,
+                    roots: c.roots,
+                    spiffe_id: c.spiffe_id,
+                });
+                if let Err(e) = taken {
+                    tracing::error!(spiffe_id = %id, error = %e, "mesh certificate refused; keeping the one held");
+                }
+            }
+        })),
     };
     let gateway = o.gateway;
     let labels = Arc::new(agent.identity.labels.clone());
@@ -370,6 +386,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         pushes: Some(received),
         counts: Some(counts),
         registry,
+        mesh,
         before_drain,
     };
     Ok(meshgate_proxy::run(options, first, feed).await?)

@@ -4,11 +4,12 @@
 
 use crate::body::UpstreamBody;
 use crate::h1::{ConnLimits, H1Pool};
+use crate::mesh::MeshTls;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use meshgate_config::{Service, UpstreamProtocol};
+use meshgate_config::{Service, UpstreamProtocol, UpstreamTls};
 use prometheus_client::metrics::gauge::Gauge;
 use std::future::Future;
 use std::io;
@@ -30,7 +31,114 @@ pub enum Transport {
 /// How long an unused upstream connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-pub fn build(service: &Service, connections: Gauge) -> Transport {
+/// TLS for a Service's connections: mesh mTLS, verifying its SPIFFE ID.
+#[derive(Clone)]
+pub struct Secure {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls_pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for Secure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secure").field("name", &self.name).finish()
+    }
+}
+
+impl Secure {
+    fn mesh(mesh: &Arc<MeshTls>, service: &str, alpn: &[u8]) -> Result<Self, String> {
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(mesh.client_config(service, alpn)?),
+            name: crate::mesh::server_name(service),
+        })
+    }
+
+    /// TLS over a fresh connection. A failure is logged: a peer with the wrong
+    /// identity or an untrusted certificate is a security event, not noise.
+    pub async fn handshake(&self, tcp: TcpStream) -> io::Result<UpstreamIo> {
+        let peer = tcp.peer_addr().ok();
+        match self.connector.connect(self.name.clone(), tcp).await {
+            Ok(tls) => Ok(UpstreamIo::Tls(Box::new(tls))),
+            Err(e) => {
+                tracing::warn!(service = ?self.name, ?peer, error = %e, "mesh TLS handshake failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// An upstream connection: plain, or TLS.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The TLS a Service's connections need, if any. A config that cannot be built
+/// (it never fails with the built-in provider) leaves the Service unreachable
+/// rather than plaintext.
+fn secure(service: &Service, mesh: &Arc<MeshTls>, alpn: &[u8]) -> Option<Result<Secure, String>> {
+    (service.tls == UpstreamTls::Mesh).then(|| Secure::mesh(mesh, &service.name, alpn))
+}
+
+pub fn build(service: &Service, connections: Gauge, mesh: &Arc<MeshTls>) -> Transport {
     if service.protocol == UpstreamProtocol::Http1 {
         let limits = service
             .circuit_breaker
@@ -40,18 +148,32 @@ pub fn build(service: &Service, connections: Gauge) -> Transport {
                 max_pending: cb.max_pending,
             })
             .unwrap_or_default();
-        Transport::H1(H1Pool::new(
+        let tls = match secure(service, mesh, b"http/1.1") {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                tracing::error!(service = %service.name, error = %e, "cannot build mesh TLS");
+                return Transport::H2(build_h2(service, connections, Some(Err(e.into()))));
+            }
+            None => None,
+        };
+        Transport::H1(H1Pool::secured(
             service.connect_timeout,
             IDLE_TIMEOUT,
             connections,
             limits,
+            tls,
         ))
     } else {
-        Transport::H2(build_h2(service, connections))
+        let tls = secure(service, mesh, b"h2").map(|r| r.map_err(Arc::from));
+        Transport::H2(build_h2(service, connections, tls))
     }
 }
 
-fn build_h2(service: &Service, connections: Gauge) -> UpstreamClient {
+fn build_h2(
+    service: &Service,
+    connections: Gauge,
+    tls: Option<Result<Secure, Arc<str>>>,
+) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(service.connect_timeout));
@@ -59,6 +181,7 @@ fn build_h2(service: &Service, connections: Gauge) -> UpstreamClient {
     let connector = CountingConnector {
         inner: http,
         gauge: connections,
+        tls,
     };
     let mut b = Client::builder(TokioExecutor::new());
     b.timer(TokioTimer::new())
@@ -79,24 +202,36 @@ fn build_h2(service: &Service, connections: Gauge) -> UpstreamClient {
 pub struct CountingConnector {
     inner: HttpConnector,
     gauge: Gauge,
+    /// Mesh mTLS after the TCP connect (an error: TLS is needed but could not
+    /// be set up, and no connection is made).
+    tls: Option<Result<Secure, Arc<str>>>,
 }
 
 impl tower_service::Service<http::Uri> for CountingConnector {
     type Response = CountedIo;
-    type Error = <HttpConnector as tower_service::Service<http::Uri>>::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
     type Future = Pin<Box<dyn Future<Output = Result<CountedIo, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, dst: http::Uri) -> Self::Future {
         let fut = self.inner.call(dst);
         let gauge = self.gauge.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
-            let io = fut.await?;
+            let tcp = fut.await?.into_inner();
+            let io = match tls {
+                None => UpstreamIo::Plain(tcp),
+                Some(Ok(tls)) => tls.handshake(tcp).await?,
+                Some(Err(e)) => return Err(io::Error::other(e.to_string()).into()),
+            };
             gauge.inc();
-            Ok(CountedIo { io, gauge })
+            Ok(CountedIo {
+                io: TokioIo::new(io),
+                gauge,
+            })
         })
     }
 }
@@ -104,7 +239,7 @@ impl tower_service::Service<http::Uri> for CountingConnector {
 /// An upstream connection that decrements the pool gauge when closed.
 #[derive(Debug)]
 pub struct CountedIo {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<UpstreamIo>,
     gauge: Gauge,
 }
 
@@ -116,7 +251,10 @@ impl Drop for CountedIo {
 
 impl Connection for CountedIo {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        match self.io.inner() {
+            UpstreamIo::Plain(tcp) => tcp.connected(),
+            UpstreamIo::Tls(_) => Connected::new(),
+        }
     }
 }
 

@@ -31,6 +31,8 @@ pub struct ConnInfo {
     pub client_ip: HeaderValue,
     pub scheme: &'static str,
     pub activity: crate::server::Activity,
+    /// The client's SPIFFE ID, verified in a mesh mTLS handshake.
+    pub peer: Option<Arc<str>>,
 }
 
 const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
@@ -118,6 +120,7 @@ pub async fn handle(
     let active = conn.shared.active.load_full();
     let request_id = RequestId::from_header(req.headers().get(&X_REQUEST_ID));
     let mut ctx = RequestCtx::new(request_id, conn.client, conn.scheme);
+    ctx.identity = conn.peer.clone();
     ctx.grpc = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -436,12 +439,22 @@ fn forwarding_headers(
 
 const X_CONSUMER_NAME: header::HeaderName = header::HeaderName::from_static("x-consumer-name");
 const X_CONSUMER_GROUPS: header::HeaderName = header::HeaderName::from_static("x-consumer-groups");
+const X_FORWARDED_CLIENT_CERT: header::HeaderName =
+    header::HeaderName::from_static("x-forwarded-client-cert");
 
 /// The identity headers are the gateway's alone: whatever the client sent under
-/// these names is dropped, and they are set from the authenticated Consumer.
+/// these names is dropped, and they are set from the authenticated Consumer and,
+/// on mesh mTLS, from the peer's SPIFFE ID (Envoy's `x-forwarded-client-cert`
+/// with its `URI=` element).
 fn identity_headers(h: &mut http::HeaderMap, ctx: &RequestCtx) {
     h.remove(X_CONSUMER_NAME);
     h.remove(X_CONSUMER_GROUPS);
+    h.remove(&X_FORWARDED_CLIENT_CERT);
+    if let Some(id) = &ctx.identity
+        && let Ok(v) = HeaderValue::from_str(&format!("URI={id}"))
+    {
+        h.insert(X_FORWARDED_CLIENT_CERT, v);
+    }
     let Some(c) = &ctx.consumer else { return };
     if let Some(v) = &c.name_header {
         h.insert(X_CONSUMER_NAME, v.clone());

@@ -10,6 +10,7 @@
 //! HTTP/2 upstreams still use hyper's client (see `client.rs`).
 
 use crate::body::UpstreamBody;
+use crate::client::{Secure, UpstreamIo};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
@@ -73,6 +74,8 @@ pub struct H1Pool {
     idle_timeout: Duration,
     open: Gauge,
     limiter: Option<Limiter>,
+    /// Mesh mTLS on every connection, for a Service with `tls.mode: mesh`.
+    tls: Option<Secure>,
 }
 
 /// A Service's `circuitBreaker` limits on its pool.
@@ -151,7 +154,7 @@ struct Idle {
 /// One upstream connection and the bytes read from it but not yet used.
 #[derive(Debug)]
 pub struct Conn {
-    io: TcpStream,
+    io: UpstreamIo,
     buf: BytesMut,
     /// The request head is encoded here; kept to save an allocation per request.
     head: Vec<u8>,
@@ -171,12 +174,20 @@ impl Conn {
     /// sent nothing unasked. Costs no system call unless the socket became readable.
     fn usable(&self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
+        let tcp = match &self.io {
+            UpstreamIo::Plain(tcp) => tcp,
+            // A mesh peer sends nothing after the handshake (no session tickets):
+            // anything readable on an idle TLS connection is a close or an alert.
+            UpstreamIo::Tls(tls) => {
+                return tls.get_ref().0.poll_read_ready(&mut cx).is_pending();
+            }
+        };
+        match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
     }
@@ -204,6 +215,17 @@ impl H1Pool {
         open: Gauge,
         limits: ConnLimits,
     ) -> Arc<Self> {
+        Self::secured(connect_timeout, idle_timeout, open, limits, None)
+    }
+
+    /// A pool whose connections are TLS (mesh mTLS) when `tls` says so.
+    pub fn secured(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        open: Gauge,
+        limits: ConnLimits,
+        tls: Option<Secure>,
+    ) -> Arc<Self> {
         let limiter = (limits != ConnLimits::default()).then(|| {
             let all_slots = limits
                 .max_connections
@@ -222,6 +244,7 @@ impl H1Pool {
             idle_timeout,
             open,
             limiter,
+            tls,
         })
     }
 
@@ -312,11 +335,18 @@ impl H1Pool {
                 return Ok((conn, true));
             }
         }
-        let io = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| H1Error::ConnectTimeout)?
             .map_err(H1Error::Connect)?;
-        io.set_nodelay(true).map_err(H1Error::Connect)?;
+        tcp.set_nodelay(true).map_err(H1Error::Connect)?;
+        let io = match &self.tls {
+            None => UpstreamIo::Plain(tcp),
+            Some(tls) => tokio::time::timeout(self.connect_timeout, tls.handshake(tcp))
+                .await
+                .map_err(|_| H1Error::ConnectTimeout)?
+                .map_err(H1Error::Connect)?,
+        };
         self.open.inc();
         Ok((
             Conn {
@@ -566,12 +596,16 @@ async fn exchange(
                 } else {
                     conn.io.write_all(&data).await?;
                 }
+                // Each chunk goes out as it comes (TLS may hold records back).
+                conn.io.flush().await?;
             }
             if chunked {
                 conn.io.write_all(b"0\r\n\r\n").await?;
             }
         }
     }
+    // Free on a plain socket; sends what TLS holds.
+    conn.io.flush().await?;
     loop {
         if let Some(parsed) = parse_head(&mut conn.buf, method)? {
             return Ok(parsed);

@@ -16,6 +16,7 @@ mod h1;
 mod health;
 mod invoke;
 mod lane;
+pub mod mesh;
 mod metrics;
 mod mirror;
 mod respond;
@@ -67,6 +68,8 @@ pub struct Feed {
     pub counts: Option<Arc<ReleaseCounts>>,
     /// The registered instances Services with registry discovery follow.
     pub registry: Arc<Registry>,
+    /// The mesh certificate, as the control plane signs and rotates it.
+    pub mesh: Arc<mesh::MeshTls>,
     /// Run when the proxy is told to stop, before it drains: a sidecar takes its
     /// instance out of the registry so that no new request is sent its way.
     pub before_drain: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
@@ -127,6 +130,7 @@ pub struct Shared {
     admins: admin::Admins,
     loggers: access_log::Loggers,
     registry: Arc<Registry>,
+    mesh: Arc<mesh::MeshTls>,
     last_reload: Mutex<Option<ReloadStatus>>,
     reload_lock: tokio::sync::Mutex<()>,
     draining: AtomicBool,
@@ -179,8 +183,12 @@ impl Shared {
             } else {
                 diags.iter().map(|d| d.to_string()).collect()
             }),
-            Some(s) => match s.nothing_listens() {
-                Some(why) => Err(vec![why.to_string()]),
+            Some(s) => match s
+                .nothing_listens()
+                .map(str::to_string)
+                .or_else(|| s.needs_mesh_ca())
+            {
+                Some(why) => Err(vec![why]),
                 None => self.activate(Arc::new(s)).await.map_err(|e| vec![e]),
             },
         };
@@ -235,9 +243,9 @@ impl Shared {
             Some(&prev),
             &self.metrics,
             &self.loggers,
-            &self.registry,
+            (&self.registry, &self.mesh),
         );
-        let prepared = self.listeners.prepare(&next).await?;
+        let prepared = self.listeners.prepare(&next, &self.mesh).await?;
         let admins = self.admins.prepare(&next.snapshot).await?;
         let rev = next.snapshot.revision.clone();
         self.active.store(Arc::new(next));
@@ -254,13 +262,20 @@ pub async fn run(options: Options, snapshot: Snapshot, feed: Feed) -> std::io::R
         pushes,
         counts,
         registry,
+        mesh,
         before_drain,
     } = feed;
     let store = open_state(&options.state_dir)?;
     let metrics = metrics::Metrics::default();
     let loggers = access_log::Loggers::default();
     let snapshot = Arc::new(snapshot);
-    let active = Active::build(snapshot.clone(), None, &metrics, &loggers, &registry);
+    let active = Active::build(
+        snapshot.clone(),
+        None,
+        &metrics,
+        &loggers,
+        (&registry, &mesh),
+    );
     let (drain, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         options,
@@ -270,6 +285,7 @@ pub async fn run(options: Options, snapshot: Snapshot, feed: Feed) -> std::io::R
         admins: admin::Admins::default(),
         loggers,
         registry,
+        mesh,
         last_reload: Mutex::new(None),
         reload_lock: tokio::sync::Mutex::new(()),
         draining: AtomicBool::new(false),
@@ -281,7 +297,7 @@ pub async fn run(options: Options, snapshot: Snapshot, feed: Feed) -> std::io::R
     }
     let prepared = shared
         .listeners
-        .prepare(&shared.active.load())
+        .prepare(&shared.active.load(), &shared.mesh)
         .await
         .map_err(std::io::Error::other)?;
     shared.listeners.commit(&shared, prepared);

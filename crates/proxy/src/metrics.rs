@@ -78,6 +78,9 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     pub rejected: Family<ReasonLabels, Counter>,
     pub downstream_connections: Gauge,
+    /// Downstream TLS handshakes that failed (a plaintext or certificate-less
+    /// client on a mesh listener among them).
+    pub tls_handshake_failures: Counter,
     pub access_log_dropped: Counter,
 }
 
@@ -102,6 +105,7 @@ impl Default for Metrics {
             reloads: Family::default(),
             rejected: Family::default(),
             downstream_connections: Gauge::default(),
+            tls_handshake_failures: Counter::default(),
             access_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
@@ -189,6 +193,11 @@ impl Default for Metrics {
             "downstream_connections",
             "Open downstream connections",
             m.downstream_connections.clone(),
+        );
+        registry.register(
+            "downstream_tls_handshake_failures",
+            "Downstream TLS handshakes that failed",
+            m.tls_handshake_failures.clone(),
         );
         registry.register(
             "access_log_dropped",

@@ -47,7 +47,11 @@ pub struct Prepared {
 
 impl Listeners {
     /// Bind new listeners and build TLS configs. Nothing changes on failure.
-    pub async fn prepare(&self, active: &Active) -> Result<Prepared, String> {
+    pub async fn prepare(
+        &self,
+        active: &Active,
+        mesh: &Arc<crate::mesh::MeshTls>,
+    ) -> Result<Prepared, String> {
         let mut p = Prepared::default();
         let running: Vec<Key> = self
             .running
@@ -64,6 +68,10 @@ impl Listeners {
                 let tls = match l.protocol {
                     ListenerProtocol::Https => Some(
                         crate::tls::server_config(&l.certificates)
+                            .map_err(|e| format!("listener {:?}: {e}", l.name))?,
+                    ),
+                    ListenerProtocol::Mesh => Some(
+                        mesh.server_config()
                             .map_err(|e| format!("listener {:?}: {e}", l.name))?,
                     ),
                     _ => None,
@@ -272,23 +280,8 @@ async fn serve_conn(
         max_headers: limits.max_headers,
         header_read_timeout: limits.header_read_timeout,
     };
-    let info = Arc::new(ConnInfo {
-        shared: shared.clone(),
-        gateway,
-        client,
-        client_ip: http::HeaderValue::from_str(&client.ip().to_string())
-            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
-        scheme: if tls.is_some() { "https" } else { "http" },
-        activity: Activity::default(),
-    });
-    info.activity.last.store(shared.now_ms(), Ordering::Relaxed);
-    let sink: Arc<dyn RejectSink> = Arc::new(Rejections(info.clone()));
-    let b = builder(&limits);
-    match tls {
-        None => {
-            let io = TokioIo::new(Guarded::new(stream, guard_limits, sink));
-            drive(b, io, info, limits.idle_timeout, removed).await;
-        }
+    let (io, peer) = match tls {
+        None => (Accepted::Plain(stream), None),
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             let tls_stream =
@@ -298,10 +291,45 @@ async fn serve_conn(
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(%client, error = %e, "tls handshake failed");
+                        shared.metrics.tls_handshake_failures.inc();
                         return;
                     }
                     Err(_) => return,
                 };
+            // A mesh client's verified identity; none on an https listener.
+            let peer = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::mesh::spiffe_id(c))
+                .map(Arc::from);
+            (Accepted::Tls(Box::new(tls_stream)), peer)
+        }
+    };
+    let info = Arc::new(ConnInfo {
+        shared: shared.clone(),
+        gateway,
+        client,
+        client_ip: http::HeaderValue::from_str(&client.ip().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
+        scheme: if matches!(io, Accepted::Tls(_)) {
+            "https"
+        } else {
+            "http"
+        },
+        activity: Activity::default(),
+        peer,
+    });
+    info.activity.last.store(shared.now_ms(), Ordering::Relaxed);
+    let sink: Arc<dyn RejectSink> = Arc::new(Rejections(info.clone()));
+    let b = builder(&limits);
+    match io {
+        Accepted::Plain(stream) => {
+            let io = TokioIo::new(Guarded::new(stream, guard_limits, sink));
+            drive(b, io, info, limits.idle_timeout, removed).await;
+        }
+        Accepted::Tls(tls_stream) => {
             if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 drive(
                     b.http2_only(),
@@ -317,6 +345,12 @@ async fn serve_conn(
             }
         }
     }
+}
+
+/// A downstream connection once accepted (and TLS done).
+enum Accepted {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 /// Serve one connection until it ends. It is asked to finish (GOAWAY on h2,

@@ -33,12 +33,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What clusters draw on besides their config: the registry's instances and the
+/// mesh certificate.
+pub type Sources<'a> = (
+    &'a crate::discovery::Registry,
+    &'a Arc<crate::mesh::MeshTls>,
+);
+
 impl ClusterRt {
-    fn new(
-        service: Arc<Service>,
-        metrics: &Metrics,
-        registry: &crate::discovery::Registry,
-    ) -> Arc<Self> {
+    fn new(service: Arc<Service>, metrics: &Metrics, (registry, mesh): Sources<'_>) -> Arc<Self> {
         let endpoints = service
             .endpoints
             .iter()
@@ -65,7 +68,7 @@ impl ClusterRt {
                 stats.health.clone(),
             )))
         });
-        let transport = client::build(&service, stats.connections.clone());
+        let transport = client::build(&service, stats.connections.clone(), mesh);
         let sweep = match &transport {
             Transport::H1(pool) => Some(AbortOnDrop(tokio::spawn(crate::h1::H1Pool::sweep(
                 Arc::downgrade(pool),
@@ -142,7 +145,7 @@ impl Active {
         prev: Option<&Active>,
         metrics: &Metrics,
         loggers: &crate::access_log::Loggers,
-        registry: &crate::discovery::Registry,
+        sources: Sources<'_>,
     ) -> Self {
         let clusters: HashMap<String, Arc<ClusterRt>> = snapshot
             .services
@@ -154,7 +157,7 @@ impl Active {
                     .cloned();
                 (
                     name.clone(),
-                    reuse.unwrap_or_else(|| ClusterRt::new(svc.clone(), metrics, registry)),
+                    reuse.unwrap_or_else(|| ClusterRt::new(svc.clone(), metrics, sources)),
                 )
             })
             .collect();

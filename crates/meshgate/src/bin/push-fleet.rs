@@ -291,8 +291,13 @@ async fn node(
                         s.revision
                     }
                     Some(pb::control_message::Message::Delta(d)) => d.revision,
-                    // The registry: no instances in this bench, and not config.
-                    Some(pb::control_message::Message::Endpoints(_)) | None => continue,
+                    // The registry and certificates: none asked for in this bench,
+                    // and not config.
+                    Some(
+                        pb::control_message::Message::Endpoints(_)
+                        | pb::control_message::Message::Certificate(_),
+                    )
+                    | None => continue,
                 };
                 let _ = tx.send(say(Message::Ack(pb::Ack { revision }))).await;
                 let e = if first {
