@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
-from harness import BIN, free_port
-from test_mesh import Mesh
+from harness import BIN, Backend, Proxy, Sidecar, curl, free_port, proxy_gateway
+from test_mesh import Mesh, chain
 
 TD = "cluster.local"
 
@@ -225,6 +225,91 @@ spec:
     assert users_app.requests == []
     # The caller's log says why.
     assert f"the peer is spiffe://{TD}/svc/users, not spiffe://{TD}/svc/orders" in front.logs()
+
+
+def allow_callers(mesh, *ids):
+    """Let `ids` call orders."""
+    mesh.apply("policy", POLICY.replace(f'["spiffe://{TD}/svc/front"]', json.dumps(list(ids))))
+
+
+def test_the_gateway_sidecar_applies_public_filters_and_calls_two_services_over_mtls(mesh, tmp_path):
+    """BFF mode: public traffic reaches the BFF's own sidecar (key-auth,
+    validation, rate-limit), then the BFF app, whose calls to orders and users
+    leave through the same sidecar over mTLS as spiffe://.../svc/front."""
+    port, admin = free_port(), free_port()
+    mesh.apply("public", proxy_gateway("public", port, admin) + """---
+apiVersion: meshgate.io/v1
+kind: Consumer
+metadata: {name: shop-app}
+spec:
+  credentials: [{type: key, key: shop-key-123456}]
+---
+apiVersion: meshgate.io/v1
+kind: Api
+metadata: {name: shop}
+spec:
+  gateways: [public]
+  request:
+    path: "/shop/{svc}/{id}"
+    params: [{name: id, in: path, type: integer, minimum: 1}]
+  filters:
+    - {name: key-auth, config: {header: x-api-key}}
+    - {name: rate-limit, config: {key: consumer, rate: "1/m", burst: 4}}
+  invoke: {service: front, path: "/call/{svc}/items/{id}"}
+""")
+    app = Backend("bff-1")
+    mesh.apps.append(app)
+    bff = Sidecar(tmp_path, mesh.control.url, "bff-1", "front", app.addr, gateway="public")
+    app.outbound = bff.outbound
+    mesh.sidecars.append(bff.start())
+    orders_app, orders = mesh.instance("orders", "orders-1")
+    users_app, users = mesh.instance("users", "users-1")
+    mesh.wait_registered("users", [users.address])
+    key = ("-H", "x-api-key: shop-key-123456")
+    url = f"http://127.0.0.1:{port}/shop"
+    assert curl(f"{url}/orders/1")[0] == 401
+    status, _, body, _ = curl(*key, f"{url}/orders/zero")
+    assert status == 400, body
+    for svc, backend in (("orders", orders_app), ("users", users_app)):
+        status, _, body, _ = curl(*key, f"{url}/{svc}/7")
+        assert status == 200, body
+        answer = json.loads(body)
+        assert chain(answer) == ["bff-1", f"{svc}-1"]
+        assert answer["called"]["path"] == "/items/7"
+        assert backend.requests[-1]["headers"]["x-forwarded-client-cert"] == f"URI=spiffe://{TD}/svc/front"
+    # The rate limit is the public Api's, counted in the BFF's sidecar.
+    statuses = [curl(*key, f"{url}/orders/1")[0] for _ in range(4)]
+    assert 429 in statuses, statuses
+    assert len(app.requests) <= 4 + 2
+
+
+def test_an_edge_proxy_calls_mesh_services_with_its_gateway_identity(mesh, tmp_path):
+    orders_app, orders = mesh.instance("orders", "orders-1")
+    port, admin = free_port(), free_port()
+    mesh.apply("edge", proxy_gateway("edge", port, admin) + """---
+apiVersion: meshgate.io/v1
+kind: Api
+metadata: {name: orders-api}
+spec:
+  gateways: [edge]
+  request: {path: "/orders/{*rest}"}
+  invoke: {service: orders}
+""")
+    edge = Proxy(tmp_path, mesh.control.url, "edge-1", "edge", port, admin).start()
+    mesh.others.append(edge)
+    deadline = time.time() + 10
+    while edge.get("/orders/x")[0] not in (403, 200):
+        assert time.time() < deadline, edge.logs()
+        time.sleep(0.05)
+    # orders' authz lets only front in: the edge (spiffe://.../gateway/edge) is refused...
+    status, _, body = edge.request("/orders/x")
+    assert status == 403 and f"spiffe://{TD}/gateway/edge is not allowed" in body, body
+    # ...until the policy names it.
+    allow_callers(mesh, f"spiffe://{TD}/svc/front", f"spiffe://{TD}/gateway/edge")
+    while edge.get("/orders/x")[0] != 200:
+        assert time.time() < deadline, edge.logs()
+        time.sleep(0.05)
+    assert orders_app.requests[-1]["headers"]["x-forwarded-client-cert"] == f"URI=spiffe://{TD}/gateway/edge"
 
 
 def test_certificates_rotate_under_load_without_a_failed_request(tmp_path):
