@@ -40,12 +40,12 @@ class Mesh:
         code, _, err = self.control.ctl("apply", "-f", str(f))
         assert code == 0, err
 
-    def instance(self, service, name, labels="", lease="2s", wait=True):
+    def instance(self, service, name, labels="", lease="2s", wait=True, args=()):
         """A new app `name` of `service` with its sidecar, started."""
         app = Backend(name)
         self.apps.append(app)
         sidecar = Sidecar(self.tmp_path, self.control.url, name, service, app.addr,
-                          labels=labels, lease=lease)
+                          labels=labels, lease=lease, args=args)
         app.outbound = sidecar.outbound
         self.sidecars.append(sidecar)
         return app, sidecar.start(wait=wait)

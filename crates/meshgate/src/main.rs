@@ -35,6 +35,8 @@ enum Command {
         /// directory). Default: $XDG_STATE_HOME/meshgate or ~/.local/state/meshgate.
         #[arg(long, env = "MESHGATE_STATE_DIR")]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        trace: TraceArgs,
     },
     /// Check config files: exit 0 if valid, else print every problem and exit 1.
     Validate {
@@ -113,6 +115,8 @@ enum Command {
         state_dir: Option<PathBuf>,
         #[command(flatten)]
         sidecar: proxy::SidecarArgs,
+        #[command(flatten)]
+        trace: TraceArgs,
     },
     /// Talk to a control plane's admin API.
     Ctl {
@@ -153,10 +157,12 @@ fn main() -> ExitCode {
             config,
             demo_upstream,
             state_dir,
+            trace,
         } => run(
             config,
             demo_upstream,
             state_dir.unwrap_or_else(default_state_dir),
+            trace.options("meshgate"),
         ),
         Command::Demo { listen } => runtime_then(|| demo::serve(listen)),
         Command::Proxy {
@@ -170,6 +176,7 @@ fn main() -> ExitCode {
             control_ca,
             state_dir,
             sidecar,
+            trace,
         } => {
             let sidecar = match sidecar.check(role) {
                 Ok(s) => s,
@@ -184,6 +191,13 @@ fn main() -> ExitCode {
             };
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             let cache_dir = cache_dir.unwrap_or_else(|| state_dir.join("control-cache"));
+            let trace = trace.options(
+                sidecar
+                    .as_ref()
+                    .map(|s| s.sidecar.service.as_str())
+                    .or(gateway.as_deref())
+                    .unwrap_or(node.as_str()),
+            );
             runtime_then(move || {
                 proxy::run(proxy::Options {
                     control,
@@ -194,6 +208,7 @@ fn main() -> ExitCode {
                     cache_dir,
                     control_ca,
                     state_dir,
+                    trace,
                     sidecar,
                 })
             })
@@ -352,7 +367,53 @@ fn default_state_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from(".meshgate-state"), |d| d.join("meshgate"))
 }
 
-fn run(config: Vec<PathBuf>, demo_upstream: Option<String>, state_dir: PathBuf) -> ExitCode {
+/// Tracing flags of the data plane commands.
+#[derive(Debug, Clone, clap::Args)]
+struct TraceArgs {
+    /// Export spans to this OTLP/HTTP traces URL (`http://HOST:4318/v1/traces`).
+    #[arg(long, env = "MESHGATE_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
+    otlp_endpoint: Option<http::Uri>,
+    /// The percentage of new traces sampled (a request carrying a trace context
+    /// keeps its caller's decision).
+    #[arg(long, default_value_t = 100.0, value_parser = percent)]
+    trace_sample: f64,
+}
+
+fn otlp_endpoint(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s}: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(format!(
+            "{s}: give an http://HOST:PORT/PATH URL (OTLP/HTTP)"
+        ));
+    }
+    Ok(uri)
+}
+
+fn percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s}: give a percentage from 0 to 100")),
+    }
+}
+
+impl TraceArgs {
+    fn options(&self, service: &str) -> Option<meshgate_proxy::trace::TraceOptions> {
+        self.otlp_endpoint
+            .clone()
+            .map(|endpoint| meshgate_proxy::trace::TraceOptions {
+                endpoint,
+                sample: self.trace_sample / 100.0,
+                service: service.to_string(),
+            })
+    }
+}
+
+fn run(
+    config: Vec<PathBuf>,
+    demo_upstream: Option<String>,
+    state_dir: PathBuf,
+    trace: Option<meshgate_proxy::trace::TraceOptions>,
+) -> ExitCode {
     let (snapshot, diags) = meshgate_config::compile_paths(&config);
     let Some(snapshot) = snapshot else {
         for d in &diags {
@@ -382,6 +443,7 @@ fn run(config: Vec<PathBuf>, demo_upstream: Option<String>, state_dir: PathBuf) 
             config,
             control: None,
             state_dir,
+            trace,
         };
         Ok(meshgate_proxy::run(options, snapshot, meshgate_proxy::Feed::default()).await?)
     })

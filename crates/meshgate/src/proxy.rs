@@ -128,6 +128,7 @@ pub struct Options {
     pub control_ca: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub sidecar: Option<SidecarOptions>,
+    pub trace: Option<meshgate_proxy::trace::TraceOptions>,
 }
 
 /// `k=v,k=v` as a map.
@@ -381,6 +382,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         config: Vec::new(),
         control: Some(o.control),
         state_dir: o.state_dir,
+        trace: o.trace,
     };
     let feed = meshgate_proxy::Feed {
         pushes: Some(received),

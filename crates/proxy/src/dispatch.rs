@@ -53,6 +53,8 @@ struct Done {
     upstream_ms: Option<f64>,
     stats: Arc<ApiStats>,
     log: Option<LogSink>,
+    /// This request's span and when it began, when tracing is on.
+    trace: Option<(crate::trace::Context, SystemTime)>,
 }
 
 /// Request facts only the access log needs.
@@ -87,6 +89,11 @@ impl Completion for Done {
             }
         }
         self.gateway_cfg.global.on_complete(ctx, status);
+        if let (Some((context, began)), Some(tracer)) = (&self.trace, &self.conn.shared.tracer)
+            && context.sampled
+        {
+            tracer.record(self.span(ctx, *context, *began));
+        }
         let (Some(log), Some(facts)) = (&self.log, &self.line) else {
             return;
         };
@@ -109,6 +116,48 @@ impl Completion for Done {
             "upstreamMs": self.upstream_ms.map(|m| (m * 1e3).round() / 1e3),
         });
         log.write(line.to_string());
+    }
+}
+
+impl Done {
+    /// This request's span: its Api, Service, consumer, upstream and status.
+    fn span(
+        &self,
+        ctx: &RequestCtx,
+        context: crate::trace::Context,
+        began: SystemTime,
+    ) -> crate::trace::Finished {
+        let gw = &self.gateway_cfg;
+        let mut attributes = vec![("meshgate.gateway", gw.name.clone())];
+        if let Some(api) = &self.api {
+            attributes.push(("meshgate.api", api.name.to_string()));
+            let service = service_of(api);
+            if !service.is_empty() {
+                attributes.push(("meshgate.service", service.to_string()));
+            }
+        }
+        if let Some(c) = &ctx.consumer {
+            attributes.push(("meshgate.consumer", c.name.to_string()));
+        }
+        if let Some(id) = &ctx.identity {
+            attributes.push(("meshgate.peer", id.to_string()));
+        }
+        if let Some(u) = self.upstream {
+            attributes.push(("server.address", u.to_string()));
+        }
+        attributes.push(("meshgate.request_id", ctx.request_id.as_str().to_string()));
+        crate::trace::Finished {
+            context,
+            client_side: gw.side == MeshSide::Outbound,
+            name: self
+                .api
+                .as_ref()
+                .map_or_else(|| "unmatched".to_string(), |a| a.name.to_string()),
+            start: began,
+            end: began + self.start.elapsed(),
+            status: self.status,
+            attributes,
+        }
     }
 }
 
@@ -157,6 +206,12 @@ pub async fn handle(
         upstream_ms: None,
         stats: grt.unmatched.clone(),
         log,
+        trace: conn.shared.tracer.as_ref().map(|t| {
+            (
+                crate::trace::Context::start(req.headers(), t.sample),
+                SystemTime::now(),
+            )
+        }),
     };
     let mut resp = match serve(&conn, &active, grt, &mut ctx, &mut done, req).await {
         Ok(r) => r,
@@ -220,6 +275,9 @@ async fn serve(
     mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let gw = &grt.gateway;
+    if let Some((t, _)) = &done.trace {
+        t.propagate(req.headers_mut());
+    }
     match gw.side {
         MeshSide::Edge => {}
         MeshSide::Inbound => crate::lane::remember(req.headers()),

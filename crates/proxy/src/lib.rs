@@ -23,6 +23,7 @@ mod respond;
 mod server;
 mod state;
 pub mod tls;
+pub mod trace;
 
 pub use discovery::{Instance, Registry};
 pub use server::bind;
@@ -48,6 +49,8 @@ pub struct Options {
     pub control: Option<String>,
     /// Where quota counters and usage persist (`meshgate.redb` in it).
     pub state_dir: PathBuf,
+    /// Export spans by OTLP/HTTP (none: no tracing).
+    pub trace: Option<trace::TraceOptions>,
 }
 
 /// A config pushed from outside (the control plane's agent), and where to say
@@ -131,6 +134,7 @@ pub struct Shared {
     loggers: access_log::Loggers,
     registry: Arc<Registry>,
     mesh: Arc<mesh::MeshTls>,
+    pub tracer: Option<trace::Tracer>,
     last_reload: Mutex<Option<ReloadStatus>>,
     reload_lock: tokio::sync::Mutex<()>,
     draining: AtomicBool,
@@ -277,7 +281,9 @@ pub async fn run(options: Options, snapshot: Snapshot, feed: Feed) -> std::io::R
         (&registry, &mesh),
     );
     let (drain, _) = watch::channel(false);
+    let tracer = options.trace.clone().map(trace::Tracer::start);
     let shared = Arc::new(Shared {
+        tracer,
         options,
         active: ArcSwap::from_pointee(active),
         metrics,

@@ -1,0 +1,161 @@
+"""Tracing: W3C trace context through three services' sidecars, one span per
+request per proxy side, exported by OTLP/HTTP (protobuf) to a real receiver in
+the test that decodes with the `opentelemetry-proto` package."""
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest, ExportTraceServiceResponse)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from harness import free_port
+from test_mesh import Mesh
+
+
+class Receiver:
+    """An OTLP/HTTP traces endpoint: every span received, with its resource's
+    service.name, as (service, span)."""
+
+    def __init__(self):
+        self.spans, self.requests = [], []
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                req = ExportTraceServiceRequest.FromString(body)
+                with lock:
+                    outer.requests.append((self.path, self.headers["content-type"]))
+                    for rs in req.resource_spans:
+                        service = {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"]
+                        for ss in rs.scope_spans:
+                            outer.spans.extend((service, s) for s in ss.spans)
+                out = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+    def of(self, trace_id, n, timeout=10):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            got = [(svc, s) for svc, s in self.spans if s.trace_id.hex() == trace_id]
+            if len(got) >= n:
+                return got
+            time.sleep(0.05)
+        raise TimeoutError(f"{len(got)} spans of {trace_id}, not {n}")
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def traced(tmp_path):
+    receiver = Receiver()
+    mesh = Mesh(tmp_path)
+    args = ("--otlp-endpoint", receiver.url)
+    _, front = mesh.instance("front", "front-1", args=args)
+    orders_app, _ = mesh.instance("orders", "orders-1", args=args)
+    users_app, _ = mesh.instance("users", "users-1", args=args)
+    yield front, orders_app, users_app, receiver
+    mesh.stop()
+    receiver.stop()
+
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+ROOT = "00f067aa0ba902b7"
+
+
+def test_spans_of_three_hops_form_one_trace_with_parent_links(traced):
+    front, orders_app, users_app, receiver = traced
+    status, _, body = front.call("front", "/call/orders/call/users/end",
+                                 {"traceparent": f"00-{TRACE}-{ROOT}-01"})
+    assert status == 200, body
+    # The apps received the trace, each with the calling proxy's span as parent.
+    got = orders_app.requests[-1]["headers"]["traceparent"]
+    assert got.startswith(f"00-{TRACE}-") and got.endswith("-01") and ROOT not in got, got
+    spans = receiver.of(TRACE, 5)
+    assert len(spans) == 5, [(svc, s.name) for svc, s in spans]
+    by_id = {s.span_id.hex(): (svc, s) for svc, s in spans}
+    # From the last hop back to the caller's span, through every proxy side.
+    (svc, users_in), = [(svc, s) for svc, s in spans if svc == "users"]
+    walk = []
+    span = users_in
+    while span.parent_span_id.hex() in by_id:
+        walk.append((svc, span.name, span.kind))
+        svc, span = by_id[span.parent_span_id.hex()]
+    walk.append((svc, span.name, span.kind))
+    assert span.parent_span_id.hex() == ROOT, "the first span's parent is the caller's"
+    SERVER, CLIENT = Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CLIENT
+    assert walk == [
+        ("users", "meshgate.inbound", SERVER),
+        ("orders", "meshgate.outbound.users", CLIENT),
+        ("orders", "meshgate.inbound", SERVER),
+        ("front", "meshgate.outbound.orders", CLIENT),
+        ("front", "meshgate.outbound.front", CLIENT),
+    ], walk
+    # What the users app was told is its inbound proxy's span.
+    assert users_app.requests[-1]["headers"]["traceparent"] == \
+        f"00-{TRACE}-{users_in.span_id.hex()}-01"
+    attrs = {a.key: (a.value.string_value or a.value.int_value) for a in users_in.attributes}
+    assert attrs["meshgate.service"] == "users"
+    assert attrs["meshgate.api"] == "meshgate.inbound"
+    assert attrs["http.response.status_code"] == 200
+    for _, s in spans:
+        assert s.end_time_unix_nano > s.start_time_unix_nano
+        # Every span lies within its parent's time (same clock on one machine).
+        parent = by_id.get(s.parent_span_id.hex())
+        if parent:
+            assert parent[1].start_time_unix_nano <= s.start_time_unix_nano
+            assert s.end_time_unix_nano <= parent[1].end_time_unix_nano
+    assert {r for r in receiver.requests} == {("/v1/traces", "application/x-protobuf")}
+
+
+def test_b3_is_accepted_and_unsampled_traces_are_passed_on_but_not_exported(traced):
+    front, orders_app, _, receiver = traced
+    b3_trace = "a" * 32
+    status, _, body = front.call("front", "/call/orders/x", {"b3": f"{b3_trace}-{ROOT}-1"})
+    assert status == 200, body
+    assert len(receiver.of(b3_trace, 3)) == 3
+    seen = orders_app.requests[-1]["headers"]
+    assert seen["traceparent"].startswith(f"00-{b3_trace}-")
+    quiet = "b" * 32
+    status, _, body = front.call("front", "/call/orders/x", {"traceparent": f"00-{quiet}-{ROOT}-00"})
+    assert status == 200, body
+    assert orders_app.requests[-1]["headers"]["traceparent"].startswith(f"00-{quiet}-")
+    assert orders_app.requests[-1]["headers"]["traceparent"].endswith("-00")
+    # Batches go every second: two seconds later, still nothing of it.
+    time.sleep(2.2)
+    assert [s for _, s in receiver.spans if s.trace_id.hex() == quiet] == []
+
+
+def test_a_collector_that_is_down_never_fails_a_request(tmp_path):
+    mesh = Mesh(tmp_path)
+    try:
+        _, front = mesh.instance("front", "front-1",
+                                 args=("--otlp-endpoint", f"http://127.0.0.1:{free_port()}/v1/traces"))
+        for _ in range(20):
+            status, _, body = front.call("front", "/x")
+            assert status == 200, body
+        time.sleep(1.5)
+        assert "span export failed" in front.logs()
+        assert front.call("front", "/x")[0] == 200
+    finally:
+        mesh.stop()
