@@ -197,24 +197,31 @@ def test_outbound_speaks_http2_and_refuses_unknown_services(mesh):
     assert status == 503 and "no_healthy_upstream" in body, body
 
 
-def test_an_edge_proxy_reaches_registered_instances(mesh, tmp_path):
-    _, s1 = mesh.instance("orders", "orders-1")
+def edge_to_orders(mesh, tmp_path, invoke, ready=(200,)):
+    """An edge proxy serving Gateway `edge` with Api `/orders/{*rest}` invoking
+    `invoke` (flow YAML), once it answers one of `ready`."""
     port, admin = free_port(), free_port()
-    mesh.apply("edge", proxy_gateway("edge", port, admin) + """---
+    mesh.apply("edge", proxy_gateway("edge", port, admin) + f"""---
 apiVersion: meshgate.io/v1
 kind: Api
-metadata: {name: orders-api}
+metadata: {{name: orders-api}}
 spec:
   gateways: [edge]
-  request: {path: "/orders/{*rest}"}
-  invoke: {service: orders, path: "/{rest}"}
+  request: {{path: "/orders/{{*rest}}"}}
+  invoke: {invoke}
 """)
     edge = Proxy(tmp_path, mesh.control.url, "edge-1", "edge", port, admin).start()
     mesh.others.append(edge)
     deadline = time.time() + 10
-    while edge.get("/orders/x")[0] != 200:
+    while edge.get("/orders/x")[0] not in ready:
         assert time.time() < deadline, edge.logs()
         time.sleep(0.05)
+    return edge
+
+
+def test_an_edge_proxy_reaches_registered_instances(mesh, tmp_path):
+    _, s1 = mesh.instance("orders", "orders-1")
+    edge = edge_to_orders(mesh, tmp_path, '{service: orders, path: "/{rest}"}')
     status, headers, body = edge.request("/orders/x")
     assert headers["x-backend"] == "orders-1"
     assert json.loads(body)["path"] == "/x", "the edge's Api rewrote the path"
@@ -281,16 +288,30 @@ def test_a_lane_tag_reaches_each_services_lane_instance_or_its_baseline(mesh):
     assert got == ["front-1", "orders-1", "users-1"], got
 
 
-def test_a_gateway_sidecar_serves_public_apis_with_no_extra_hop(mesh, tmp_path):
-    port, admin = free_port(), free_port()
-    mesh.apply("public", proxy_gateway("public", port, admin) + """---
-apiVersion: meshgate.io/v1
+SHOP_CONSUMER = """apiVersion: meshgate.io/v1
 kind: Consumer
 metadata: {name: shop-app}
 spec:
   credentials: [{type: key, key: shop-key-123456}]
----
-apiVersion: meshgate.io/v1
+"""
+
+
+def gateway_sidecar(mesh, tmp_path, api):
+    """Gateway `public` with the shop Consumer and `api` (an Api resource's YAML),
+    served by the sidecar of front's app `bff-1`: (public port, app, sidecar)."""
+    port, admin = free_port(), free_port()
+    mesh.apply("public", proxy_gateway("public", port, admin) + "---\n" + SHOP_CONSUMER
+               + "---\n" + api)
+    app = Backend("bff-1")
+    mesh.apps.append(app)
+    bff = Sidecar(tmp_path, mesh.control.url, "bff-1", "front", app.addr, gateway="public")
+    app.outbound = bff.outbound
+    mesh.sidecars.append(bff.start())
+    return port, app, bff
+
+
+def test_a_gateway_sidecar_serves_public_apis_with_no_extra_hop(mesh, tmp_path):
+    port, app, _ = gateway_sidecar(mesh, tmp_path, """apiVersion: meshgate.io/v1
 kind: Api
 metadata: {name: shop}
 spec:
@@ -300,11 +321,6 @@ spec:
     - {name: key-auth, config: {header: x-api-key}}
   invoke: {service: front, path: "/call/orders/{rest}"}
 """)
-    app = Backend("bff-1")
-    mesh.apps.append(app)
-    bff = Sidecar(tmp_path, mesh.control.url, "bff-1", "front", app.addr, gateway="public")
-    app.outbound = bff.outbound
-    mesh.sidecars.append(bff.start())
     mesh.instance("orders", "orders-1")
     url = f"http://127.0.0.1:{port}/shop/items"
     status, _, body, _ = curl(url)

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
-from harness import BIN, Backend, Proxy, Sidecar, curl, free_port, proxy_gateway
-from test_mesh import Mesh, chain
+from harness import BIN, curl, free_port
+from test_mesh import Mesh, chain, edge_to_orders, gateway_sidecar
 
 TD = "cluster.local"
 
@@ -236,15 +236,7 @@ def test_the_gateway_sidecar_applies_public_filters_and_calls_two_services_over_
     """BFF mode: public traffic reaches the BFF's own sidecar (key-auth,
     validation, rate-limit), then the BFF app, whose calls to orders and users
     leave through the same sidecar over mTLS as spiffe://.../svc/front."""
-    port, admin = free_port(), free_port()
-    mesh.apply("public", proxy_gateway("public", port, admin) + """---
-apiVersion: meshgate.io/v1
-kind: Consumer
-metadata: {name: shop-app}
-spec:
-  credentials: [{type: key, key: shop-key-123456}]
----
-apiVersion: meshgate.io/v1
+    port, app, _ = gateway_sidecar(mesh, tmp_path, """apiVersion: meshgate.io/v1
 kind: Api
 metadata: {name: shop}
 spec:
@@ -257,11 +249,6 @@ spec:
     - {name: rate-limit, config: {key: consumer, rate: "1/m", burst: 4}}
   invoke: {service: front, path: "/call/{svc}/items/{id}"}
 """)
-    app = Backend("bff-1")
-    mesh.apps.append(app)
-    bff = Sidecar(tmp_path, mesh.control.url, "bff-1", "front", app.addr, gateway="public")
-    app.outbound = bff.outbound
-    mesh.sidecars.append(bff.start())
     orders_app, orders = mesh.instance("orders", "orders-1")
     users_app, users = mesh.instance("users", "users-1")
     mesh.wait_registered("users", [users.address])
@@ -285,27 +272,13 @@ spec:
 
 def test_an_edge_proxy_calls_mesh_services_with_its_gateway_identity(mesh, tmp_path):
     orders_app, orders = mesh.instance("orders", "orders-1")
-    port, admin = free_port(), free_port()
-    mesh.apply("edge", proxy_gateway("edge", port, admin) + """---
-apiVersion: meshgate.io/v1
-kind: Api
-metadata: {name: orders-api}
-spec:
-  gateways: [edge]
-  request: {path: "/orders/{*rest}"}
-  invoke: {service: orders}
-""")
-    edge = Proxy(tmp_path, mesh.control.url, "edge-1", "edge", port, admin).start()
-    mesh.others.append(edge)
-    deadline = time.time() + 10
-    while edge.get("/orders/x")[0] not in (403, 200):
-        assert time.time() < deadline, edge.logs()
-        time.sleep(0.05)
+    edge = edge_to_orders(mesh, tmp_path, "{service: orders}", ready=(403, 200))
     # orders' authz lets only front in: the edge (spiffe://.../gateway/edge) is refused...
     status, _, body = edge.request("/orders/x")
     assert status == 403 and f"spiffe://{TD}/gateway/edge is not allowed" in body, body
     # ...until the policy names it.
     allow_callers(mesh, f"spiffe://{TD}/svc/front", f"spiffe://{TD}/gateway/edge")
+    deadline = time.time() + 10
     while edge.get("/orders/x")[0] != 200:
         assert time.time() < deadline, edge.logs()
         time.sleep(0.05)
@@ -361,16 +334,7 @@ spec: {{listeners: [{{name: web, address: "127.0.0.1:{free_port()}"}}]}}
 ---
 {SERVICES.split('---')[1].strip()}
 ---
-apiVersion: meshgate.io/v1
-kind: Policy
-metadata: {{name: orders-callers}}
-spec:
-  filters:
-    - name: authz
-      config:
-        allow:
-          - from: [front]
-""")
+{POLICY.replace(f'["spiffe://{TD}/svc/front"]', '[front]')}""")
     out = subprocess.run([BIN, "validate", "-c", str(cfg)], capture_output=True, text=True)
     assert out.returncode == 1
     assert f"{cfg}:22: Policy/orders-callers: spec.filters.0.config.allow.0.from.0:" in out.stdout + out.stderr, out
