@@ -13,6 +13,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::CertificateSigningRequestDer;
+use rustls_pki_types::pem::PemObject as _;
 use std::time::{Duration, SystemTime};
 
 /// How long a workload certificate lives unless the control plane is told.
@@ -107,8 +108,9 @@ pub async fn open<S: crate::Store>(store: &S, o: &CaOptions) -> Result<MeshCa, S
 /// A signed workload certificate.
 #[derive(Debug, Clone)]
 pub struct Issued {
-    /// The leaf, DER.
+    /// The leaf, DER and PEM.
     pub cert: Vec<u8>,
+    pub pem: String,
     pub spiffe_id: String,
     pub not_after: SystemTime,
 }
@@ -195,6 +197,7 @@ impl MeshCa {
         .map_err(|e| format!("cannot sign: {e}"))?;
         Ok(Issued {
             cert: signed.der().to_vec(),
+            pem: signed.pem(),
             spiffe_id: spiffe_id.to_string(),
             not_after,
         })
@@ -224,8 +227,6 @@ fn at(t: SystemTime) -> Result<time::OffsetDateTime, String> {
         .as_secs();
     time::OffsetDateTime::from_unix_timestamp(secs as i64).map_err(|e| e.to_string())
 }
-
-use rustls_pki_types::pem::PemObject as _;
 
 #[cfg(test)]
 mod tests {

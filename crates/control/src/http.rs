@@ -300,12 +300,11 @@ async fn mesh_certificate<S: Store>(
     let ca = &ctx.push.ca;
     match ca.sign(der.as_ref(), &ca.service_id(&req.service)) {
         Ok(issued) => {
-            let pem = pem_block("CERTIFICATE", &issued.cert);
             let not_after = jiff::Timestamp::try_from(issued.not_after)
                 .map(|t| t.to_string())
                 .unwrap_or_default();
             axum::Json(json!({
-                "certificate": pem,
+                "certificate": issued.pem,
                 "root": ca.root_pem,
                 "spiffeId": issued.spiffe_id,
                 "notAfter": not_after,
@@ -314,19 +313,6 @@ async fn mesh_certificate<S: Store>(
         }
         Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", e),
     }
-}
-
-/// DER as a PEM block.
-fn pem_block(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 async fn nodes<S: Store>(State(ctx): State<Arc<Ctx<S>>>) -> Response {

@@ -34,7 +34,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// TLS for a Service's connections: mesh mTLS, verifying its SPIFFE ID.
 #[derive(Clone)]
 pub struct Secure {
-    connector: tokio_rustls::TlsConnector,
+    /// An error when the config could not be built (it never fails with the
+    /// built-in provider): the Service is then unreachable, never plaintext.
+    connector: Result<tokio_rustls::TlsConnector, Arc<str>>,
     name: rustls_pki_types::ServerName<'static>,
 }
 
@@ -45,18 +47,29 @@ impl std::fmt::Debug for Secure {
 }
 
 impl Secure {
-    fn mesh(mesh: &Arc<MeshTls>, service: &str, alpn: &[u8]) -> Result<Self, String> {
-        Ok(Self {
-            connector: tokio_rustls::TlsConnector::from(mesh.client_config(service, alpn)?),
+    fn mesh(mesh: &Arc<MeshTls>, service: &str, alpn: &[u8]) -> Self {
+        let connector = mesh
+            .client_config(service, alpn)
+            .map(tokio_rustls::TlsConnector::from)
+            .map_err(|e| {
+                tracing::error!(service, error = %e, "cannot build mesh TLS");
+                Arc::from(e)
+            });
+        Self {
+            connector,
             name: crate::mesh::server_name(service),
-        })
+        }
     }
 
     /// TLS over a fresh connection. A failure is logged: a peer with the wrong
     /// identity or an untrusted certificate is a security event, not noise.
     pub async fn handshake(&self, tcp: TcpStream) -> io::Result<UpstreamIo> {
+        let connector = self
+            .connector
+            .as_ref()
+            .map_err(|e| io::Error::other(e.to_string()))?;
         let peer = tcp.peer_addr().ok();
-        match self.connector.connect(self.name.clone(), tcp).await {
+        match connector.connect(self.name.clone(), tcp).await {
             Ok(tls) => Ok(UpstreamIo::Tls(Box::new(tls))),
             Err(e) => {
                 tracing::warn!(service = ?self.name, ?peer, error = %e, "mesh TLS handshake failed");
@@ -131,10 +144,8 @@ impl tokio::io::AsyncWrite for UpstreamIo {
     }
 }
 
-/// The TLS a Service's connections need, if any. A config that cannot be built
-/// (it never fails with the built-in provider) leaves the Service unreachable
-/// rather than plaintext.
-fn secure(service: &Service, mesh: &Arc<MeshTls>, alpn: &[u8]) -> Option<Result<Secure, String>> {
+/// The TLS a Service's connections need, offering `alpn`, if any.
+fn secure(service: &Service, mesh: &Arc<MeshTls>, alpn: &[u8]) -> Option<Secure> {
     (service.tls == UpstreamTls::Mesh).then(|| Secure::mesh(mesh, &service.name, alpn))
 }
 
@@ -148,32 +159,19 @@ pub fn build(service: &Service, connections: Gauge, mesh: &Arc<MeshTls>) -> Tran
                 max_pending: cb.max_pending,
             })
             .unwrap_or_default();
-        let tls = match secure(service, mesh, b"http/1.1") {
-            Some(Ok(s)) => Some(s),
-            Some(Err(e)) => {
-                tracing::error!(service = %service.name, error = %e, "cannot build mesh TLS");
-                return Transport::H2(build_h2(service, connections, Some(Err(e.into()))));
-            }
-            None => None,
-        };
         Transport::H1(H1Pool::secured(
             service.connect_timeout,
             IDLE_TIMEOUT,
             connections,
             limits,
-            tls,
+            secure(service, mesh, b"http/1.1"),
         ))
     } else {
-        let tls = secure(service, mesh, b"h2").map(|r| r.map_err(Arc::from));
-        Transport::H2(build_h2(service, connections, tls))
+        Transport::H2(build_h2(service, connections, secure(service, mesh, b"h2")))
     }
 }
 
-fn build_h2(
-    service: &Service,
-    connections: Gauge,
-    tls: Option<Result<Secure, Arc<str>>>,
-) -> UpstreamClient {
+fn build_h2(service: &Service, connections: Gauge, tls: Option<Secure>) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(service.connect_timeout));
@@ -202,9 +200,8 @@ fn build_h2(
 pub struct CountingConnector {
     inner: HttpConnector,
     gauge: Gauge,
-    /// Mesh mTLS after the TCP connect (an error: TLS is needed but could not
-    /// be set up, and no connection is made).
-    tls: Option<Result<Secure, Arc<str>>>,
+    /// Mesh mTLS after the TCP connect.
+    tls: Option<Secure>,
 }
 
 impl tower_service::Service<http::Uri> for CountingConnector {
@@ -224,8 +221,7 @@ impl tower_service::Service<http::Uri> for CountingConnector {
             let tcp = fut.await?.into_inner();
             let io = match tls {
                 None => UpstreamIo::Plain(tcp),
-                Some(Ok(tls)) => tls.handshake(tcp).await?,
-                Some(Err(e)) => return Err(io::Error::other(e.to_string()).into()),
+                Some(tls) => tls.handshake(tcp).await?,
             };
             gauge.inc();
             Ok(CountedIo {

@@ -31,8 +31,27 @@ pub struct ConnInfo {
     pub client_ip: HeaderValue,
     pub scheme: &'static str,
     pub activity: crate::server::Activity,
-    /// The client's SPIFFE ID, verified in a mesh mTLS handshake.
-    pub peer: Option<Arc<str>>,
+    /// The client's identity, verified in a mesh mTLS handshake.
+    pub peer: Option<Peer>,
+}
+
+/// A mesh client's verified SPIFFE ID, and the `x-forwarded-client-cert` value
+/// that tells the upstream of it (Envoy's header, `URI=` element), made once per
+/// connection.
+#[derive(Debug)]
+pub struct Peer {
+    pub id: Arc<str>,
+    pub forwarded: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(id: String) -> Option<Self> {
+        let forwarded = HeaderValue::from_str(&format!("URI={id}")).ok()?;
+        Some(Self {
+            id: id.into(),
+            forwarded,
+        })
+    }
 }
 
 const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
@@ -169,7 +188,7 @@ pub async fn handle(
     let active = conn.shared.active.load_full();
     let request_id = RequestId::from_header(req.headers().get(&X_REQUEST_ID));
     let mut ctx = RequestCtx::new(request_id, conn.client, conn.scheme);
-    ctx.identity = conn.peer.clone();
+    ctx.identity = conn.peer.as_ref().map(|p| p.id.clone());
     ctx.grpc = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -477,7 +496,7 @@ fn forwarding_headers(
     host: Option<HeaderValue>,
 ) {
     strip_hop_by_hop(h, ctx.grpc);
-    identity_headers(h, ctx);
+    identity_headers(h, ctx, conn.peer.as_ref());
     h.insert(X_REQUEST_ID, ctx.request_id.header_value().clone());
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.client.ip())).ok(),
@@ -502,17 +521,14 @@ const X_FORWARDED_CLIENT_CERT: header::HeaderName =
 
 /// The identity headers are the gateway's alone: whatever the client sent under
 /// these names is dropped, and they are set from the authenticated Consumer and,
-/// on mesh mTLS, from the peer's SPIFFE ID (Envoy's `x-forwarded-client-cert`
-/// with its `URI=` element).
-fn identity_headers(h: &mut http::HeaderMap, ctx: &RequestCtx) {
+/// on mesh mTLS, from the peer.
+fn identity_headers(h: &mut http::HeaderMap, ctx: &RequestCtx, peer: Option<&Peer>) {
     h.remove(X_CONSUMER_NAME);
     h.remove(X_CONSUMER_GROUPS);
-    h.remove(&X_FORWARDED_CLIENT_CERT);
-    if let Some(id) = &ctx.identity
-        && let Ok(v) = HeaderValue::from_str(&format!("URI={id}"))
-    {
-        h.insert(X_FORWARDED_CLIENT_CERT, v);
-    }
+    match peer {
+        Some(p) => h.insert(X_FORWARDED_CLIENT_CERT, p.forwarded.clone()),
+        None => h.remove(X_FORWARDED_CLIENT_CERT),
+    };
     let Some(c) = &ctx.consumer else { return };
     if let Some(v) = &c.name_header {
         h.insert(X_CONSUMER_NAME, v.clone());

@@ -303,7 +303,7 @@ async fn serve_conn(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|c| crate::mesh::spiffe_id(c))
-                .map(Arc::from);
+                .and_then(crate::dispatch::Peer::new);
             (Accepted::Tls(Box::new(tls_stream)), peer)
         }
     };
