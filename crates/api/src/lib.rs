@@ -329,6 +329,10 @@ pub struct DiscoverySpec {
     pub refresh: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<String>,
+    /// The endpoint is where each connection was going before iptables redirected
+    /// it to the proxy (`SO_ORIGINAL_DST`): Envoy's ORIGINAL_DST cluster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub original_destination: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -168,6 +168,9 @@ pub struct Service {
     /// The service name whose registered instances are the endpoints
     /// (`discovery: {registry: NAME}`), pushed by the control plane.
     pub registry: Option<String>,
+    /// `discovery: {originalDestination: true}`: no endpoints of its own; each
+    /// request goes to its connection's original destination.
+    pub original_destination: bool,
     pub policy: LbPolicy,
     pub hash_on: Option<HashOn>,
     pub timeout: Option<Duration>,

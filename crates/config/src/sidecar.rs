@@ -7,6 +7,9 @@
 //!   passing every request to the sidecar's own Service;
 //! - Gateway `meshgate.outbound`: the listener the app calls other services on,
 //!   with one Api per Service, `meshgate.outbound.NAME`, matching `Host: NAME`;
+//!   and `meshgate.outbound.passthrough`, any other host, invoking Service
+//!   `meshgate.passthrough`: a connection iptables redirected goes on to where the
+//!   app sent it (its original destination); one the app sent here is `404`;
 //! - the sidecar's own Service, when the config does not declare it.
 //!
 //! Both gateways serve only the Apis that name them (`onlyNamedApis`), so the
@@ -26,6 +29,8 @@ pub const FILE: &str = "<sidecar>";
 pub const INBOUND: &str = "meshgate.inbound";
 /// The outbound Gateway's name; its Apis are `meshgate.outbound.SERVICE`.
 pub const OUTBOUND: &str = "meshgate.outbound";
+/// The Service of the outbound side's any-host Api: the original destination.
+pub const PASSTHROUGH: &str = "meshgate.passthrough";
 /// Names with this prefix are the sidecar's own: the config may not use them.
 pub const RESERVED_PREFIX: &str = "meshgate.";
 
@@ -105,6 +110,10 @@ impl Sidecar {
                 "---\napiVersion: meshgate.io/v1\nkind: Api\nmetadata: {{name: {OUTBOUND}.{s}}}\nspec:\n  gateways: [{OUTBOUND}]\n  request: {{hosts: [\"{s}\"], path: \"/{{*rest}}\"}}\n  invoke: {{service: {s}, retry: {OUTBOUND_RETRY}}}\n"
             );
         }
+        let _ = write!(
+            y,
+            "---\napiVersion: meshgate.io/v1\nkind: Api\nmetadata: {{name: {OUTBOUND}.passthrough}}\nspec:\n  gateways: [{OUTBOUND}]\n  request: {{path: \"/{{*rest}}\"}}\n  invoke: {{service: {PASSTHROUGH}}}\n---\napiVersion: meshgate.io/v1\nkind: Service\nmetadata: {{name: {PASSTHROUGH}}}\nspec:\n  discovery: {{originalDestination: true}}\n"
+        );
         if !own_declared {
             let _ = write!(
                 y,
@@ -214,10 +223,11 @@ spec:
             Some("meshgate.outbound.orders")
         );
         assert_eq!(
-            routes(OUTBOUND, "elsewhere", "/"),
-            None,
-            "the config's catch-all Api is not served outbound"
+            routes(OUTBOUND, "elsewhere", "/").as_deref(),
+            Some("meshgate.outbound.passthrough"),
+            "the config's catch-all Api is not served outbound: any other host passes through"
         );
+        assert!(snapshot.services[PASSTHROUGH].original_destination);
         assert_eq!(routes(INBOUND, "any", "/x").as_deref(), Some(INBOUND));
         assert_eq!(routes("public", "any", "/x").as_deref(), Some("everything"));
     }
@@ -240,7 +250,8 @@ spec:
     #[test]
     fn a_declared_own_service_keeps_its_settings_and_points_at_the_app() {
         let orders = "---\napiVersion: meshgate.io/v1\nkind: Service\nmetadata: {name: orders}\nspec: {discovery: {registry: orders}, timeout: 2s}\n";
-        assert!(!sidecar().source(&["orders"]).text.contains("kind: Service"));
+        let text = sidecar().source(&["orders"]).text;
+        assert!(!text.contains("metadata: {name: orders}"), "{text}");
         let snapshot = compiled(orders, &["users", "orders"]);
         let own = &snapshot.services["orders"];
         assert_eq!(addresses(&snapshot, "orders"), ["127.0.0.1:9000"]);

@@ -691,6 +691,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
     }
     let mut dns = None;
     let mut registry = None;
+    let mut original_destination = false;
     match &spec.discovery {
         None if spec.endpoints.is_empty() => {
             c.err("spec.endpoints", "a Service needs endpoints or discovery");
@@ -702,8 +703,8 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
                 "use either endpoints or discovery, not both",
             );
         }
-        Some(d) => match (&d.dns, &d.registry) {
-            (Some(h), None) => {
+        Some(d) => match (&d.dns, &d.registry, d.original_destination) {
+            (Some(h), None, false) => {
                 let refresh = c
                     .duration("spec.discovery.refresh", d.refresh.as_ref())
                     .unwrap_or(DEFAULT_DNS_REFRESH);
@@ -721,13 +722,34 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
                     _ => c.err("spec.discovery.dns", format!("{h:?} must be HOST:PORT")),
                 }
             }
-            (None, Some(r)) if valid_name(r) => registry = Some(r.clone()),
-            (None, Some(r)) => c.err(
+            (None, Some(r), false) if valid_name(r) => registry = Some(r.clone()),
+            (None, Some(r), false) => c.err(
                 "spec.discovery.registry",
                 format!("{r:?} is not a service name: use lowercase letters, digits, '-' and '.'"),
             ),
-            (None, None) => c.err("spec.discovery", "discovery needs dns or registry"),
-            (Some(_), Some(_)) => c.err("spec.discovery", "use either dns or registry, not both"),
+            (None, None, true) => {
+                original_destination = true;
+                if spec.protocol != UpstreamProtocol::Http1 {
+                    c.err(
+                        "spec.protocol",
+                        "originalDestination Services are called over HTTP/1.1",
+                    );
+                }
+                if spec.health_check.is_some() {
+                    c.err(
+                        "spec.healthCheck",
+                        "an originalDestination Service has no endpoints to check",
+                    );
+                }
+            }
+            (None, None, false) => c.err(
+                "spec.discovery",
+                "discovery needs dns, registry or originalDestination",
+            ),
+            _ => c.err(
+                "spec.discovery",
+                "use one of dns, registry and originalDestination",
+            ),
         },
     }
     let lb = spec.load_balancer.clone().unwrap_or_default();
@@ -795,6 +817,12 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
             UpstreamTls::Disable
         }
     };
+    if tls == UpstreamTls::Mesh && original_destination {
+        c.err(
+            "spec.tls.mode",
+            "an originalDestination Service is called as the app called it, in plaintext",
+        );
+    }
     if tls == UpstreamTls::Mesh && spec.health_check.is_some() {
         c.not_built(
             "spec.healthCheck",
@@ -807,6 +835,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
         endpoints,
         dns,
         registry,
+        original_destination,
         policy,
         hash_on,
         timeout,

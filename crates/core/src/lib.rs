@@ -31,6 +31,9 @@ pub struct RequestCtx {
     pub identity: Option<Arc<str>>,
     /// True for `content-type: application/grpc*`: errors become `grpc-status`.
     pub grpc: bool,
+    /// Where the connection was going before iptables redirected it to the proxy
+    /// (transparent interception); `None` for a connection made to the proxy.
+    pub original_dst: Option<SocketAddr>,
     /// State a filter keeps from its request phase to its response phase, keyed by a
     /// type private to that filter. Empty (and unallocated) unless a filter uses it.
     pub extensions: http::Extensions,
@@ -217,6 +220,7 @@ impl RequestCtx {
             consumer: None,
             identity: None,
             grpc: false,
+            original_dst: None,
             extensions: http::Extensions::new(),
         }
     }

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 mod control;
 mod ctl;
 mod demo;
+mod mesh;
 mod proxy;
 
 #[derive(Parser, Debug)]
@@ -135,11 +136,23 @@ enum Command {
         #[command(subcommand)]
         action: ctl::Action,
     },
+    /// Mesh set-up helpers.
+    Mesh {
+        #[command(subcommand)]
+        action: MeshAction,
+    },
     /// Run the small demo upstream the quickstart uses, alone.
     Demo {
         #[arg(long, default_value = "127.0.0.1:9001")]
         listen: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum MeshAction {
+    /// Print (or --apply) the iptables rules that send a workload's TCP traffic
+    /// through its sidecar (transparent interception).
+    Iptables(mesh::IptablesArgs),
 }
 
 fn main() -> ExitCode {
@@ -164,6 +177,9 @@ fn main() -> ExitCode {
             state_dir.unwrap_or_else(default_state_dir),
             trace.options("meshgate"),
         ),
+        Command::Mesh {
+            action: MeshAction::Iptables(a),
+        } => mesh::iptables(&a),
         Command::Demo { listen } => runtime_then(|| demo::serve(listen)),
         Command::Proxy {
             control,

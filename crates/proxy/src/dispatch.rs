@@ -33,6 +33,8 @@ pub struct ConnInfo {
     pub activity: crate::server::Activity,
     /// The client's identity, verified in a mesh mTLS handshake.
     pub peer: Option<Peer>,
+    /// Where the connection was going before iptables redirected it here.
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// A mesh client's verified SPIFFE ID, and the `x-forwarded-client-cert` value
@@ -188,6 +190,7 @@ pub async fn handle(
     let active = conn.shared.active.load_full();
     let request_id = RequestId::from_header(req.headers().get(&X_REQUEST_ID));
     let mut ctx = RequestCtx::new(request_id, conn.client, conn.scheme);
+    ctx.original_dst = conn.original_dst;
     ctx.identity = conn.peer.as_ref().map(|p| p.id.clone());
     ctx.grpc = req
         .headers()

@@ -300,6 +300,16 @@ async fn tries(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if rt.service.original_destination {
+        let try_deadline = tokio::time::Instant::from_std(deadline);
+        return passthrough(rt, name, ctx, &parts, &path_and_query, body, try_deadline)
+            .await
+            .map(|response| Answer {
+                response,
+                endpoint: ctx.original_dst,
+                elapsed: start.elapsed(),
+            });
+    }
     if matches!(rt.transport, Transport::H2(_)) {
         // HTTP/2 carries the authority in :authority; a differing Host is malformed.
         parts.headers.remove(header::HOST);
@@ -458,6 +468,67 @@ async fn tries(
             tokio::time::sleep(pause).await;
         }
         now = Instant::now();
+    }
+}
+
+/// A Service with `discovery: {originalDestination: true}`: one try to where the
+/// connection was going before iptables redirected it to this proxy, with the
+/// request as the app sent it. No balancing, no retry: there is one destination.
+async fn passthrough(
+    rt: &ClusterRt,
+    name: &str,
+    ctx: &RequestCtx,
+    parts: &http::request::Parts,
+    path: &http::uri::PathAndQuery,
+    body: UpstreamBody,
+    deadline: tokio::time::Instant,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let host = parts.headers.get(header::HOST);
+    let Some(to) = ctx.original_dst else {
+        let host = host.and_then(|h| h.to_str().ok()).unwrap_or("");
+        return Err(GatewayError::new(
+            ErrorCode::NoRoute,
+            format!(
+                "no Service is named {host:?}, and the connection was made to this proxy \
+                 (not redirected to it), so there is no original destination to pass it on to"
+            ),
+        ));
+    };
+    let Transport::H1(pool) = &rt.transport else {
+        return Err(GatewayError::new(
+            ErrorCode::Internal,
+            "an originalDestination Service is called over HTTP/1.1",
+        ));
+    };
+    // Used only when the request has no Host (HTTP/1.0).
+    let authority = http::uri::Authority::try_from(to.to_string())
+        .map_err(|e| GatewayError::new(ErrorCode::Internal, e.to_string()))?;
+    let head = crate::h1::Head {
+        authority: &authority,
+        method: &parts.method,
+        path,
+        headers: &parts.headers,
+    };
+    rt.stats.active.inc();
+    let queued = AtomicBool::new(false);
+    let r = tokio::time::timeout_at(deadline, pool.send(to, head, body, &queued)).await;
+    rt.stats.active.dec();
+    match settle(r, ResponseBody::h1, crate::h1::H1Error::is_connect) {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e.error, %to, "passthrough request failed");
+            let outcome = if e.connect {
+                rt.stats.connect_errors.inc();
+                TryOutcome::ConnectFailure
+            } else {
+                TryOutcome::Reset
+            };
+            Err(upstream_error(outcome, name, None))
+        }
+        Err(_) => {
+            rt.stats.timeouts.inc();
+            Err(upstream_error(TryOutcome::Timeout, name, None))
+        }
     }
 }
 

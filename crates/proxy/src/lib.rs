@@ -24,6 +24,7 @@ mod server;
 mod state;
 pub mod tls;
 pub mod trace;
+mod transparent;
 
 pub use discovery::{Instance, Registry};
 pub use server::bind;

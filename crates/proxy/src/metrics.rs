@@ -81,6 +81,9 @@ pub struct Metrics {
     /// Downstream TLS handshakes that failed (a plaintext or certificate-less
     /// client on a mesh listener among them).
     pub tls_handshake_failures: Counter,
+    /// Redirected connections that were not HTTP, relayed to their original
+    /// destination as bytes.
+    pub tcp_passthrough: Counter,
     pub access_log_dropped: Counter,
 }
 
@@ -106,6 +109,7 @@ impl Default for Metrics {
             rejected: Family::default(),
             downstream_connections: Gauge::default(),
             tls_handshake_failures: Counter::default(),
+            tcp_passthrough: Counter::default(),
             access_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
@@ -198,6 +202,11 @@ impl Default for Metrics {
             "downstream_tls_handshake_failures",
             "Downstream TLS handshakes that failed",
             m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "outbound_tcp_passthrough_connections",
+            "Redirected outbound connections that were not HTTP, relayed to their original destination",
+            m.tcp_passthrough.clone(),
         );
         registry.register(
             "access_log_dropped",

@@ -6,6 +6,7 @@ use crate::dispatch::{self, ConnInfo};
 use crate::guard::{GuardLimits, Guarded, RejectSink, Rejection};
 use crate::metrics::ReasonLabels;
 use crate::state::Active;
+use crate::transparent::Protocol;
 use arc_swap::ArcSwapOption;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -23,6 +24,8 @@ struct Key {
     gateway: String,
     address: SocketAddr,
     protocol: ListenerProtocol,
+    /// A sidecar's outbound listener: connections may have been redirected to it.
+    transparent: bool,
 }
 
 #[derive(Debug)]
@@ -64,6 +67,7 @@ impl Listeners {
                     gateway: g.name.clone(),
                     address: l.address,
                     protocol: l.protocol,
+                    transparent: g.side == meshgate_config::MeshSide::Outbound,
                 };
                 let tls = match l.protocol {
                     ListenerProtocol::Https => Some(
@@ -107,7 +111,7 @@ impl Listeners {
             tracing::info!(gateway = %key.gateway, address = %key.address, protocol = ?key.protocol, "listening");
             tokio::spawn(accept_loop(
                 shared.clone(),
-                key.gateway.clone().into(),
+                (key.gateway.clone().into(), key.transparent),
                 socket,
                 tls.clone(),
                 stop_rx,
@@ -152,7 +156,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn accept_loop(
     shared: Arc<Shared>,
-    gateway: Arc<str>,
+    (gateway, transparent): (Arc<str>, bool),
     listener: TcpListener,
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
     mut stop: watch::Receiver<bool>,
@@ -178,7 +182,23 @@ async fn accept_loop(
         let removed = stop.clone();
         tokio::spawn(async move {
             shared.metrics.downstream_connections.inc();
-            serve_conn(&shared, gateway, stream, client, tls, removed).await;
+            let original = transparent
+                .then(|| crate::transparent::original_destination(&stream))
+                .flatten();
+            match original {
+                Some(to) if crate::transparent::sniff(&stream).await == Protocol::Other => {
+                    shared.metrics.tcp_passthrough.inc();
+                    crate::transparent::relay(stream, to, PASSTHROUGH_CONNECT_TIMEOUT).await;
+                }
+                _ => {
+                    let conn = Downstream {
+                        stream,
+                        client,
+                        original,
+                    };
+                    serve_conn(&shared, gateway, conn, tls, removed).await;
+                }
+            }
             shared.metrics.downstream_connections.dec();
         });
     }
@@ -265,11 +285,24 @@ pub struct Activity {
     pub answer_waker: futures_util::task::AtomicWaker,
 }
 
+/// How long a relayed connection waits to reach its original destination.
+const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An accepted connection, and where it was going if it was redirected here.
+struct Downstream {
+    stream: TcpStream,
+    client: SocketAddr,
+    original: Option<SocketAddr>,
+}
+
 async fn serve_conn(
     shared: &Arc<Shared>,
     gateway: Arc<str>,
-    stream: TcpStream,
-    client: SocketAddr,
+    Downstream {
+        stream,
+        client,
+        original,
+    }: Downstream,
     tls: Option<Arc<rustls::ServerConfig>>,
     removed: watch::Receiver<bool>,
 ) {
@@ -320,6 +353,7 @@ async fn serve_conn(
         },
         activity: Activity::default(),
         peer,
+        original_dst: original,
     });
     info.activity.last.store(shared.now_ms(), Ordering::Relaxed);
     let sink: Arc<dyn RejectSink> = Arc::new(Rejections(info.clone()));
