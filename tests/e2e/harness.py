@@ -658,7 +658,8 @@ class Control:
     """A `meshgate control` process on a store file it owns; over TLS when given
     `tls=(cert, key, ca)` (PEM files)."""
 
-    def __init__(self, tmp_path, store=None, port=None, tls=None, args=()):
+    def __init__(self, tmp_path, store=None, port=None, tls=None, args=(), host="127.0.0.1"):
+        self.host = host
         self.port = port or free_port()
         self.dir = Path(tmp_path)
         self.store = store or self.dir / "control.redb"
@@ -671,7 +672,7 @@ class Control:
         env = dict(os.environ, MESHGATE_ADMIN_TOKEN=TOKEN)
         tls = ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])] if self.tls else []
         self.proc = subprocess.Popen(
-            [BIN, "control", "--listen", f"127.0.0.1:{self.port}", "--store", str(self.store),
+            [BIN, "control", "--listen", f"{self.host}:{self.port}", "--store", str(self.store),
              "--state-dir", str(self.dir / "control-state"), *tls, *self.args],
             stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
         if not wait:
@@ -685,7 +686,7 @@ class Control:
 
     @property
     def url(self):
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def call(self, method, path, body=None, token=TOKEN, headers=None):
         data = body.encode() if isinstance(body, str) else (json.dumps(body).encode() if body is not None else None)

@@ -1,0 +1,115 @@
+"""An app for a test's network namespaces (the harness's apps run in the test
+process, which cannot enter a namespace). It knows nothing of the mesh: it calls
+other hosts with plain urllib and plain sockets, as an unmodified app does.
+
+    netns_app.py http NAME HOST:PORT
+        GET /fetch?url=URL  fetch URL (no proxy) and answer its status and body
+        GET /tcp?to=HOST:PORT&send=HEX[&banner=1]
+                            open a TCP connection, read one line first when
+                            `banner`, send the bytes, read as many back
+        anything else       echo the request as JSON (name, path, headers, client)
+    netns_app.py echo HOST:PORT [BANNER]
+        a TCP echo server; with BANNER it speaks first (as SMTP or MySQL do)
+"""
+
+import http.server
+import json
+import socket
+import socketserver
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def split(addr):
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
+
+
+def fetch(url):
+    try:
+        with OPENER.open(url, timeout=5) as r:
+            return {"status": r.status, "body": r.read().decode()}
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, "body": e.read().decode()}
+    except OSError as e:
+        return {"error": str(e)}
+
+
+def tcp(to, send, banner):
+    try:
+        with socket.create_connection(split(to), timeout=5) as s:
+            first = b""
+            if banner:
+                while not first.endswith(b"\n"):
+                    chunk = s.recv(1024)
+                    if not chunk:
+                        break
+                    first += chunk
+            s.sendall(send)
+            back = b""
+            while len(back) < len(send):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                back += chunk
+            return {"banner": first.decode(errors="replace"), "echo": back.hex()}
+    except OSError as e:
+        return {"error": str(e)}
+
+
+def serve_http(name, addr):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            url = urllib.parse.urlsplit(self.path)
+            q = dict(urllib.parse.parse_qsl(url.query))
+            if url.path == "/fetch":
+                answer = fetch(q["url"])
+            elif url.path == "/tcp":
+                answer = tcp(q["to"], bytes.fromhex(q["send"]), q.get("banner"))
+            else:
+                answer = {"backend": name, "path": self.path,
+                          "headers": {k.lower(): v for k, v in self.headers.items()},
+                          "client": self.client_address[0]}
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = http.server.ThreadingHTTPServer(split(addr), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+def serve_echo(addr, banner):
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self):
+            if banner:
+                self.request.sendall(banner.encode() + b"\r\n")
+            while True:
+                data = self.request.recv(4096)
+                if not data:
+                    return
+                self.request.sendall(data)
+
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    server = socketserver.ThreadingTCPServer(split(addr), Echo)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "http":
+        serve_http(sys.argv[2], sys.argv[3])
+    else:
+        serve_echo(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
