@@ -4,6 +4,7 @@ control plane. Apps call each other by service name through their sidecar's
 outbound listener; sidecars find each other through the registry."""
 
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 
 import harness
 from test_grpc import grpc_server  # noqa: F401 (a fixture)
-from harness import (BIN, TOKEN, Backend, Control, Proxy, Sidecar, curl, free_port,
+from harness import (BIN, TOKEN, Backend, Control, Etcd, Proxy, Sidecar, curl, free_port,
                      proxy_gateway, wait_ready)
 
 SERVICES = "\n---\n".join(
@@ -26,11 +27,16 @@ spec: {{discovery: {{registry: {name}}}}}
 
 class Mesh:
     """A control plane with the three Services, and the apps and sidecars a test
-    adds; stop() stops every process the test started."""
+    adds; stop() stops every process the test started. With `etcd`, two control
+    planes (replicas) share a real etcd."""
 
-    def __init__(self, tmp_path, control_args=()):
+    def __init__(self, tmp_path, control_args=(), etcd=False):
         self.tmp_path = tmp_path
-        self.control = Control(tmp_path, args=control_args).start()
+        self.etcd = Etcd(tmp_path) if etcd else None
+        store = self.etcd.url if etcd else None
+        self.controls = [Control(tmp_path, store=store, args=control_args).start()
+                         for _ in range(2 if etcd else 1)]
+        self.control = self.controls[0]
         self.apply("services", SERVICES)
         self.apps, self.sidecars, self.others = [], [], []
 
@@ -40,25 +46,27 @@ class Mesh:
         code, _, err = self.control.ctl("apply", "-f", str(f))
         assert code == 0, err
 
-    def instance(self, service, name, labels="", lease="2s", wait=True, args=()):
-        """A new app `name` of `service` with its sidecar, started."""
+    def instance(self, service, name, labels="", lease="2s", wait=True, args=(), controls=None):
+        """A new app `name` of `service` with its sidecar, started; it streams from
+        `controls` (in order of preference; default the first control plane)."""
         app = Backend(name)
         self.apps.append(app)
-        sidecar = Sidecar(self.tmp_path, self.control.url, name, service, app.addr,
+        urls = ",".join(c.url for c in (controls or [self.control]))
+        sidecar = Sidecar(self.tmp_path, urls, name, service, app.addr,
                           labels=labels, lease=lease, args=args)
         app.outbound = sidecar.outbound
         self.sidecars.append(sidecar)
         return app, sidecar.start(wait=wait)
 
-    def registered(self, service):
-        status, body = self.control.call("GET", f"/api/v1/registry/{service}")
+    def registered(self, service, control=None):
+        status, body = (control or self.control).call("GET", f"/api/v1/registry/{service}")
         assert status == 200, body
         return sorted(i["address"] for i in body["items"])
 
-    def wait_registered(self, service, addresses, timeout=10.0):
+    def wait_registered(self, service, addresses, timeout=10.0, control=None):
         deadline = time.time() + timeout
         while time.time() < deadline:
-            now = self.registered(service)
+            now = self.registered(service, control)
             if now == sorted(addresses):
                 return time.time()
             time.sleep(0.02)
@@ -69,7 +77,10 @@ class Mesh:
             p.stop()
         for a in self.apps:
             a.stop()
-        self.control.stop()
+        for c in self.controls:
+            c.stop()
+        if self.etcd:
+            self.etcd.stop()
 
 
 @pytest.fixture
@@ -149,6 +160,40 @@ def test_a_killed_instance_leaves_within_its_lease_and_a_new_one_is_used_within_
         assert time.time() - registered_at < 1.0, "the new instance was not used within 1 s"
         status, _, body = front.call("orders", "/")
         assert status == 200, body
+
+
+def test_control_planes_on_one_etcd_share_the_registry(tmp_path):
+    mesh = Mesh(tmp_path, etcd=True)
+    try:
+        a, b = mesh.controls
+        # front streams from b only; the orders instances from a (orders-2 falls
+        # back to b).
+        _, front = mesh.instance("front", "front-1", controls=[b])
+        _, s1 = mesh.instance("orders", "orders-1", controls=[a])
+        _, s2 = mesh.instance("orders", "orders-2", controls=[a, b])
+        mesh.wait_registered("orders", [s1.address, s2.address], timeout=5, control=b)
+        assert set(served_by(front, "orders", 4)) == {"orders-1", "orders-2"}
+        # b lists a's instances, whose leases a keeps.
+        status, body = b.call("GET", "/api/v1/registry/orders")
+        assert [("expiresInMs" in i) for i in body["items"]] == [False, False], body
+        code, out, err = b.ctl("get", "registry", "orders")
+        assert code == 0 and "orders-1" in out, err
+        # A killed instance leaves b's view within its 2 s lease, as it leaves a's.
+        killed_at = time.time()
+        s1.kill()
+        gone_at = mesh.wait_registered("orders", [s2.address], timeout=5, control=b)
+        assert gone_at - killed_at < 2.5, gone_at - killed_at
+        # a dies: orders-2 moves to b and never leaves the registry meanwhile (a's
+        # records outlive a by its etcd lease, and b writes it again as its own).
+        a.stop(signal.SIGKILL)
+        deadline = time.time() + 4
+        while time.time() < deadline:
+            assert mesh.registered("orders", control=b) == [s2.address]
+            assert served_by(front, "orders", 1) == ["orders-2"]
+        status, body = b.call("GET", "/api/v1/registry/orders")
+        assert "expiresInMs" in body["items"][0], "b holds orders-2's lease now"
+    finally:
+        mesh.stop()
 
 
 def test_a_graceful_stop_deregisters_first_and_no_call_fails(mesh):

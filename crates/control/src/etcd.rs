@@ -12,6 +12,8 @@
 //! - `nodes/{name}`: a proxy's status, written by the control plane it streams
 //!   from under that control plane's lease ([`NODE_TTL`]), so every control plane
 //!   can list every proxy and a dead control plane's records expire.
+//! - `registry/{node}`: a registered instance (`registry::Record`, JSON), written
+//!   under the same lease by the control plane the sidecar streams to.
 //!
 //! A commit is one etcd transaction: if `revision` still holds the base, write all
 //! of the above. Resource names cannot hold `/` (validation), so each key's
@@ -23,6 +25,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
     TxnOpResponse, WatchOptions,
 };
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -39,6 +42,15 @@ pub struct Etcd {
     id: Arc<str>,
     /// This control plane's lease for its nodes' records, once granted.
     lease: Arc<tokio::sync::Mutex<Option<i64>>>,
+    /// The registry records last written, and the lease they were written under.
+    instances: Arc<tokio::sync::Mutex<Written>>,
+}
+
+/// Registry records (JSON by node) as written under a lease.
+#[derive(Debug, Default)]
+struct Written {
+    lease: Option<i64>,
+    records: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -100,6 +112,7 @@ impl Etcd {
             prefix: prefix.trim_end_matches('/').into(),
             id: "".into(),
             lease: Arc::default(),
+            instances: Arc::default(),
         };
         // The first control plane names the store; the others read its name.
         let id_key = this.key("id");
@@ -381,11 +394,7 @@ impl Store for Etcd {
         let lease = self.lease().await?;
         if let Err(e) = self.put_nodes(&nodes, lease).await {
             // The lease may have expired under us: take a new one, once.
-            let mut held = self.lease.lock().await;
-            if *held == Some(lease) {
-                *held = None;
-            }
-            drop(held);
+            self.forget_lease(lease).await;
             tracing::debug!(error = %e, "writing node records failed; retrying on a new lease");
             let lease = self.lease().await?;
             self.put_nodes(&nodes, lease).await?;
@@ -404,6 +413,30 @@ impl Store for Etcd {
             .iter()
             .map(|kv| kv.value_str().map(str::to_string).map_err(backend))
             .collect()
+    }
+
+    async fn share_instances(&self, mine: &BTreeMap<String, String>) -> Result<(), StoreError> {
+        let lease = self.lease().await?;
+        let result = self.put_instances(mine, lease).await;
+        if result.is_err() {
+            // The lease may have expired under us: the next call takes a new one
+            // and writes every record again.
+            self.forget_lease(lease).await;
+        }
+        result
+    }
+
+    async fn follow_instances(&self, records: watch::Sender<BTreeMap<String, String>>) {
+        let prefix = self.key("registry/");
+        loop {
+            if let Err(e) = self.follow_instances_once(&prefix, &records).await {
+                tracing::warn!(error = %e, "lost the etcd watch on the registry; watching again");
+            }
+            if records.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     async fn follow(&self, revisions: watch::Sender<u64>) {
@@ -459,6 +492,122 @@ impl Etcd {
         });
         *held = Some(id);
         Ok(id)
+    }
+
+    /// Forget `lease` if it is still the one held: the next write takes a new one.
+    async fn forget_lease(&self, lease: i64) {
+        let mut held = self.lease.lock().await;
+        if *held == Some(lease) {
+            *held = None;
+        }
+    }
+
+    async fn put_instances(
+        &self,
+        mine: &BTreeMap<String, String>,
+        lease: i64,
+    ) -> Result<(), StoreError> {
+        let mut written = self.instances.lock().await;
+        if written.lease != Some(lease) {
+            // A new lease: what went under the old one is gone (or going).
+            *written = Written {
+                lease: Some(lease),
+                records: BTreeMap::new(),
+            };
+        }
+        let key = |node: &str| self.key(&format!("registry/{node}"));
+        let puts: Vec<TxnOp> = mine
+            .iter()
+            .filter(|(node, json)| written.records.get(*node) != Some(*json))
+            .map(|(node, json)| {
+                TxnOp::put(
+                    key(node),
+                    json.as_str(),
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        let mut kv = self.client.kv_client();
+        for chunk in puts.chunks(OPS_PER_TXN) {
+            kv.txn(Txn::new().and_then(chunk.to_vec()))
+                .await
+                .map_err(backend)?;
+        }
+        for node in written.records.keys().filter(|n| !mine.contains_key(*n)) {
+            // Only while it is still under this control plane's lease: the proxy
+            // may have moved to another control plane, which wrote it since.
+            let k = key(node);
+            kv.txn(
+                Txn::new()
+                    .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
+                    .and_then([TxnOp::delete(k.as_str(), None)]),
+            )
+            .await
+            .map_err(backend)?;
+        }
+        written.records = mine.clone();
+        Ok(())
+    }
+
+    /// Load every registry record, then follow them until the watch breaks.
+    async fn follow_instances_once(
+        &self,
+        prefix: &str,
+        records: &watch::Sender<BTreeMap<String, String>>,
+    ) -> Result<(), StoreError> {
+        let got = self
+            .client
+            .kv_client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(backend)?;
+        let node =
+            |key: &[u8]| String::from_utf8_lossy(&key[prefix.len().min(key.len())..]).into_owned();
+        let mut all: BTreeMap<String, String> = got
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    node(kv.key()),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect();
+        records.send_replace(all.clone());
+        let from = got.header().map_or(0, |h| h.revision()) + 1;
+        let mut stream = self
+            .client
+            .watch_client()
+            .watch(
+                prefix,
+                Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+            )
+            .await
+            .map_err(backend)?;
+        while let Some(resp) = stream.message().await.map_err(backend)? {
+            if resp.canceled() {
+                return Err(backend(format!(
+                    "watch cancelled: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                match ev.event_type() {
+                    etcd_client::EventType::Put => {
+                        all.insert(
+                            node(kv.key()),
+                            String::from_utf8_lossy(kv.value()).into_owned(),
+                        );
+                    }
+                    etcd_client::EventType::Delete => {
+                        all.remove(&node(kv.key()));
+                    }
+                }
+            }
+            records.send_replace(all.clone());
+        }
+        Ok(())
     }
 
     async fn put_nodes(

@@ -256,6 +256,57 @@ async fn share_nodes<S: Store>(
     }
 }
 
+/// Write this control plane's registry instances to the shared store as they
+/// change, and again each second after a failure (or a lapsed lease) until the
+/// store has them.
+async fn share_registry<S: Store>(
+    plane: Arc<Plane<S>>,
+    mut mine: watch::Receiver<Arc<BTreeMap<String, String>>>,
+) {
+    let mut failing = false;
+    loop {
+        let current = mine.borrow_and_update().clone();
+        match plane.store().share_instances(&current).await {
+            Ok(()) if failing => {
+                tracing::info!("registry instances shared with the other control planes again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "cannot share registry instances with the other control planes; retrying");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        // A write under a new lease rewrites every record, so look again each
+        // second even without a change: a lapsed lease is noticed so.
+        tokio::select! {
+            changed = mine.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Feed the other control planes' registry records to `registry` while it lives.
+async fn follow_registry<S: Store>(
+    plane: Arc<Plane<S>>,
+    registry: std::sync::Weak<crate::registry::Registry>,
+) {
+    let (tx, mut rx) = watch::channel(BTreeMap::new());
+    let follow = plane.store().follow_instances(tx);
+    let apply = async move {
+        while rx.changed().await.is_ok() {
+            let Some(r) = registry.upgrade() else { return };
+            let records = rx.borrow_and_update().clone();
+            r.set_remote(&records);
+        }
+    };
+    tokio::select! {
+        () = follow => {}
+        () = apply => {}
+    }
+}
+
 /// Follows the plane's revisions and publishes each, whole, to the streams.
 pub struct Publisher<S> {
     plane: Arc<Plane<S>>,
@@ -303,6 +354,13 @@ impl<S: Store> Publisher<S> {
             snapshots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_IN_FLIGHT)),
         });
         this.registry.sweep();
+        if plane.store().shares_nodes() {
+            tokio::spawn(share_registry(plane.clone(), this.registry.mine()));
+            tokio::spawn(follow_registry(
+                plane.clone(),
+                Arc::downgrade(&this.registry),
+            ));
+        }
         let weak = Arc::downgrade(&this);
         let mut revisions = plane.watch();
         // A write may have landed between the load above and this subscription:

@@ -10,9 +10,13 @@
 //! `Arc`, shared with the table before for services that did not change, so the
 //! push streams find what to send by comparing pointers.
 //!
-//! The registry lives in this control plane's memory. Replicas sharing an etcd
-//! store do not share it yet: a proxy sees the instances registered with the
-//! replica it is connected to.
+//! Control planes sharing an etcd store share their registries: each writes the
+//! instances it holds as [`Record`]s under its own etcd lease and follows the
+//! others' (see `Publisher::start`). A proxy connected to any of them sees every
+//! instance. Each control plane stays the authority on the instances whose
+//! proxies stream to it: it expires them by their own leases, and deletes their
+//! records then, unless another control plane wrote them since (the proxy moved).
+//! The records of a control plane that dies go with its etcd lease.
 
 use crate::push::pb;
 use std::collections::BTreeMap;
@@ -52,24 +56,88 @@ pub struct InstanceStatus {
     pub zone: String,
     /// The lease's TTL, in seconds.
     pub lease_seconds: u64,
-    /// Milliseconds until the lease expires unless renewed.
-    pub expires_in_ms: u64,
+    /// Milliseconds until the lease expires unless renewed; none for an instance
+    /// another control plane holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in_ms: Option<u64>,
     #[serde(with = "crate::push::rfc3339_millis")]
     pub registered_at: SystemTime,
+}
+
+/// An instance as control planes sharing a store write it for each other (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// The control plane that holds the instance's lease.
+    holder: String,
+    service: String,
+    node: String,
+    address: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    zone: String,
+    lease_seconds: u64,
+    /// Milliseconds since the Unix epoch.
+    registered_at_ms: u64,
+}
+
+impl Record {
+    fn of(holder: &str, l: &Lease) -> Self {
+        let i = &l.instance;
+        Self {
+            holder: holder.to_string(),
+            service: i.service.clone(),
+            node: i.node.clone(),
+            address: i.address.clone(),
+            labels: i.labels.clone().into_iter().collect(),
+            zone: i.zone.clone(),
+            lease_seconds: l.ttl.as_secs(),
+            registered_at_ms: l
+                .registered_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+
+    fn instance(&self) -> pb::Instance {
+        pb::Instance {
+            service: self.service.clone(),
+            node: self.node.clone(),
+            address: self.address.clone(),
+            labels: self.labels.clone().into_iter().collect(),
+            zone: self.zone.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The instances whose proxies stream to this control plane, by node.
+    leases: BTreeMap<String, Lease>,
+    /// The instances other control planes hold (a shared store), by node. A node
+    /// this control plane also holds is shown as its own.
+    remote: BTreeMap<String, Record>,
 }
 
 /// The registered instances, by node (one instance per proxy).
 #[derive(Debug)]
 pub struct Registry {
-    leases: Mutex<BTreeMap<String, Lease>>,
+    /// This control plane's name in [`Record::holder`].
+    id: String,
+    state: Mutex<State>,
     table: watch::Sender<Table>,
+    /// This control plane's instances as records (JSON, by node), for the others.
+    mine: watch::Sender<Arc<BTreeMap<String, String>>>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
         Self {
-            leases: Mutex::new(BTreeMap::new()),
+            id: crate::store::new_id(),
+            state: Mutex::new(State::default()),
             table: watch::channel(Table::default()).0,
+            mine: watch::channel(Arc::default()).0,
         }
     }
 }
@@ -103,15 +171,15 @@ impl Registry {
     /// Register (or re-register) `node`'s instance under a lease of `ttl`.
     pub fn register(&self, node: &str, mut instance: pb::Instance, ttl: Duration, now: Instant) {
         instance.node = node.to_string();
-        let Ok(mut leases) = self.leases.lock() else {
+        let Ok(mut state) = self.state.lock() else {
             return;
         };
-        let before = leases.get(node).map(|l| l.instance.clone());
+        let before = state.leases.get(node).map(|l| l.instance.clone());
         let registered_at = match &before {
-            Some(b) if *b == instance => leases[node].registered_at,
+            Some(b) if *b == instance => state.leases[node].registered_at,
             _ => SystemTime::now(),
         };
-        leases.insert(
+        state.leases.insert(
             node.to_string(),
             Lease {
                 instance: instance.clone(),
@@ -126,14 +194,15 @@ impl Registry {
                 .map(|b| b.service)
                 .into_iter()
                 .chain([instance.service]);
-            self.publish(&leases, touched);
+            self.publish(&state, touched);
+            self.share(&state);
         }
     }
 
     /// Renew `node`'s lease, if it holds one.
     pub fn renew(&self, node: &str, now: Instant) {
-        if let Ok(mut leases) = self.leases.lock()
-            && let Some(l) = leases.get_mut(node)
+        if let Ok(mut state) = self.state.lock()
+            && let Some(l) = state.leases.get_mut(node)
         {
             l.expires = now + l.ttl;
         }
@@ -141,22 +210,23 @@ impl Registry {
 
     /// Take `node`'s instance out now.
     pub fn deregister(&self, node: &str) {
-        let Ok(mut leases) = self.leases.lock() else {
+        let Ok(mut state) = self.state.lock() else {
             return;
         };
-        if let Some(l) = leases.remove(node) {
+        if let Some(l) = state.leases.remove(node) {
             tracing::info!(node, service = %l.instance.service, address = %l.instance.address, "instance deregistered");
-            self.publish(&leases, [l.instance.service]);
+            self.publish(&state, [l.instance.service]);
+            self.share(&state);
         }
     }
 
     /// Take out every instance whose lease ran out by `now`.
     fn expire(&self, now: Instant) {
-        let Ok(mut leases) = self.leases.lock() else {
+        let Ok(mut state) = self.state.lock() else {
             return;
         };
         let mut gone = Vec::new();
-        leases.retain(|node, l| {
+        state.leases.retain(|node, l| {
             let keep = l.expires > now;
             if !keep {
                 tracing::warn!(node, service = %l.instance.service, address = %l.instance.address, ttl = ?l.ttl, "lease expired; instance removed");
@@ -165,22 +235,54 @@ impl Registry {
             keep
         });
         if !gone.is_empty() {
-            self.publish(&leases, gone);
+            self.publish(&state, gone);
+            self.share(&state);
         }
     }
 
-    /// Publish a table in which `services` are rebuilt from `leases`.
-    fn publish(
-        &self,
-        leases: &BTreeMap<String, Lease>,
-        services: impl IntoIterator<Item = String>,
-    ) {
+    /// Take the records in a shared store as the other control planes'
+    /// instances (JSON by node; this control plane's own are skipped).
+    pub fn set_remote(&self, records: &BTreeMap<String, String>) {
+        let remote: BTreeMap<String, Record> = records
+            .iter()
+            .filter_map(|(node, json)| match serde_json::from_str::<Record>(json) {
+                Ok(r) if r.holder != self.id && r.node == *node => Some((node.clone(), r)),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "ignoring an unreadable registry record");
+                    None
+                }
+            })
+            .collect();
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let old = std::mem::replace(&mut state.remote, remote);
+        let mut touched = std::collections::BTreeSet::new();
+        for (node, r) in old.iter().chain(state.remote.iter()) {
+            if old.get(node) != state.remote.get(node) {
+                touched.insert(r.service.clone());
+            }
+        }
+        if !touched.is_empty() {
+            self.publish(&state, touched);
+        }
+    }
+
+    /// Publish a table in which `services` are rebuilt from `state`.
+    fn publish(&self, state: &State, services: impl IntoIterator<Item = String>) {
         let mut table = (**self.table.borrow()).clone();
         for s in services {
-            let mut list: Vec<pb::Instance> = leases
-                .values()
-                .filter(|l| l.instance.service == s)
-                .map(|l| l.instance.clone())
+            let own = state.leases.values().map(|l| &l.instance);
+            let theirs = state
+                .remote
+                .iter()
+                .filter(|(node, _)| !state.leases.contains_key(*node))
+                .map(|(_, r)| r.instance());
+            let mut list: Vec<pb::Instance> = own
+                .filter(|i| i.service == s)
+                .cloned()
+                .chain(theirs.filter(|i| i.service == s))
                 .collect();
             list.sort_by(|a, b| a.address.cmp(&b.address));
             if list.is_empty() {
@@ -192,29 +294,61 @@ impl Registry {
         self.table.send_replace(Arc::new(table));
     }
 
+    /// Offer this control plane's instances to the others.
+    fn share(&self, state: &State) {
+        let mine = state
+            .leases
+            .iter()
+            .map(|(node, l)| {
+                let json = serde_json::to_string(&Record::of(&self.id, l)).unwrap_or_default();
+                (node.clone(), json)
+            })
+            .collect();
+        self.mine.send_replace(Arc::new(mine));
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<Table> {
         self.table.subscribe()
+    }
+
+    /// This control plane's instances as records, each time they change.
+    pub fn mine(&self) -> watch::Receiver<Arc<BTreeMap<String, String>>> {
+        self.mine.subscribe()
     }
 
     /// Every instance (of `service` only, if given), by service then address.
     pub fn list(&self, service: Option<&str>) -> Vec<InstanceStatus> {
         let now = Instant::now();
-        let Ok(leases) = self.leases.lock() else {
+        let Ok(state) = self.state.lock() else {
             return Vec::new();
         };
-        let mut out: Vec<InstanceStatus> = leases
+        let own = state.leases.values().map(|l| InstanceStatus {
+            service: l.instance.service.clone(),
+            node: l.instance.node.clone(),
+            address: l.instance.address.clone(),
+            labels: l.instance.labels.clone().into_iter().collect(),
+            zone: l.instance.zone.clone(),
+            lease_seconds: l.ttl.as_secs(),
+            expires_in_ms: Some(l.expires.saturating_duration_since(now).as_millis() as u64),
+            registered_at: l.registered_at,
+        });
+        let theirs = state
+            .remote
             .values()
-            .filter(|l| service.is_none_or(|s| s == l.instance.service))
-            .map(|l| InstanceStatus {
-                service: l.instance.service.clone(),
-                node: l.instance.node.clone(),
-                address: l.instance.address.clone(),
-                labels: l.instance.labels.clone().into_iter().collect(),
-                zone: l.instance.zone.clone(),
-                lease_seconds: l.ttl.as_secs(),
-                expires_in_ms: l.expires.saturating_duration_since(now).as_millis() as u64,
-                registered_at: l.registered_at,
-            })
+            .filter(|r| !state.leases.contains_key(&r.node))
+            .map(|r| InstanceStatus {
+                service: r.service.clone(),
+                node: r.node.clone(),
+                address: r.address.clone(),
+                labels: r.labels.clone(),
+                zone: r.zone.clone(),
+                lease_seconds: r.lease_seconds,
+                expires_in_ms: None,
+                registered_at: SystemTime::UNIX_EPOCH + Duration::from_millis(r.registered_at_ms),
+            });
+        let mut out: Vec<InstanceStatus> = own
+            .chain(theirs)
+            .filter(|i| service.is_none_or(|s| s == i.service))
             .collect();
         out.sort_by(|a, b| (&a.service, &a.address).cmp(&(&b.service, &b.address)));
         out
@@ -339,6 +473,41 @@ mod tests {
         assert!(addresses(&r, "orders").is_empty());
         assert_eq!(addresses(&r, "users"), ["127.0.0.1:1"]);
         assert_eq!(r.list(None)[0].node, "a");
+    }
+
+    #[test]
+    fn other_control_planes_instances_join_the_table_but_never_override_our_own() {
+        let here = Registry::default();
+        let there = Registry::default();
+        let t0 = Instant::now();
+        here.register("a", instance("orders", "127.0.0.1:1"), DEFAULT_LEASE, t0);
+        there.register("b", instance("orders", "127.0.0.1:2"), DEFAULT_LEASE, t0);
+        there.register("a", instance("orders", "127.0.0.1:9"), DEFAULT_LEASE, t0);
+        // What a shared store holds: every control plane's records.
+        let mut store = (**here.mine().borrow()).clone();
+        store.extend((**there.mine().borrow()).clone());
+        store.insert("bad".into(), "{not json".into());
+        here.set_remote(&store);
+        assert_eq!(
+            addresses(&here, "orders"),
+            ["127.0.0.1:1", "127.0.0.1:2"],
+            "b joins; our own a wins over the other's"
+        );
+        let listed = here.list(Some("orders"));
+        assert_eq!(listed[1].node, "b");
+        assert_eq!(listed[1].expires_in_ms, None, "b's lease is kept elsewhere");
+        // Nothing changed: the table is the same, so no stream sends anything.
+        let before = here.subscribe().borrow().clone();
+        here.set_remote(&store);
+        assert!(changes(&before, &here.subscribe().borrow()).is_none());
+        // b leaves the other control plane; our own record is never taken as remote.
+        store.remove("b");
+        here.set_remote(&store);
+        assert_eq!(addresses(&here, "orders"), ["127.0.0.1:1"]);
+        // The store holds the other's a (it wrote last): once ours is gone, that shows.
+        here.deregister("a");
+        assert_eq!(addresses(&here, "orders"), ["127.0.0.1:9"]);
+        assert!(here.mine().borrow().is_empty());
     }
 
     #[test]

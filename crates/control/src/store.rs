@@ -161,6 +161,28 @@ pub trait Store: Send + Sync + 'static {
     fn shared_nodes(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
         async { Ok(Vec::new()) }
     }
+
+    /// Make the registry records this control plane holds (JSON by node) what the
+    /// store keeps for it: new and changed ones written under its lease, gone ones
+    /// deleted while they are still its own (another control plane may have
+    /// written the node since). Only for a store that [`Store::shares_nodes`].
+    fn share_instances(
+        &self,
+        mine: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = mine;
+        async { Ok(()) }
+    }
+
+    /// Keep `records` equal to every control plane's registry records (JSON by
+    /// node), for as long as the channel has receivers.
+    fn follow_instances(
+        &self,
+        records: tokio::sync::watch::Sender<BTreeMap<String, String>>,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = records;
+        async {}
+    }
 }
 
 /// Raise `revisions` to `rev` if it is newer; revisions never go back.

@@ -700,7 +700,10 @@ fn registry_table(v: &Value) -> String {
                 labels,
                 text("zone"),
                 format!("{}s", i["leaseSeconds"]),
-                format!("{:.1}s", i["expiresInMs"].as_f64().unwrap_or(0.0) / 1000.0),
+                // Held by another control plane: its lease is kept there.
+                i["expiresInMs"]
+                    .as_f64()
+                    .map_or("-".to_string(), |ms| format!("{:.1}s", ms / 1000.0)),
             ]
         })
         .collect();
