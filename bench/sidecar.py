@@ -9,6 +9,7 @@ round:
   nginx      wrk -> nginx (proxy_pass, keep-alive) -> backend
   outbound   wrk -> sidecar A outbound (Host: local) -> backend              (one sidecar)
   mesh       wrk -> sidecar A outbound (Host: echo) -> sidecar B inbound -> backend
+  mesh-mtls  the same over mesh mTLS (Host: echo-tls, sidecar C, tls mode mesh)
   fused      wrk -> sidecar B, Gateway "public" (BFF mode) -> backend
   two-hop    wrk -> edge proxy -> sidecar B inbound -> backend
 
@@ -46,6 +47,11 @@ CONFIG = """apiVersion: meshgate.io/v1
 kind: Service
 metadata: {{name: echo}}
 spec: {{discovery: {{registry: echo}}}}
+---
+apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: echo-tls}}
+spec: {{discovery: {{registry: echo-tls}}, tls: {{mode: mesh}}}}
 ---
 apiVersion: meshgate.io/v1
 kind: Service
@@ -134,6 +140,7 @@ def main():
             return proc, ports
 
         b, b_ports = sidecar("b", "echo", f"127.0.0.1:{p['backend']}", ("--gateway", "public"))
+        sidecar("c", "echo-tls", f"127.0.0.1:{p['backend']}")
         s, s_ports = sidecar("a", "client", "127.0.0.1:1")
         d, _ = sidecar("default-runtime", "idle", "127.0.0.1:1", workers=None)
         edge = start([mg, "proxy", "--control", control, "--node", "edge", "--gateway", "edge",
@@ -158,6 +165,7 @@ def main():
             ("nginx", f"http://127.0.0.1:{p['nginx']}/", ()),
             ("outbound", out, ("Host: local",)),
             ("mesh", out, ("Host: echo",)),
+            ("mesh-mtls", out, ("Host: echo-tls",)),
             ("fused", f"http://127.0.0.1:{p['public']}/", ()),
             ("two-hop", f"http://127.0.0.1:{p['edge']}/", ()),
         ]

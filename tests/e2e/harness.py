@@ -436,6 +436,20 @@ class Gateway:
 # ---------------------------------------------------------------- clients
 
 
+def metric_sum(text, name, **labels):
+    """The sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 def curl(*args, timeout=10):
     """Run curl; return (status, headers dict (lower-case, last wins), body, exit code)."""
     cmd = ["curl", "-sS", "-D", "-", "--max-time", str(timeout), *args]

@@ -4,6 +4,7 @@ the test that decodes with the `opentelemetry-proto` package."""
 
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -11,7 +12,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest, ExportTraceServiceResponse)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from harness import free_port
+from harness import free_port, metric_sum
 from test_mesh import Mesh
 
 
@@ -126,6 +127,16 @@ def test_spans_of_three_hops_form_one_trace_with_parent_links(traced):
             assert parent[1].start_time_unix_nano <= s.start_time_unix_nano
             assert s.end_time_unix_nano <= parent[1].end_time_unix_nano
     assert {r for r in receiver.requests} == {("/v1/traces", "application/x-protobuf")}
+    # Counted as exported by front's sidecar (its two spans), none dropped.
+    deadline = time.time() + 3
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{front.admin_port}/metrics") as r:
+            text = r.read().decode()
+        exported = metric_sum(text, "meshgate_trace_spans_exported_total")
+        if exported >= 2 or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert exported == 2 and metric_sum(text, "meshgate_trace_spans_dropped_total") == 0, text
 
 
 def test_b3_is_accepted_and_unsampled_traces_are_passed_on_but_not_exported(traced):
@@ -157,5 +168,13 @@ def test_a_collector_that_is_down_never_fails_a_request(tmp_path):
         time.sleep(1.5)
         assert "span export failed" in front.logs()
         assert front.call("front", "/x")[0] == 200
+        # Counted: the spans of the first 20 requests (front's outbound side: its
+        # own service is the app next door) were dropped, none exported; the last
+        # one's batch may not have gone yet.
+        with urllib.request.urlopen(f"http://127.0.0.1:{front.admin_port}/metrics") as r:
+            text = r.read().decode()
+        dropped = metric_sum(text, "meshgate_trace_spans_dropped_total")
+        assert 20 <= dropped <= 21, dropped
+        assert metric_sum(text, "meshgate_trace_spans_exported_total") == 0
     finally:
         mesh.stop()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import BIN, Control, curl, free_port, node_env, TOKEN, wait_ready
+from harness import BIN, TOKEN, Control, curl, metric_sum, node_env, wait_ready
 
 APP = str(Path(__file__).with_name("netns_app.py"))
 PROXY_UID = 1337
@@ -164,20 +164,6 @@ def metrics(h):
         return r.read().decode()
 
 
-def metric(text, name, **labels):
-    """The sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        if head.split("{")[0] != name:
-            continue
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def ask(h, path):
     """GET http://HOST:8080/PATH from the root namespace, as JSON."""
     status, _, body, code = curl(f"http://{h.ip}:8080{path}")
@@ -224,7 +210,7 @@ def test_an_unmodified_app_calls_a_service_by_name_through_both_sidecars_over_mt
     assert seen["client"] == "127.0.0.1"
     assert seen["headers"]["host"] == "orders:8080"
     m = metrics(net.front)
-    assert metric(m, "meshgate_requests_total", api="meshgate.outbound.orders") >= 1, m
+    assert metric_sum(m, "meshgate_requests_total", api="meshgate.outbound.orders") >= 1, m
 
 
 def test_inbound_traffic_to_the_app_port_goes_through_the_sidecar(net):
@@ -235,10 +221,10 @@ def test_inbound_traffic_to_the_app_port_goes_through_the_sidecar(net):
     assert seen["headers"]["x-forwarded-for"] == net.ip(1)
     assert "x-request-id" in seen["headers"]
     # orders takes only mesh mTLS: plaintext to its app port never reaches the app.
-    before = metric(metrics(net.orders), "meshgate_downstream_tls_handshake_failures_total")
+    before = metric_sum(metrics(net.orders), "meshgate_downstream_tls_handshake_failures_total")
     status, _, _, code = curl(f"http://{net.orders.ip}:8080/orders/1")
     assert status == 0 and code != 0, (status, code)
-    after = metric(metrics(net.orders), "meshgate_downstream_tls_handshake_failures_total")
+    after = metric_sum(metrics(net.orders), "meshgate_downstream_tls_handshake_failures_total")
     assert after == before + 1
 
 
@@ -252,11 +238,11 @@ def test_http_to_a_host_outside_the_mesh_passes_through_to_its_original_destinat
     assert "x-request-id" in seen["headers"]
     assert seen["headers"]["host"] == f"{net.ext.ip}:8080"
     m = metrics(net.front)
-    assert metric(m, "meshgate_requests_total", api="meshgate.outbound.passthrough") >= 1, m
+    assert metric_sum(m, "meshgate_requests_total", api="meshgate.outbound.passthrough") >= 1, m
 
 
 def test_other_protocols_are_relayed_as_bytes(net):
-    before = metric(metrics(net.front), "meshgate_outbound_tcp_passthrough_connections_total")
+    before = metric_sum(metrics(net.front), "meshgate_outbound_tcp_passthrough_connections_total")
     data = bytes(range(256)).hex()
     got = ask(net.front, f"/tcp?to={net.ext.ip}:7000&send={data}")
     assert got.get("echo") == data, got
@@ -264,7 +250,7 @@ def test_other_protocols_are_relayed_as_bytes(net):
     # then relays, so the banner still arrives.
     got = ask(net.front, f"/tcp?to={net.ext.ip}:7001&send={b'HELO x'.hex()}&banner=1")
     assert got.get("banner") == "220 ext ready\r\n" and got.get("echo") == b"HELO x".hex(), got
-    after = metric(metrics(net.front), "meshgate_outbound_tcp_passthrough_connections_total")
+    after = metric_sum(metrics(net.front), "meshgate_outbound_tcp_passthrough_connections_total")
     assert after == before + 2
 
 

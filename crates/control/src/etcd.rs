@@ -575,23 +575,8 @@ impl Etcd {
             .collect();
         records.send_replace(all.clone());
         let from = got.header().map_or(0, |h| h.revision()) + 1;
-        let mut stream = self
-            .client
-            .watch_client()
-            .watch(
-                prefix,
-                Some(WatchOptions::new().with_prefix().with_start_revision(from)),
-            )
-            .await
-            .map_err(backend)?;
-        while let Some(resp) = stream.message().await.map_err(backend)? {
-            if resp.canceled() {
-                return Err(backend(format!(
-                    "watch cancelled: {}",
-                    resp.cancel_reason()
-                )));
-            }
-            for ev in resp.events() {
+        self.watch_from(prefix, WatchOptions::new().with_prefix(), from, |events| {
+            for ev in events {
                 let Some(kv) = ev.kv() else { continue };
                 match ev.event_type() {
                     etcd_client::EventType::Put => {
@@ -606,6 +591,34 @@ impl Etcd {
                 }
             }
             records.send_replace(all.clone());
+            Ok(())
+        })
+        .await
+    }
+
+    /// Watch `key` (with `options`) from revision `from`, passing each answer's
+    /// events to `on_events`, until the watch or `on_events` fails.
+    async fn watch_from(
+        &self,
+        key: &str,
+        options: WatchOptions,
+        from: i64,
+        mut on_events: impl FnMut(&[etcd_client::Event]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut stream = self
+            .client
+            .watch_client()
+            .watch(key, Some(options.with_start_revision(from)))
+            .await
+            .map_err(backend)?;
+        while let Some(resp) = stream.message().await.map_err(backend)? {
+            if resp.canceled() {
+                return Err(backend(format!(
+                    "watch cancelled: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            on_events(resp.events())?;
         }
         Ok(())
     }
@@ -654,25 +667,14 @@ impl Etcd {
         let seen = |rev: u64| crate::store::raise(revisions, rev);
         seen(parse_revision(got.kvs().first().map(|kv| kv.value()))?);
         let from = got.header().map_or(0, |h| h.revision()) + 1;
-        let mut stream = self
-            .client
-            .watch_client()
-            .watch(anchor, Some(WatchOptions::new().with_start_revision(from)))
-            .await
-            .map_err(backend)?;
-        while let Some(resp) = stream.message().await.map_err(backend)? {
-            if resp.canceled() {
-                return Err(backend(format!(
-                    "watch cancelled: {}",
-                    resp.cancel_reason()
-                )));
-            }
-            for ev in resp.events() {
+        self.watch_from(anchor, WatchOptions::new(), from, |events| {
+            for ev in events {
                 if let Some(kv) = ev.kv() {
                     seen(parse_revision(Some(kv.value()))?);
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 }

@@ -282,7 +282,14 @@ pub async fn run(options: Options, snapshot: Snapshot, feed: Feed) -> std::io::R
         (&registry, &mesh),
     );
     let (drain, _) = watch::channel(false);
-    let tracer = options.trace.clone().map(trace::Tracer::start);
+    let spans = trace::SpanCounts {
+        exported: metrics.spans_exported.clone(),
+        dropped: metrics.spans_dropped.clone(),
+    };
+    let tracer = options
+        .trace
+        .clone()
+        .map(|o| trace::Tracer::start(o, spans));
     let shared = Arc::new(Shared {
         tracer,
         options,

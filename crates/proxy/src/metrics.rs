@@ -85,6 +85,10 @@ pub struct Metrics {
     /// destination as bytes.
     pub tcp_passthrough: Counter,
     pub access_log_dropped: Counter,
+    /// Spans the collector accepted.
+    pub spans_exported: Counter,
+    /// Spans dropped: the queue was full, or the collector failed.
+    pub spans_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -111,6 +115,8 @@ impl Default for Metrics {
             tls_handshake_failures: Counter::default(),
             tcp_passthrough: Counter::default(),
             access_log_dropped: Counter::default(),
+            spans_exported: Counter::default(),
+            spans_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -207,6 +213,16 @@ impl Default for Metrics {
             "outbound_tcp_passthrough_connections",
             "Redirected outbound connections that were not HTTP, relayed to their original destination",
             m.tcp_passthrough.clone(),
+        );
+        registry.register(
+            "trace_spans_exported",
+            "Spans the OTLP collector accepted",
+            m.spans_exported.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped because the export queue was full or the collector failed",
+            m.spans_dropped.clone(),
         );
         registry.register(
             "access_log_dropped",

@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Status, span, status};
+use prometheus_client::metrics::counter::Counter;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
@@ -189,22 +190,34 @@ pub struct Finished {
 pub struct Tracer {
     pub sample: f64,
     queue: mpsc::Sender<Finished>,
+    dropped: Counter,
+}
+
+/// What became of the spans: `meshgate_trace_spans_{exported,dropped}_total`.
+#[derive(Debug, Clone)]
+pub struct SpanCounts {
+    pub exported: Counter,
+    pub dropped: Counter,
 }
 
 impl Tracer {
     /// Start the exporter task.
-    pub fn start(o: TraceOptions) -> Self {
+    pub fn start(o: TraceOptions, counts: SpanCounts) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(export(o.clone(), rx));
+        let dropped = counts.dropped.clone();
+        tokio::spawn(export(o.clone(), rx, counts));
         Self {
             sample: o.sample,
             queue,
+            dropped,
         }
     }
 
     /// Queue a span; never waits (a span finding the queue full is dropped).
     pub fn record(&self, span: Finished) {
-        let _ = self.queue.try_send(span);
+        if self.queue.try_send(span).is_err() {
+            self.dropped.inc();
+        }
     }
 }
 
@@ -292,7 +305,7 @@ fn encode(service: &str, spans: Vec<Finished>) -> Vec<u8> {
 }
 
 /// Batch spans and post them to the collector until the queue closes.
-async fn export(o: TraceOptions, mut rx: mpsc::Receiver<Finished>) {
+async fn export(o: TraceOptions, mut rx: mpsc::Receiver<Finished>, counts: SpanCounts) {
     use http_body_util::Full;
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
@@ -317,6 +330,7 @@ async fn export(o: TraceOptions, mut rx: mpsc::Receiver<Finished>) {
             _ = tick.tick() => true,
         };
         if !batch.is_empty() {
+            let n = batch.len() as u64;
             let body = encode(&o.service, std::mem::take(&mut batch));
             let req = http::Request::post(o.endpoint.clone())
                 .header(http::header::CONTENT_TYPE, "application/x-protobuf")
@@ -329,6 +343,10 @@ async fn export(o: TraceOptions, mut rx: mpsc::Receiver<Finished>) {
                     Err(_) => Err("timed out".into()),
                 },
                 Err(e) => Err(e.to_string()),
+            };
+            match &sent {
+                Ok(()) => counts.exported.inc_by(n),
+                Err(_) => counts.dropped.inc_by(n),
             };
             match sent {
                 Ok(()) if failing => {
