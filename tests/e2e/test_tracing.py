@@ -2,6 +2,8 @@
 request per proxy side, exported by OTLP/HTTP (protobuf) to a real receiver in
 the test that decodes with the `opentelemetry-proto` package."""
 
+import ssl
+import subprocess
 import threading
 import time
 import urllib.request
@@ -12,7 +14,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest, ExportTraceServiceResponse)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from harness import free_port, metric_sum
+from harness import BIN, free_port, metric_sum
+from test_control_tls import pki  # noqa: F401 (a fixture)
 from test_mesh import Mesh
 
 
@@ -20,7 +23,9 @@ class Receiver:
     """An OTLP/HTTP traces endpoint: every span received, with its resource's
     service.name, as (service, span)."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
+        """With `tls=(cert, key)` (PEM files) it speaks HTTPS only."""
+        self.tls = tls
         self.spans, self.requests = [], []
         lock = threading.Lock()
         outer = self
@@ -47,11 +52,16 @@ class Receiver:
 
         self.port = free_port()
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*map(str, tls))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}/v1/traces"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://localhost:{self.port}/v1/traces"
 
     def of(self, trace_id, n, timeout=10):
         deadline = time.time() + timeout
@@ -178,3 +188,34 @@ def test_a_collector_that_is_down_never_fails_a_request(tmp_path):
         assert metric_sum(text, "meshgate_trace_spans_exported_total") == 0
     finally:
         mesh.stop()
+
+
+def test_an_https_collector_verified_against_the_given_ca(tmp_path, pki):
+    receiver = Receiver(tls=(pki / "control.pem", pki / "control.key"))
+    mesh = Mesh(tmp_path)
+    try:
+        _, front = mesh.instance("front", "front-1", args=(
+            "--otlp-endpoint", receiver.url, "--otlp-ca", str(pki / "ca.pem")))
+        trace = "c" * 32
+        status, _, body = front.call("front", "/x", {"traceparent": f"00-{trace}-{ROOT}-01"})
+        assert status == 200, body
+        (svc, span), = receiver.of(trace, 1)
+        assert svc == "front" and span.parent_span_id.hex() == ROOT
+        # A proxy that trusts another CA does not send its spans to this collector.
+        _, users = mesh.instance("users", "users-1", args=(
+            "--otlp-endpoint", receiver.url, "--otlp-ca", str(pki / "other-ca.pem")))
+        stranger = "d" * 32
+        status, _, body = users.call("users", "/x", {"traceparent": f"00-{stranger}-{ROOT}-01"})
+        assert status == 200, body
+        time.sleep(1.5)
+        assert "span export failed" in users.logs() and "certificate" in users.logs()
+        assert [s for _, s in receiver.spans if s.trace_id.hex() == stranger] == []
+    finally:
+        mesh.stop()
+        receiver.stop()
+    # A CA file that is not one is a usage error at start.
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("hello")
+    p = subprocess.run([BIN, "run", "-c", str(tmp_path), "--otlp-endpoint", "https://localhost:1/v1/traces",
+                        "--otlp-ca", str(bad)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "--otlp-ca" in p.stderr, p.stderr

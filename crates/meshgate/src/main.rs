@@ -171,12 +171,15 @@ fn main() -> ExitCode {
             demo_upstream,
             state_dir,
             trace,
-        } => run(
-            config,
-            demo_upstream,
-            state_dir.unwrap_or_else(default_state_dir),
-            trace.options("meshgate"),
-        ),
+        } => match trace.options("meshgate") {
+            Ok(trace) => run(
+                config,
+                demo_upstream,
+                state_dir.unwrap_or_else(default_state_dir),
+                trace,
+            ),
+            Err(code) => code,
+        },
         Command::Mesh {
             action: MeshAction::Iptables(a),
         } => mesh::iptables(&a),
@@ -207,13 +210,16 @@ fn main() -> ExitCode {
             };
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             let cache_dir = cache_dir.unwrap_or_else(|| state_dir.join("control-cache"));
-            let trace = trace.options(
+            let trace = match trace.options(
                 sidecar
                     .as_ref()
                     .map(|s| s.sidecar.service.as_str())
                     .or(gateway.as_deref())
                     .unwrap_or(node.as_str()),
-            );
+            ) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
             runtime_then(move || {
                 proxy::run(proxy::Options {
                     control,
@@ -386,9 +392,14 @@ fn default_state_dir() -> PathBuf {
 /// Tracing flags of the data plane commands.
 #[derive(Debug, Clone, clap::Args)]
 struct TraceArgs {
-    /// Export spans to this OTLP/HTTP traces URL (`http://HOST:4318/v1/traces`).
+    /// Export spans to this OTLP/HTTP traces URL (`http://HOST:4318/v1/traces`,
+    /// or `https://`).
     #[arg(long, env = "MESHGATE_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
     otlp_endpoint: Option<http::Uri>,
+    /// The CA certificates (PEM) that sign an https:// collector's certificate
+    /// (default: the system's).
+    #[arg(long, env = "MESHGATE_OTLP_CA", requires = "otlp_endpoint")]
+    otlp_ca: Option<PathBuf>,
     /// The percentage of new traces sampled (a request carrying a trace context
     /// keeps its caller's decision).
     #[arg(long, default_value_t = 100.0, value_parser = percent)]
@@ -397,9 +408,9 @@ struct TraceArgs {
 
 fn otlp_endpoint(s: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("{s}: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err(format!(
-            "{s}: give an http://HOST:PORT/PATH URL (OTLP/HTTP)"
+            "{s}: give an http:// or https://HOST:PORT/PATH URL (OTLP/HTTP)"
         ));
     }
     Ok(uri)
@@ -413,14 +424,37 @@ fn percent(s: &str) -> Result<f64, String> {
 }
 
 impl TraceArgs {
-    fn options(&self, service: &str) -> Option<meshgate_proxy::trace::TraceOptions> {
-        self.otlp_endpoint
-            .clone()
-            .map(|endpoint| meshgate_proxy::trace::TraceOptions {
-                endpoint,
-                sample: self.trace_sample / 100.0,
-                service: service.to_string(),
-            })
+    /// The tracer's settings, or why the flags do not make them (exit 2).
+    fn options(
+        &self,
+        service: &str,
+    ) -> Result<Option<meshgate_proxy::trace::TraceOptions>, ExitCode> {
+        let Some(endpoint) = self.otlp_endpoint.clone() else {
+            return Ok(None);
+        };
+        let ca = match &self.otlp_ca {
+            Some(f) => {
+                let pem = std::fs::read(f)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| match reqwest::Certificate::from_pem_bundle(&pem) {
+                        Ok(certs) if !certs.is_empty() => Ok(pem),
+                        Ok(_) => Err("no PEM certificate in it".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    })
+                    .map_err(|e| {
+                        eprintln!("meshgate: --otlp-ca {}: {e}", f.display());
+                        ExitCode::from(2)
+                    })?;
+                Some(pem)
+            }
+            None => None,
+        };
+        Ok(Some(meshgate_proxy::trace::TraceOptions {
+            endpoint,
+            ca,
+            sample: self.trace_sample / 100.0,
+            service: service.to_string(),
+        }))
     }
 }
 

@@ -10,7 +10,6 @@
 //! a client span on a sidecar's outbound side; it covers the request from its
 //! head to its response's last byte.
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
@@ -39,8 +38,12 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where spans go and which traces are kept.
 #[derive(Debug, Clone)]
 pub struct TraceOptions {
-    /// The collector's OTLP/HTTP traces URL (`http://HOST:4318/v1/traces`).
+    /// The collector's OTLP/HTTP traces URL (`http://HOST:4318/v1/traces`, or
+    /// `https://`).
     pub endpoint: http::Uri,
+    /// For an `https://` collector: the CA certificates (PEM) that sign its
+    /// certificate, instead of the system's.
+    pub ca: Option<Vec<u8>>,
     /// The share of new traces sampled (0.0–1.0); a request that arrives with a
     /// trace context keeps its sampling decision.
     pub sample: f64,
@@ -304,13 +307,42 @@ fn encode(service: &str, spans: Vec<Finished>) -> Vec<u8> {
     prost::Message::encode_to_vec(&request)
 }
 
+/// The exporter's HTTP client: HTTP/1.1 or HTTP/2, TLS verified against `o.ca`
+/// when given, else the system's roots.
+fn client(o: &TraceOptions) -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder().timeout(EXPORT_TIMEOUT);
+    if let Some(pem) = &o.ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
+        b = b.tls_certs_only(certs);
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+/// An error with its causes: reqwest's own text says little ("error sending
+/// request"); the cause says why (refused, unknown issuer).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let _ = write!(text, ": {c}");
+        cause = c.source();
+    }
+    text
+}
+
 /// Batch spans and post them to the collector until the queue closes.
 async fn export(o: TraceOptions, mut rx: mpsc::Receiver<Finished>, counts: SpanCounts) {
-    use http_body_util::Full;
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let client = match client(&o) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(endpoint = %o.endpoint, error = %e, "cannot export spans; dropping them");
+            while rx.recv().await.is_some() {
+                counts.dropped.inc();
+            }
+            return;
+        }
+    };
+    let endpoint = o.endpoint.to_string();
     let mut batch = Vec::with_capacity(BATCH);
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -332,17 +364,16 @@ async fn export(o: TraceOptions, mut rx: mpsc::Receiver<Finished>, counts: SpanC
         if !batch.is_empty() {
             let n = batch.len() as u64;
             let body = encode(&o.service, std::mem::take(&mut batch));
-            let req = http::Request::post(o.endpoint.clone())
+            let sent = client
+                .post(&endpoint)
                 .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-                .body(Full::new(Bytes::from(body)));
-            let sent = match req {
-                Ok(req) => match tokio::time::timeout(EXPORT_TIMEOUT, client.request(req)).await {
-                    Ok(Ok(r)) if r.status().is_success() => Ok(()),
-                    Ok(Ok(r)) => Err(format!("the collector answered {}", r.status())),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("timed out".into()),
-                },
-                Err(e) => Err(e.to_string()),
+                .body(body)
+                .send()
+                .await;
+            let sent = match sent {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("the collector answered {}", r.status())),
+                Err(e) => Err(error_chain(&e)),
             };
             match &sent {
                 Ok(()) => counts.exported.inc_by(n),
