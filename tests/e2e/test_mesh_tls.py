@@ -227,6 +227,56 @@ spec:
     assert f"the peer is spiffe://{TD}/svc/users, not spiffe://{TD}/svc/orders" in front.logs()
 
 
+def test_health_checks_of_a_mesh_service_go_over_mtls(mesh, tmp_path):
+    """Active checks speak mesh mTLS: the real orders instance passes them (its app
+    sees them from front's identity); an endpoint with users' certificate fails
+    them, even as a TCP check, and gets no calls."""
+    _, front = mesh.instance("front", "front-1")
+    orders_app, orders = mesh.instance("orders", "orders-1")
+    users_app, users = mesh.instance("users", "users-1")
+    for kind, check in (("http", "{path: /healthz"), ("tcp", "{type: tcp")):
+        mesh.apply("orders-static", f"""apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: orders}}
+spec:
+  endpoints: [{{address: "{orders.address}"}}, {{address: "{users.address}"}}]
+  tls: {{mode: mesh}}
+  inbound: {{policies: [orders-callers]}}
+  healthCheck: {check}, interval: 1s, unhealthyThreshold: 1, healthyThreshold: 1}}
+""")
+        deadline = time.time() + 8
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{front.admin_port}/upstreams") as r:
+                services = json.loads(r.read())["services"]
+            svc = next((x for x in services if x["service"] == "orders"), None)
+            got = {e["address"]: e for e in svc["endpoints"]} if svc else {}
+            states = {a: (e["health"], (e.get("healthCheck") or {}).get("checks", 0))
+                      for a, e in got.items()}
+            if (states.get(users.address, ("",))[0] == "unhealthy"
+                    and states.get(orders.address, ("", 0))[0] == "healthy"
+                    and states[orders.address][1] >= 1):
+                break
+            assert time.time() < deadline, (kind, states)
+            time.sleep(0.1)
+        assert "certificate" in got[users.address]["reason"] or "svc/users" in got[users.address]["reason"], got
+        assert set(served_by_app(front, 8)) == {"orders-1"}, kind
+    assert users_app.requests == []
+    # The orders app saw front's probes come through its sidecar with front's
+    # identity (and its own sidecar's, which checks the app next door in plain).
+    callers = {r["headers"].get("x-forwarded-client-cert") for r in orders_app.requests
+               if r["path"] == "/healthz"}
+    assert f"URI=spiffe://{TD}/svc/front" in callers, callers
+
+
+def served_by_app(sidecar, n):
+    names = []
+    for _ in range(n):
+        status, headers, body = sidecar.call("orders", "/orders/1")
+        assert status == 200, body
+        names.append(headers["x-backend"])
+    return names
+
+
 def allow_callers(mesh, *ids):
     """Let `ids` call orders."""
     mesh.apply("policy", POLICY.replace(f'["spiffe://{TD}/svc/front"]', json.dumps(list(ids))))

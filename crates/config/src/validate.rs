@@ -823,12 +823,6 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
             "an originalDestination Service is called as the app called it, in plaintext",
         );
     }
-    if tls == UpstreamTls::Mesh && spec.health_check.is_some() {
-        c.not_built(
-            "spec.healthCheck",
-            "active health checks over mesh mTLS (use outlierDetection)",
-        );
-    }
     (c.diags.len() == before).then(|| Service {
         name: name.to_string(),
         protocol: spec.protocol,

@@ -145,7 +145,7 @@ impl tokio::io::AsyncWrite for UpstreamIo {
 }
 
 /// The TLS a Service's connections need, offering `alpn`, if any.
-fn secure(service: &Service, mesh: &Arc<MeshTls>, alpn: &[u8]) -> Option<Secure> {
+pub fn secure(service: &Service, mesh: &Arc<MeshTls>, alpn: &[u8]) -> Option<Secure> {
     (service.tls == UpstreamTls::Mesh).then(|| Secure::mesh(mesh, &service.name, alpn))
 }
 

@@ -6,6 +6,8 @@
 //! endpoint of the Service is probed at once, on a fresh connection: an HTTP GET of
 //! the path (HTTP/2 prior knowledge for `http2` and `grpc` Services, HTTP/1.1 with
 //! `Connection: close` otherwise) or a TCP connect. The first round runs at start.
+//! A Service called over mesh mTLS is probed over it too: a TCP check then also
+//! completes the handshake, so an endpoint with the wrong identity fails it.
 
 use crate::metrics::HealthStats;
 use bytes::Bytes;
@@ -16,20 +18,30 @@ use meshgate_upstream::{Cluster, Endpoint, HealthCheckConfig, Probe};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
+/// How a Service's endpoints are spoken to.
+#[derive(Debug, Clone)]
+pub struct Probing {
+    /// HTTP/2 prior knowledge (`http2`, `grpc`), else HTTP/1.1.
+    pub h2: bool,
+    /// Mesh mTLS, for a Service with `tls.mode: mesh`.
+    pub tls: Option<crate::client::Secure>,
+}
+
 /// Probe `cluster`'s endpoints until the task is aborted.
 pub async fn check_forever(
     cluster: Arc<Cluster>,
     cfg: Arc<HealthCheckConfig>,
-    h2: bool,
+    how: Probing,
     stats: HealthStats,
 ) {
+    let how = Arc::new(how);
     loop {
         let set = cluster.endpoints();
         let mut round = tokio::task::JoinSet::new();
         for e in &set.endpoints {
-            let (e, cfg) = (e.clone(), cfg.clone());
+            let (e, cfg, how) = (e.clone(), cfg.clone(), how.clone());
             round.spawn(async move {
-                let result = probe(&e, &cfg, h2).await;
+                let result = probe(&e, &cfg, &how).await;
                 (e, result)
             });
         }
@@ -57,11 +69,19 @@ pub async fn check_forever(
 }
 
 /// One check of one endpoint: `Ok` when it passed, the reason otherwise.
-async fn probe(e: &Endpoint, cfg: &HealthCheckConfig, h2: bool) -> Result<(), String> {
+async fn probe(e: &Endpoint, cfg: &HealthCheckConfig, how: &Probing) -> Result<(), String> {
     let attempt = async {
-        let stream = tokio::net::TcpStream::connect(e.addr)
+        let tcp = tokio::net::TcpStream::connect(e.addr)
             .await
             .map_err(|err| format!("connect: {err}"))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = match &how.tls {
+            Some(tls) => tls
+                .handshake(tcp)
+                .await
+                .map_err(|err| format!("mesh TLS: {err}"))?,
+            None => crate::client::UpstreamIo::Plain(tcp),
+        };
         let Probe::Http {
             path,
             host,
@@ -70,8 +90,7 @@ async fn probe(e: &Endpoint, cfg: &HealthCheckConfig, h2: bool) -> Result<(), St
         else {
             return Ok(());
         };
-        let _ = stream.set_nodelay(true);
-        let status = http_status(TokioIo::new(stream), e, path, host.as_deref(), h2).await?;
+        let status = http_status(TokioIo::new(stream), e, path, host.as_deref(), how.h2).await?;
         if expected
             .iter()
             .any(|(lo, hi)| (*lo..=*hi).contains(&status))
@@ -90,7 +109,7 @@ async fn probe(e: &Endpoint, cfg: &HealthCheckConfig, h2: bool) -> Result<(), St
 /// GET `path` over a fresh connection and return the status. The connection is
 /// driven inside this future, so a timeout above drops it whole.
 async fn http_status(
-    io: TokioIo<tokio::net::TcpStream>,
+    io: TokioIo<crate::client::UpstreamIo>,
     e: &Endpoint,
     path: &str,
     host: Option<&str>,
