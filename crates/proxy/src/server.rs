@@ -111,7 +111,8 @@ impl Listeners {
             tracing::info!(gateway = %key.gateway, address = %key.address, protocol = ?key.protocol, "listening");
             tokio::spawn(accept_loop(
                 shared.clone(),
-                (key.gateway.clone().into(), key.transparent),
+                key.gateway.clone().into(),
+                key.transparent,
                 socket,
                 tls.clone(),
                 stop_rx,
@@ -156,7 +157,8 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn accept_loop(
     shared: Arc<Shared>,
-    (gateway, transparent): (Arc<str>, bool),
+    gateway: Arc<str>,
+    transparent: bool,
     listener: TcpListener,
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
     mut stop: watch::Receiver<bool>,
