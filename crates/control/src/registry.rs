@@ -100,6 +100,21 @@ impl Record {
         }
     }
 
+    /// As the admin API shows it; `expires_in_ms` only when this control plane
+    /// holds the lease.
+    fn status(self, expires_in_ms: Option<u64>) -> InstanceStatus {
+        InstanceStatus {
+            service: self.service,
+            node: self.node,
+            address: self.address,
+            labels: self.labels,
+            zone: self.zone,
+            lease_seconds: self.lease_seconds,
+            expires_in_ms,
+            registered_at: SystemTime::UNIX_EPOCH + Duration::from_millis(self.registered_at_ms),
+        }
+    }
+
     fn instance(&self) -> pb::Instance {
         pb::Instance {
             service: self.service.clone(),
@@ -322,30 +337,15 @@ impl Registry {
         let Ok(state) = self.state.lock() else {
             return Vec::new();
         };
-        let own = state.leases.values().map(|l| InstanceStatus {
-            service: l.instance.service.clone(),
-            node: l.instance.node.clone(),
-            address: l.instance.address.clone(),
-            labels: l.instance.labels.clone().into_iter().collect(),
-            zone: l.instance.zone.clone(),
-            lease_seconds: l.ttl.as_secs(),
-            expires_in_ms: Some(l.expires.saturating_duration_since(now).as_millis() as u64),
-            registered_at: l.registered_at,
+        let own = state.leases.values().map(|l| {
+            let expires_in = l.expires.saturating_duration_since(now).as_millis() as u64;
+            Record::of(&self.id, l).status(Some(expires_in))
         });
         let theirs = state
             .remote
             .values()
             .filter(|r| !state.leases.contains_key(&r.node))
-            .map(|r| InstanceStatus {
-                service: r.service.clone(),
-                node: r.node.clone(),
-                address: r.address.clone(),
-                labels: r.labels.clone(),
-                zone: r.zone.clone(),
-                lease_seconds: r.lease_seconds,
-                expires_in_ms: None,
-                registered_at: SystemTime::UNIX_EPOCH + Duration::from_millis(r.registered_at_ms),
-            });
+            .map(|r| r.clone().status(None));
         let mut out: Vec<InstanceStatus> = own
             .chain(theirs)
             .filter(|i| service.is_none_or(|s| s == i.service))

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 pub type UpstreamClient = Client<CountingConnector, UpstreamBody>;
 
@@ -70,7 +71,7 @@ impl Secure {
             .map_err(|e| io::Error::other(e.to_string()))?;
         let peer = tcp.peer_addr().ok();
         match connector.connect(self.name.clone(), tcp).await {
-            Ok(tls) => Ok(UpstreamIo::Tls(Box::new(tls))),
+            Ok(tls) => Ok(Either::Right(Box::new(tls))),
             Err(e) => {
                 tracing::warn!(service = ?self.name, ?peer, error = %e, "mesh TLS handshake failed");
                 Err(e)
@@ -79,70 +80,8 @@ impl Secure {
     }
 }
 
-/// An upstream connection: plain, or TLS.
-#[derive(Debug)]
-pub enum UpstreamIo {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl tokio::io::AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(s) => s.is_write_vectored(),
-            Self::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+/// An upstream connection: plain (`Left`) or over mesh TLS (`Right`).
+pub type UpstreamIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// The TLS a Service's connections need, offering `alpn`, if any.
 pub fn secure(service: &Service, mesh: &Arc<MeshTls>, alpn: &[u8]) -> Option<Secure> {
@@ -220,7 +159,7 @@ impl tower_service::Service<http::Uri> for CountingConnector {
         Box::pin(async move {
             let tcp = fut.await?.into_inner();
             let io = match tls {
-                None => UpstreamIo::Plain(tcp),
+                None => Either::Left(tcp),
                 Some(tls) => tls.handshake(tcp).await?,
             };
             gauge.inc();
@@ -248,8 +187,8 @@ impl Drop for CountedIo {
 impl Connection for CountedIo {
     fn connected(&self) -> Connected {
         match self.io.inner() {
-            UpstreamIo::Plain(tcp) => tcp.connected(),
-            UpstreamIo::Tls(_) => Connected::new(),
+            Either::Left(tcp) => tcp.connected(),
+            Either::Right(_) => Connected::new(),
         }
     }
 }

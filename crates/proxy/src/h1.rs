@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::either::Either;
 
 /// Most header fields a response head may carry.
 const MAX_HEADERS: usize = 128;
@@ -175,10 +176,10 @@ impl Conn {
     fn usable(&self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         let tcp = match &self.io {
-            UpstreamIo::Plain(tcp) => tcp,
+            Either::Left(tcp) => tcp,
             // A mesh peer sends nothing after the handshake (no session tickets):
             // anything readable on an idle TLS connection is a close or an alert.
-            UpstreamIo::Tls(tls) => {
+            Either::Right(tls) => {
                 return tls.get_ref().0.poll_read_ready(&mut cx).is_pending();
             }
         };
@@ -341,7 +342,7 @@ impl H1Pool {
             .map_err(H1Error::Connect)?;
         tcp.set_nodelay(true).map_err(H1Error::Connect)?;
         let io = match &self.tls {
-            None => UpstreamIo::Plain(tcp),
+            None => Either::Left(tcp),
             Some(tls) => tokio::time::timeout(self.connect_timeout, tls.handshake(tcp))
                 .await
                 .map_err(|_| H1Error::ConnectTimeout)?

@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshgate_upstream::{Cluster, Endpoint, HealthCheckConfig, Probe};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
+use tokio_util::either::Either;
 
 /// How a Service's endpoints are spoken to.
 #[derive(Debug, Clone)]
@@ -80,7 +81,7 @@ async fn probe(e: &Endpoint, cfg: &HealthCheckConfig, how: &Probing) -> Result<(
                 .handshake(tcp)
                 .await
                 .map_err(|err| format!("mesh TLS: {err}"))?,
-            None => crate::client::UpstreamIo::Plain(tcp),
+            None => Either::Left(tcp),
         };
         let Probe::Http {
             path,

@@ -300,16 +300,27 @@ async fn tries(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    if rt.service.original_destination {
-        let try_deadline = tokio::time::Instant::from_std(deadline);
-        return passthrough(rt, name, ctx, &parts, &path_and_query, body, try_deadline)
-            .await
-            .map(|response| Answer {
-                response,
-                endpoint: ctx.original_dst,
-                elapsed: start.elapsed(),
-            });
-    }
+    // A Service with `discovery: {originalDestination: true}` has one endpoint per
+    // request: where the connection was going before iptables redirected it here.
+    let original = match (rt.service.original_destination, ctx.original_dst) {
+        (false, _) => None,
+        (true, Some(to)) => Some((
+            to,
+            http::uri::Authority::try_from(to.to_string())
+                .map_err(|e| GatewayError::new(ErrorCode::Internal, e.to_string()))?,
+        )),
+        (true, None) => {
+            let host = parts.headers.get(header::HOST);
+            let host = host.and_then(|h| h.to_str().ok()).unwrap_or("");
+            return Err(GatewayError::new(
+                ErrorCode::NoRoute,
+                format!(
+                    "no Service is named {host:?}, and the connection was made to this proxy \
+                     (not redirected to it), so there is no original destination to pass it on to"
+                ),
+            ));
+        }
+    };
     if matches!(rt.transport, Transport::H2(_)) {
         // HTTP/2 carries the authority in :authority; a differing Host is malformed.
         parts.headers.remove(header::HOST);
@@ -319,13 +330,20 @@ async fn tries(
     let mut now = start;
     loop {
         tries += 1;
-        let Some(picked) = rt.cluster.pick(target.subset, hash, avoid, lane.as_deref()) else {
-            return Err(GatewayError::new(
-                ErrorCode::NoHealthyUpstream,
-                format!("service {name:?} has no endpoints"),
-            ));
+        let picked = match original {
+            Some(_) => None,
+            None => rt.cluster.pick(target.subset, hash, avoid, lane.as_deref()),
         };
-        let endpoint = picked.endpoint.addr;
+        let (endpoint, authority) = match (&picked, &original) {
+            (Some(p), _) => (p.endpoint.addr, &p.endpoint.authority),
+            (None, Some((to, authority))) => (*to, authority),
+            (None, None) => {
+                return Err(GatewayError::new(
+                    ErrorCode::NoHealthyUpstream,
+                    format!("service {name:?} has no endpoints"),
+                ));
+            }
+        };
         let this_body = match replay(&body) {
             Some(copy) => copy,
             None => std::mem::replace(&mut body, UpstreamBody::Empty),
@@ -344,7 +362,7 @@ async fn tries(
         let result = match &rt.transport {
             Transport::H1(pool) => {
                 let head = crate::h1::Head {
-                    authority: &picked.endpoint.authority,
+                    authority,
                     method: &parts.method,
                     path: &path_and_query,
                     headers: &parts.headers,
@@ -361,7 +379,7 @@ async fn tries(
             Transport::H2(client) => {
                 let mut uri = http::uri::Parts::default();
                 uri.scheme = Some(http::uri::Scheme::HTTP);
-                uri.authority = Some(picked.endpoint.authority.clone());
+                uri.authority = Some(authority.clone());
                 uri.path_and_query = Some(path_and_query.clone());
                 let uri = http::Uri::from_parts(uri)
                     .map_err(|e| GatewayError::new(ErrorCode::Internal, e.to_string()))?;
@@ -390,7 +408,10 @@ async fn tries(
             .duration
             .observe(end.saturating_duration_since(now).as_secs_f64());
         let queued = queued.load(Ordering::Relaxed);
-        if rt.cluster.outlier().is_some() && !queued {
+        if let Some(picked) = &picked
+            && rt.cluster.outlier().is_some()
+            && !queued
+        {
             let seen = match &result {
                 Ok(Ok(r)) if r.status().is_server_error() => Observed::Status(r.status().as_u16()),
                 Ok(Ok(_)) => Observed::Success,
@@ -468,67 +489,6 @@ async fn tries(
             tokio::time::sleep(pause).await;
         }
         now = Instant::now();
-    }
-}
-
-/// A Service with `discovery: {originalDestination: true}`: one try to where the
-/// connection was going before iptables redirected it to this proxy, with the
-/// request as the app sent it. No balancing, no retry: there is one destination.
-async fn passthrough(
-    rt: &ClusterRt,
-    name: &str,
-    ctx: &RequestCtx,
-    parts: &http::request::Parts,
-    path: &http::uri::PathAndQuery,
-    body: UpstreamBody,
-    deadline: tokio::time::Instant,
-) -> Result<Response<ResponseBody>, GatewayError> {
-    let host = parts.headers.get(header::HOST);
-    let Some(to) = ctx.original_dst else {
-        let host = host.and_then(|h| h.to_str().ok()).unwrap_or("");
-        return Err(GatewayError::new(
-            ErrorCode::NoRoute,
-            format!(
-                "no Service is named {host:?}, and the connection was made to this proxy \
-                 (not redirected to it), so there is no original destination to pass it on to"
-            ),
-        ));
-    };
-    let Transport::H1(pool) = &rt.transport else {
-        return Err(GatewayError::new(
-            ErrorCode::Internal,
-            "an originalDestination Service is called over HTTP/1.1",
-        ));
-    };
-    // Used only when the request has no Host (HTTP/1.0).
-    let authority = http::uri::Authority::try_from(to.to_string())
-        .map_err(|e| GatewayError::new(ErrorCode::Internal, e.to_string()))?;
-    let head = crate::h1::Head {
-        authority: &authority,
-        method: &parts.method,
-        path,
-        headers: &parts.headers,
-    };
-    rt.stats.active.inc();
-    let queued = AtomicBool::new(false);
-    let r = tokio::time::timeout_at(deadline, pool.send(to, head, body, &queued)).await;
-    rt.stats.active.dec();
-    match settle(r, ResponseBody::h1, crate::h1::H1Error::is_connect) {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e.error, %to, "passthrough request failed");
-            let outcome = if e.connect {
-                rt.stats.connect_errors.inc();
-                TryOutcome::ConnectFailure
-            } else {
-                TryOutcome::Reset
-            };
-            Err(upstream_error(outcome, name, None))
-        }
-        Err(_) => {
-            rt.stats.timeouts.inc();
-            Err(upstream_error(TryOutcome::Timeout, name, None))
-        }
     }
 }
 
