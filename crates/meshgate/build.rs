@@ -16,8 +16,12 @@ fn main() {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
     let order = std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join("hot.order");
-    if var("TARGET") == "x86_64-unknown-linux-gnu" && var("PROFILE") == "release" && order.exists() {
-        println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", order.display());
+    if var("TARGET") == "x86_64-unknown-linux-gnu" && var("PROFILE") == "release" && order.exists()
+    {
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+            order.display()
+        );
         println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
     }
     println!("cargo:rerun-if-changed=build.rs");

@@ -4,9 +4,12 @@ other hosts with plain urllib and plain sockets, as an unmodified app does.
 
     netns_app.py http NAME HOST:PORT
         GET /fetch?url=URL  fetch URL (no proxy) and answer its status and body
-        GET /tcp?to=HOST:PORT&send=HEX[&banner=1]
+        GET /tcp?to=HOST:PORT&send=HEX[&banner=1][&hold=S[&tick=S]]
                             open a TCP connection, read one line first when
-                            `banner`, send the bytes, read as many back
+                            `banner`, send the bytes, read as many back; with
+                            `hold`, keep the connection up to S seconds (sending
+                            and reading back a byte every `tick`) and answer
+                            when the other side closed it (`closedAfter`)
         anything else       echo the request as JSON (name, path, headers, client)
     netns_app.py echo HOST:PORT [BANNER]
         a TCP echo server; with BANNER it speaks first (as SMTP or MySQL do)
@@ -17,6 +20,7 @@ import json
 import socket
 import socketserver
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,9 +43,9 @@ def fetch(url):
         return {"error": str(e)}
 
 
-def tcp(to, send, banner):
+def tcp(to, send, banner, hold=0.0, tick=0.0):
     try:
-        with socket.create_connection(split(to), timeout=5) as s:
+        with socket.create_connection(split(to), timeout=max(5, hold + 1)) as s:
             first = b""
             if banner:
                 while not first.endswith(b"\n"):
@@ -56,9 +60,32 @@ def tcp(to, send, banner):
                 if not chunk:
                     break
                 back += chunk
-            return {"banner": first.decode(errors="replace"), "echo": back.hex()}
+            answer = {"banner": first.decode(errors="replace"), "echo": back.hex()}
+            if hold:
+                answer["closedAfter"] = watch(s, hold, tick)
+            return answer
     except OSError as e:
         return {"error": str(e)}
+
+
+def watch(s, hold, tick):
+    """Seconds until the peer closed s, within hold (None: still open). With tick,
+    send a byte every tick seconds and read it back, to keep the connection busy."""
+    start = time.monotonic()
+    while (left := hold - (time.monotonic() - start)) > 0:
+        s.settimeout(min(left, tick) if tick else left)
+        try:
+            if tick:
+                s.sendall(b".")
+            if not s.recv(1):
+                return round(time.monotonic() - start, 2)
+        except socket.timeout:
+            continue
+        except OSError:
+            return round(time.monotonic() - start, 2)
+        if tick:
+            time.sleep(max(0.0, tick - (time.monotonic() - start) % tick))
+    return None
 
 
 def serve_http(name, addr):
@@ -74,7 +101,8 @@ def serve_http(name, addr):
             if url.path == "/fetch":
                 answer = fetch(q["url"])
             elif url.path == "/tcp":
-                answer = tcp(q["to"], bytes.fromhex(q["send"]), q.get("banner"))
+                answer = tcp(q["to"], bytes.fromhex(q["send"]), q.get("banner"),
+                             float(q.get("hold", 0)), float(q.get("tick", 0)))
             else:
                 answer = {"backend": name, "path": self.path,
                           "headers": {k.lower(): v for k, v in self.headers.items()},

@@ -291,6 +291,10 @@ def test_sidecar_flags_are_checked():
     p = run("--role", "sidecar", "--service", "orders", "--app", "127.0.0.1:1",
             "--inbound", "127.0.0.1:2", "--lease", "0s")
     assert p.returncode == 2 and "lease" in p.stderr, p.stderr
+    for bad in ("0s", "soon"):
+        p = run("--role", "sidecar", "--service", "orders", "--app", "127.0.0.1:1",
+                "--inbound", "127.0.0.1:2", "--tcp-idle-timeout", bad)
+        assert p.returncode == 2 and "--tcp-idle-timeout" in p.stderr, p.stderr
 
 
 def chain(answer):

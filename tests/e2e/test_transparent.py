@@ -130,7 +130,7 @@ class Net:
         shutil.rmtree(self.shared, ignore_errors=True)
 
 
-def mesh_host(net, service, n):
+def mesh_host(net, service, n, extra=()):
     """A namespace with the interception rules, the app on :8080 and its sidecar
     (running as PROXY_UID) with inbound :15006, outbound :15001, admin :15000."""
     h = net.host(service, n)
@@ -148,7 +148,7 @@ def mesh_host(net, service, n):
          "--node", f"{service}-1", "--service", service, "--app", "127.0.0.1:8080",
          "--inbound", "0.0.0.0:15006", "--advertise", f"{h.ip}:15006",
          "--outbound", "127.0.0.1:15001", "--admin", "0.0.0.0:15000", "--lease", "2s",
-         "--cache-dir", str(state / "cache"), "--state-dir", str(state / "state")],
+         "--cache-dir", str(state / "cache"), "--state-dir", str(state / "state"), *extra],
         h.sidecar_log, env=node_env(TOKEN))
 
     def ready():
@@ -179,7 +179,7 @@ def net(tmp_path_factory):
         f.write_text(SERVICES)
         code, _, err = n.control.ctl("apply", "-f", str(f))
         assert code == 0, err
-        n.front = mesh_host(n, "front", 2)
+        n.front = mesh_host(n, "front", 2, ("--tcp-idle-timeout", "1s"))
         n.orders = mesh_host(n, "orders", 3)
         n.ext = n.host("ext", 4)
         n.ext.start(["python3", APP, "http", "ext", "0.0.0.0:8080"], n.tmp_path / "ext-http.log")
@@ -252,6 +252,20 @@ def test_other_protocols_are_relayed_as_bytes(net):
     assert got.get("banner") == "220 ext ready\r\n" and got.get("echo") == b"HELO x".hex(), got
     after = metric_sum(metrics(net.front), "meshgate_outbound_tcp_passthrough_connections_total")
     assert after == before + 2
+
+
+def test_a_relayed_connection_idle_for_its_timeout_is_closed_and_a_busy_one_is_not(net):
+    # front's sidecar runs with --tcp-idle-timeout 1s.
+    before = metric_sum(metrics(net.front), "meshgate_outbound_tcp_passthrough_idle_timeouts_total")
+    data = b"ping".hex()
+    got = ask(net.front, f"/tcp?to={net.ext.ip}:7000&send={data}&hold=4")
+    assert got.get("echo") == data, got
+    assert got["closedAfter"] is not None and 0.8 <= got["closedAfter"] <= 2.0, got
+    # A byte each way every 0.3 s keeps a connection open past the timeout.
+    got = ask(net.front, f"/tcp?to={net.ext.ip}:7000&send={data}&hold=2.5&tick=0.3")
+    assert got.get("echo") == data and got["closedAfter"] is None, got
+    after = metric_sum(metrics(net.front), "meshgate_outbound_tcp_passthrough_idle_timeouts_total")
+    assert after == before + 1
 
 
 def test_the_rules_are_removed_on_request(net):

@@ -169,6 +169,8 @@ pub struct LimitsSpec {
     pub header_read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_concurrent_streams: Option<u32>,
+    /// A relayed TCP connection (a sidecar's outbound, not HTTP) idle this long is closed.
+    pub tcp_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

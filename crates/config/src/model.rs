@@ -122,6 +122,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_concurrent_streams: u32,
+    /// A relayed TCP connection with no byte either way for this long is closed.
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -134,6 +136,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_concurrent_streams: 100,
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct Sidecar {
     pub admin: Option<SocketAddr>,
     /// `stdout`, `off` or a file path.
     pub access_log: String,
+    /// The outbound Gateway's `limits.tcpIdleTimeout`, as given.
+    pub tcp_idle_timeout: String,
 }
 
 /// Retries on the outbound side when an Api does not say: a try that never
@@ -97,9 +99,10 @@ impl Sidecar {
             "---\napiVersion: meshgate.io/v1\nkind: Api\nmetadata: {{name: {INBOUND}}}\nspec:\n  gateways: [{INBOUND}]\n  request: {{path: \"/{{*rest}}\"}}\n  invoke: {{service: {}}}\n",
             self.service
         );
+        let tcp_idle = serde_json::Value::from(self.tcp_idle_timeout.as_str());
         let _ = write!(
             y,
-            "---\napiVersion: meshgate.io/v1\nkind: Gateway\nmetadata: {{name: {OUTBOUND}}}\nspec:\n  onlyNamedApis: true\n  accessLog: {{path: {log}}}\n  listeners: [{{name: outbound, address: \"{}\"}}]\n",
+            "---\napiVersion: meshgate.io/v1\nkind: Gateway\nmetadata: {{name: {OUTBOUND}}}\nspec:\n  onlyNamedApis: true\n  accessLog: {{path: {log}}}\n  limits: {{tcpIdleTimeout: {tcp_idle}}}\n  listeners: [{{name: outbound, address: \"{}\"}}]\n",
             self.outbound
         );
         let own_declared = services.contains(&self.service.as_str());
@@ -158,6 +161,7 @@ mod tests {
             outbound: "127.0.0.1:15001".parse().unwrap_or_else(|e| panic!("{e}")),
             admin: "127.0.0.1:15000".parse().ok(),
             access_log: "off".into(),
+            tcp_idle_timeout: "1h".into(),
         }
     }
 

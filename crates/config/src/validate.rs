@@ -652,6 +652,13 @@ fn gateway(c: &mut Check<'_>, spec: &GatewaySpec) -> Option<GatewayDraft> {
         if let Some(d) = c.duration("spec.limits.idleTimeout", l.idle_timeout.as_ref()) {
             limits.idle_timeout = d;
         }
+        match c.duration("spec.limits.tcpIdleTimeout", l.tcp_idle_timeout.as_ref()) {
+            Some(d) if d.is_zero() => {
+                c.err("spec.limits.tcpIdleTimeout", "give a duration above 0s")
+            }
+            Some(d) => limits.tcp_idle_timeout = d,
+            None => {}
+        }
     }
     let access_log = match spec.access_log.as_ref().and_then(|a| a.path.as_deref()) {
         None | Some("stdout") => AccessLog::Stdout,

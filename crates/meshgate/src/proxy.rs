@@ -55,6 +55,17 @@ pub struct SidecarArgs {
     /// The sidecar's access log: off, stdout or a file path (sidecar).
     #[arg(long, default_value = "off")]
     access_log: String,
+    /// Close a relayed TCP connection (intercepted, not HTTP) after this long with no
+    /// byte either way (sidecar).
+    #[arg(long, default_value = "1h", value_parser = positive)]
+    tcp_idle_timeout: String,
+}
+
+fn positive(s: &str) -> Result<String, String> {
+    match meshgate_config::parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s}: give a duration above 0s")),
+        _ => Ok(s.to_owned()),
+    }
 }
 
 fn lease(s: &str) -> Result<Duration, String> {
@@ -109,6 +120,7 @@ impl SidecarArgs {
                 outbound: self.outbound,
                 admin: Some(self.admin),
                 access_log: self.access_log,
+                tcp_idle_timeout: self.tcp_idle_timeout,
             },
             advertise,
             zone: self.zone,

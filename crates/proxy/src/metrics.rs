@@ -84,6 +84,8 @@ pub struct Metrics {
     /// Redirected connections that were not HTTP, relayed to their original
     /// destination as bytes.
     pub tcp_passthrough: Counter,
+    /// Relayed connections closed after `limits.tcpIdleTimeout` with no traffic.
+    pub tcp_passthrough_idle: Counter,
     pub access_log_dropped: Counter,
     /// Spans the collector accepted.
     pub spans_exported: Counter,
@@ -114,6 +116,7 @@ impl Default for Metrics {
             downstream_connections: Gauge::default(),
             tls_handshake_failures: Counter::default(),
             tcp_passthrough: Counter::default(),
+            tcp_passthrough_idle: Counter::default(),
             access_log_dropped: Counter::default(),
             spans_exported: Counter::default(),
             spans_dropped: Counter::default(),
@@ -213,6 +216,11 @@ impl Default for Metrics {
             "outbound_tcp_passthrough_connections",
             "Redirected outbound connections that were not HTTP, relayed to their original destination",
             m.tcp_passthrough.clone(),
+        );
+        registry.register(
+            "outbound_tcp_passthrough_idle_timeouts",
+            "Relayed outbound connections closed after limits.tcpIdleTimeout with no traffic",
+            m.tcp_passthrough_idle.clone(),
         );
         registry.register(
             "trace_spans_exported",

@@ -190,7 +190,13 @@ async fn accept_loop(
             match original {
                 Some(to) if crate::transparent::sniff(&stream).await == Protocol::Other => {
                     shared.metrics.tcp_passthrough.inc();
-                    crate::transparent::relay(stream, to, PASSTHROUGH_CONNECT_TIMEOUT).await;
+                    let idle = limits_for(&shared, &gateway).tcp_idle_timeout;
+                    let ended =
+                        crate::transparent::relay(stream, to, PASSTHROUGH_CONNECT_TIMEOUT, idle)
+                            .await;
+                    if ended == crate::transparent::Ended::Idle {
+                        shared.metrics.tcp_passthrough_idle.inc();
+                    }
                 }
                 _ => {
                     let conn = Downstream {
