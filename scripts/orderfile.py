@@ -106,8 +106,8 @@ def order(binary, traces):
 class Roles:
     """The traced proxies and their traffic. Everything started is stopped by PID."""
 
-    def __init__(self, binary, backend, trace_dir):
-        self.mg, self.backend, self.trace_dir = str(binary), str(backend), trace_dir
+    def __init__(self, binary, trace_dir):
+        self.mg, self.trace_dir = str(binary), trace_dir
         self.tmp = Path(tempfile.mkdtemp(prefix="meshgate-orderfile-"))
         self.procs = []
 
@@ -201,7 +201,7 @@ def trace(binary):
     bk = subprocess.Popen([str(backend), f"127.0.0.1:{p['backend']}"], start_new_session=True)
     try:
         wait_port(p["backend"])
-        with Roles(binary, backend, trace_dir) as roles:
+        with Roles(binary, trace_dir) as roles:
             roles.gateway(p)
             roles.mesh(p)
         return load(trace_dir)
