@@ -123,12 +123,7 @@ pub struct Authz {
 impl Authz {
     pub fn from_config(value: &serde_json::Value) -> Result<Self, BuildError> {
         let cfg: Config = crate::parse_config(value)?;
-        if cfg.allow.is_empty() && cfg.deny.is_empty() {
-            return Err(BuildError::new(
-                "config",
-                "give at least one of `allow` and `deny`",
-            ));
-        }
+        super::allow_or_deny(&cfg.allow, &cfg.deny)?;
         let rules = |field: &str, list: &[RuleConfig]| {
             list.iter()
                 .enumerate()

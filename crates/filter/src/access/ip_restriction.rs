@@ -82,12 +82,7 @@ pub(crate) fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) ->
 impl IpRestriction {
     pub fn from_config(value: &serde_json::Value) -> Result<Self, BuildError> {
         let cfg: Config = crate::parse_config(value)?;
-        if cfg.allow.is_empty() && cfg.deny.is_empty() {
-            return Err(BuildError::new(
-                "config",
-                "give at least one of `allow` and `deny`",
-            ));
-        }
+        super::allow_or_deny(&cfg.allow, &cfg.deny)?;
         Ok(Self {
             allow: parse_blocks("allow", &cfg.allow)?,
             deny: parse_blocks("deny", &cfg.deny)?,
