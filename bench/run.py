@@ -6,7 +6,7 @@ same one-thread backend; the backend and the load generator share CPU 1. Rounds
 alternate meshgate and nginx; the figure to compare is requests per proxy
 CPU-second (utime+stime from /proc), reported as the median of per-round ratios.
 
-Usage: bench/run.py [--rounds 3] [--duration 10]   (run from the repository root)
+Usage: bench/run.py [--rounds 3] [--duration 10] [--bin-dir DIR]   (run from the repository root)
 """
 
 import argparse
@@ -205,7 +205,7 @@ class Lab:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         if not self.a.no_build:
             subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshgate"], cwd=ROOT, check=True)
-        rel = ROOT / "target" / "release"
+        rel = self.a.bin_dir
         tmp = self.tmp
         ports = {"backend": free_port()}
         self.procs.append(start([str(rel / "bench-backend"), f"127.0.0.1:{ports['backend']}"], 1))
@@ -334,7 +334,12 @@ def bench_args(doc, conns=True):
     if conns:
         ap.add_argument("--conns", type=int, default=50)
     ap.add_argument("--no-build", action="store_true")
-    return ap.parse_args()
+    ap.add_argument("--bin-dir", type=Path, default=ROOT / "target" / "release",
+                    help="where meshgate and bench-backend are (for an A/B of two builds; implies --no-build)")
+    a = ap.parse_args()
+    if a.bin_dir != ROOT / "target" / "release":
+        a.no_build = True
+    return a
 
 if __name__ == "__main__":
     main()

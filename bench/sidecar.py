@@ -107,7 +107,7 @@ def main():
             sys.exit(f"{tool} is missing: run scripts/setup.sh")
     if not a.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "meshgate"], cwd=ROOT, check=True)
-    rel = ROOT / "target" / "release"
+    rel = a.bin_dir
     mg = str(rel / "meshgate")
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-sidecar-bench-"))
     procs = []

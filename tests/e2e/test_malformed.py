@@ -75,6 +75,25 @@ def test_oversized_headers_431(gw, backend):
     assert backend.count() == 0
 
 
+@pytest.mark.parametrize("max_headers", [None, 150])
+def test_exactly_max_headers_pass_and_one_more_is_431(tmp_path, gateways, max_headers):
+    """The header-count limit is exact, at the default (100) and above it. A mock
+    answers: the Python test backend itself refuses more than 100 fields."""
+    limits = "" if max_headers is None else f"\n  limits: {{maxHeaders: {max_headers}}}"
+    g = Gateway(tmp_path, api("all", "/{*rest}", '{mock: {status: 200, body: "fine"}}'), limits=limits)
+    gateways.append(g)
+    n = max_headers or 100
+
+    def head(fields):  # Host is one of the fields
+        return b"GET /n HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(fields - 1)) + b"\r\n"
+
+    resp = raw(g.port, head(n))
+    assert status_of(resp) == 200 and b"\r\n\r\nfine" in resp, resp
+    resp = raw(g.port, head(n + 1))
+    assert status_of(resp) == 431
+    assert body_of(resp)["error"]["code"] == "headers_too_large"
+
+
 def test_long_request_line_414(gw, backend):
     resp = raw(gw.port, b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
     assert status_of(resp) == 414

@@ -10,10 +10,12 @@
 //! interleave with a response hyper is still writing.
 
 use bytes::{Buf, Bytes, BytesMut};
+use memchr::memmem::Finder;
 use meshgate_core::{ErrorCode, GatewayError, RequestId};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -173,8 +175,8 @@ impl Scanner {
         if skip > 0 {
             return Step::Pass(skip);
         }
-        let Some(end) = find(data, b"\r\n\r\n") else {
-            let line_end = find(data, b"\r\n").unwrap_or(data.len());
+        let Some(end) = HEAD_END.find(data) else {
+            let line_end = LINE_END.find(data).unwrap_or(data.len());
             if line_end > self.limits.max_request_line {
                 return self.fail(reject(ErrorCode::UriTooLong, "request line is too long"));
             }
@@ -205,7 +207,7 @@ impl Scanner {
     fn check_head(&mut self, head: &[u8]) -> Result<State, Rejection> {
         self.strip.clear();
         let bad = |m| reject(ErrorCode::InvalidRequest, m);
-        let mut lines = head.split(|b| *b == b'\n');
+        let mut lines = lines(head);
         let first = lines.next().unwrap_or_default();
         let line = first
             .strip_suffix(b"\r")
@@ -416,8 +418,27 @@ impl Scanner {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// The end of a head, and of a line: searchers built once (building one per search
+/// costs more than the search in a small head).
+static HEAD_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
+static LINE_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n"));
+
+/// `head` split at each LF, as `split` does it, with the LFs found by memchr.
+fn lines(head: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(head);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match memchr::memchr(b'\n', r) {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
 }
 
 fn trim(v: &[u8]) -> &[u8] {

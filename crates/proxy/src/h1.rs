@@ -20,6 +20,7 @@ use http_body_util::BodyExt;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -33,6 +34,8 @@ use tokio_util::either::Either;
 
 /// Most header fields a response head may carry.
 const MAX_HEADERS: usize = 128;
+/// Header positions kept on the stack; a response with more spills to the heap.
+const INLINE_SPANS: usize = 32;
 /// Largest response head (status line and fields) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Longest chunk-size line or trailer field accepted.
@@ -70,7 +73,10 @@ impl H1Error {
 /// Keep-alive connections per endpoint, most recently used first out.
 #[derive(Debug)]
 pub struct H1Pool {
-    endpoints: Mutex<HashMap<SocketAddr, Endpoint>>,
+    /// Keyed by endpoint addresses (config, discovery), never by client input, so
+    /// foldhash's fast variant will do: SipHash here was about 2% of the user-space
+    /// instructions of a proxied request.
+    endpoints: Mutex<HashMap<SocketAddr, Endpoint, foldhash::fast::RandomState>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     open: Gauge,
@@ -240,7 +246,7 @@ impl H1Pool {
             }
         });
         Arc::new(Self {
-            endpoints: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(HashMap::default()),
             connect_timeout,
             idle_timeout,
             open,
@@ -442,7 +448,7 @@ impl H1Pool {
             // The whole body already arrived with the head: the connection is free
             // again before the downstream write.
             ResponseFraming::Length(n) if conn.buf.len() as u64 >= n => {
-                let data = conn.buf.split_to(n as usize).freeze();
+                let data = take_front(&mut conn.buf, n as usize);
                 if p.reusable && conn.buf.is_empty() {
                     self.checkin(addr, conn);
                 }
@@ -631,9 +637,12 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
         if buf.is_empty() {
             return Ok(None);
         }
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut slots);
-        let n = match resp.parse(buf) {
+        // Uninitialised slots: zeroing 128 of them cost more than parsing a small head.
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+        let n = match parsed {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
@@ -654,8 +663,15 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
         let http10 = resp.version == Some(0);
         // Header values are slices of the head; keep them as views of one buffer.
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
         let count = resp.headers.len();
+        let mut inline = [(0usize, 0usize, 0usize, 0usize); INLINE_SPANS];
+        let mut spilled = Vec::new();
+        let spans = if count <= INLINE_SPANS {
+            &mut inline[..count]
+        } else {
+            spilled.resize(count, (0, 0, 0, 0));
+            &mut spilled[..]
+        };
         for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
             *span = (
                 h.name.as_ptr() as usize - base,
@@ -664,14 +680,14 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
                 h.value.len(),
             );
         }
-        let head = buf.split_to(n).freeze();
+        let head = take_front(buf, n);
         // Room for the headers the gateway adds (x-request-id...) without a regrowth.
         let mut headers = HeaderMap::with_capacity(count + 4);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut transfer_coded = false;
         let mut close = http10;
-        for &(no, nl, vo, vl) in &spans[..count] {
+        for &(no, nl, vo, vl) in spans.iter() {
             let name = HeaderName::from_bytes(&head[no..no + nl])
                 .map_err(|_| H1Error::Protocol("invalid header name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(vo..vo + vl))
@@ -731,6 +747,25 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
             framing,
             reusable,
         }));
+    }
+}
+
+/// Small heads and bodies are copied out of the read buffer, and larger ones shared.
+///
+/// A shared slice keeps the whole buffer alive: the connection, back in the pool
+/// before the downstream write, must then allocate a new 16 KiB buffer for its next
+/// response. A copy this small comes from the allocator's per-thread cache, and the
+/// buffer, left unshared, is reused in place.
+const COPY_BELOW: usize = 1024;
+
+/// The first `n` bytes of `buf`, removed from it.
+fn take_front(buf: &mut BytesMut, n: usize) -> Bytes {
+    if n < COPY_BELOW {
+        let out = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        out
+    } else {
+        buf.split_to(n).freeze()
     }
 }
 
@@ -818,7 +853,7 @@ impl H1Body {
                     if buf.is_empty() {
                         return Ok(None);
                     }
-                    return Ok(Some(Frame::data(buf.split().freeze())));
+                    return Ok(Some(Frame::data(take_front(buf, buf.len()))));
                 }
                 State::Length(rem) => {
                     if buf.is_empty() {
@@ -826,7 +861,7 @@ impl H1Body {
                     }
                     let take = (*rem).min(buf.len() as u64) as usize;
                     *rem -= take as u64;
-                    let data = buf.split_to(take).freeze();
+                    let data = take_front(buf, take);
                     if *rem == 0 {
                         self.finish();
                     }
@@ -849,7 +884,7 @@ impl H1Body {
                             return Ok(None);
                         }
                         let take = rem.min(buf.len() as u64) as usize;
-                        let data = buf.split_to(take).freeze();
+                        let data = take_front(buf, take);
                         *c = if rem == take as u64 {
                             Chunked::DataEnd
                         } else {

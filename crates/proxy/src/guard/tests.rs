@@ -244,3 +244,21 @@ mod random {
         }
     }
 }
+
+#[test]
+fn lines_split_like_slice_split() {
+    let cases: [&[u8]; 7] = [
+        b"",
+        b"\n",
+        b"\n\n",
+        b"GET / HTTP/1.1\r",
+        b"GET / HTTP/1.1\r\nHost: a\r",
+        b"a\nb\n",
+        b"\nx\r\n\r\ny",
+    ];
+    for head in cases {
+        let ours: Vec<&[u8]> = lines(head).collect();
+        let std: Vec<&[u8]> = head.split(|b| *b == b'\n').collect();
+        assert_eq!(ours, std, "{:?}", String::from_utf8_lossy(head));
+    }
+}
