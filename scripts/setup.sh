@@ -14,6 +14,8 @@ for pair in curl:curl nginx:nginx-light promtool:prometheus openssl:openssl wrk:
 done
 # The well-known .proto files protoc imports.
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+# The system trust store, which `tls: {mode: simple}` verifies upstreams with by default.
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

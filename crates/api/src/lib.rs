@@ -363,6 +363,20 @@ pub enum LbPolicy {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceTlsSpec {
     pub mode: String,
+    /// `simple`: the name sent as SNI and verified in the upstream's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// `simple`: PEM roots to verify the upstream with, instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// `simple`: a client certificate chain (PEM) for upstreams that ask for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// `simple`: accept any certificate (encryption without authentication).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
 }
 
 // ---------------------------------------------------------------- Api

@@ -191,13 +191,28 @@ pub struct Service {
 }
 
 /// `Service.spec.tls.mode`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum UpstreamTls {
     #[default]
     Disable,
+    /// TLS to an upstream outside the mesh, verified as a browser would.
+    Simple(SimpleTls),
     /// Mesh mTLS: the proxy's mesh certificate, and the endpoints must prove the
     /// Service's SPIFFE ID.
     Mesh,
+}
+
+/// `tls: {mode: simple}`: how the upstream is verified and what is presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimpleTls {
+    /// The name sent as SNI and verified: `sni`, else the DNS discovery host; none
+    /// means the endpoint's IP address is verified instead.
+    pub server_name: Option<String>,
+    /// Roots from `caFile`; the system's when none.
+    pub ca_file: Option<PathBuf>,
+    /// `certFile` and `keyFile`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub insecure_skip_verify: bool,
 }
 
 /// A Service's breaker settings, and what to answer while it refuses.

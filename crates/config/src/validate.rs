@@ -10,6 +10,7 @@ use meshgate_api::{
 use meshgate_core::parse_duration;
 use meshgate_route::{HeaderMatch, PathPattern};
 use meshgate_upstream::{HashOn, LbPolicy};
+use rustls_pki_types::pem::PemObject;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -680,6 +681,120 @@ fn gateway(c: &mut Check<'_>, spec: &GatewaySpec) -> Option<GatewayDraft> {
     })
 }
 
+/// The fields that only `mode: simple` takes are an error with any other mode.
+fn simple_only(c: &mut Check<'_>, t: &meshgate_api::ServiceTlsSpec, mode: &str) {
+    let given = [
+        ("sni", t.sni.is_some()),
+        ("caFile", t.ca_file.is_some()),
+        ("certFile", t.cert_file.is_some()),
+        ("keyFile", t.key_file.is_some()),
+        ("insecureSkipVerify", t.insecure_skip_verify),
+    ];
+    for (field, set) in given {
+        if set {
+            c.err(
+                format!("spec.tls.{field}"),
+                format!("only for mode: simple (this Service's mode is {mode})"),
+            );
+        }
+    }
+}
+
+/// `tls: {mode: simple, ...}`: the name to verify, and files that exist and hold PEM.
+fn simple_tls(
+    c: &mut Check<'_>,
+    t: &meshgate_api::ServiceTlsSpec,
+    dns_host: Option<&str>,
+) -> SimpleTls {
+    let server_name = match &t.sni {
+        Some(sni) => {
+            if rustls_pki_types::ServerName::try_from(sni.as_str()).is_err() {
+                c.err(
+                    "spec.tls.sni",
+                    format!("{sni:?} is not a DNS name or IP address"),
+                );
+            }
+            Some(sni.to_ascii_lowercase())
+        }
+        None => dns_host.map(str::to_ascii_lowercase),
+    };
+    let ca_file = t.ca_file.as_ref().and_then(|f| {
+        pem_file(c, "spec.tls.caFile", f, |p| {
+            rustls_pki_types::CertificateDer::pem_file_iter(p)
+                .map_err(|e| e.to_string())?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())
+                .and_then(|v| {
+                    if v.is_empty() {
+                        Err("no certificate in it".to_string())
+                    } else {
+                        Ok(())
+                    }
+                })
+        })
+    });
+    if t.insecure_skip_verify && (ca_file.is_some() || t.sni.is_some()) {
+        c.err(
+            "spec.tls.insecureSkipVerify",
+            "with insecureSkipVerify nothing is verified: drop caFile and sni, or this",
+        );
+    }
+    let client_cert = match (&t.cert_file, &t.key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let cert = pem_file(c, "spec.tls.certFile", cert, |p| {
+                rustls_pki_types::CertificateDer::pem_file_iter(p)
+                    .map_err(|e| e.to_string())?
+                    .next()
+                    .ok_or_else(|| "no certificate in it".to_string())?
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            });
+            let key = pem_file(c, "spec.tls.keyFile", key, |p| {
+                rustls_pki_types::PrivateKeyDer::from_pem_file(p)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            });
+            cert.zip(key)
+        }
+        (Some(_), None) => {
+            c.err("spec.tls.keyFile", "certFile needs keyFile");
+            None
+        }
+        (None, Some(_)) => {
+            c.err("spec.tls.certFile", "keyFile needs certFile");
+            None
+        }
+    };
+    SimpleTls {
+        server_name,
+        ca_file,
+        client_cert,
+        insecure_skip_verify: t.insecure_skip_verify,
+    }
+}
+
+/// `file` as a path, when `check` can read what it should hold from it.
+fn pem_file(
+    c: &mut Check<'_>,
+    field: &str,
+    file: &str,
+    check: impl FnOnce(&std::path::Path) -> Result<(), String>,
+) -> Option<PathBuf> {
+    let path = PathBuf::from(file);
+    if !path.is_file() {
+        c.err(field, format!("{file:?} does not exist"));
+        return None;
+    }
+    match check(&path) {
+        Ok(()) => Some(path),
+        Err(e) => {
+            c.err(field, format!("{file:?}: {e}"));
+            None
+        }
+    }
+}
+
 fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service> {
     let before = c.diags.len();
     let mut endpoints = Vec::new();
@@ -809,14 +924,22 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
             "a percentage from 0 to 100",
         );
     }
-    let tls = match spec.tls.as_ref().map(|t| t.mode.as_str()) {
-        None | Some("disable") => UpstreamTls::Disable,
-        Some("mesh") => UpstreamTls::Mesh,
-        Some("simple") => {
-            c.not_built("spec.tls.mode", "upstream tls mode \"simple\"");
+    let tls = match spec.tls.as_ref().map(|t| (t, t.mode.as_str())) {
+        None => UpstreamTls::Disable,
+        Some((t, "disable")) => {
+            simple_only(c, t, "disable");
             UpstreamTls::Disable
         }
-        Some(other) => {
+        Some((t, "mesh")) => {
+            simple_only(c, t, "mesh");
+            UpstreamTls::Mesh
+        }
+        Some((t, "simple")) => UpstreamTls::Simple(simple_tls(
+            c,
+            t,
+            dns.as_ref().map(|d: &DnsDiscovery| d.host.as_str()),
+        )),
+        Some((_, other)) => {
             c.err(
                 "spec.tls.mode",
                 format!("unknown mode {other:?} (disable, simple or mesh)"),
@@ -824,7 +947,7 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
             UpstreamTls::Disable
         }
     };
-    if tls == UpstreamTls::Mesh && original_destination {
+    if tls != UpstreamTls::Disable && original_destination {
         c.err(
             "spec.tls.mode",
             "an originalDestination Service is called as the app called it, in plaintext",

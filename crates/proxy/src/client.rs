@@ -9,7 +9,7 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use meshgate_config::{Service, UpstreamProtocol, UpstreamTls};
+use meshgate_config::{Service, SimpleTls, UpstreamProtocol, UpstreamTls};
 use prometheus_client::metrics::gauge::Gauge;
 use std::future::Future;
 use std::io;
@@ -32,13 +32,16 @@ pub enum Transport {
 /// How long an unused upstream connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// TLS for a Service's connections: mesh mTLS, verifying its SPIFFE ID.
+/// TLS for a Service's connections: mesh mTLS, verifying its SPIFFE ID, or TLS to
+/// an upstream outside the mesh (`mode: simple`).
 #[derive(Clone)]
 pub struct Secure {
-    /// An error when the config could not be built (it never fails with the
-    /// built-in provider): the Service is then unreachable, never plaintext.
+    /// An error when the config could not be built (an unreadable `caFile`, say):
+    /// the Service is then unreachable, never called in plaintext.
     connector: Result<tokio_rustls::TlsConnector, Arc<str>>,
-    name: rustls_pki_types::ServerName<'static>,
+    /// The name sent and verified; none: the endpoint's IP address.
+    name: Option<rustls_pki_types::ServerName<'static>>,
+    mesh: bool,
 }
 
 impl std::fmt::Debug for Secure {
@@ -58,7 +61,26 @@ impl Secure {
             });
         Self {
             connector,
-            name: crate::mesh::server_name(service),
+            name: Some(crate::mesh::server_name(service)),
+            mesh: true,
+        }
+    }
+
+    fn simple(t: &SimpleTls, service: &str, alpn: &[u8]) -> Self {
+        let connector = crate::tls::upstream_config(t, alpn)
+            .map(tokio_rustls::TlsConnector::from)
+            .map_err(|e| {
+                tracing::error!(service, error = %e, "cannot build upstream TLS");
+                Arc::from(e)
+            });
+        Self {
+            connector,
+            // Validated already: a name that does not parse is never here.
+            name: t
+                .server_name
+                .as_ref()
+                .and_then(|n| rustls_pki_types::ServerName::try_from(n.clone()).ok()),
+            mesh: false,
         }
     }
 
@@ -69,23 +91,32 @@ impl Secure {
             .connector
             .as_ref()
             .map_err(|e| io::Error::other(e.to_string()))?;
-        let peer = tcp.peer_addr().ok();
-        match connector.connect(self.name.clone(), tcp).await {
+        let peer = tcp.peer_addr()?;
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| rustls_pki_types::ServerName::IpAddress(peer.ip().into()));
+        match connector.connect(name, tcp).await {
             Ok(tls) => Ok(Either::Right(Box::new(tls))),
             Err(e) => {
-                tracing::warn!(service = ?self.name, ?peer, error = %e, "mesh TLS handshake failed");
+                let kind = if self.mesh { "mesh" } else { "upstream" };
+                tracing::warn!(server = ?self.name, %peer, error = %e, "{kind} TLS handshake failed");
                 Err(e)
             }
         }
     }
 }
 
-/// An upstream connection: plain (`Left`) or over mesh TLS (`Right`).
+/// An upstream connection: plain (`Left`) or over TLS (`Right`).
 pub type UpstreamIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// The TLS a Service's connections need, offering `alpn`, if any.
 pub fn secure(service: &Service, mesh: &Arc<MeshTls>, alpn: &[u8]) -> Option<Secure> {
-    (service.tls == UpstreamTls::Mesh).then(|| Secure::mesh(mesh, &service.name, alpn))
+    match &service.tls {
+        UpstreamTls::Disable => None,
+        UpstreamTls::Mesh => Some(Secure::mesh(mesh, &service.name, alpn)),
+        UpstreamTls::Simple(t) => Some(Secure::simple(t, &service.name, alpn)),
+    }
 }
 
 pub fn build(service: &Service, connections: Gauge, mesh: &Arc<MeshTls>) -> Transport {
@@ -139,7 +170,7 @@ fn build_h2(service: &Service, connections: Gauge, tls: Option<Secure>) -> Upstr
 pub struct CountingConnector {
     inner: HttpConnector,
     gauge: Gauge,
-    /// Mesh mTLS after the TCP connect.
+    /// TLS after the TCP connect.
     tls: Option<Secure>,
 }
 

@@ -81,7 +81,7 @@ pub struct H1Pool {
     idle_timeout: Duration,
     open: Gauge,
     limiter: Option<Limiter>,
-    /// Mesh mTLS on every connection, for a Service with `tls.mode: mesh`.
+    /// TLS on every connection, for a Service with `tls.mode: mesh` or `simple`.
     tls: Option<Secure>,
 }
 
@@ -183,8 +183,10 @@ impl Conn {
         let mut cx = Context::from_waker(Waker::noop());
         let tcp = match &self.io {
             Either::Left(tcp) => tcp,
-            // A mesh peer sends nothing after the handshake (no session tickets):
-            // anything readable on an idle TLS connection is a close or an alert.
+            // A TLS peer sends nothing unasked once a response was read (a mesh peer
+            // sends no session tickets; other servers send theirs right after the
+            // handshake, ahead of the first response): anything readable on an idle
+            // TLS connection is a close or an alert.
             Either::Right(tls) => {
                 return tls.get_ref().0.poll_read_ready(&mut cx).is_pending();
             }
@@ -225,7 +227,7 @@ impl H1Pool {
         Self::secured(connect_timeout, idle_timeout, open, limits, None)
     }
 
-    /// A pool whose connections are TLS (mesh mTLS) when `tls` says so.
+    /// A pool whose connections are TLS (mesh mTLS or upstream TLS) when `tls` says so.
     pub fn secured(
         connect_timeout: Duration,
         idle_timeout: Duration,
