@@ -35,7 +35,21 @@ SEEN = 'return 200 "tls=$ssl_protocol sni=$ssl_server_name proto=$server_protoco
        'reqs=$connection_requests client=$ssl_client_s_dn\\n";'
 
 
-def https_nginx(tmp_path, pki, extra="", http2=False):
+@pytest.fixture
+def https_nginx(tmp_path, pki):
+    """Start an HTTPS nginx (`extra` in its server block; `http2`), stopped after the test."""
+    started = []
+
+    def start(extra="", http2=False):
+        started.append(serve_https(tmp_path, pki, extra, http2))
+        return started[-1]
+
+    yield start
+    for ng in started:
+        ng.stop()
+
+
+def serve_https(tmp_path, pki, extra, http2):
     h2 = " http2" if http2 else ""
     return Nginx(tmp_path, f"""
   server {{
@@ -71,30 +85,24 @@ def seen(body):
     return out
 
 
-def test_simple_tls_verifies_the_upstream_with_the_given_ca_and_sends_sni(tmp_path, pki, gateways):
-    ng = https_nginx(tmp_path, pki)
-    try:
-        g = gateway(tmp_path, gateways, ng, f'{{mode: simple, caFile: "{pki / "ca.pem"}", sni: upstream.test}}')
-        status, body = get(f"{g.url}/a")
-        assert status == 200, body
-        s = seen(body)
-        assert s["tls"].startswith("TLSv1.") and s["sni"] == "upstream.test", s
-        assert s["proto"] == "HTTP/1.1"
-        # The connection is kept and reused.
-        assert seen(get(f"{g.url}/b")[1])["reqs"] == "2"
-    finally:
-        ng.stop()
+def test_simple_tls_verifies_the_upstream_with_the_given_ca_and_sends_sni(tmp_path, pki, https_nginx, gateways):
+    ng = https_nginx()
+    g = gateway(tmp_path, gateways, ng, f'{{mode: simple, caFile: "{pki / "ca.pem"}", sni: upstream.test}}')
+    status, body = get(f"{g.url}/a")
+    assert status == 200, body
+    s = seen(body)
+    assert s["tls"].startswith("TLSv1.") and s["sni"] == "upstream.test", s
+    assert s["proto"] == "HTTP/1.1"
+    # The connection is kept and reused.
+    assert seen(get(f"{g.url}/b")[1])["reqs"] == "2"
 
 
-def test_without_sni_the_endpoint_ip_is_verified(tmp_path, pki, gateways):
-    ng = https_nginx(tmp_path, pki)
-    try:
-        g = gateway(tmp_path, gateways, ng, f'{{mode: simple, caFile: "{pki / "ca.pem"}"}}')
-        status, body = get(f"{g.url}/")
-        assert status == 200, body
-        assert seen(body)["sni"] == "", body  # no SNI is sent for an IP address
-    finally:
-        ng.stop()
+def test_without_sni_the_endpoint_ip_is_verified(tmp_path, pki, https_nginx, gateways):
+    ng = https_nginx()
+    g = gateway(tmp_path, gateways, ng, f'{{mode: simple, caFile: "{pki / "ca.pem"}"}}')
+    status, body = get(f"{g.url}/")
+    assert status == 200, body
+    assert seen(body)["sni"] == "", body  # no SNI is sent for an IP address
 
 
 @pytest.mark.parametrize("tls, why", [
@@ -103,57 +111,45 @@ def test_without_sni_the_endpoint_ip_is_verified(tmp_path, pki, gateways):
     # The certificate is not for this name.
     ('{mode: simple, caFile: "CA", sni: other.test}', 'not valid for name "other.test"'),
 ])
-def test_an_upstream_that_fails_verification_is_never_called(tmp_path, pki, gateways, tls, why):
-    ng = https_nginx(tmp_path, pki)
-    try:
-        g = gateway(tmp_path, gateways, ng, tls.replace("CA", str(pki / "ca.pem")))
-        status, body = get(f"{g.url}/")
-        assert status == 502 and '"upstream_unavailable"' in body, body
-        assert "upstream TLS handshake failed" in g.logs() and why in g.logs(), g.logs()
-        assert "GET /" not in (ng.dir / "access.log").read_text()
-    finally:
-        ng.stop()
+def test_an_upstream_that_fails_verification_is_never_called(tmp_path, pki, https_nginx, gateways, tls, why):
+    ng = https_nginx()
+    g = gateway(tmp_path, gateways, ng, tls.replace("CA", str(pki / "ca.pem")))
+    status, body = get(f"{g.url}/")
+    assert status == 502 and '"upstream_unavailable"' in body, body
+    assert "upstream TLS handshake failed" in g.logs() and why in g.logs(), g.logs()
+    assert "GET /" not in (ng.dir / "access.log").read_text()
 
 
-def test_insecure_skip_verify_encrypts_without_verifying(tmp_path, pki, gateways):
-    ng = https_nginx(tmp_path, pki)
-    try:
-        g = gateway(tmp_path, gateways, ng, "{mode: simple, insecureSkipVerify: true}")
-        status, body = get(f"{g.url}/")
-        assert status == 200 and seen(body)["tls"].startswith("TLSv1."), body
-    finally:
-        ng.stop()
+def test_insecure_skip_verify_encrypts_without_verifying(tmp_path, pki, https_nginx, gateways):
+    ng = https_nginx()
+    g = gateway(tmp_path, gateways, ng, "{mode: simple, insecureSkipVerify: true}")
+    status, body = get(f"{g.url}/")
+    assert status == 200 and seen(body)["tls"].startswith("TLSv1."), body
 
 
-def test_a_client_certificate_is_presented_to_an_upstream_that_asks(tmp_path, pki, gateways):
+def test_a_client_certificate_is_presented_to_an_upstream_that_asks(tmp_path, pki, https_nginx, gateways):
     ask = f"ssl_verify_client on; ssl_client_certificate {pki / 'ca.pem'};"
-    ng = https_nginx(tmp_path, pki, extra=ask)
-    try:
-        for d in ("without", "with"):
-            (tmp_path / d).mkdir()
-        without = gateway(tmp_path / "without", gateways, ng, f'{{mode: simple, caFile: "{pki / "ca.pem"}"}}')
-        # nginx answers a request that came without a certificate with 400.
-        assert get(f"{without.url}/")[0] == 400
-        g = gateway(tmp_path / "with", gateways, ng,
-                    f'{{mode: simple, caFile: "{pki / "ca.pem"}", '
-                    f'certFile: "{pki / "client.pem"}", keyFile: "{pki / "client.key"}"}}')
-        status, body = get(f"{g.url}/")
-        assert status == 200, body
-        assert seen(body)["client"] == "CN=client", body
-    finally:
-        ng.stop()
+    ng = https_nginx(extra=ask)
+    for d in ("without", "with"):
+        (tmp_path / d).mkdir()
+    without = gateway(tmp_path / "without", gateways, ng, f'{{mode: simple, caFile: "{pki / "ca.pem"}"}}')
+    # nginx answers a request that came without a certificate with 400.
+    assert get(f"{without.url}/")[0] == 400
+    g = gateway(tmp_path / "with", gateways, ng,
+                f'{{mode: simple, caFile: "{pki / "ca.pem"}", '
+                f'certFile: "{pki / "client.pem"}", keyFile: "{pki / "client.key"}"}}')
+    status, body = get(f"{g.url}/")
+    assert status == 200, body
+    assert seen(body)["client"] == "CN=client", body
 
 
-def test_http2_upstream_over_tls_negotiates_h2_by_alpn(tmp_path, pki, gateways):
-    ng = https_nginx(tmp_path, pki, http2=True)
-    try:
-        g = gateway(tmp_path, gateways, ng, f'{{mode: simple, caFile: "{pki / "ca.pem"}", sni: upstream.test}}',
-                    protocol="http2")
-        status, body = get(f"{g.url}/")
-        assert status == 200, body
-        assert seen(body)["proto"] == "HTTP/2.0", body
-    finally:
-        ng.stop()
+def test_http2_upstream_over_tls_negotiates_h2_by_alpn(tmp_path, pki, https_nginx, gateways):
+    ng = https_nginx(http2=True)
+    g = gateway(tmp_path, gateways, ng, f'{{mode: simple, caFile: "{pki / "ca.pem"}", sni: upstream.test}}',
+                protocol="http2")
+    status, body = get(f"{g.url}/")
+    assert status == 200, body
+    assert seen(body)["proto"] == "HTTP/2.0", body
 
 
 def test_bad_upstream_tls_config_is_explained(tmp_path, pki):

@@ -52,29 +52,16 @@ impl std::fmt::Debug for Secure {
 
 impl Secure {
     fn mesh(mesh: &Arc<MeshTls>, service: &str, alpn: &[u8]) -> Self {
-        let connector = mesh
-            .client_config(service, alpn)
-            .map(tokio_rustls::TlsConnector::from)
-            .map_err(|e| {
-                tracing::error!(service, error = %e, "cannot build mesh TLS");
-                Arc::from(e)
-            });
         Self {
-            connector,
+            connector: connector(mesh.client_config(service, alpn), service, "mesh"),
             name: Some(crate::mesh::server_name(service)),
             mesh: true,
         }
     }
 
     fn simple(t: &SimpleTls, service: &str, alpn: &[u8]) -> Self {
-        let connector = crate::tls::upstream_config(t, alpn)
-            .map(tokio_rustls::TlsConnector::from)
-            .map_err(|e| {
-                tracing::error!(service, error = %e, "cannot build upstream TLS");
-                Arc::from(e)
-            });
         Self {
-            connector,
+            connector: connector(crate::tls::upstream_config(t, alpn), service, "upstream"),
             // Validated already: a name that does not parse is never here.
             name: t
                 .server_name
@@ -105,6 +92,19 @@ impl Secure {
             }
         }
     }
+}
+
+/// The connector for a client config, or the error (logged) that makes the Service
+/// unreachable.
+fn connector(
+    config: Result<Arc<rustls::ClientConfig>, String>,
+    service: &str,
+    kind: &str,
+) -> Result<tokio_rustls::TlsConnector, Arc<str>> {
+    config.map(tokio_rustls::TlsConnector::from).map_err(|e| {
+        tracing::error!(service, error = %e, "cannot build {kind} TLS");
+        Arc::from(e)
+    })
 }
 
 /// An upstream connection: plain (`Left`) or over TLS (`Right`).
