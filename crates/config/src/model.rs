@@ -207,7 +207,7 @@ pub enum UpstreamTls {
 pub struct SimpleTls {
     /// The name sent as SNI and verified: `sni`, else the DNS discovery host; none
     /// means the endpoint's IP address is verified instead.
-    pub server_name: Option<String>,
+    pub server_name: Option<rustls_pki_types::ServerName<'static>>,
     /// Roots from `caFile`; the system's when none.
     pub ca_file: Option<PathBuf>,
     /// `certFile` and `keyFile`.

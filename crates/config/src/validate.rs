@@ -706,33 +706,24 @@ fn simple_tls(
     t: &meshgate_api::ServiceTlsSpec,
     dns_host: Option<&str>,
 ) -> SimpleTls {
-    let server_name = match &t.sni {
-        Some(sni) => {
-            if rustls_pki_types::ServerName::try_from(sni.as_str()).is_err() {
-                c.err(
-                    "spec.tls.sni",
-                    format!("{sni:?} is not a DNS name or IP address"),
-                );
-            }
-            Some(sni.to_ascii_lowercase())
-        }
-        None => dns_host.map(str::to_ascii_lowercase),
+    let (field, name) = match (&t.sni, dns_host) {
+        (Some(sni), _) => ("spec.tls.sni", Some(sni.as_str())),
+        (None, host) => ("spec.discovery.dns", host),
     };
-    let ca_file = t.ca_file.as_ref().and_then(|f| {
-        pem_file(c, "spec.tls.caFile", f, |p| {
-            rustls_pki_types::CertificateDer::pem_file_iter(p)
-                .map_err(|e| e.to_string())?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())
-                .and_then(|v| {
-                    if v.is_empty() {
-                        Err("no certificate in it".to_string())
-                    } else {
-                        Ok(())
-                    }
-                })
-        })
-    });
+    let server_name =
+        name.and_then(
+            |n| match rustls_pki_types::ServerName::try_from(n.to_ascii_lowercase()) {
+                Ok(name) => Some(name),
+                Err(_) => {
+                    c.err(field, format!("{n:?} is not a DNS name or IP address"));
+                    None
+                }
+            },
+        );
+    let ca_file = t
+        .ca_file
+        .as_ref()
+        .and_then(|f| pem_file(c, "spec.tls.caFile", f, certificates));
     if t.insecure_skip_verify && (ca_file.is_some() || t.sni.is_some()) {
         c.err(
             "spec.tls.insecureSkipVerify",
@@ -742,14 +733,7 @@ fn simple_tls(
     let client_cert = match (&t.cert_file, &t.key_file) {
         (None, None) => None,
         (Some(cert), Some(key)) => {
-            let cert = pem_file(c, "spec.tls.certFile", cert, |p| {
-                rustls_pki_types::CertificateDer::pem_file_iter(p)
-                    .map_err(|e| e.to_string())?
-                    .next()
-                    .ok_or_else(|| "no certificate in it".to_string())?
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            });
+            let cert = pem_file(c, "spec.tls.certFile", cert, certificates);
             let key = pem_file(c, "spec.tls.keyFile", key, |p| {
                 rustls_pki_types::PrivateKeyDer::from_pem_file(p)
                     .map(drop)
@@ -772,6 +756,19 @@ fn simple_tls(
         client_cert,
         insecure_skip_verify: t.insecure_skip_verify,
     }
+}
+
+/// A PEM file of certificates: every one readable, and at least one.
+fn certificates(p: &std::path::Path) -> Result<(), String> {
+    let mut count = 0;
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(p).map_err(|e| e.to_string())? {
+        cert.map_err(|e| e.to_string())?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err("no certificate in it".into());
+    }
+    Ok(())
 }
 
 /// `file` as a path, when `check` can read what it should hold from it.

@@ -257,6 +257,22 @@ impl Etcd {
     }
 }
 
+/// Run `watch` again a second after each time it ends, until nobody listens to `tx`.
+async fn keep_watching<T, W>(what: &str, tx: &watch::Sender<T>, mut watch: impl FnMut() -> W)
+where
+    W: std::future::Future<Output = Result<(), StoreError>>,
+{
+    loop {
+        if let Err(e) = watch().await {
+            tracing::warn!(error = %e, "lost the etcd watch on the {what}; watching again");
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 fn parse_revision(value: Option<&[u8]>) -> Result<u64, StoreError> {
     match value {
         None => Ok(0),
@@ -427,29 +443,16 @@ impl Store for Etcd {
     }
 
     async fn follow_instances(&self, records: watch::Sender<BTreeMap<String, String>>) {
-        let prefix = self.key("registry/");
-        loop {
-            if let Err(e) = self.follow_instances_once(&prefix, &records).await {
-                tracing::warn!(error = %e, "lost the etcd watch on the registry; watching again");
-            }
-            if records.is_closed() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        let (prefix, tx) = (&self.key("registry/"), &records);
+        keep_watching("registry", tx, move || {
+            self.follow_instances_once(prefix, tx)
+        })
+        .await;
     }
 
     async fn follow(&self, revisions: watch::Sender<u64>) {
-        let anchor = self.key("revision");
-        loop {
-            if let Err(e) = self.follow_once(&anchor, &revisions).await {
-                tracing::warn!(error = %e, "lost the etcd watch on the revision; watching again");
-            }
-            if revisions.is_closed() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        let (anchor, tx) = (&self.key("revision"), &revisions);
+        keep_watching("revision", tx, move || self.follow_once(anchor, tx)).await;
     }
 }
 

@@ -41,7 +41,8 @@ pub struct Secure {
     connector: Result<tokio_rustls::TlsConnector, Arc<str>>,
     /// The name sent and verified; none: the endpoint's IP address.
     name: Option<rustls_pki_types::ServerName<'static>>,
-    mesh: bool,
+    /// `mesh` or `upstream`, for the logs.
+    kind: &'static str,
 }
 
 impl std::fmt::Debug for Secure {
@@ -55,19 +56,15 @@ impl Secure {
         Self {
             connector: connector(mesh.client_config(service, alpn), service, "mesh"),
             name: Some(crate::mesh::server_name(service)),
-            mesh: true,
+            kind: "mesh",
         }
     }
 
     fn simple(t: &SimpleTls, service: &str, alpn: &[u8]) -> Self {
         Self {
             connector: connector(crate::tls::upstream_config(t, alpn), service, "upstream"),
-            // Validated already: a name that does not parse is never here.
-            name: t
-                .server_name
-                .as_ref()
-                .and_then(|n| rustls_pki_types::ServerName::try_from(n.clone()).ok()),
-            mesh: false,
+            name: t.server_name.clone(),
+            kind: "upstream",
         }
     }
 
@@ -86,7 +83,7 @@ impl Secure {
         match connector.connect(name, tcp).await {
             Ok(tls) => Ok(Either::Right(Box::new(tls))),
             Err(e) => {
-                let kind = if self.mesh { "mesh" } else { "upstream" };
+                let kind = self.kind;
                 tracing::warn!(server = ?self.name, %peer, error = %e, "{kind} TLS handshake failed");
                 Err(e)
             }
@@ -110,8 +107,13 @@ fn connector(
 /// An upstream connection: plain (`Left`) or over TLS (`Right`).
 pub type UpstreamIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-/// The TLS a Service's connections need, offering `alpn`, if any.
-pub fn secure(service: &Service, mesh: &Arc<MeshTls>, alpn: &[u8]) -> Option<Secure> {
+/// The TLS a Service's connections need, if any, offering the ALPN protocol of its
+/// `protocol`: its calls and its health checks speak the same.
+pub fn secure(service: &Service, mesh: &Arc<MeshTls>) -> Option<Secure> {
+    let alpn: &[u8] = match service.protocol {
+        UpstreamProtocol::Http1 => b"http/1.1",
+        UpstreamProtocol::Http2 | UpstreamProtocol::Grpc => b"h2",
+    };
     match &service.tls {
         UpstreamTls::Disable => None,
         UpstreamTls::Mesh => Some(Secure::mesh(mesh, &service.name, alpn)),
@@ -134,10 +136,10 @@ pub fn build(service: &Service, connections: Gauge, mesh: &Arc<MeshTls>) -> Tran
             IDLE_TIMEOUT,
             connections,
             limits,
-            secure(service, mesh, b"http/1.1"),
+            secure(service, mesh),
         ))
     } else {
-        Transport::H2(build_h2(service, connections, secure(service, mesh, b"h2")))
+        Transport::H2(build_h2(service, connections, secure(service, mesh)))
     }
 }
 

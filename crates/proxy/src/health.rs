@@ -6,8 +6,9 @@
 //! endpoint of the Service is probed at once, on a fresh connection: an HTTP GET of
 //! the path (HTTP/2 prior knowledge for `http2` and `grpc` Services, HTTP/1.1 with
 //! `Connection: close` otherwise) or a TCP connect. The first round runs at start.
-//! A Service called over mesh mTLS is probed over it too: a TCP check then also
-//! completes the handshake, so an endpoint with the wrong identity fails it.
+//! A Service called over TLS (mesh mTLS or `simple`) is probed over it too: a TCP
+//! check then also completes the handshake, so an endpoint with the wrong identity
+//! or an untrusted certificate fails it.
 
 use crate::metrics::HealthStats;
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use tokio_util::either::Either;
 pub struct Probing {
     /// HTTP/2 prior knowledge (`http2`, `grpc`), else HTTP/1.1.
     pub h2: bool,
-    /// Mesh mTLS, for a Service with `tls.mode: mesh`.
+    /// TLS, for a Service with `tls.mode: mesh` or `simple`.
     pub tls: Option<crate::client::Secure>,
 }
 
@@ -80,7 +81,7 @@ async fn probe(e: &Endpoint, cfg: &HealthCheckConfig, how: &Probing) -> Result<(
             Some(tls) => tls
                 .handshake(tcp)
                 .await
-                .map_err(|err| format!("mesh TLS: {err}"))?,
+                .map_err(|err| format!("TLS: {err}"))?,
             None => Either::Left(tcp),
         };
         let Probe::Http {

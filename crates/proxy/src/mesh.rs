@@ -15,11 +15,11 @@
 //!   here after the chain.
 
 use arc_swap::ArcSwapOption;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use rustls::{DistinguishedName, Error, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 use std::sync::Arc;
 
@@ -55,11 +55,11 @@ static ALGORITHMS: std::sync::LazyLock<WebPkiSupportedAlgorithms> =
         rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
     });
 
-fn algorithms() -> WebPkiSupportedAlgorithms {
+pub(crate) fn algorithms() -> WebPkiSupportedAlgorithms {
     *ALGORITHMS
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
@@ -204,33 +204,34 @@ fn verify_chain(
     })
 }
 
-/// The handshake-signature checks both verifiers share: webpki's, with the
-/// provider's algorithms.
+/// The handshake-signature checks every verifier of ours shares (the mesh ones here,
+/// `insecureSkipVerify` upstream TLS): webpki's, with the provider's algorithms.
 macro_rules! handshake_signatures {
     () => {
         fn verify_tls12_signature(
             &self,
             message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, Error> {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &$crate::mesh::algorithms())
         }
 
         fn verify_tls13_signature(
             &self,
             message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, Error> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &$crate::mesh::algorithms())
         }
 
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            algorithms().supported_schemes()
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            $crate::mesh::algorithms().supported_schemes()
         }
     };
 }
+pub(crate) use handshake_signatures;
 
 /// Presents the current certificate, as a server and as a client.
 #[derive(Debug)]

@@ -61,9 +61,8 @@ impl ClusterRt {
         stats.health.publish(&cluster);
         let health = service.health_check.clone().map(|cfg| {
             let h2 = service.protocol != meshgate_config::UpstreamProtocol::Http1;
-            // Probes of a mesh Service go over mesh mTLS, as its calls do.
-            let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
-            let tls = client::secure(&service, mesh, alpn);
+            // Probes go over the TLS the Service's calls use.
+            let tls = client::secure(&service, mesh);
             AbortOnDrop(tokio::spawn(crate::health::check_forever(
                 cluster.clone(),
                 Arc::new(cfg),

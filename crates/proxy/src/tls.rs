@@ -81,8 +81,7 @@ pub fn server_config(certs: &[Certificate]) -> Result<Arc<rustls::ServerConfig>,
     }
     wildcard.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
     let default = default.ok_or("no certificate")?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::mesh::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
@@ -117,10 +116,7 @@ fn system_roots() -> Result<Arc<rustls::RootCertStore>, String> {
 
 fn roots_from(file: &std::path::Path) -> Result<Arc<rustls::RootCertStore>, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in
-        CertificateDer::pem_file_iter(file).map_err(|e| format!("{}: {e}", file.display()))?
-    {
-        let cert = cert.map_err(|e| format!("{}: {e}", file.display()))?;
+    for cert in chain(file)? {
         roots
             .add(cert)
             .map_err(|e| format!("{}: {e}", file.display()))?;
@@ -133,14 +129,13 @@ pub fn upstream_config(
     t: &meshgate_config::SimpleTls,
     alpn: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ClientConfig::builder_with_provider(crate::mesh::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let builder = if t.insecure_skip_verify {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate))
     } else {
         let roots = match &t.ca_file {
             Some(f) => roots_from(f)?,
@@ -165,7 +160,7 @@ fn load_key(file: &std::path::Path) -> Result<PrivateKeyDer<'static>, String> {
 /// `insecureSkipVerify`: any certificate is taken, but the handshake signatures
 /// are still checked (the peer holds the key of the certificate it sent).
 #[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+struct AnyCertificate;
 
 impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
@@ -179,35 +174,5 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    crate::mesh::handshake_signatures!();
 }
