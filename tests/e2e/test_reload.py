@@ -199,3 +199,49 @@ def test_file_watch_reloads_for_the_config_file_only(tmp_path, backend, gateways
     wait_revision_change(g, rev)
     with urllib.request.urlopen(g.url + "/m") as r:
         assert r.read() == b"two"
+
+
+def test_reload_changes_a_listeners_protocol_on_the_same_address(tmp_path, backend, gateways):
+    """http -> https on one address: the reload is accepted (the socket is kept, not
+    bound twice), new connections get TLS, and an open plaintext connection is
+    closed once its request is answered, not left serving under the old terms."""
+    import socket
+    import ssl
+    from harness import free_port, gateway_yaml
+    from test_tls_admin_lifecycle import make_cert
+    g = Gateway(tmp_path, resources(backend, "a"))
+    gateways.append(g)
+    port = free_port()
+    listener = '\n    - {{name: extra, address: "127.0.0.1:{port}", protocol: {proto}{tls}}}'
+    (g.dir / "00-gateway.yaml").write_text(
+        gateway_yaml(g.port, g.admin_port, listener.format(port=port, proto="http", tls="")))
+    assert g.admin("POST", "/reload")[0] == 200
+    plain = socket.create_connection(("127.0.0.1", port), timeout=5)
+    plain.sendall(b"GET /m HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert plain.recv(65536).startswith(b"HTTP/1.1 200")
+
+    key, crt = make_cert(tmp_path, "a.test")
+    https = listener.format(port=port, proto="https",
+                            tls=f', tls: {{certificates: [{{certFile: "{crt}", keyFile: "{key}"}}]}}')
+    (g.dir / "00-gateway.yaml").write_text(gateway_yaml(g.port, g.admin_port, https))
+    status, body = g.admin("POST", "/reload")
+    assert status == 200, body
+    assert "cannot listen" not in g.logs()
+
+    ctx = ssl.create_default_context(cafile=str(crt))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="a.test") as s:
+            s.sendall(b"GET /m HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    # The plaintext connection opened before the change is closed, not served.
+    plain.settimeout(5)
+    assert plain.recv(100) == b""
+    plain.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /m HTTP/1.1\r\nHost: a\r\n\r\n")
+        s.settimeout(5)
+        try:
+            answer = s.recv(100)
+        except (ConnectionResetError, TimeoutError):
+            answer = b""
+        assert not answer.startswith(b"HTTP/1.1 200"), answer

@@ -19,19 +19,30 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// What a listener is: a change of protocol keeps the socket (see [`Listeners::commit`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
     gateway: String,
     address: SocketAddr,
-    protocol: ListenerProtocol,
     /// A sidecar's outbound listener: connections may have been redirected to it.
     transparent: bool,
 }
 
 #[derive(Debug)]
 struct Running {
+    /// Stops the accept loop.
     stop: watch::Sender<bool>,
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    protocol: ListenerProtocol,
+    /// Closes the open connections (after their in-flight requests): each
+    /// connection subscribes when accepted.
+    close: Arc<watch::Sender<()>>,
+}
+
+impl Running {
+    fn close_connections(&self) {
+        self.close.send_replace(());
+    }
 }
 
 /// The listeners currently serving, reconciled with each new config.
@@ -43,8 +54,8 @@ pub struct Listeners {
 /// Sockets bound and TLS configs built for a config not yet active.
 #[derive(Debug, Default)]
 pub struct Prepared {
-    bind: Vec<(Key, TcpListener, Option<Arc<rustls::ServerConfig>>)>,
-    tls: Vec<(Key, Option<Arc<rustls::ServerConfig>>)>,
+    bind: Vec<(Key, TcpListener, ListenerProtocol, Option<Arc<rustls::ServerConfig>>)>,
+    tls: Vec<(Key, ListenerProtocol, Option<Arc<rustls::ServerConfig>>)>,
     keep: Vec<Key>,
 }
 
@@ -66,7 +77,6 @@ impl Listeners {
                 let key = Key {
                     gateway: g.name.clone(),
                     address: l.address,
-                    protocol: l.protocol,
                     transparent: g.side == meshgate_config::MeshSide::Outbound,
                 };
                 let tls = match l.protocol {
@@ -81,13 +91,13 @@ impl Listeners {
                     _ => None,
                 };
                 if running.contains(&key) {
-                    p.tls.push((key.clone(), tls));
+                    p.tls.push((key.clone(), l.protocol, tls));
                     p.keep.push(key);
                 } else {
                     let socket = bind(l.address).map_err(|e| {
                         format!("listener {:?}: cannot listen on {}: {e}", l.name, l.address)
                     })?;
-                    p.bind.push((key, socket, tls));
+                    p.bind.push((key, socket, l.protocol, tls));
                 }
             }
         }
@@ -95,36 +105,55 @@ impl Listeners {
     }
 
     /// Start new listeners, update TLS on kept ones, stop the rest.
+    ///
+    /// A kept listener whose protocol changed (`http` to `https`, or to `mesh` when
+    /// a Service or the Mesh asks for mTLS) keeps its socket: new connections get
+    /// the new protocol at once, and the open ones are closed once their in-flight
+    /// requests finish, so no connection goes on under the old terms.
     pub fn commit(&self, shared: &Arc<Shared>, p: Prepared) {
         let Ok(mut running) = self.running.lock() else {
             return;
         };
-        for (key, tls) in p.tls {
-            if let Some(r) = running.get(&key) {
+        for (key, protocol, tls) in p.tls {
+            if let Some(r) = running.get_mut(&key) {
                 r.tls.store(tls);
+                if r.protocol != protocol {
+                    tracing::info!(gateway = %key.gateway, address = %key.address, from = ?r.protocol, to = ?protocol, "listener protocol changed: open connections close after their requests");
+                    r.protocol = protocol;
+                    r.close_connections();
+                }
             }
         }
         let mut keep = p.keep;
-        for (key, socket, tls) in p.bind {
+        for (key, socket, protocol, tls) in p.bind {
             let (stop, stop_rx) = watch::channel(false);
             let tls = Arc::new(ArcSwapOption::new(tls));
-            tracing::info!(gateway = %key.gateway, address = %key.address, protocol = ?key.protocol, "listening");
+            let close = Arc::new(watch::channel(()).0);
+            tracing::info!(gateway = %key.gateway, address = %key.address, protocol = ?protocol, "listening");
             tokio::spawn(accept_loop(
                 shared.clone(),
                 key.gateway.clone().into(),
                 key.transparent,
                 socket,
                 tls.clone(),
+                close.clone(),
                 stop_rx,
             ));
             keep.push(key.clone());
-            running.insert(key, Running { stop, tls });
+            let r = Running {
+                stop,
+                tls,
+                protocol,
+                close,
+            };
+            running.insert(key, r);
         }
         running.retain(|k, r| {
             let stays = keep.contains(k);
             if !stays {
                 tracing::info!(gateway = %k.gateway, address = %k.address, "listener removed");
                 let _ = r.stop.send(true);
+                r.close_connections();
             }
             stays
         });
@@ -135,6 +164,7 @@ impl Listeners {
         if let Ok(mut running) = self.running.lock() {
             for r in running.values() {
                 let _ = r.stop.send(true);
+                r.close_connections();
             }
             running.clear();
         }
@@ -161,6 +191,7 @@ async fn accept_loop(
     transparent: bool,
     listener: TcpListener,
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    close: Arc<watch::Sender<()>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -180,8 +211,10 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let gateway = gateway.clone();
+        // Subscribed before the TLS config is read: a protocol change between the
+        // two closes this connection too.
+        let removed = close.subscribe();
         let tls = tls.load_full();
-        let removed = stop.clone();
         tokio::spawn(async move {
             shared.metrics.downstream_connections.inc();
             let original = transparent
@@ -321,7 +354,7 @@ async fn serve_conn(
         original,
     }: Downstream,
     tls: Option<Arc<rustls::ServerConfig>>,
-    removed: watch::Receiver<bool>,
+    removed: watch::Receiver<()>,
 ) {
     let limits = limits_for(shared, &gateway);
     let guard_limits = GuardLimits {
@@ -416,7 +449,7 @@ async fn drive<IO>(
     io: IO,
     info: Arc<ConnInfo>,
     idle: Duration,
-    removed: watch::Receiver<bool>,
+    removed: watch::Receiver<()>,
 ) where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -462,7 +495,7 @@ struct StopFlag {
 async fn watch_stop(
     info: Arc<ConnInfo>,
     idle: Duration,
-    mut removed: watch::Receiver<bool>,
+    mut removed: watch::Receiver<()>,
     stop: Arc<StopFlag>,
 ) {
     let mut drain = info.shared.drain.subscribe();
