@@ -6,12 +6,14 @@ load without a failed request. Real control plane, sidecars, apps, Python `ssl`
 and `cryptography`, curl."""
 
 import datetime
+import http.client
 import json
 import socket
 import ssl
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -21,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
 from harness import BIN, curl, free_port
+from test_mesh import SERVICES as SERVICES_PLAIN
 from test_mesh import Mesh, chain, edge_to_orders, gateway_sidecar
 
 TD = "cluster.local"
@@ -395,3 +398,115 @@ spec: {{listeners: [{{name: web, address: "127.0.0.1:{free_port()}"}}]}}
     out = subprocess.run([BIN, "run", "-c", str(cfg)], capture_output=True, text=True, timeout=20)
     assert out.returncode == 1
     assert 'Service "orders" has tls.mode mesh' in out.stderr, out.stderr
+
+
+MESH = """apiVersion: meshgate.io/v1
+kind: Mesh
+metadata: {{name: default}}
+spec: {{mtls: {{mode: {mode}}}}}
+"""
+
+
+def eventually(check, what, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def plaintext_status(port):
+    """The status of a plaintext GET to 127.0.0.1:port, or None when refused (a
+    TLS listener answers with an alert, not HTTP)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/orders/1", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def test_the_mesh_moves_to_strict_mtls_under_load_without_a_failed_request(tmp_path):
+    """The migration an SRE runs on a live mesh: Mesh `permissive` (inbounds take
+    both), then the Services' `tls: {mode: mesh}` (callers move to mTLS), then Mesh
+    `strict` (inbounds refuse plaintext, and registry Services need no `tls` of
+    their own), with calls going on throughout."""
+    m = Mesh(tmp_path)
+    try:
+        front_app, front = m.instance("front", "front-1")
+        orders_app, orders = m.instance("orders", "orders-1")
+        m.wait_registered("orders", [orders.address])
+        status, _, body = front.call("orders", "/orders/1")
+        assert status == 200, body
+        assert "x-forwarded-client-cert" not in orders_app.requests[-1]["headers"]
+        assert plaintext_status(orders.inbound) == 200
+        root_status, ca = m.control.call("GET", "/api/v1/mesh/ca")
+        assert root_status == 200, ca
+        root = tmp_path / "mesh-root.pem"
+        root.write_text(ca["root"])
+
+        def takes_tls():
+            try:
+                s, cert = handshake(orders.inbound, tls_context(root))
+            except (ssl.SSLError, OSError):
+                return False
+            s.close()
+            return spiffe_ids(cert) == [f"spiffe://{TD}/svc/orders"]
+
+        def caller_identity():
+            status, _, body = front.call("orders", "/orders/1")
+            assert status == 200, body
+            return orders_app.requests[-1]["headers"].get("x-forwarded-client-cert")
+
+        failures, done = [], [0]
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                status, _, body = front.call("orders", "/orders/2")
+                if status == 200:
+                    done[0] += 1
+                else:
+                    failures.append((status, body[:200]))
+
+        t = threading.Thread(target=load, daemon=True)
+        t.start()
+        try:
+            m.apply("mesh", MESH.format(mode="permissive"))
+            eventually(takes_tls, "the inbound takes mTLS once the Mesh is permissive")
+            assert plaintext_status(orders.inbound) == 200
+            assert caller_identity() is None, "callers go on in plaintext"
+
+            m.apply("services", "\n---\n".join(
+                f"apiVersion: meshgate.io/v1\nkind: Service\nmetadata: {{name: {n}}}\n"
+                f"spec: {{discovery: {{registry: {n}}}, tls: {{mode: mesh}}}}\n"
+                for n in ("front", "orders", "users")))
+            eventually(lambda: caller_identity() == f"URI=spiffe://{TD}/svc/front",
+                       "front calls orders over mTLS")
+            # Still permissive: a plaintext client is served, and counted.
+            assert plaintext_status(orders.inbound) == 200
+            with urllib.request.urlopen(f"http://127.0.0.1:{orders.admin_port}/metrics") as r:
+                metrics = r.read().decode()
+            counted = [l for l in metrics.splitlines()
+                       if l.startswith("meshgate_mesh_plaintext_connections_total")]
+            assert counted and float(counted[0].split()[-1]) >= 1, counted
+
+            m.apply("mesh", MESH.format(mode="strict"))
+            eventually(lambda: plaintext_status(orders.inbound) is None,
+                       "plaintext is refused once the Mesh is strict")
+            code, out, err = m.control.ctl("get", "meshes", "default", "-o", "yaml")
+            assert code == 0 and "mode: strict" in out, (out, err)
+            # Strict covers registry Services that say nothing about tls.
+            m.apply("services", SERVICES_PLAIN)
+            time.sleep(1)
+            assert caller_identity() == f"URI=spiffe://{TD}/svc/front"
+            assert plaintext_status(orders.inbound) is None
+        finally:
+            stop.set()
+            t.join(10)
+        assert not failures, failures[:5]
+        assert done[0] > 100, done
+    finally:
+        m.stop()

@@ -16,6 +16,7 @@ pub enum Kind {
     Api,
     Consumer,
     Policy,
+    Mesh,
 }
 
 impl Kind {
@@ -26,19 +27,21 @@ impl Kind {
             Self::Api => "Api",
             Self::Consumer => "Consumer",
             Self::Policy => "Policy",
+            Self::Mesh => "Mesh",
         }
     }
 
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Self::Gateway,
         Self::Service,
         Self::Api,
         Self::Consumer,
         Self::Policy,
+        Self::Mesh,
     ];
 
     /// The kind's name in admin API paths: `apis`, `services`, `consumers`,
-    /// `gateways`, `policies`.
+    /// `gateways`, `policies`, `meshes`.
     pub fn plural(self) -> &'static str {
         match self {
             Self::Gateway => "gateways",
@@ -46,6 +49,7 @@ impl Kind {
             Self::Api => "apis",
             Self::Consumer => "consumers",
             Self::Policy => "policies",
+            Self::Mesh => "meshes",
         }
     }
 
@@ -667,6 +671,26 @@ pub struct HeaderOpsSpec {
 pub struct PolicySpec {
     #[serde(default)]
     pub filters: Vec<FilterRef>,
+}
+
+// ---------------------------------------------------------------- Mesh
+
+/// Settings for every proxy of the mesh. At most one Mesh resource per config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MeshMtlsSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshMtlsSpec {
+    /// `perService` (each Service's `tls` decides), `permissive` (every sidecar's
+    /// inbound takes mTLS and plaintext: the step while callers move to mTLS) or
+    /// `strict` (every registry Service is called over mesh mTLS, and every
+    /// sidecar's inbound requires it).
+    pub mode: String,
 }
 
 // ---------------------------------------------------------------- Consumer

@@ -32,6 +32,7 @@ pub fn link(
         apis,
         policies,
         consumers,
+        mesh_mtls,
     } = checked;
     let had_errors = !diags.is_empty();
     let declared = |kind: meshgate_api::Kind, name: &str| {
@@ -174,11 +175,21 @@ pub fn link(
         if side == crate::MeshSide::Inbound
             && let Some((sdoc, own)) = crate::sidecar::own_service(docs)
         {
-            // The own Service says how its sidecars take requests: over mesh
-            // mTLS when it is called so, through its inbound policies.
-            if own.tls.as_ref().is_some_and(|t| t.mode == "mesh") {
+            // The Mesh, or else the own Service, says how its sidecars take
+            // requests (over mesh mTLS when it is called so; both while the
+            // Mesh is permissive), through its inbound policies.
+            let own_mode = own.tls.as_ref().map(|t| t.mode.as_str());
+            let plaintext_too = match (mesh_mtls, own_mode) {
+                (crate::MeshMtls::Strict, _) | (crate::MeshMtls::PerService, Some("mesh")) => {
+                    Some(false)
+                }
+                (crate::MeshMtls::Permissive, _) => Some(true),
+                (crate::MeshMtls::PerService, _) => None,
+            };
+            if let Some(plaintext_too) = plaintext_too {
                 for l in &mut g.listeners {
                     l.protocol = meshgate_api::ListenerProtocol::Mesh;
+                    l.plaintext_too = plaintext_too;
                 }
             }
             // Reported above already: these diagnostics are dropped.

@@ -1,7 +1,8 @@
 use crate::diag::Diagnostic;
 use crate::index::{DocSpan, scan};
 use meshgate_api::{
-    API_VERSION, ApiSpec, ConsumerSpec, Envelope, GatewaySpec, Head, Kind, PolicySpec, ServiceSpec,
+    API_VERSION, ApiSpec, ConsumerSpec, Envelope, GatewaySpec, Head, Kind, MeshSpec, PolicySpec,
+    ServiceSpec,
 };
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ pub enum Resource {
     Api(Envelope<ApiSpec>),
     Policy(Envelope<PolicySpec>),
     Consumer(Envelope<ConsumerSpec>),
+    Mesh(Envelope<MeshSpec>),
 }
 
 impl Resource {
@@ -35,6 +37,7 @@ impl Resource {
             Self::Api(e) => serde_json::to_value(e),
             Self::Policy(e) => serde_json::to_value(e),
             Self::Consumer(e) => serde_json::to_value(e),
+            Self::Mesh(e) => serde_json::to_value(e),
         };
         let mut v = v.unwrap_or(serde_json::Value::Null);
         redact_jwks(&mut v);
@@ -303,11 +306,12 @@ fn parse_doc(file: &Arc<str>, span: &DocSpan, text: &str) -> Result<Doc, Diagnos
             Kind::Consumer,
             Resource::Consumer(de(file, span, text, &resource)?),
         ),
+        "Mesh" => (Kind::Mesh, Resource::Mesh(de(file, span, text, &resource)?)),
         other => {
             return Err(place(
                 "kind",
                 format!(
-                    "unknown kind {other:?} (expected Gateway, Service, Api, Consumer or Policy)"
+                    "unknown kind {other:?} (expected Gateway, Service, Api, Consumer, Policy or Mesh)"
                 ),
             ));
         }

@@ -102,6 +102,24 @@ pub struct Listener {
     pub address: SocketAddr,
     pub protocol: ListenerProtocol,
     pub certificates: Vec<Certificate>,
+    /// A `mesh` listener that also takes plaintext: a sidecar's inbound while the
+    /// Mesh's mTLS mode is `permissive`.
+    pub plaintext_too: bool,
+}
+
+/// `Mesh.spec.mtls.mode`: how much of the mesh mTLS covers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MeshMtls {
+    /// Each Service's `tls` decides.
+    #[default]
+    PerService,
+    /// Sidecar inbounds take mTLS and plaintext, whatever their Service's `tls`
+    /// says; callers go on as each Service's `tls` says. The safe step between:
+    /// Services can move to `tls: {mode: mesh}` in any order.
+    Permissive,
+    /// Registry Services are called over mesh mTLS, and sidecar inbounds take
+    /// nothing else.
+    Strict,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -264,4 +264,53 @@ spec:
             (None, Some(std::time::Duration::from_secs(2)))
         );
     }
+
+    /// How the inbound listener takes connections: (protocol, plaintext too).
+    fn inbound(snapshot: &Snapshot) -> Vec<(meshgate_api::ListenerProtocol, bool)> {
+        let inbound = snapshot.gateways.iter().find(|g| g.name == INBOUND);
+        inbound
+            .iter()
+            .flat_map(|g| g.listeners.iter().map(|l| (l.protocol, l.plaintext_too)))
+            .collect()
+    }
+
+    fn with_mesh(mode: &str) -> String {
+        format!(
+            "---\napiVersion: meshgate.io/v1\nkind: Service\nmetadata: {{name: maps}}\nspec: {{endpoints: [{{address: \"127.0.0.1:9001\"}}]}}\n---\napiVersion: meshgate.io/v1\nkind: Service\nmetadata: {{name: legacy}}\nspec: {{discovery: {{registry: legacy}}, tls: {{mode: disable}}}}\n---\napiVersion: meshgate.io/v1\nkind: Mesh\nmetadata: {{name: default}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
+        )
+    }
+
+    #[test]
+    fn the_mesh_mtls_mode_decides_registry_services_and_the_inbound() {
+        use crate::UpstreamTls::{Disable, Mesh};
+        use meshgate_api::ListenerProtocol::{Http, Mesh as MeshListener};
+        let tls = |s: &Snapshot, name: &str| s.services[name].tls.clone();
+
+        let per_service = compiled(&with_mesh("perService"), &["users"]);
+        assert_eq!(tls(&per_service, "users"), Disable);
+        assert_eq!(inbound(&per_service), [(Http, false)]);
+
+        // The step between: the inbound takes both, callers go on as before, and
+        // a Service's own mode no longer narrows its inbound.
+        let own_mesh = "---\napiVersion: meshgate.io/v1\nkind: Service\nmetadata: {name: orders}\nspec: {discovery: {registry: orders}, tls: {mode: mesh}}\n";
+        let permissive = format!("{}{own_mesh}", with_mesh("permissive"));
+        let permissive = compiled(&permissive, &["users", "orders"]);
+        assert_eq!(tls(&permissive, "users"), Disable);
+        assert_eq!(inbound(&permissive), [(MeshListener, true)]);
+        let per_service = compiled(
+            &format!("{}{own_mesh}", with_mesh("perService")),
+            &["users", "orders"],
+        );
+        assert_eq!(inbound(&per_service), [(MeshListener, false)]);
+
+        let strict = with_mesh("strict").replace(", tls: {mode: disable}", "");
+        let strict = compiled(&strict, &["users"]);
+        assert_eq!(tls(&strict, "users"), Mesh);
+        assert_eq!(tls(&strict, "legacy"), Mesh);
+        // A Service found otherwise is outside the mesh, and the hop to the own
+        // app stays plain.
+        assert_eq!(tls(&strict, "maps"), Disable);
+        assert_eq!(tls(&strict, "orders"), Disable);
+        assert_eq!(inbound(&strict), [(MeshListener, false)]);
+    }
 }

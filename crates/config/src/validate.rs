@@ -59,6 +59,8 @@ pub struct Checked {
     pub apis: Vec<(usize, ApiDraft)>,
     pub policies: BTreeMap<String, usize>,
     pub consumers: Vec<(usize, ConsumerDraft)>,
+    /// The Mesh resource's mTLS mode.
+    pub mesh_mtls: MeshMtls,
 }
 
 /// A Consumer with its secrets resolved.
@@ -472,7 +474,10 @@ impl Check<'_> {
 }
 
 pub fn validate(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> Checked {
-    let mut out = Checked::default();
+    let mut out = Checked {
+        mesh_mtls: mesh(docs, diags),
+        ..Checked::default()
+    };
     let mut seen: HashSet<(meshgate_api::Kind, &str)> = HashSet::new();
     for (i, doc) in docs.iter().enumerate() {
         let mut c = Check { doc, diags };
@@ -509,7 +514,7 @@ pub fn validate(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> Checked {
                 }
             }
             Resource::Service(e) => {
-                if let Some(s) = service(&mut c, &doc.name, &e.spec) {
+                if let Some(s) = service(&mut c, &doc.name, &e.spec, out.mesh_mtls) {
                     out.services.insert(doc.name.clone(), (i, s));
                 }
             }
@@ -526,9 +531,43 @@ pub fn validate(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> Checked {
                     out.consumers.push((i, d));
                 }
             }
+            // Read before the loop: Services depend on it.
+            Resource::Mesh(_) => {}
         }
     }
     out
+}
+
+/// The config's one Mesh resource, checked: its mTLS mode.
+fn mesh(docs: &[Doc], diags: &mut Vec<Diagnostic>) -> MeshMtls {
+    let mut meshes = docs.iter().filter_map(|d| match &d.resource {
+        Resource::Mesh(e) => Some((d, &e.spec)),
+        _ => None,
+    });
+    let Some((first, spec)) = meshes.next() else {
+        return MeshMtls::PerService;
+    };
+    for (doc, _) in meshes {
+        Check { doc, diags }.err(
+            "metadata.name",
+            format!(
+                "a config has one Mesh resource: Mesh {:?} ({}:{}) is already declared",
+                first.name, first.file, first.span.first_line
+            ),
+        );
+    }
+    match spec.mtls.as_ref().map(|m| m.mode.as_str()) {
+        None | Some("perService") => MeshMtls::PerService,
+        Some("permissive") => MeshMtls::Permissive,
+        Some("strict") => MeshMtls::Strict,
+        Some(other) => {
+            Check { doc: first, diags }.err(
+                "spec.mtls.mode",
+                format!("unknown mode {other:?} (perService, permissive or strict)"),
+            );
+            MeshMtls::PerService
+        }
+    }
 }
 
 /// Whether `n` may name a resource: lower-case letters, digits, `-` and `.`.
@@ -602,6 +641,7 @@ fn gateway(c: &mut Check<'_>, spec: &GatewaySpec) -> Option<GatewayDraft> {
                 address,
                 protocol: l.protocol,
                 certificates,
+                plaintext_too: false,
             });
         }
     }
@@ -792,7 +832,13 @@ fn pem_file(
     }
 }
 
-fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service> {
+/// `mesh_mtls`: a strict Mesh puts every Service found through the registry on mTLS.
+fn service(
+    c: &mut Check<'_>,
+    name: &str,
+    spec: &ServiceSpec,
+    mesh_mtls: MeshMtls,
+) -> Option<Service> {
     let before = c.diags.len();
     let mut endpoints = Vec::new();
     for (i, e) in spec.endpoints.iter().enumerate() {
@@ -921,7 +967,16 @@ fn service(c: &mut Check<'_>, name: &str, spec: &ServiceSpec) -> Option<Service>
             "a percentage from 0 to 100",
         );
     }
+    let strict = registry.is_some() && mesh_mtls == MeshMtls::Strict;
     let tls = match spec.tls.as_ref().map(|t| (t, t.mode.as_str())) {
+        None if strict => UpstreamTls::Mesh,
+        Some((_, mode)) if strict && mode != "mesh" => {
+            c.err(
+                "spec.tls.mode",
+                format!("the Mesh's mtls.mode is strict: a registry Service is called over mesh mTLS, not {mode:?} (leave tls out, or set mode mesh)"),
+            );
+            UpstreamTls::Mesh
+        }
         None => UpstreamTls::Disable,
         Some((t, "disable")) => {
             simple_only(c, t, "disable");

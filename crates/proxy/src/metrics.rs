@@ -81,6 +81,9 @@ pub struct Metrics {
     /// Downstream TLS handshakes that failed (a plaintext or certificate-less
     /// client on a mesh listener among them).
     pub tls_handshake_failures: Counter,
+    /// Plaintext connections a permissive mesh listener took: while this grows,
+    /// some caller is not on mTLS yet, and a strict Mesh would refuse it.
+    pub mesh_plaintext: Counter,
     /// Redirected connections that were not HTTP, relayed to their original
     /// destination as bytes.
     pub tcp_passthrough: Counter,
@@ -115,6 +118,7 @@ impl Default for Metrics {
             rejected: Family::default(),
             downstream_connections: Gauge::default(),
             tls_handshake_failures: Counter::default(),
+            mesh_plaintext: Counter::default(),
             tcp_passthrough: Counter::default(),
             tcp_passthrough_idle: Counter::default(),
             access_log_dropped: Counter::default(),
@@ -211,6 +215,11 @@ impl Default for Metrics {
             "downstream_tls_handshake_failures",
             "Downstream TLS handshakes that failed",
             m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "mesh_plaintext_connections",
+            "Plaintext connections taken by a permissive mesh listener (callers not on mTLS yet)",
+            m.mesh_plaintext.clone(),
         );
         registry.register(
             "outbound_tcp_passthrough_connections",

@@ -28,12 +28,24 @@ struct Key {
     transparent: bool,
 }
 
+/// How a listener takes TLS.
+#[derive(Debug)]
+struct ListenerTls {
+    config: Arc<rustls::ServerConfig>,
+    /// A permissive mesh listener: a client that does not start with a TLS
+    /// handshake is served in plaintext.
+    plaintext_too: bool,
+}
+
+/// What a connection is served under: a change closes the open connections.
+type Terms = (ListenerProtocol, bool);
+
 #[derive(Debug)]
 struct Running {
     /// Stops the accept loop.
     stop: watch::Sender<bool>,
-    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
-    protocol: ListenerProtocol,
+    tls: Arc<ArcSwapOption<ListenerTls>>,
+    terms: Terms,
     /// Closes the open connections (after their in-flight requests): each
     /// connection subscribes when accepted.
     close: Arc<watch::Sender<()>>,
@@ -54,8 +66,8 @@ pub struct Listeners {
 /// Sockets bound and TLS configs built for a config not yet active.
 #[derive(Debug, Default)]
 pub struct Prepared {
-    bind: Vec<(Key, TcpListener, ListenerProtocol, Option<Arc<rustls::ServerConfig>>)>,
-    tls: Vec<(Key, ListenerProtocol, Option<Arc<rustls::ServerConfig>>)>,
+    bind: Vec<(Key, TcpListener, Terms, Option<Arc<ListenerTls>>)>,
+    tls: Vec<(Key, Terms, Option<Arc<ListenerTls>>)>,
     keep: Vec<Key>,
 }
 
@@ -90,14 +102,21 @@ impl Listeners {
                     ),
                     _ => None,
                 };
+                let tls = tls.map(|config| {
+                    Arc::new(ListenerTls {
+                        config,
+                        plaintext_too: l.plaintext_too,
+                    })
+                });
+                let terms = (l.protocol, l.plaintext_too);
                 if running.contains(&key) {
-                    p.tls.push((key.clone(), l.protocol, tls));
+                    p.tls.push((key.clone(), terms, tls));
                     p.keep.push(key);
                 } else {
                     let socket = bind(l.address).map_err(|e| {
                         format!("listener {:?}: cannot listen on {}: {e}", l.name, l.address)
                     })?;
-                    p.bind.push((key, socket, l.protocol, tls));
+                    p.bind.push((key, socket, terms, tls));
                 }
             }
         }
@@ -114,22 +133,22 @@ impl Listeners {
         let Ok(mut running) = self.running.lock() else {
             return;
         };
-        for (key, protocol, tls) in p.tls {
+        for (key, terms, tls) in p.tls {
             if let Some(r) = running.get_mut(&key) {
                 r.tls.store(tls);
-                if r.protocol != protocol {
-                    tracing::info!(gateway = %key.gateway, address = %key.address, from = ?r.protocol, to = ?protocol, "listener protocol changed: open connections close after their requests");
-                    r.protocol = protocol;
+                if r.terms != terms {
+                    tracing::info!(gateway = %key.gateway, address = %key.address, from = ?r.terms, to = ?terms, "listener protocol changed: open connections close after their requests");
+                    r.terms = terms;
                     r.close_connections();
                 }
             }
         }
         let mut keep = p.keep;
-        for (key, socket, protocol, tls) in p.bind {
+        for (key, socket, terms, tls) in p.bind {
             let (stop, stop_rx) = watch::channel(false);
             let tls = Arc::new(ArcSwapOption::new(tls));
             let close = Arc::new(watch::channel(()).0);
-            tracing::info!(gateway = %key.gateway, address = %key.address, protocol = ?protocol, "listening");
+            tracing::info!(gateway = %key.gateway, address = %key.address, protocol = ?terms.0, plaintext_too = terms.1, "listening");
             tokio::spawn(accept_loop(
                 shared.clone(),
                 key.gateway.clone().into(),
@@ -143,7 +162,7 @@ impl Listeners {
             let r = Running {
                 stop,
                 tls,
-                protocol,
+                terms,
                 close,
             };
             running.insert(key, r);
@@ -190,7 +209,7 @@ async fn accept_loop(
     gateway: Arc<str>,
     transparent: bool,
     listener: TcpListener,
-    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    tls: Arc<ArcSwapOption<ListenerTls>>,
     close: Arc<watch::Sender<()>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -338,6 +357,16 @@ pub struct Activity {
 /// How long a relayed connection waits to reach its original destination.
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Whether the client's first byte starts a TLS handshake record (0x16); `None`
+/// for a client that sent nothing within `wait`, or went away.
+async fn starts_tls(stream: &TcpStream, wait: Duration) -> Option<bool> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(wait, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => Some(first[0] == 0x16),
+        _ => None,
+    }
+}
+
 /// An accepted connection, and where it was going if it was redirected here.
 struct Downstream {
     stream: TcpStream,
@@ -353,7 +382,7 @@ async fn serve_conn(
         client,
         original,
     }: Downstream,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<ListenerTls>>,
     removed: watch::Receiver<()>,
 ) {
     let limits = limits_for(shared, &gateway);
@@ -362,6 +391,17 @@ async fn serve_conn(
         max_header_bytes: limits.max_header_bytes,
         max_headers: limits.max_headers,
         header_read_timeout: limits.header_read_timeout,
+    };
+    let tls = match tls {
+        Some(t) if t.plaintext_too => match starts_tls(&stream, limits.header_read_timeout).await {
+            Some(true) => Some(t.config.clone()),
+            Some(false) => {
+                shared.metrics.mesh_plaintext.inc();
+                None
+            }
+            None => return,
+        },
+        t => t.map(|t| t.config.clone()),
     };
     let (io, peer) = match tls {
         None => (Accepted::Plain(stream), None),
