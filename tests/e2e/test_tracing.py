@@ -1,15 +1,19 @@
 """Tracing: W3C trace context through three services' sidecars, one span per
-request per proxy side, exported by OTLP/HTTP (protobuf) to a real receiver in
-the test that decodes with the `opentelemetry-proto` package."""
+request per proxy side, exported by OTLP/HTTP (protobuf) or OTLP/gRPC to a real
+receiver in the test (`http.server`, or a `grpcio` server) that decodes with the
+`opentelemetry-proto` package."""
 
 import ssl
 import subprocess
+from concurrent import futures
 import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import grpc
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest, ExportTraceServiceResponse)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -75,6 +79,47 @@ class Receiver:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class GrpcReceiver(Receiver):
+    """An OTLP/gRPC traces endpoint (`TraceService/Export` on a grpcio server);
+    with `refuse`, every export is answered with that status code."""
+
+    def __init__(self, refuse=None, tls=None):
+        """With `tls=(cert, key)` (PEM files) it speaks TLS only."""
+        self.tls = tls
+        self.spans, self.requests = [], []
+        lock = threading.Lock()
+        outer = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                if refuse:
+                    context.abort(refuse, "not today")
+                with lock:
+                    outer.requests.append(dict(context.invocation_metadata()))
+                    for rs in request.resource_spans:
+                        service = {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"]
+                        for ss in rs.scope_spans:
+                            outer.spans.extend((service, s) for s in ss.spans)
+                return ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        if tls:
+            cert, key = (p.read_bytes() for p in tls)
+            credentials = grpc.ssl_server_credentials([(key, cert)])
+            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
+        else:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def url(self):
+        return f"https://localhost:{self.port}" if self.tls else f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.stop(0)
 
 
 @pytest.fixture
@@ -219,3 +264,71 @@ def test_an_https_collector_verified_against_the_given_ca(tmp_path, pki):
     p = subprocess.run([BIN, "run", "-c", str(tmp_path), "--otlp-endpoint", "https://localhost:1/v1/traces",
                         "--otlp-ca", str(bad)], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "--otlp-ca" in p.stderr, p.stderr
+
+
+def test_spans_go_to_an_otlp_grpc_collector(tmp_path):
+    receiver = GrpcReceiver()
+    refusing = GrpcReceiver(refuse=grpc.StatusCode.PERMISSION_DENIED)
+    mesh = Mesh(tmp_path)
+    try:
+        grpc_args = ("--otlp-protocol", "grpc", "--otlp-endpoint")
+        _, front = mesh.instance("front", "front-1", args=(*grpc_args, receiver.url))
+        orders_app, _ = mesh.instance("orders", "orders-1", args=(*grpc_args, receiver.url))
+        status, _, body = front.call("orders", "/x", {"traceparent": f"00-{TRACE}-{ROOT}-01"})
+        assert status == 200, body
+        # front's outbound (client) span, then orders' inbound (server) span under it.
+        spans = dict(receiver.of(TRACE, 2))
+        assert spans["front"].parent_span_id.hex() == ROOT
+        assert spans["front"].kind == Span.SPAN_KIND_CLIENT
+        assert spans["orders"].parent_span_id == spans["front"].span_id
+        assert spans["orders"].kind == Span.SPAN_KIND_SERVER
+        sent = orders_app.requests[-1]["headers"]["traceparent"]
+        assert sent.split("-")[2] == spans["orders"].span_id.hex()
+        assert receiver.requests, "exported through the gRPC service"
+        with urllib.request.urlopen(f"http://127.0.0.1:{front.admin_port}/metrics") as r:
+            assert metric_sum(r.read().decode(), "meshgate_trace_spans_exported_total") >= 1
+
+        # A collector that answers with an error status: said in the log (once),
+        # the spans counted as dropped, the request unharmed.
+        _, users = mesh.instance("users", "users-1", args=(*grpc_args, refusing.url))
+        for _ in range(3):
+            assert users.call("users", "/x")[0] == 200
+        time.sleep(1.5)
+        assert "span export failed" in users.logs() and "PermissionDenied" in users.logs(), users.logs()
+        assert users.logs().count("span export failed") == 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{users.admin_port}/metrics") as r:
+            text = r.read().decode()
+        assert metric_sum(text, "meshgate_trace_spans_dropped_total") >= 3
+        assert metric_sum(text, "meshgate_trace_spans_exported_total") == 0
+    finally:
+        mesh.stop()
+        receiver.stop()
+        refusing.stop()
+    # An OTLP/gRPC endpoint has no path: a traces URL given by mistake is a usage error.
+    p = subprocess.run([BIN, "run", "-c", str(tmp_path), "--otlp-protocol", "grpc",
+                        "--otlp-endpoint", "http://127.0.0.1:4317/v1/traces"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "without a path" in p.stderr, p.stderr
+
+
+def test_an_otlp_grpc_collector_over_tls_verified_against_the_given_ca(tmp_path, pki):
+    receiver = GrpcReceiver(tls=(pki / "control.pem", pki / "control.key"))
+    mesh = Mesh(tmp_path)
+    try:
+        grpc_args = ("--otlp-protocol", "grpc", "--otlp-endpoint", receiver.url)
+        _, front = mesh.instance("front", "front-1", args=(*grpc_args, "--otlp-ca", str(pki / "ca.pem")))
+        trace = "e" * 32
+        status, _, body = front.call("front", "/x", {"traceparent": f"00-{trace}-{ROOT}-01"})
+        assert status == 200, body
+        (svc, span), = receiver.of(trace, 1)
+        assert svc == "front" and span.parent_span_id.hex() == ROOT
+        # Trusting another CA, the proxy does not send its spans there.
+        _, users = mesh.instance("users", "users-1", args=(*grpc_args, "--otlp-ca", str(pki / "other-ca.pem")))
+        stranger = "f" * 32
+        assert users.call("users", "/x", {"traceparent": f"00-{stranger}-{ROOT}-01"})[0] == 200
+        time.sleep(1.5)
+        assert "span export failed" in users.logs() and "UnknownIssuer" in users.logs(), users.logs()
+        assert [s for _, s in receiver.spans if s.trace_id.hex() == stranger] == []
+    finally:
+        mesh.stop()
+        receiver.stop()

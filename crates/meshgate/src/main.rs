@@ -392,10 +392,14 @@ fn default_state_dir() -> PathBuf {
 /// Tracing flags of the data plane commands.
 #[derive(Debug, Clone, clap::Args)]
 struct TraceArgs {
-    /// Export spans to this OTLP/HTTP traces URL (`http://HOST:4318/v1/traces`,
-    /// or `https://`).
+    /// Export spans to this collector: its OTLP/HTTP traces URL
+    /// (`http://HOST:4318/v1/traces`), or with `--otlp-protocol grpc` its
+    /// `http://HOST:4317`; `https://` for TLS.
     #[arg(long, env = "MESHGATE_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
     otlp_endpoint: Option<http::Uri>,
+    /// How spans travel: OTLP over HTTP (protobuf) or over gRPC.
+    #[arg(long, env = "MESHGATE_OTLP_PROTOCOL", value_enum, default_value_t = OtlpProtocol::Http, requires = "otlp_endpoint")]
+    otlp_protocol: OtlpProtocol,
     /// The CA certificates (PEM) that sign an https:// collector's certificate
     /// (default: the system's).
     #[arg(long, env = "MESHGATE_OTLP_CA", requires = "otlp_endpoint")]
@@ -406,11 +410,17 @@ struct TraceArgs {
     trace_sample: f64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OtlpProtocol {
+    Http,
+    Grpc,
+}
+
 fn otlp_endpoint(s: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("{s}: {e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err(format!(
-            "{s}: give an http:// or https://HOST:PORT/PATH URL (OTLP/HTTP)"
+            "{s}: give an http:// or https://HOST:PORT/PATH URL (OTLP/HTTP), or http(s)://HOST:PORT (OTLP/gRPC)"
         ));
     }
     Ok(uri)
@@ -432,6 +442,18 @@ impl TraceArgs {
         let Some(endpoint) = self.otlp_endpoint.clone() else {
             return Ok(None);
         };
+        let protocol = match self.otlp_protocol {
+            OtlpProtocol::Http => meshgate_proxy::trace::OtlpProtocol::Http,
+            OtlpProtocol::Grpc => meshgate_proxy::trace::OtlpProtocol::Grpc,
+        };
+        if protocol == meshgate_proxy::trace::OtlpProtocol::Grpc
+            && !matches!(endpoint.path(), "" | "/")
+        {
+            eprintln!(
+                "meshgate: --otlp-endpoint {endpoint}: an OTLP/gRPC collector is http(s)://HOST:PORT, without a path"
+            );
+            return Err(ExitCode::from(2));
+        }
         let ca = match &self.otlp_ca {
             Some(f) => {
                 let pem = std::fs::read(f)
@@ -451,6 +473,7 @@ impl TraceArgs {
         };
         Ok(Some(meshgate_proxy::trace::TraceOptions {
             endpoint,
+            protocol,
             ca,
             sample: self.trace_sample / 100.0,
             service: service.to_string(),

@@ -1,6 +1,6 @@
 //! Distributed tracing: W3C trace context (and B3) in, one span per request per
 //! proxy, the context passed on with this span as the parent, spans exported by
-//! OTLP/HTTP (protobuf) in batches.
+//! OTLP (over HTTP, protobuf; or over gRPC) in batches.
 //!
 //! Off unless an OTLP endpoint is configured: then nothing here runs on the
 //! request path. Exporting never blocks a request: spans go to a bounded queue
@@ -12,6 +12,7 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Status, span, status};
@@ -35,12 +36,22 @@ const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How spans travel to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP, protobuf bodies (port 4318 by custom).
+    Http,
+    /// OTLP/gRPC, `TraceService/Export` (port 4317 by custom).
+    Grpc,
+}
+
 /// Where spans go and which traces are kept.
 #[derive(Debug, Clone)]
 pub struct TraceOptions {
-    /// The collector's OTLP/HTTP traces URL (`http://HOST:4318/v1/traces`, or
-    /// `https://`).
+    /// The collector: its OTLP/HTTP traces URL (`http://HOST:4318/v1/traces`), or
+    /// for gRPC its `http://HOST:4317`; `https://` for TLS.
     pub endpoint: http::Uri,
+    pub protocol: OtlpProtocol,
     /// For an `https://` collector: the CA certificates (PEM) that sign its
     /// certificate, instead of the system's.
     pub ca: Option<Vec<u8>>,
@@ -239,7 +250,7 @@ fn unix_nanos(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn encode(service: &str, spans: Vec<Finished>) -> Vec<u8> {
+fn request(service: &str, spans: Vec<Finished>) -> ExportTraceServiceRequest {
     use opentelemetry_proto::tonic::trace::v1::Span;
     let spans = spans
         .into_iter()
@@ -286,7 +297,7 @@ fn encode(service: &str, spans: Vec<Finished>) -> Vec<u8> {
             }
         })
         .collect();
-    let request = ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource {
                 attributes: vec![attribute("service.name", service.to_string())],
@@ -303,19 +314,84 @@ fn encode(service: &str, spans: Vec<Finished>) -> Vec<u8> {
             }],
             ..Default::default()
         }],
-    };
-    prost::Message::encode_to_vec(&request)
+    }
 }
 
-/// The exporter's HTTP client: HTTP/1.1 or HTTP/2, TLS verified against `o.ca`
-/// when given, else the system's roots.
-fn client(o: &TraceOptions) -> Result<reqwest::Client, String> {
-    let mut b = reqwest::Client::builder().timeout(EXPORT_TIMEOUT);
-    if let Some(pem) = &o.ca {
-        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
-        b = b.tls_certs_only(certs);
+/// The collector's end of the export: TLS verified against `o.ca` when given,
+/// else the system's roots.
+enum Sink {
+    /// HTTP/1.1 or HTTP/2 posts to the traces URL.
+    Http {
+        client: reqwest::Client,
+        endpoint: String,
+    },
+    /// One HTTP/2 channel, connected on first use and again after a failure.
+    Grpc(TraceServiceClient<tonic::transport::Channel>),
+}
+
+impl Sink {
+    fn new(o: &TraceOptions) -> Result<Self, String> {
+        match o.protocol {
+            OtlpProtocol::Http => {
+                let mut b = reqwest::Client::builder().timeout(EXPORT_TIMEOUT);
+                if let Some(pem) = &o.ca {
+                    let certs =
+                        reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
+                    b = b.tls_certs_only(certs);
+                }
+                Ok(Self::Http {
+                    client: b.build().map_err(|e| e.to_string())?,
+                    endpoint: o.endpoint.to_string(),
+                })
+            }
+            OtlpProtocol::Grpc => {
+                use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+                let mut endpoint = Endpoint::from(o.endpoint.clone())
+                    .timeout(EXPORT_TIMEOUT)
+                    .connect_timeout(EXPORT_TIMEOUT);
+                if o.endpoint.scheme_str() == Some("https") {
+                    let tls = match &o.ca {
+                        Some(pem) => {
+                            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+                        }
+                        None => ClientTlsConfig::new().with_native_roots(),
+                    };
+                    endpoint = endpoint.tls_config(tls).map_err(|e| error_chain(&e))?;
+                }
+                Ok(Self::Grpc(TraceServiceClient::new(endpoint.connect_lazy())))
+            }
+        }
     }
-    b.build().map_err(|e| e.to_string())
+
+    async fn send(&mut self, request: ExportTraceServiceRequest) -> Result<(), String> {
+        match self {
+            Self::Http { client, endpoint } => {
+                let sent = client
+                    .post(endpoint.as_str())
+                    .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+                    .body(prost::Message::encode_to_vec(&request))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(format!("the collector answered {}", r.status())),
+                    Err(e) => Err(error_chain(&e)),
+                }
+            }
+            Self::Grpc(client) => match client.export(request).await {
+                Ok(_) => Ok(()),
+                Err(status) if status.code() == tonic::Code::Unavailable => Err(format!(
+                    "the collector is unavailable: {}",
+                    error_chain(&status)
+                )),
+                Err(status) => Err(format!(
+                    "the collector answered {:?}: {}",
+                    status.code(),
+                    status.message()
+                )),
+            },
+        }
+    }
 }
 
 /// An error with its causes: reqwest's own text says little ("error sending
@@ -332,8 +408,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Batch spans and post them to the collector until the queue closes.
 async fn export(o: TraceOptions, mut rx: mpsc::Receiver<Finished>, counts: SpanCounts) {
-    let client = match client(&o) {
-        Ok(c) => c,
+    let mut sink = match Sink::new(&o) {
+        Ok(s) => s,
         Err(e) => {
             tracing::error!(endpoint = %o.endpoint, error = %e, "cannot export spans; dropping them");
             while rx.recv().await.is_some() {
@@ -342,7 +418,6 @@ async fn export(o: TraceOptions, mut rx: mpsc::Receiver<Finished>, counts: SpanC
             return;
         }
     };
-    let endpoint = o.endpoint.to_string();
     let mut batch = Vec::with_capacity(BATCH);
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -363,18 +438,9 @@ async fn export(o: TraceOptions, mut rx: mpsc::Receiver<Finished>, counts: SpanC
         };
         if !batch.is_empty() {
             let n = batch.len() as u64;
-            let body = encode(&o.service, std::mem::take(&mut batch));
-            let sent = client
-                .post(&endpoint)
-                .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-                .body(body)
-                .send()
+            let sent = sink
+                .send(request(&o.service, std::mem::take(&mut batch)))
                 .await;
-            let sent = match sent {
-                Ok(r) if r.status().is_success() => Ok(()),
-                Ok(r) => Err(format!("the collector answered {}", r.status())),
-                Err(e) => Err(error_chain(&e)),
-            };
             match &sent {
                 Ok(()) => counts.exported.inc_by(n),
                 Err(_) => counts.dropped.inc_by(n),
