@@ -436,6 +436,14 @@ class Gateway:
 # ---------------------------------------------------------------- clients
 
 
+def wait_for(cond, what, timeout=5.0):
+    """Poll `cond` until it holds; fail with `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, what
+        time.sleep(0.02)
+
+
 def metric_sum(text, name, **labels):
     """The sum of the samples of `name` whose labels include `labels`."""
     total = 0.0

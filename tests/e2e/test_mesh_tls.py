@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
-from harness import BIN, curl, free_port
+from harness import BIN, curl, free_port, metric_sum, wait_for
 from test_mesh import SERVICES as SERVICES_PLAIN
 from test_mesh import Mesh, chain, edge_to_orders, gateway_sidecar
 
@@ -407,15 +407,6 @@ spec: {{mtls: {{mode: {mode}}}}}
 """
 
 
-def eventually(check, what, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(what)
-
-
 def plaintext_status(port):
     """The status of a plaintext GET to 127.0.0.1:port, or None when refused (a
     TLS listener answers with an alert, not HTTP)."""
@@ -475,7 +466,7 @@ def test_the_mesh_moves_to_strict_mtls_under_load_without_a_failed_request(tmp_p
         t.start()
         try:
             m.apply("mesh", MESH.format(mode="permissive"))
-            eventually(takes_tls, "the inbound takes mTLS once the Mesh is permissive")
+            wait_for(takes_tls, "the inbound takes mTLS once the Mesh is permissive", timeout=10)
             assert plaintext_status(orders.inbound) == 200
             assert caller_identity() is None, "callers go on in plaintext"
 
@@ -483,19 +474,17 @@ def test_the_mesh_moves_to_strict_mtls_under_load_without_a_failed_request(tmp_p
                 f"apiVersion: meshgate.io/v1\nkind: Service\nmetadata: {{name: {n}}}\n"
                 f"spec: {{discovery: {{registry: {n}}}, tls: {{mode: mesh}}}}\n"
                 for n in ("front", "orders", "users")))
-            eventually(lambda: caller_identity() == f"URI=spiffe://{TD}/svc/front",
-                       "front calls orders over mTLS")
+            wait_for(lambda: caller_identity() == f"URI=spiffe://{TD}/svc/front",
+                     "front calls orders over mTLS", timeout=10)
             # Still permissive: a plaintext client is served, and counted.
             assert plaintext_status(orders.inbound) == 200
             with urllib.request.urlopen(f"http://127.0.0.1:{orders.admin_port}/metrics") as r:
-                metrics = r.read().decode()
-            counted = [l for l in metrics.splitlines()
-                       if l.startswith("meshgate_mesh_plaintext_connections_total")]
-            assert counted and float(counted[0].split()[-1]) >= 1, counted
+                counted = metric_sum(r.read().decode(), "meshgate_mesh_plaintext_connections_total")
+            assert counted >= 1, counted
 
             m.apply("mesh", MESH.format(mode="strict"))
-            eventually(lambda: plaintext_status(orders.inbound) is None,
-                       "plaintext is refused once the Mesh is strict")
+            wait_for(lambda: plaintext_status(orders.inbound) is None,
+                     "plaintext is refused once the Mesh is strict", timeout=10)
             code, out, err = m.control.ctl("get", "meshes", "default", "-o", "yaml")
             assert code == 0 and "mode: strict" in out, (out, err)
             # Strict covers registry Services that say nothing about tls.

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness import Addr, Backend, Gateway, api, curl, filters, service, validate_bad
+from harness import Addr, Backend, Gateway, api, curl, filters, service, validate_bad, wait_for
 
 
 @pytest.fixture
@@ -24,13 +24,6 @@ def start(tmp_path, gateways, backend, shadow, mirror):
                 + api("plain", "/plain", "{service: up}"))
     gateways.append(g)
     return g
-
-
-def wait_for(cond, what, timeout=5.0):
-    deadline = time.time() + timeout
-    while not cond():
-        assert time.time() < deadline, what
-        time.sleep(0.02)
 
 
 def metric(gw, result):

@@ -31,7 +31,7 @@ class Receiver:
         """With `tls=(cert, key)` (PEM files) it speaks HTTPS only."""
         self.tls = tls
         self.spans, self.requests = [], []
-        lock = threading.Lock()
+        self.lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,13 +40,8 @@ class Receiver:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["content-length"]))
-                req = ExportTraceServiceRequest.FromString(body)
-                with lock:
-                    outer.requests.append((self.path, self.headers["content-type"]))
-                    for rs in req.resource_spans:
-                        service = {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"]
-                        for ss in rs.scope_spans:
-                            outer.spans.extend((service, s) for s in ss.spans)
+                outer.take(ExportTraceServiceRequest.FromString(body),
+                           (self.path, self.headers["content-type"]))
                 out = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("content-type", "application/x-protobuf")
@@ -61,6 +56,16 @@ class Receiver:
             context.load_cert_chain(*map(str, tls))
             self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def take(self, request, seen):
+        """File an export request's spans, and `seen` (what the test checks of the
+        request itself)."""
+        with self.lock:
+            self.requests.append(seen)
+            for rs in request.resource_spans:
+                service = {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"]
+                for ss in rs.scope_spans:
+                    self.spans.extend((service, s) for s in ss.spans)
 
     @property
     def url(self):
@@ -89,19 +94,14 @@ class GrpcReceiver(Receiver):
         """With `tls=(cert, key)` (PEM files) it speaks TLS only."""
         self.tls = tls
         self.spans, self.requests = [], []
-        lock = threading.Lock()
+        self.lock = threading.Lock()
         outer = self
 
         class Service(trace_service_pb2_grpc.TraceServiceServicer):
             def Export(self, request, context):
                 if refuse:
                     context.abort(refuse, "not today")
-                with lock:
-                    outer.requests.append(dict(context.invocation_metadata()))
-                    for rs in request.resource_spans:
-                        service = {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"]
-                        for ss in rs.scope_spans:
-                            outer.spans.extend((service, s) for s in ss.spans)
+                outer.take(request, dict(context.invocation_metadata()))
                 return ExportTraceServiceResponse()
 
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -235,30 +235,33 @@ def test_a_collector_that_is_down_never_fails_a_request(tmp_path):
         mesh.stop()
 
 
-def test_an_https_collector_verified_against_the_given_ca(tmp_path, pki):
-    receiver = Receiver(tls=(pki / "control.pem", pki / "control.key"))
+@pytest.mark.parametrize("protocol, refusal", [("http", "certificate"), ("grpc", "UnknownIssuer")])
+def test_an_https_collector_verified_against_the_given_ca(tmp_path, pki, protocol, refusal):
+    tls = (pki / "control.pem", pki / "control.key")
+    receiver = GrpcReceiver(tls=tls) if protocol == "grpc" else Receiver(tls=tls)
     mesh = Mesh(tmp_path)
     try:
-        _, front = mesh.instance("front", "front-1", args=(
-            "--otlp-endpoint", receiver.url, "--otlp-ca", str(pki / "ca.pem")))
+        otlp = ("--otlp-protocol", protocol, "--otlp-endpoint", receiver.url, "--otlp-ca")
+        _, front = mesh.instance("front", "front-1", args=(*otlp, str(pki / "ca.pem")))
         trace = "c" * 32
         status, _, body = front.call("front", "/x", {"traceparent": f"00-{trace}-{ROOT}-01"})
         assert status == 200, body
         (svc, span), = receiver.of(trace, 1)
         assert svc == "front" and span.parent_span_id.hex() == ROOT
         # A proxy that trusts another CA does not send its spans to this collector.
-        _, users = mesh.instance("users", "users-1", args=(
-            "--otlp-endpoint", receiver.url, "--otlp-ca", str(pki / "other-ca.pem")))
+        _, users = mesh.instance("users", "users-1", args=(*otlp, str(pki / "other-ca.pem")))
         stranger = "d" * 32
         status, _, body = users.call("users", "/x", {"traceparent": f"00-{stranger}-{ROOT}-01"})
         assert status == 200, body
         time.sleep(1.5)
-        assert "span export failed" in users.logs() and "certificate" in users.logs()
+        assert "span export failed" in users.logs() and refusal in users.logs(), users.logs()
         assert [s for _, s in receiver.spans if s.trace_id.hex() == stranger] == []
     finally:
         mesh.stop()
         receiver.stop()
-    # A CA file that is not one is a usage error at start.
+
+
+def test_a_ca_file_that_is_not_one_is_a_usage_error(tmp_path):
     bad = tmp_path / "not-a-ca.pem"
     bad.write_text("hello")
     p = subprocess.run([BIN, "run", "-c", str(tmp_path), "--otlp-endpoint", "https://localhost:1/v1/traces",
@@ -310,25 +313,3 @@ def test_spans_go_to_an_otlp_grpc_collector(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "without a path" in p.stderr, p.stderr
 
-
-def test_an_otlp_grpc_collector_over_tls_verified_against_the_given_ca(tmp_path, pki):
-    receiver = GrpcReceiver(tls=(pki / "control.pem", pki / "control.key"))
-    mesh = Mesh(tmp_path)
-    try:
-        grpc_args = ("--otlp-protocol", "grpc", "--otlp-endpoint", receiver.url)
-        _, front = mesh.instance("front", "front-1", args=(*grpc_args, "--otlp-ca", str(pki / "ca.pem")))
-        trace = "e" * 32
-        status, _, body = front.call("front", "/x", {"traceparent": f"00-{trace}-{ROOT}-01"})
-        assert status == 200, body
-        (svc, span), = receiver.of(trace, 1)
-        assert svc == "front" and span.parent_span_id.hex() == ROOT
-        # Trusting another CA, the proxy does not send its spans there.
-        _, users = mesh.instance("users", "users-1", args=(*grpc_args, "--otlp-ca", str(pki / "other-ca.pem")))
-        stranger = "f" * 32
-        assert users.call("users", "/x", {"traceparent": f"00-{stranger}-{ROOT}-01"})[0] == 200
-        time.sleep(1.5)
-        assert "span export failed" in users.logs() and "UnknownIssuer" in users.logs(), users.logs()
-        assert [s for _, s in receiver.spans if s.trace_id.hex() == stranger] == []
-    finally:
-        mesh.stop()
-        receiver.stop()

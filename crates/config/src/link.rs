@@ -178,13 +178,13 @@ pub fn link(
             // The Mesh, or else the own Service, says how its sidecars take
             // requests (over mesh mTLS when it is called so; both while the
             // Mesh is permissive), through its inbound policies.
-            let own_mode = own.tls.as_ref().map(|t| t.mode.as_str());
-            let plaintext_too = match (mesh_mtls, own_mode) {
-                (crate::MeshMtls::Strict, _) | (crate::MeshMtls::PerService, Some("mesh")) => {
-                    Some(false)
-                }
-                (crate::MeshMtls::Permissive, _) => Some(true),
-                (crate::MeshMtls::PerService, _) => None,
+            let own_mesh = services
+                .get(&sdoc.name)
+                .is_some_and(|(_, s)| s.tls == crate::UpstreamTls::Mesh);
+            let plaintext_too = match mesh_mtls {
+                crate::MeshMtls::Strict => Some(false),
+                crate::MeshMtls::Permissive => Some(true),
+                crate::MeshMtls::PerService => own_mesh.then_some(false),
             };
             if let Some(plaintext_too) = plaintext_too {
                 for l in &mut g.listeners {
