@@ -676,6 +676,58 @@ class Etcd:
 TOKEN = "t0ken-for-tests"
 
 
+class Relay:
+    """A TCP relay from a port chosen now to `port` on loopback. cut() closes every
+    connection through it and refuses new ones: a network partition between the
+    peers on either side, both of which go on running."""
+
+    def __init__(self, port):
+        self.target = port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.conns, self.lock = [], threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                near, _ = self.server.accept()
+                far = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                if self.server.fileno() == -1:
+                    return
+                continue
+            with self.lock:
+                self.conns += [near, far]
+            for src, dst in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        for s in [self.server] + self.conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.server.close()
+        with self.lock:
+            for s in self.conns:
+                s.close()
+
+
 class Control:
     """A `meshgate control` process on a store file it owns; over TLS when given
     `tls=(cert, key, ca)` (PEM files)."""

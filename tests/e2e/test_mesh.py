@@ -3,6 +3,7 @@ with a real `meshgate proxy --role sidecar` beside it, registered through a real
 control plane. Apps call each other by service name through their sidecar's
 outbound listener; sidecars find each other through the registry."""
 
+import base64
 import json
 import signal
 import subprocess
@@ -14,8 +15,8 @@ import pytest
 
 import harness
 from test_grpc import grpc_server  # noqa: F401 (a fixture)
-from harness import (BIN, TOKEN, Backend, Control, Etcd, Proxy, Sidecar, curl, free_port,
-                     proxy_gateway, wait_ready)
+from harness import (BIN, TOKEN, Backend, Control, Etcd, Proxy, Relay, Sidecar, curl,
+                     free_port, proxy_gateway, wait_for, wait_ready)
 
 SERVICES = "\n---\n".join(
     f"""apiVersion: meshgate.io/v1
@@ -192,6 +193,62 @@ def test_control_planes_on_one_etcd_share_the_registry(tmp_path):
             assert served_by(front, "orders", 1) == ["orders-2"]
         status, body = b.call("GET", "/api/v1/registry/orders")
         assert "expiresInMs" in body["items"][0], "b holds orders-2's lease now"
+    finally:
+        mesh.stop()
+
+
+def etcd_record(etcd, node):
+    """The registry record of `node` in `etcd` (JSON) and the etcd lease it is
+    under, or (None, None)."""
+    out = subprocess.run(
+        ["etcdctl", f"--endpoints=127.0.0.1:{etcd.port}", "get", f"/meshgate/registry/{node}",
+         "--write-out=json"], capture_output=True, text=True, timeout=10, check=True).stdout
+    kvs = json.loads(out).get("kvs") or []
+    if not kvs:
+        return None, None
+    return json.loads(base64.b64decode(kvs[0]["value"])), kvs[0].get("lease")
+
+
+def test_a_sidecar_that_moves_between_live_control_planes_stays_in_the_shared_registry(tmp_path):
+    mesh = Mesh(tmp_path, etcd=True)
+    try:
+        a, b = mesh.controls
+        c = Control(tmp_path, store=mesh.etcd.url).start()
+        mesh.controls.append(c)
+        # orders-1 reaches a through a relay the test can cut, b directly.
+        to_a = Relay(a.port)
+        _, s = mesh.instance("orders", "orders-1", lease="4s", controls=[to_a, b])
+        mesh.wait_registered("orders", [s.address], control=c)
+        _, a_lease = etcd_record(mesh.etcd, "orders-1")
+        # A partition between the sidecar and a, both alive: the sidecar moves to b.
+        # a's lease on the instance lingers (no Deregister came), but b's claim is
+        # the later one, so a drops it at once rather than at its expiry.
+        cut_at = time.time()
+        to_a.cut()
+
+        def holders():
+            held = []
+            for control in (a, b):
+                _, body = control.call("GET", "/api/v1/registry/orders")
+                held += [control.port for i in body["items"] if "expiresInMs" in i]
+            return held
+        wait_for(lambda: holders() == [b.port], "b holds orders-1's lease and a does not",
+                 timeout=3)
+        assert time.time() - cut_at < 3, "a yielded before its 4 s lease ran out"
+        # a's etcd lease lapses while a lives (as after a pause or a partition from
+        # etcd): a takes a new one and writes its records again, which must not
+        # take orders-1 back, nor delete it when a's old lease on it would have run out.
+        subprocess.run(["etcdctl", f"--endpoints=127.0.0.1:{mesh.etcd.port}", "lease", "revoke",
+                        format(a_lease, "x")], capture_output=True, check=True, timeout=10)
+        mesh.instance("users", "users-1", controls=[a])
+        while time.time() < cut_at + 6.5:
+            assert mesh.registered("orders", control=c) == [s.address]
+            assert mesh.registered("orders", control=a) == [s.address]
+            time.sleep(0.1)
+        record, lease = etcd_record(mesh.etcd, "orders-1")
+        assert record and lease != a_lease, (record, lease)
+        _, users_lease = etcd_record(mesh.etcd, "users-1")
+        assert users_lease not in (None, a_lease, lease), "a wrote under a new lease"
     finally:
         mesh.stop()
 

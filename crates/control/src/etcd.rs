@@ -519,27 +519,67 @@ impl Etcd {
             };
         }
         let key = |node: &str| self.key(&format!("registry/{node}"));
-        let puts: Vec<TxnOp> = mine
+        let changed: Vec<(&String, &String)> = mine
             .iter()
             .filter(|(node, json)| written.records.get(*node) != Some(*json))
-            .map(|(node, json)| {
-                TxnOp::put(
-                    key(node),
-                    json.as_str(),
-                    Some(etcd_client::PutOptions::new().with_lease(lease)),
-                )
-            })
             .collect();
         let mut kv = self.client.kv_client();
-        for chunk in puts.chunks(OPS_PER_TXN) {
-            kv.txn(Txn::new().and_then(chunk.to_vec()))
+        for chunk in changed.chunks(OPS_PER_TXN) {
+            // Each record is written only over what was read here, and never over
+            // a later claim: the proxy moved to the control plane that wrote it
+            // (this one learns so from its watch and drops its lease).
+            let reads: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(node, _)| TxnOp::get(key(node), None))
+                .collect();
+            let read = kv.txn(Txn::new().and_then(reads)).await.map_err(backend)?;
+            let mut compares = Vec::with_capacity(chunk.len());
+            let mut puts = Vec::with_capacity(chunk.len());
+            for ((node, json), got) in chunk.iter().zip(read.op_responses()) {
+                let TxnOpResponse::Get(got) = got else {
+                    return Err(backend("a read transaction answered short"));
+                };
+                let now = got.kvs().first();
+                if now.is_some_and(|kv| {
+                    crate::registry::claimed_later(&String::from_utf8_lossy(kv.value()), json)
+                }) {
+                    tracing::debug!(node = %node, "not writing a registry record over a later claim");
+                    continue;
+                }
+                let k = key(node);
+                compares.push(Compare::mod_revision(
+                    k.as_str(),
+                    CompareOp::Equal,
+                    now.map_or(0, |kv| kv.mod_revision()),
+                ));
+                puts.push(TxnOp::put(
+                    k,
+                    json.as_str(),
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                ));
+            }
+            let done = kv
+                .txn(Txn::new().when(compares).and_then(puts))
                 .await
                 .map_err(backend)?;
+            if done.succeeded() {
+                let chunk = chunk.iter().map(|(n, j)| ((*n).clone(), (*j).clone()));
+                written.records.extend(chunk);
+            } else {
+                // Left unwritten: the next call (within a second) tries again.
+                tracing::debug!("registry records changed while being written");
+            }
         }
-        for node in written.records.keys().filter(|n| !mine.contains_key(*n)) {
+        let gone: Vec<String> = written
+            .records
+            .keys()
+            .filter(|n| !mine.contains_key(*n))
+            .cloned()
+            .collect();
+        for node in gone {
             // Only while it is still under this control plane's lease: the proxy
             // may have moved to another control plane, which wrote it since.
-            let k = key(node);
+            let k = key(&node);
             kv.txn(
                 Txn::new()
                     .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
@@ -547,8 +587,8 @@ impl Etcd {
             )
             .await
             .map_err(backend)?;
+            written.records.remove(&node);
         }
-        written.records = mine.clone();
         Ok(())
     }
 

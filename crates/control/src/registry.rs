@@ -16,7 +16,10 @@
 //! instance. Each control plane stays the authority on the instances whose
 //! proxies stream to it: it expires them by their own leases, and deletes their
 //! records then, unless another control plane wrote them since (the proxy moved).
-//! The records of a control plane that dies go with its etcd lease.
+//! Of two control planes holding one node, the one the proxy said Hello to last
+//! (the later claim, [`Record::claimed_at_ms`]) keeps it: the other drops its
+//! lingering lease, and no record is written over a later claim. The records of a
+//! control plane that dies go with its etcd lease.
 
 use crate::push::pb;
 use std::collections::BTreeMap;
@@ -42,6 +45,9 @@ struct Lease {
     ttl: Duration,
     expires: Instant,
     registered_at: SystemTime,
+    /// When the proxy last said Hello for it here: of two control planes holding
+    /// one node, the later claim is the proxy's current control plane.
+    claimed_at: SystemTime,
 }
 
 /// An instance as the admin API shows it.
@@ -80,6 +86,10 @@ pub struct Record {
     lease_seconds: u64,
     /// Milliseconds since the Unix epoch.
     registered_at_ms: u64,
+    /// When the proxy last said Hello to the holder (milliseconds since the Unix
+    /// epoch); 0 from a control plane that predates the field.
+    #[serde(default)]
+    claimed_at_ms: u64,
 }
 
 impl Record {
@@ -93,10 +103,8 @@ impl Record {
             labels: i.labels.clone().into_iter().collect(),
             zone: i.zone.clone(),
             lease_seconds: l.ttl.as_secs(),
-            registered_at_ms: l
-                .registered_at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            registered_at_ms: unix_ms(l.registered_at),
+            claimed_at_ms: unix_ms(l.claimed_at),
         }
     }
 
@@ -123,6 +131,23 @@ impl Record {
             labels: self.labels.clone().into_iter().collect(),
             zone: self.zone.clone(),
         }
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether the record `theirs` (JSON) is a later claim on its node than `mine`:
+/// the proxy left this control plane for the one that wrote `theirs`, which a
+/// shared store must then not overwrite with `mine`.
+pub fn claimed_later(theirs: &str, mine: &str) -> bool {
+    let claim =
+        |json: &str| serde_json::from_str::<Record>(json).map(|r| (r.holder, r.claimed_at_ms));
+    match (claim(theirs), claim(mine)) {
+        (Ok((holder, t)), Ok((me, m))) => holder != me && t > m,
+        _ => false,
     }
 }
 
@@ -190,9 +215,10 @@ impl Registry {
             return;
         };
         let before = state.leases.get(node).map(|l| l.instance.clone());
+        let claimed_at = SystemTime::now();
         let registered_at = match &before {
             Some(b) if *b == instance => state.leases[node].registered_at,
-            _ => SystemTime::now(),
+            _ => claimed_at,
         };
         state.leases.insert(
             node.to_string(),
@@ -201,6 +227,7 @@ impl Registry {
                 ttl,
                 expires: now + ttl,
                 registered_at,
+                claimed_at,
             },
         );
         if before.as_ref() != Some(&instance) {
@@ -210,8 +237,10 @@ impl Registry {
                 .into_iter()
                 .chain([instance.service]);
             self.publish(&state, touched);
-            self.share(&state);
         }
+        // A new claim even for the same instance (a reconnection): a control plane
+        // holding an older one yields the node.
+        self.share(&state);
     }
 
     /// Renew `node`'s lease, if it holds one.
@@ -279,8 +308,27 @@ impl Registry {
                 touched.insert(r.service.clone());
             }
         }
+        // A node claimed later elsewhere has moved there: its lease here lingers
+        // only because its stream ended without a Deregister.
+        let State { leases, remote } = &mut *state;
+        let mut moved = false;
+        leases.retain(|node, l| {
+            let Some(r) = remote.get(node) else {
+                return true;
+            };
+            let stay = r.claimed_at_ms <= unix_ms(l.claimed_at);
+            if !stay {
+                tracing::info!(node, service = %l.instance.service, holder = %r.holder, "instance moved to another control plane; its lease here is dropped");
+                touched.insert(l.instance.service.clone());
+                moved = true;
+            }
+            stay
+        });
         if !touched.is_empty() {
             self.publish(&state, touched);
+        }
+        if moved {
+            self.share(&state);
         }
     }
 
@@ -480,9 +528,9 @@ mod tests {
         let here = Registry::default();
         let there = Registry::default();
         let t0 = Instant::now();
+        there.register("a", instance("orders", "127.0.0.1:9"), DEFAULT_LEASE, t0);
         here.register("a", instance("orders", "127.0.0.1:1"), DEFAULT_LEASE, t0);
         there.register("b", instance("orders", "127.0.0.1:2"), DEFAULT_LEASE, t0);
-        there.register("a", instance("orders", "127.0.0.1:9"), DEFAULT_LEASE, t0);
         // What a shared store holds: every control plane's records.
         let mut store = (**here.mine().borrow()).clone();
         store.extend((**there.mine().borrow()).clone());
@@ -508,6 +556,40 @@ mod tests {
         here.deregister("a");
         assert_eq!(addresses(&here, "orders"), ["127.0.0.1:9"]);
         assert!(here.mine().borrow().is_empty());
+    }
+
+    #[test]
+    fn a_node_claimed_later_elsewhere_has_moved_there() {
+        let here = Registry::default();
+        let there = Registry::default();
+        let t0 = Instant::now();
+        here.register("a", instance("orders", "127.0.0.1:1"), DEFAULT_LEASE, t0);
+        let ours = here.mine().borrow()["a"].clone();
+        // Claims are compared in milliseconds.
+        std::thread::sleep(Duration::from_millis(2));
+        there.register("a", instance("orders", "127.0.0.1:1"), DEFAULT_LEASE, t0);
+        let theirs = there.mine().borrow()["a"].clone();
+        assert!(claimed_later(&theirs, &ours));
+        assert!(!claimed_later(&ours, &theirs));
+        assert!(!claimed_later(&ours, &ours), "a control plane's own record");
+        assert!(!claimed_later("{not json", &ours));
+        // The proxy said Hello there after here: here's lease only lingered.
+        here.set_remote(&BTreeMap::from([("a".to_string(), theirs.clone())]));
+        assert!(here.mine().borrow().is_empty(), "here no longer offers a");
+        let listed = here.list(Some("orders"));
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].expires_in_ms, None, "a's lease is kept there now");
+        // It comes back: the new Hello here is the later claim, and there yields.
+        std::thread::sleep(Duration::from_millis(2));
+        here.register("a", instance("orders", "127.0.0.1:1"), DEFAULT_LEASE, t0);
+        there.set_remote(&here.mine().borrow());
+        assert!(there.mine().borrow().is_empty());
+        here.set_remote(&BTreeMap::from([("a".to_string(), theirs)]));
+        assert_eq!(
+            here.mine().borrow().len(),
+            1,
+            "an older claim changes nothing"
+        );
     }
 
     #[test]

@@ -163,8 +163,9 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Make the registry records this control plane holds (JSON by node) what the
-    /// store keeps for it: new and changed ones written under its lease, gone ones
-    /// deleted while they are still its own (another control plane may have
+    /// store keeps for it: new and changed ones written under its lease (unless the
+    /// store holds a later claim on the node: see `registry::claimed_later`), gone
+    /// ones deleted while they are still its own (another control plane may have
     /// written the node since). Only for a store that [`Store::shares_nodes`].
     fn share_instances(
         &self,
