@@ -3,7 +3,9 @@ process, which cannot enter a namespace). It knows nothing of the mesh: it calls
 other hosts with plain urllib and plain sockets, as an unmodified app does.
 
     netns_app.py http NAME HOST:PORT
-        GET /fetch?url=URL  fetch URL (no proxy) and answer its status and body
+        GET /fetch?url=URL[&host=HOST]
+                            fetch URL (no proxy; with HOST as the Host header)
+                            and answer its status and body
         GET /tcp?to=HOST:PORT&send=HEX[&banner=1][&hold=S[&tick=S]]
                             open a TCP connection, read one line first when
                             `banner`, send the bytes, read as many back; with
@@ -13,6 +15,8 @@ other hosts with plain urllib and plain sockets, as an unmodified app does.
         anything else       echo the request as JSON (name, path, headers, client)
     netns_app.py echo HOST:PORT [BANNER]
         a TCP echo server; with BANNER it speaks first (as SMTP or MySQL do)
+
+HOST may be an IPv6 address in brackets ([::]:8080).
 """
 
 import http.server
@@ -30,12 +34,17 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def split(addr):
     host, port = addr.rsplit(":", 1)
-    return host, int(port)
+    return host.strip("[]"), int(port)
 
 
-def fetch(url):
+def family(addr):
+    return socket.AF_INET6 if ":" in split(addr)[0] else socket.AF_INET
+
+
+def fetch(url, host=None):
+    req = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
-        with OPENER.open(url, timeout=5) as r:
+        with OPENER.open(req, timeout=5) as r:
             return {"status": r.status, "body": r.read().decode()}
     except urllib.error.HTTPError as e:
         return {"status": e.code, "body": e.read().decode()}
@@ -99,7 +108,7 @@ def serve_http(name, addr):
             url = urllib.parse.urlsplit(self.path)
             q = dict(urllib.parse.parse_qsl(url.query))
             if url.path == "/fetch":
-                answer = fetch(q["url"])
+                answer = fetch(q["url"], q.get("host"))
             elif url.path == "/tcp":
                 answer = tcp(q["to"], bytes.fromhex(q["send"]), q.get("banner"),
                              float(q.get("hold", 0)), float(q.get("tick", 0)))
@@ -114,7 +123,10 @@ def serve_http(name, addr):
             self.end_headers()
             self.wfile.write(data)
 
-    server = http.server.ThreadingHTTPServer(split(addr), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = family(addr)
+
+    server = Server(split(addr), Handler)
     server.daemon_threads = True
     server.serve_forever()
 
@@ -130,8 +142,11 @@ def serve_echo(addr, banner):
                     return
                 self.request.sendall(data)
 
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    server = socketserver.ThreadingTCPServer(split(addr), Echo)
+    class Server(socketserver.ThreadingTCPServer):
+        address_family = family(addr)
+        allow_reuse_address = True
+
+    server = Server(split(addr), Echo)
     server.daemon_threads = True
     server.serve_forever()
 

@@ -352,6 +352,20 @@ def test_sidecar_flags_are_checked():
         p = run("--role", "sidecar", "--service", "orders", "--app", "127.0.0.1:1",
                 "--inbound", "127.0.0.1:2", "--tcp-idle-timeout", bad)
         assert p.returncode == 2 and "--tcp-idle-timeout" in p.stderr, p.stderr
+    p = run("--role", "sidecar", "--service", "orders", "--app", "127.0.0.1:1",
+            "--inbound", "127.0.0.1:2", "--outbound", "127.0.0.1:3,[::1]:3,127.0.0.1:3")
+    assert p.returncode == 2 and "--outbound names 127.0.0.1:3 twice" in p.stderr, p.stderr
+    p = run("--role", "sidecar", "--service", "orders", "--app", "127.0.0.1:1",
+            "--inbound", "127.0.0.1:2,somewhere")
+    assert p.returncode == 2 and "--inbound" in p.stderr, p.stderr
+    # The iptables helper: a network of the other family is a usage error.
+    p = subprocess.run([BIN, "mesh", "iptables", "--proxy-uid", "1", "--ip-family", "ipv4",
+                        "--exclude-outbound-cidrs", "fd00::/8"], capture_output=True, text=True)
+    assert p.returncode == 2 and "fd00::/8 is not of --ip-family" in p.stderr, p.stderr
+    p = subprocess.run([BIN, "mesh", "iptables", "--proxy-uid", "1"], capture_output=True,
+                       text=True)
+    assert p.returncode == 0 and p.stdout.count("*nat") == 2, p.stdout
+    assert "ip6tables-restore --noflush" in p.stdout, p.stdout
 
 
 def chain(answer):

@@ -3,10 +3,13 @@ nothing of the mesh (plain urllib and sockets, no proxy settings) have their TCP
 traffic sent through their sidecar by the rules `meshgate mesh iptables --apply`
 installs. The sidecars run as their own user (uid 1337), as the rules expect.
 
-    root namespace: the control plane, on a bridge (10.X.Y.1)
-    front  (10.X.Y.2): app + sidecar + rules
-    orders (10.X.Y.3): app + sidecar + rules, tls mode mesh
-    ext    (10.X.Y.4): an HTTP server and TCP echo servers outside the mesh
+    root namespace: the control plane, on a bridge (10.X.Y.1, fdXX:X:X::1)
+    front  (10.X.Y.2, fdXX:X:X::2): app + sidecar + rules
+    orders (10.X.Y.3, fdXX:X:X::3): app + sidecar + rules, tls mode mesh
+    ext    (10.X.Y.4, fdXX:X:X::4): HTTP and TCP echo servers outside the mesh
+
+Every host has an IPv4 and an IPv6 address: the rules and the sidecars cover both
+families.
 
 In the mesh namespaces, `orders` resolves to the orders host (/etc/netns/NS/hosts)
 as a DNS name would."""
@@ -18,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -49,8 +53,9 @@ def sh(*args, check=True):
 class Host:
     """A network namespace on the bridge, and the processes the test runs in it."""
 
-    def __init__(self, net, name, ip):
-        self.net, self.ns, self.ip = net, f"mg{net.tag}{name}", ip
+    def __init__(self, net, name, n):
+        self.net, self.ns = net, f"mg{net.tag}{name}"
+        self.ip, self.ip6 = net.ip(n), net.ip6(n)
         self.procs = []
         sh("ip", "netns", "add", self.ns)
         hosts = Path("/etc/netns") / self.ns
@@ -60,7 +65,8 @@ class Host:
         sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
         sh("ip", "link", "set", inside, "netns", self.ns)
         sh("ip", "link", "set", outside, "master", net.bridge, "up")
-        self.exec("ip", "addr", "add", f"{ip}/24", "dev", inside)
+        self.exec("ip", "addr", "add", f"{self.ip}/24", "dev", inside)
+        self.exec("ip", "addr", "add", f"{self.ip6}/64", "dev", inside, "nodad")
         self.exec("ip", "link", "set", inside, "up")
         self.exec("ip", "link", "set", "lo", "up")
 
@@ -73,12 +79,12 @@ class Host:
         self.procs.append(p)
         return p
 
-    def wait_listening(self, port, timeout=10.0):
+    def wait_listening(self, port, timeout=10.0, loopback="127.0.0.1"):
         """Until something in the namespace listens on `port` (over loopback, which
         the rules leave alone)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            probe = self.exec("bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}", check=False)
+            probe = self.exec("bash", "-c", f"exec 3<>/dev/tcp/{loopback}/{port}", check=False)
             if probe.returncode == 0:
                 return
             time.sleep(0.05)
@@ -98,11 +104,13 @@ class Host:
 
 
 class Net:
-    """A bridge in the root namespace with a random 10.x.y.0/24 and the hosts on it."""
+    """A bridge in the root namespace with a random 10.x.y.0/24 and fdXX:X:X::/64,
+    and the hosts on it."""
 
     def __init__(self, tmp_path):
         self.tag = "%04x" % random.randrange(1 << 16)
         self.prefix = f"10.{random.randrange(200, 250)}.{random.randrange(1, 250)}"
+        self.prefix6 = f"fd{random.randrange(256):02x}:{random.randrange(1 << 16):x}:{self.tag}"
         self.bridge = f"mgbr{self.tag}"
         self.tmp_path = tmp_path
         # The sidecars run as PROXY_UID: their cache and state go where it can write.
@@ -111,14 +119,18 @@ class Net:
         self.hosts = []
         sh("ip", "link", "add", self.bridge, "type", "bridge")
         sh("ip", "addr", "add", f"{self.ip(1)}/24", "dev", self.bridge)
+        sh("ip", "addr", "add", f"{self.ip6(1)}/64", "dev", self.bridge, "nodad")
         sh("ip", "link", "set", self.bridge, "up")
         self.control = Control(tmp_path, host=self.ip(1)).start()
 
     def ip(self, n):
         return f"{self.prefix}.{n}"
 
+    def ip6(self, n):
+        return f"{self.prefix6}::{n}"
+
     def host(self, name, n):
-        h = Host(self, name, self.ip(n))
+        h = Host(self, name, n)
         self.hosts.append(h)
         return h
 
@@ -146,8 +158,9 @@ def mesh_host(net, service, n, extra=()):
         ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
          BIN, "proxy", "--role", "sidecar", "--control", net.control.url,
          "--node", f"{service}-1", "--service", service, "--app", "127.0.0.1:8080",
-         "--inbound", "0.0.0.0:15006", "--advertise", f"{h.ip}:15006",
-         "--outbound", "127.0.0.1:15001", "--admin", "0.0.0.0:15000", "--lease", "2s",
+         "--inbound", "0.0.0.0:15006,[::]:15006", "--advertise", f"{h.ip}:15006",
+         "--outbound", "127.0.0.1:15001,[::1]:15001", "--admin", "0.0.0.0:15000",
+         "--lease", "2s",
          "--cache-dir", str(state / "cache"), "--state-dir", str(state / "state"), *extra],
         h.sidecar_log, env=node_env(TOKEN))
 
@@ -164,9 +177,10 @@ def metrics(h):
         return r.read().decode()
 
 
-def ask(h, path):
-    """GET http://HOST:8080/PATH from the root namespace, as JSON."""
-    status, _, body, code = curl(f"http://{h.ip}:8080{path}")
+def ask(h, path, **query):
+    """GET http://HOST:8080/PATH?QUERY from the root namespace, as JSON."""
+    q = f"?{urllib.parse.urlencode(query)}" if query else ""
+    status, _, body, code = curl(f"http://{h.ip}:8080{path}{q}")
     assert (status, code) == (200, 0), body
     return json.loads(body)
 
@@ -186,8 +200,12 @@ def net(tmp_path_factory):
         n.ext.start(["python3", APP, "echo", "0.0.0.0:7000"], n.tmp_path / "ext-echo.log")
         n.ext.start(["python3", APP, "echo", "0.0.0.0:7001", "220 ext ready"],
                     n.tmp_path / "ext-banner.log")
+        n.ext.start(["python3", APP, "http", "ext6", "[::]:8081"], n.tmp_path / "ext-http6.log")
+        n.ext.start(["python3", APP, "echo", "[::]:7002"], n.tmp_path / "ext-echo6.log")
         for port in (8080, 7000, 7001):
             n.ext.wait_listening(port)
+        for port in (8081, 7002):
+            n.ext.wait_listening(port, loopback="::1")
         deadline = time.time() + 10
         while time.time() < deadline:
             status, body = n.control.call("GET", "/api/v1/registry")
@@ -268,18 +286,60 @@ def test_a_relayed_connection_idle_for_its_timeout_is_closed_and_a_busy_one_is_n
     assert after == before + 1
 
 
+def test_ipv6_traffic_is_intercepted_as_ipv4_is(net):
+    # By name: the app reaches orders' IPv6 address, naming the Service in Host; the
+    # rules send it to the sidecar's [::1]:15001, which calls orders over mesh mTLS.
+    got = ask(net.front, "/fetch", url=f"http://[{net.orders.ip6}]:8080/orders/6",
+              host="orders:8080")
+    assert got.get("status") == 200, got
+    seen = json.loads(got["body"])
+    assert seen["backend"] == "orders-1" and seen["path"] == "/orders/6", seen
+    assert seen["headers"]["x-forwarded-client-cert"] == "URI=spiffe://cluster.local/svc/front"
+    # Any other host: HTTP on to its original IPv6 destination.
+    got = ask(net.front, "/fetch", url=f"http://[{net.ext.ip6}]:8081/hello")
+    assert got.get("status") == 200, got
+    seen = json.loads(got["body"])
+    assert seen["backend"] == "ext6" and seen["client"] == net.front.ip6, seen
+    assert "x-request-id" in seen["headers"], "sent on by front's sidecar"
+    # Other protocols: relayed as bytes.
+    before = metric_sum(metrics(net.front), "meshgate_outbound_tcp_passthrough_connections_total")
+    data = bytes(range(64)).hex()
+    got = ask(net.front, "/tcp", to=f"[{net.ext.ip6}]:7002", send=data)
+    assert got.get("echo") == data, got
+    after = metric_sum(metrics(net.front), "meshgate_outbound_tcp_passthrough_connections_total")
+    assert after == before + 1
+    # Inbound: the app port over IPv6 goes through the sidecar's [::]:15006.
+    status, _, body, code = curl("-g", f"http://[{net.front.ip6}]:8080/hello")
+    assert (status, code) == (200, 0), body
+    seen = json.loads(body)
+    assert seen["backend"] == "front-1" and seen["client"] == "127.0.0.1", seen
+    assert seen["headers"]["x-forwarded-for"] == net.ip6(1)
+    # orders takes only mesh mTLS, over IPv6 as over IPv4.
+    status, _, _, code = curl("-g", f"http://[{net.orders.ip6}]:8080/orders/1")
+    assert status == 0 and code != 0, (status, code)
+
+
 def test_the_rules_are_removed_on_request(net):
     h = net.host("spare", 5)
     apply = h.exec(BIN, "mesh", "iptables", "--proxy-gid", "1337", "--inbound-ports", "8080",
                    "--apply")
     assert apply.returncode == 0, apply.stderr
-    listed = h.exec("iptables", "-t", "nat", "-S").stdout
-    assert "-A OUTPUT -p tcp -j MESHGATE_OUTPUT" in listed
-    assert "--dport 8080 -j MESHGATE_IN_REDIRECT" in listed
+    for tool in ("iptables", "ip6tables"):
+        listed = h.exec(tool, "-t", "nat", "-S").stdout
+        assert "-A OUTPUT -p tcp -j MESHGATE_OUTPUT" in listed, (tool, listed)
+        assert "--dport 8080 -j MESHGATE_IN_REDIRECT" in listed, (tool, listed)
     # Applying again replaces, never doubles.
     h.exec(BIN, "mesh", "iptables", "--proxy-gid", "1337", "--apply")
-    assert h.exec("iptables", "-t", "nat", "-S").stdout.count("-j MESHGATE_OUTPUT") == 1
+    for tool in ("iptables", "ip6tables"):
+        assert h.exec(tool, "-t", "nat", "-S").stdout.count("-j MESHGATE_OUTPUT") == 1
     assert h.exec(BIN, "mesh", "iptables", "--remove").returncode == 0
+    for tool in ("iptables", "ip6tables"):
+        assert "MESHGATE" not in h.exec(tool, "-t", "nat", "-S").stdout
+    # One family only: the other's tables are left alone.
+    h.exec(BIN, "mesh", "iptables", "--proxy-gid", "1337", "--ip-family", "ipv4", "--apply")
+    assert "MESHGATE" in h.exec("iptables", "-t", "nat", "-S").stdout
+    assert "MESHGATE" not in h.exec("ip6tables", "-t", "nat", "-S").stdout
+    h.exec(BIN, "mesh", "iptables", "--remove")
     assert "MESHGATE" not in h.exec("iptables", "-t", "nat", "-S").stdout
     # Without a uid or gid to spare, nothing is printed or installed: usage error.
     r = subprocess.run([BIN, "mesh", "iptables"], capture_output=True, text=True)

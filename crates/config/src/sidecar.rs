@@ -66,13 +66,31 @@ pub struct Sidecar {
     pub service: String,
     /// The local app.
     pub app: SocketAddr,
-    pub inbound: SocketAddr,
-    pub outbound: SocketAddr,
+    /// The inbound listener's addresses (one per address family, say).
+    pub inbound: Vec<SocketAddr>,
+    /// The outbound listener's addresses: `127.0.0.1:15001`, and `[::1]:15001`
+    /// where IPv6 traffic is intercepted.
+    pub outbound: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
     /// `stdout`, `off` or a file path.
     pub access_log: String,
     /// The outbound Gateway's `limits.tcpIdleTimeout`, as given.
     pub tcp_idle_timeout: String,
+}
+
+/// Listeners named `name`, `name-2`, ... on `addresses`, as YAML flow mappings.
+fn listeners(name: &str, addresses: &[SocketAddr]) -> String {
+    let mut out = String::new();
+    for (i, a) in addresses.iter().enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        let n = if i == 0 {
+            String::new()
+        } else {
+            format!("-{}", i + 1)
+        };
+        let _ = write!(out, "{sep}{{name: {name}{n}, address: \"{a}\"}}");
+    }
+    out
 }
 
 /// Retries on the outbound side when an Api does not say: a try that never
@@ -91,8 +109,8 @@ impl Sidecar {
             .unwrap_or_default();
         let _ = write!(
             y,
-            "apiVersion: meshgate.io/v1\nkind: Gateway\nmetadata: {{name: {INBOUND}}}\nspec:\n  onlyNamedApis: true\n  accessLog: {{path: {log}}}\n  listeners: [{{name: inbound, address: \"{}\"}}]{admin}\n",
-            self.inbound
+            "apiVersion: meshgate.io/v1\nkind: Gateway\nmetadata: {{name: {INBOUND}}}\nspec:\n  onlyNamedApis: true\n  accessLog: {{path: {log}}}\n  listeners: [{}]{admin}\n",
+            listeners("inbound", &self.inbound)
         );
         let _ = write!(
             y,
@@ -102,8 +120,8 @@ impl Sidecar {
         let tcp_idle = serde_json::Value::from(self.tcp_idle_timeout.as_str());
         let _ = write!(
             y,
-            "---\napiVersion: meshgate.io/v1\nkind: Gateway\nmetadata: {{name: {OUTBOUND}}}\nspec:\n  onlyNamedApis: true\n  accessLog: {{path: {log}}}\n  limits: {{tcpIdleTimeout: {tcp_idle}}}\n  listeners: [{{name: outbound, address: \"{}\"}}]\n",
-            self.outbound
+            "---\napiVersion: meshgate.io/v1\nkind: Gateway\nmetadata: {{name: {OUTBOUND}}}\nspec:\n  onlyNamedApis: true\n  accessLog: {{path: {log}}}\n  limits: {{tcpIdleTimeout: {tcp_idle}}}\n  listeners: [{}]\n",
+            listeners("outbound", &self.outbound)
         );
         let own_declared = services.contains(&self.service.as_str());
         let own = (!own_declared).then_some(self.service.as_str());
@@ -157,8 +175,11 @@ mod tests {
         Sidecar {
             service: "orders".into(),
             app: "127.0.0.1:9000".parse().unwrap_or_else(|e| panic!("{e}")),
-            inbound: "127.0.0.1:15006".parse().unwrap_or_else(|e| panic!("{e}")),
-            outbound: "127.0.0.1:15001".parse().unwrap_or_else(|e| panic!("{e}")),
+            inbound: vec!["127.0.0.1:15006".parse().unwrap_or_else(|e| panic!("{e}"))],
+            outbound: ["127.0.0.1:15001", "[::1]:15001"]
+                .iter()
+                .map(|a| a.parse().unwrap_or_else(|e| panic!("{e}")))
+                .collect(),
             admin: "127.0.0.1:15000".parse().ok(),
             access_log: "off".into(),
             tcp_idle_timeout: "1h".into(),
@@ -232,6 +253,17 @@ spec:
             "the config's catch-all Api is not served outbound: any other host passes through"
         );
         assert!(snapshot.services[PASSTHROUGH].original_destination);
+        let outbound = snapshot.gateways.iter().find(|g| g.name == OUTBOUND);
+        let listening: Vec<String> = outbound
+            .iter()
+            .flat_map(|g| g.listeners.iter())
+            .map(|l| format!("{} {}", l.name, l.address))
+            .collect();
+        assert_eq!(
+            listening,
+            ["outbound 127.0.0.1:15001", "outbound-2 [::1]:15001"],
+            "one listener per address"
+        );
         assert_eq!(routes(INBOUND, "any", "/x").as_deref(), Some(INBOUND));
         assert_eq!(routes("public", "any", "/x").as_deref(), Some("everything"));
     }

@@ -9,9 +9,13 @@
 //!   each was going with `SO_ORIGINAL_DST`.
 //! - Inbound: TCP arriving for the chosen ports goes to the sidecar's inbound
 //!   listener, so the app cannot be reached around its sidecar.
+//!
+//! The same rules go to both address families (`iptables` and `ip6tables`)
+//! unless `--ip-family` says one. IPv6 outbound traffic is sent to `[::1]`, so
+//! the sidecar's outbound listener must listen there too.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::{Command, ExitCode, Stdio};
 
 /// Every chain meshgate adds to the nat table, in the order they are removed.
@@ -56,17 +60,54 @@ fn port(p: &str) -> Result<u16, String> {
     }
 }
 
-/// An IPv4 network, `A.B.C.D/N` (or one address).
+/// A network, `A.B.C.D/N` or `X:X::X/N` (or one address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr(Ipv4Addr, u8);
+pub struct Cidr(IpAddr, u8);
 
 fn cidr(c: &str) -> Result<Cidr, String> {
     let c = c.trim();
-    let (ip, len) = c.split_once('/').unwrap_or((c, "32"));
-    match (ip.parse::<Ipv4Addr>(), len.parse::<u8>()) {
-        (Ok(ip), Ok(len)) if len <= 32 => Ok(Cidr(ip, len)),
-        _ => Err(format!("{c:?} is not an IPv4 network (A.B.C.D/N)")),
+    let (ip, len) = match c.split_once('/') {
+        Some((ip, len)) => (ip, len.parse::<u8>().ok()),
+        None => (c, None),
+    };
+    let ip = ip
+        .parse::<IpAddr>()
+        .map_err(|_| format!("{c:?} is not a network (A.B.C.D/N or X:X::X/N)"))?;
+    let most = if ip.is_ipv4() { 32 } else { 128 };
+    match len {
+        Some(len) if len <= most => Ok(Cidr(ip, len)),
+        None if !c.contains('/') => Ok(Cidr(ip, most)),
+        _ => Err(format!("{c:?}: the prefix length must be 0 to {most}")),
     }
+}
+
+/// The address families the rules are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IpFamily {
+    Ipv4,
+    Ipv6,
+    /// Both (IPv6 only where the kernel has it).
+    Dual,
+}
+
+impl IpFamily {
+    fn has(self, v6: bool) -> bool {
+        match self {
+            IpFamily::Ipv4 => !v6,
+            IpFamily::Ipv6 => v6,
+            IpFamily::Dual => true,
+        }
+    }
+}
+
+/// `iptables` or `ip6tables`.
+fn tool(v6: bool) -> &'static str {
+    if v6 { "ip6tables" } else { "iptables" }
+}
+
+/// Whether the kernel has IPv6 (it may be disabled on the command line).
+fn kernel_has_ipv6() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -94,9 +135,14 @@ pub struct IptablesArgs {
     /// (protocols where the server speaks first, say).
     #[arg(long, value_delimiter = ',', value_parser = port)]
     exclude_outbound_ports: Vec<u16>,
-    /// Destination networks the workload reaches directly, comma-separated.
+    /// Destination networks the workload reaches directly, comma-separated (IPv4
+    /// or IPv6; each goes to its own family's rules).
     #[arg(long, value_delimiter = ',', value_parser = cidr)]
     exclude_outbound_cidrs: Vec<Cidr>,
+    /// The address families to intercept: `dual` writes the same rules with
+    /// iptables and ip6tables (IPv6 skipped where the kernel has none).
+    #[arg(long, value_enum, default_value_t = IpFamily::Dual)]
+    ip_family: IpFamily,
     /// Install the rules (replacing meshgate's earlier ones) instead of printing them.
     #[arg(long, conflicts_with = "remove")]
     apply: bool,
@@ -105,10 +151,13 @@ pub struct IptablesArgs {
     remove: bool,
 }
 
-/// The rules, in `iptables-restore --noflush` input.
-pub fn rules(a: &IptablesArgs) -> String {
-    let mut r =
-        String::from("# meshgate mesh iptables: load with `iptables-restore --noflush`\n*nat\n");
+/// The rules of one family (`v6`), in `iptables-restore --noflush` (or
+/// `ip6tables-restore`) input.
+pub fn rules(a: &IptablesArgs, v6: bool) -> String {
+    let mut r = format!(
+        "# meshgate mesh iptables: load with `{}-restore --noflush`\n*nat\n",
+        tool(v6)
+    );
     for c in CHAINS {
         let _ = writeln!(r, ":{c} - [0:0]");
     }
@@ -154,7 +203,11 @@ pub fn rules(a: &IptablesArgs) -> String {
     for p in &a.exclude_outbound_ports {
         let _ = writeln!(r, "-A MESHGATE_OUTPUT -p tcp --dport {p} -j RETURN");
     }
-    for Cidr(ip, len) in &a.exclude_outbound_cidrs {
+    for Cidr(ip, len) in a
+        .exclude_outbound_cidrs
+        .iter()
+        .filter(|c| c.0.is_ipv6() == v6)
+    {
         let _ = writeln!(r, "-A MESHGATE_OUTPUT -d {ip}/{len} -j RETURN");
     }
     r.push_str("-A MESHGATE_OUTPUT -j MESHGATE_REDIRECT\n");
@@ -167,8 +220,19 @@ pub fn rules(a: &IptablesArgs) -> String {
 
 /// `meshgate mesh iptables`.
 pub fn iptables(a: &IptablesArgs) -> ExitCode {
+    if a.ip_family == IpFamily::Ipv6 && !kernel_has_ipv6() {
+        eprintln!("meshgate mesh iptables: --ip-family ipv6, but this kernel has no IPv6");
+        return ExitCode::from(1);
+    }
+    // Dual: IPv6 too where the kernel has it.
+    let families: Vec<bool> = [false, true]
+        .into_iter()
+        .filter(|&v6| a.ip_family.has(v6) && (!v6 || kernel_has_ipv6()))
+        .collect();
     if a.remove {
-        remove();
+        for &v6 in &families {
+            remove(v6);
+        }
         return ExitCode::SUCCESS;
     }
     if a.proxy_uid.is_none() && a.proxy_gid.is_none() {
@@ -178,56 +242,78 @@ pub fn iptables(a: &IptablesArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let text = rules(a);
+    if let Some(c) = a
+        .exclude_outbound_cidrs
+        .iter()
+        .find(|c| !a.ip_family.has(c.0.is_ipv6()))
+    {
+        let family = clap::ValueEnum::to_possible_value(&a.ip_family);
+        eprintln!(
+            "meshgate mesh iptables: --exclude-outbound-cidrs {}/{} is not of --ip-family {}",
+            c.0,
+            c.1,
+            family.as_ref().map_or("", |f| f.get_name())
+        );
+        return ExitCode::from(2);
+    }
     if !a.apply {
-        print!("{text}");
+        // Printed for review: each family's input for its own restore command.
+        for (i, &v6) in families.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            print!("{}", rules(a, v6));
+        }
         return ExitCode::SUCCESS;
     }
-    remove();
-    match restore(&text) {
-        Ok(()) => {
-            eprintln!("meshgate mesh iptables: rules installed");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
+    for &v6 in &families {
+        remove(v6);
+        if let Err(e) = restore(&rules(a, v6), v6) {
             eprintln!("meshgate mesh iptables: {e}");
-            ExitCode::from(1)
+            return ExitCode::from(1);
         }
     }
+    let names: Vec<&str> = families.iter().map(|&v6| tool(v6)).collect();
+    eprintln!(
+        "meshgate mesh iptables: rules installed ({})",
+        names.join(", ")
+    );
+    ExitCode::SUCCESS
 }
 
-fn restore(text: &str) -> Result<(), String> {
+fn restore(text: &str, v6: bool) -> Result<(), String> {
     use std::io::Write as _;
-    let mut child = Command::new("iptables-restore")
+    let cmd = format!("{}-restore", tool(v6));
+    let mut child = Command::new(&cmd)
         .arg("--noflush")
         .stdin(Stdio::piped())
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run iptables-restore (is iptables installed?): {e}"))?;
+        .map_err(|e| format!("cannot run {cmd} (is iptables installed?): {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(text.as_bytes())
-            .map_err(|e| format!("iptables-restore: {e}"))?;
+            .map_err(|e| format!("{cmd}: {e}"))?;
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| format!("iptables-restore: {e}"))?;
+        .map_err(|e| format!("{cmd}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "iptables-restore refused the rules ({}): {}",
+            "{cmd} refused the rules ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
 }
 
-/// Remove meshgate's jumps and chains; what is not there is skipped.
-fn remove() {
+/// Remove meshgate's jumps and chains of one family; what is not there is skipped.
+fn remove(v6: bool) {
     let nat = |args: &[&str]| {
-        Command::new("iptables")
+        Command::new(tool(v6))
             .args(["-w", "-t", "nat"])
             .args(args)
             .stdout(Stdio::null())
@@ -274,7 +360,7 @@ mod tests {
             "--exclude-outbound-ports",
             "5432",
             "--exclude-outbound-cidrs",
-            "10.0.0.0/8,169.254.169.254",
+            "10.0.0.0/8,169.254.169.254,fd00:ec2::254",
         ])
         .unwrap_or_else(|e| panic!("{e}"));
         let want = "\
@@ -299,21 +385,41 @@ mod tests {
 -A OUTPUT -p tcp -j MESHGATE_OUTPUT
 COMMIT
 ";
-        assert_eq!(rules(&a), want);
+        assert_eq!(rules(&a, false), want);
+        // IPv6: the same rules for ip6tables, with the IPv6 networks only.
+        let v6 = rules(&a, true);
+        assert!(
+            v6.starts_with("# meshgate mesh iptables: load with `ip6tables-restore --noflush`\n")
+        );
+        assert_eq!(
+            v6.lines()
+                .skip(1)
+                .filter(|l| !l.contains(" -d "))
+                .collect::<Vec<_>>(),
+            want.lines()
+                .skip(1)
+                .filter(|l| !l.contains(" -d "))
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            v6.contains("-A MESHGATE_OUTPUT -d fd00:ec2::254/128 -j RETURN\n"),
+            "{v6}"
+        );
+        assert!(!v6.contains("10.0.0.0"), "{v6}");
     }
 
     #[test]
     fn chosen_inbound_ports_only() {
         let a = parse(&["--proxy-gid", "1337", "--inbound-ports", "8080,9090"])
             .unwrap_or_else(|e| panic!("{e}"));
-        let r = rules(&a);
+        let r = rules(&a, false);
         assert!(r.contains("-A MESHGATE_INBOUND -p tcp --dport 8080 -j MESHGATE_IN_REDIRECT\n"));
         assert!(r.contains("-A MESHGATE_INBOUND -p tcp --dport 9090 -j MESHGATE_IN_REDIRECT\n"));
         assert!(!r.contains("-A MESHGATE_INBOUND -p tcp -j"), "{r}");
         assert!(r.contains("--gid-owner 1337"));
         let none =
             parse(&["--proxy-uid", "1", "--inbound-ports", ""]).unwrap_or_else(|e| panic!("{e}"));
-        assert!(!rules(&none).contains("-A MESHGATE_INBOUND"));
+        assert!(!rules(&none, false).contains("-A MESHGATE_INBOUND"));
     }
 
     #[test]
@@ -322,7 +428,9 @@ COMMIT
             &["--inbound-ports", "80,http"][..],
             &["--exclude-outbound-ports", "0"],
             &["--exclude-outbound-cidrs", "10.0.0.0/33"],
-            &["--exclude-outbound-cidrs", "fe80::/10"],
+            &["--exclude-outbound-cidrs", "fe80::/129"],
+            &["--exclude-outbound-cidrs", "10.0.0.0/"],
+            &["--ip-family", "ipx"],
             &["--apply", "--remove"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");

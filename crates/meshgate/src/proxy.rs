@@ -32,16 +32,18 @@ pub struct SidecarArgs {
     /// The local app, IP:PORT (sidecar).
     #[arg(long)]
     app: Option<SocketAddr>,
-    /// Where other proxies reach this instance, IP:PORT (sidecar).
-    #[arg(long)]
-    inbound: Option<SocketAddr>,
+    /// Where other proxies reach this instance, IP:PORT; several, comma-separated,
+    /// listen on each (an IPv4 and an IPv6 address, say) (sidecar).
+    #[arg(long, value_delimiter = ',')]
+    inbound: Vec<SocketAddr>,
     /// The address registered for this instance, when --inbound listens on all
-    /// interfaces. Default: --inbound (sidecar).
+    /// interfaces. Default: the first --inbound address (sidecar).
     #[arg(long)]
     advertise: Option<SocketAddr>,
-    /// Where the app calls other services by name (sidecar).
-    #[arg(long, default_value = "127.0.0.1:15001")]
-    outbound: SocketAddr,
+    /// Where the app calls other services by name; several, comma-separated
+    /// (`127.0.0.1:15001,[::1]:15001` where IPv6 traffic is intercepted) (sidecar).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:15001")]
+    outbound: Vec<SocketAddr>,
     /// The admin listener (sidecar; an edge proxy takes its Gateway's).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
@@ -92,7 +94,7 @@ impl SidecarArgs {
             let given = [
                 ("--service", self.service.is_some()),
                 ("--app", self.app.is_some()),
-                ("--inbound", self.inbound.is_some()),
+                ("--inbound", !self.inbound.is_empty()),
                 ("--advertise", self.advertise.is_some()),
             ];
             return match given.iter().find(|(_, g)| *g) {
@@ -100,23 +102,33 @@ impl SidecarArgs {
                 None => Ok(None),
             };
         }
-        let (Some(service), Some(app), Some(inbound)) = (self.service, self.app, self.inbound)
+        let (Some(service), Some(app), Some(&first)) =
+            (self.service, self.app, self.inbound.first())
         else {
             return Err(
                 "--role sidecar needs --service NAME, --app IP:PORT and --inbound IP:PORT".into(),
             );
         };
-        let advertise = self.advertise.unwrap_or(inbound);
+        let advertise = self.advertise.unwrap_or(first);
         if advertise.ip().is_unspecified() {
             return Err(format!(
-                "--inbound {inbound} listens on every interface: give the address other proxies reach it on with --advertise IP:PORT"
+                "--inbound {first} listens on every interface: give the address other proxies reach it on with --advertise IP:PORT"
             ));
+        }
+        for (flag, list) in [("--inbound", &self.inbound), ("--outbound", &self.outbound)] {
+            if let Some(twice) = list
+                .iter()
+                .enumerate()
+                .find(|(i, a)| list[..*i].contains(a))
+            {
+                return Err(format!("{flag} names {} twice", twice.1));
+            }
         }
         Ok(Some(SidecarOptions {
             sidecar: Sidecar {
                 service,
                 app,
-                inbound,
+                inbound: self.inbound,
                 outbound: self.outbound,
                 admin: Some(self.admin),
                 access_log: self.access_log,

@@ -192,16 +192,20 @@ impl Listeners {
 
 /// A listening socket with a deep accept queue (4096): a burst of connections
 /// (a fleet of proxies reconnecting at once) waits in it rather than being dropped.
+/// An IPv6 address takes IPv6 only (as nginx's and Envoy's do), so `[::]:P` and
+/// `0.0.0.0:P` can be two listeners.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
 }
 
 async fn accept_loop(
@@ -228,6 +232,7 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let client = crate::transparent::canonical(client);
         let shared = shared.clone();
         let gateway = gateway.clone();
         // Subscribed before the TLS config is read: a protocol change between the
