@@ -175,12 +175,23 @@ impl Scanner {
         if skip > 0 {
             return Step::Pass(skip);
         }
+        let (max_line, max_fields) = (self.limits.max_request_line, self.limits.max_header_bytes);
         let Some(end) = HEAD_END.find(data) else {
-            let line_end = LINE_END.find(data).unwrap_or(data.len());
-            if line_end > self.limits.max_request_line {
+            // Refuse early only what the whole head is sure to be refused for, so the
+            // verdict never depends on where the network cut the head.
+            let Some(line_end) = LINE_END.find(data) else {
+                // The last byte may be the line's CR.
+                if data.len().saturating_sub(1) > max_line {
+                    return self.fail(reject(ErrorCode::UriTooLong, "request line is too long"));
+                }
+                return Step::NeedMore;
+            };
+            if line_end > max_line {
                 return self.fail(reject(ErrorCode::UriTooLong, "request line is too long"));
             }
-            if data.len() > self.limits.max_header_bytes {
+            // The header section ends where the head's end starts: in the last three
+            // bytes at the earliest.
+            if data.len().saturating_sub(3) > line_end + max_fields {
                 return self.fail(reject(
                     ErrorCode::HeadersTooLarge,
                     "request headers are too large",
@@ -188,13 +199,15 @@ impl Scanner {
             }
             return Step::NeedMore;
         };
-        let head_len = end + 4;
-        if head_len > self.limits.max_header_bytes + self.limits.max_request_line {
+        // A request line within its limit and fields within theirs: `end` is the
+        // line's length plus the fields'.
+        if end > max_line + max_fields {
             return self.fail(reject(
                 ErrorCode::HeadersTooLarge,
                 "request headers are too large",
             ));
         }
+        let head_len = end + 4;
         match self.check_head(&data[..end + 1]) {
             Ok(next) => {
                 self.state = next;

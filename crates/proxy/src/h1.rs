@@ -553,9 +553,9 @@ fn encode_head(
 }
 
 /// A parsed response head.
-struct Parsed {
-    status: StatusCode,
-    headers: HeaderMap,
+pub(crate) struct Parsed {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
     framing: ResponseFraming,
     reusable: bool,
 }
@@ -634,7 +634,7 @@ async fn exchange(
 
 /// Parse a response head from the front of `buf`, consuming it. Informational (1xx)
 /// responses are skipped. `None` when more bytes are needed.
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1Error> {
+pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1Error> {
     loop {
         if buf.is_empty() {
             return Ok(None);

@@ -11,6 +11,9 @@ mod client;
 mod compress;
 mod discovery;
 mod dispatch;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod guard;
 mod h1;
 mod health;

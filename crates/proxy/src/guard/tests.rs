@@ -124,6 +124,57 @@ fn enforces_size_limits_before_the_head_completes() {
     );
 }
 
+/// A head that is `line` bytes of request line (without its CRLF) and `fields`
+/// bytes of header section (each field with its CRLF), then the empty line.
+fn sized_head(line: usize, fields: usize) -> Vec<u8> {
+    let fixed = "GET / HTTP/1.1".len();
+    let mut m = format!("GET /{} HTTP/1.1\r\n", "a".repeat(line - fixed)).into_bytes();
+    let field = |n: usize| format!("X: {}\r\n", "b".repeat(n - 5));
+    let mut left = fields;
+    while left > 0 {
+        let n = if left > 100 { 50 } else { left };
+        m.extend_from_slice(field(n).as_bytes());
+        left -= n;
+    }
+    m.extend_from_slice(b"\r\n");
+    m
+}
+
+#[test]
+fn every_split_point_gives_the_verdict_of_the_whole_at_the_size_limits() {
+    // At, and one past, each limit: a head is judged by what it is, never by where
+    // the network happened to cut it.
+    let cases = [
+        (64, 256, None),
+        (64, 257, Some("request headers are too large")),
+        (65, 10, Some("request line is too long")),
+        (64, 200, None),
+        (20, 256, None),
+    ];
+    for (line, fields, want) in cases {
+        let m = sized_head(line, fields);
+        assert_eq!(run(&m).1, want, "whole, line {line}, fields {fields}");
+        for cut in 1..m.len() {
+            let mut s = Scanner::new(LIMITS);
+            let mut passed = 0;
+            let mut verdict = None;
+            'feed: for end in [cut, m.len()] {
+                loop {
+                    match s.step(&m[passed..end]) {
+                        Step::Pass(0) | Step::NeedMore => break,
+                        Step::Pass(n) => passed += n,
+                        Step::Reject(r) => {
+                            verdict = Some(r.message);
+                            break 'feed;
+                        }
+                    }
+                }
+            }
+            assert_eq!(verdict, want, "line {line}, fields {fields}, cut at {cut}");
+        }
+    }
+}
+
 #[test]
 fn rejects_bad_chunked_framing_after_the_head() {
     let head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";

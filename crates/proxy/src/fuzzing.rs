@@ -1,0 +1,115 @@
+//! Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`; not an API).
+//! Each takes arbitrary bytes and panics only when a property of the parser it
+//! drives does not hold.
+
+use crate::guard::{GuardLimits, Scanner, Step};
+use bytes::BytesMut;
+use http::Method;
+
+const LIMITS: GuardLimits = GuardLimits {
+    max_request_line: 64,
+    max_header_bytes: 256,
+    max_headers: 8,
+    header_read_timeout: std::time::Duration::from_secs(1),
+};
+
+/// What feeding `input` to the request guard in reads ending at `ends` came to:
+/// the bytes passed on, and whether it refused the stream.
+fn guard(input: &[u8], ends: &[usize]) -> (usize, bool) {
+    let mut s = Scanner::new(LIMITS);
+    let mut passed = 0;
+    for &end in ends.iter().chain([&input.len()]) {
+        let end = end.clamp(passed, input.len());
+        loop {
+            match s.step(&input[passed..end]) {
+                Step::Pass(0) | Step::NeedMore => break,
+                Step::Pass(n) => {
+                    passed += n;
+                    assert!(passed <= end, "passed bytes not yet read");
+                }
+                Step::Reject(_) => return (passed, true),
+            }
+        }
+        // What the guard holds back while it waits is bounded by the limits.
+        let held = end - passed;
+        if s.at_boundary() {
+            let most = LIMITS.max_request_line + LIMITS.max_header_bytes + 4;
+            assert!(held <= most, "{held} bytes held for a head");
+        }
+    }
+    (passed, false)
+}
+
+/// The request guard: never panics, and the network's cuts never change whether
+/// it refuses a stream, nor what it passes of one it does not refuse. (Of a body
+/// refused part-way, the bytes before the fault may pass when they arrive apart.)
+/// The first two bytes choose the cuts.
+pub fn request_stream(data: &[u8]) {
+    let (cuts, input) = data.split_at(data.len().min(2));
+    let whole = guard(input, &[]);
+    let same = |cut: (usize, bool)| cut.1 == whole.1 && (whole.1 || cut.0 == whole.0);
+    let mut ends: Vec<usize> = cuts.iter().map(|&c| usize::from(c) * 3).collect();
+    ends.sort_unstable();
+    let cut = guard(input, &ends);
+    assert!(same(cut), "cut at {ends:?}: {cut:?}, whole: {whole:?}");
+    let bytewise: Vec<usize> = (1..input.len()).collect();
+    let cut = guard(input, &bytewise);
+    assert!(same(cut), "byte by byte: {cut:?}, whole: {whole:?}");
+}
+
+/// The upstream response head parser: never panics, and a head is judged on its
+/// bytes, whatever arrived of the rest.
+pub fn response_head(data: &[u8]) {
+    let Some((&cut, input)) = data.split_first() else {
+        return;
+    };
+    let parse = |bytes: &[u8]| {
+        let mut buf = BytesMut::from(bytes);
+        crate::h1::parse_head(&mut buf, &Method::GET)
+            .map(|p| p.map(|p| (p.status, p.headers.len(), buf.len())))
+            .map_err(|e| e.to_string())
+    };
+    let whole = parse(input);
+    let prefix = parse(&input[..usize::from(cut).min(input.len())]);
+    match (&prefix, &whole) {
+        (Ok(None), _) => {}
+        (Ok(Some((status, headers, _))), Ok(Some((s, h, _)))) => {
+            assert_eq!(
+                (status, headers),
+                (s, h),
+                "a complete prefix parsed otherwise"
+            );
+        }
+        (Err(_), Err(_)) => {}
+        _ => panic!("prefix {prefix:?} but whole {whole:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every input in `fuzz/corpus/TARGET` (what the fuzzer kept, and the inputs
+    /// of bugs it found), through `target` again.
+    pub fn replay(target: &str, run: fn(&[u8])) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/corpus")
+            .join(target);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let mut count = 0;
+        for entry in entries.flatten() {
+            let data = std::fs::read(entry.path()).unwrap_or_else(|e| panic!("{e}"));
+            run(&data);
+            count += 1;
+        }
+        assert!(count > 0, "{} is empty", dir.display());
+    }
+
+    #[test]
+    fn the_fuzz_corpus_of_the_request_guard_holds() {
+        replay("request_stream", super::request_stream);
+    }
+
+    #[test]
+    fn the_fuzz_corpus_of_the_response_head_parser_holds() {
+        replay("response_head", super::response_head);
+    }
+}
