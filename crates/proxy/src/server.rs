@@ -232,7 +232,6 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let client = crate::transparent::canonical(client);
         let shared = shared.clone();
         let gateway = gateway.clone();
         // Subscribed before the TLS config is read: a protocol change between the

@@ -19,22 +19,15 @@ use tokio::time::Instant;
 /// was sent here directly (the kernel then answers the local address, or nothing
 /// when connection tracking is off).
 pub fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
-    let local = canonical(stream.local_addr().ok()?);
+    let local = stream.local_addr().ok()?;
     let socket = socket2::SockRef::from(stream);
-    // By the connection's family: IPv4 on a dual-stack IPv6 socket is asked as IPv4.
     let dst = if local.is_ipv4() {
         socket.original_dst_v4()
     } else {
         socket.original_dst_v6()
     };
-    let dst = canonical(dst.ok()?.as_socket()?);
+    let dst = dst.ok()?.as_socket()?;
     (dst != local).then_some(dst)
-}
-
-/// `addr` with an IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, what a dual-stack
-/// socket shows for an IPv4 peer) written as the IPv4 address it is.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// What a redirected connection speaks, told from its first bytes.
