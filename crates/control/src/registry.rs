@@ -17,7 +17,7 @@
 //! proxies stream to it: it expires them by their own leases, and deletes their
 //! records then, unless another control plane wrote them since (the proxy moved).
 //! Of two control planes holding one node, the one the proxy said Hello to last
-//! (the later claim, [`Record::claimed_at_ms`]) keeps it: the other drops its
+//! (the later claim: each [`Record`] carries its time) keeps it: the other drops its
 //! lingering lease, and no record is written over a later claim. The records of a
 //! control plane that dies go with its etcd lease.
 
