@@ -664,6 +664,11 @@ class Etcd:
                 return json.loads(r.read()).get("health") == "true"
         wait_ready(self.proc, healthy, "etcd", timeout=20)
 
+    def ctl(self, *args):
+        """Run etcdctl against this member; its output (it must succeed)."""
+        return subprocess.run(["etcdctl", f"--endpoints=127.0.0.1:{self.port}", *args],
+                              capture_output=True, text=True, timeout=10, check=True).stdout
+
     @property
     def url(self):
         """The `--store` URL for meshgate control."""

@@ -200,9 +200,7 @@ def test_control_planes_on_one_etcd_share_the_registry(tmp_path):
 def etcd_record(etcd, node):
     """The registry record of `node` in `etcd` (JSON) and the etcd lease it is
     under, or (None, None)."""
-    out = subprocess.run(
-        ["etcdctl", f"--endpoints=127.0.0.1:{etcd.port}", "get", f"/meshgate/registry/{node}",
-         "--write-out=json"], capture_output=True, text=True, timeout=10, check=True).stdout
+    out = etcd.ctl("get", f"/meshgate/registry/{node}", "--write-out=json")
     kvs = json.loads(out).get("kvs") or []
     if not kvs:
         return None, None
@@ -238,8 +236,7 @@ def test_a_sidecar_that_moves_between_live_control_planes_stays_in_the_shared_re
         # a's etcd lease lapses while a lives (as after a pause or a partition from
         # etcd): a takes a new one and writes its records again, which must not
         # take orders-1 back, nor delete it when a's old lease on it would have run out.
-        subprocess.run(["etcdctl", f"--endpoints=127.0.0.1:{mesh.etcd.port}", "lease", "revoke",
-                        format(a_lease, "x")], capture_output=True, check=True, timeout=10)
+        mesh.etcd.ctl("lease", "revoke", format(a_lease, "x"))
         mesh.instance("users", "users-1", controls=[a])
         while time.time() < cut_at + 6.5:
             assert mesh.registered("orders", control=c) == [s.address]

@@ -66,18 +66,17 @@ pub struct Cidr(IpAddr, u8);
 
 fn cidr(c: &str) -> Result<Cidr, String> {
     let c = c.trim();
-    let (ip, len) = match c.split_once('/') {
-        Some((ip, len)) => (ip, len.parse::<u8>().ok()),
-        None => (c, None),
-    };
+    let (ip, len) = c
+        .split_once('/')
+        .map_or((c, None), |(ip, len)| (ip, Some(len)));
     let ip = ip
         .parse::<IpAddr>()
         .map_err(|_| format!("{c:?} is not a network (A.B.C.D/N or X:X::X/N)"))?;
     let most = if ip.is_ipv4() { 32 } else { 128 };
-    match len {
-        Some(len) if len <= most => Ok(Cidr(ip, len)),
-        None if !c.contains('/') => Ok(Cidr(ip, most)),
-        _ => Err(format!("{c:?}: the prefix length must be 0 to {most}")),
+    match len.map(str::parse::<u8>) {
+        None => Ok(Cidr(ip, most)),
+        Some(Ok(len)) if len <= most => Ok(Cidr(ip, len)),
+        Some(_) => Err(format!("{c:?}: the prefix length must be 0 to {most}")),
     }
 }
 
