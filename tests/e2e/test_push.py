@@ -207,6 +207,63 @@ def test_proxies_outlive_the_control_plane_and_catch_up(fleet, tmp_path):
         wait_nodes(c, lambda r, b: r == after and in_sync(r, b), timeout=20)
 
 
+def node_lease(etcd, node):
+    """The etcd lease (decimal) the record of `node` is written under, or None."""
+    kvs = json.loads(etcd.ctl("get", f"/meshgate/nodes/{node}", "--write-out=json")).get("kvs", [])
+    return kvs[0].get("lease") if kvs else None
+
+
+def lease_ttl(etcd, lease):
+    """Seconds `lease` has to live (-1 once gone)."""
+    out = etcd.ctl("lease", "timetolive", format(lease, "x"), "--write-out=json")
+    return json.loads(out).get("ttl", -1)
+
+
+def test_a_lease_given_up_after_a_failed_write_is_no_longer_kept_alive(tmp_path):
+    """etcd stops answering (SIGSTOP) for longer than the client's 10 s request
+    timeout: the first control plane's write of a node record fails, so it gives its
+    lease up and takes a new one once etcd answers again. The old lease must then
+    lapse: kept alive, it would keep every record written under it, a departed
+    node's included, for as long as the control plane runs."""
+    fleet = Fleet(tmp_path, "etcd")
+    try:
+        etcd = fleet.etcd
+        wait_nodes(fleet.controls[1], lambda r, b: in_sync(r, b))
+        old = node_lease(etcd, "node-a")
+        assert old and lease_ttl(etcd, old) > 0
+
+        etcd.proc.send_signal(signal.SIGSTOP)
+        try:
+            # node-b leaves: the first control plane writes at once, and the write
+            # hangs until the client gives up on it.
+            fleet.proxies.pop("b").stop()
+            time.sleep(11)
+        finally:
+            etcd.proc.send_signal(signal.SIGCONT)
+        # Heartbeats rewrite node-a's record within 10 s, under the new lease.
+        deadline = time.time() + 20
+        while node_lease(etcd, "node-a") in (old, None) and time.time() < deadline:
+            time.sleep(0.2)
+        new = node_lease(etcd, "node-a")
+        assert new not in (old, None), "the control plane never took a new lease"
+        # Kept alive, a lease is refreshed to its 30 s every 10 s, so over 13 s its
+        # time to live never falls below 20 s. Given up, it runs down (the keep-alive
+        # sent during the pause was answered on resume, so it may still be near 30).
+        before = lease_ttl(etcd, old)
+        time.sleep(13)
+        after = lease_ttl(etcd, old)
+        assert after <= before - 12 and after < 19, f"the lease given up is still kept alive ({before} s, then {after} s to live)"
+        assert lease_ttl(etcd, new) > 0
+        # The connected nodes' records live on under the new leases, on either
+        # control plane; node-b shows as gone.
+        def connected(r, b):
+            return {n for n, s in b.items() if s["connected"]} == {"node-a", "node-c"}
+        for c in fleet.controls:
+            wait_nodes(c, connected)
+    finally:
+        fleet.stop()
+
+
 def test_a_proxy_needs_a_token_and_a_wrong_one_is_refused(tmp_path):
     control = Control(tmp_path).start()
     try:

@@ -41,9 +41,24 @@ pub struct Etcd {
     prefix: Arc<str>,
     id: Arc<str>,
     /// This control plane's lease for its nodes' records, once granted.
-    lease: Arc<tokio::sync::Mutex<Option<i64>>>,
+    lease: Arc<tokio::sync::Mutex<Option<HeldLease>>>,
     /// The registry records last written, and the lease they were written under.
     instances: Arc<tokio::sync::Mutex<Written>>,
+}
+
+/// A lease and the task keeping it alive. Dropping it stops the keep-alives, so a
+/// forgotten lease lapses within [`NODE_TTL`] and takes with it the records that were
+/// not written again under its successor.
+#[derive(Debug)]
+struct HeldLease {
+    id: i64,
+    keeper: tokio::task::AbortHandle,
+}
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
 }
 
 /// Registry records (JSON by node) as written under a lease.
@@ -456,13 +471,20 @@ impl Store for Etcd {
     }
 }
 
+async fn forget(slot: &tokio::sync::Mutex<Option<HeldLease>>, lease: i64) {
+    let mut held = slot.lock().await;
+    if held.as_ref().is_some_and(|h| h.id == lease) {
+        *held = None;
+    }
+}
+
 impl Etcd {
     /// This control plane's lease, granted on first use and kept alive until etcd
     /// stops answering; then it is forgotten and the next write takes a new one.
     async fn lease(&self) -> Result<i64, StoreError> {
         let mut held = self.lease.lock().await;
-        if let Some(id) = *held {
-            return Ok(id);
+        if let Some(h) = &*held {
+            return Ok(h.id);
         }
         let mut client = self.client.clone();
         let id = client
@@ -472,7 +494,7 @@ impl Etcd {
             .id();
         let (mut keeper, mut answers) = client.lease_keep_alive(id).await.map_err(backend)?;
         let slot = self.lease.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(NODE_TTL as u64 / 3));
             loop {
                 tick.tick().await;
@@ -488,21 +510,19 @@ impl Etcd {
                 lease = id,
                 "the etcd lease for node records lapsed; taking a new one"
             );
-            let mut held = slot.lock().await;
-            if *held == Some(id) {
-                *held = None;
-            }
+            forget(&slot, id).await;
         });
-        *held = Some(id);
+        *held = Some(HeldLease {
+            id,
+            keeper: task.abort_handle(),
+        });
         Ok(id)
     }
 
-    /// Forget `lease` if it is still the one held: the next write takes a new one.
+    /// Forget `lease` if it is still the one held, and stop keeping it alive: the
+    /// next write takes a new one.
     async fn forget_lease(&self, lease: i64) {
-        let mut held = self.lease.lock().await;
-        if *held == Some(lease) {
-            *held = None;
-        }
+        forget(&self.lease, lease).await;
     }
 
     async fn put_instances(
