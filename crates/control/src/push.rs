@@ -261,7 +261,7 @@ async fn share_nodes<S: Store>(
 /// store has them.
 async fn share_registry<S: Store>(
     plane: Arc<Plane<S>>,
-    mut mine: watch::Receiver<Arc<BTreeMap<String, String>>>,
+    mut mine: watch::Receiver<BTreeMap<String, String>>,
 ) {
     let mut failing = false;
     loop {

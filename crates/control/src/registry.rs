@@ -22,7 +22,7 @@
 //! control plane that dies go with its etcd lease.
 
 use crate::push::pb;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
@@ -158,6 +158,81 @@ struct State {
     /// The instances other control planes hold (a shared store), by node. A node
     /// this control plane also holds is shown as its own.
     remote: BTreeMap<String, Record>,
+    /// The nodes of `leases`, and of `remote`, by service: a change rebuilds only
+    /// the services it touches, in time of their size, not the registry's.
+    own_by_service: BTreeMap<String, BTreeSet<String>>,
+    remote_by_service: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl State {
+    /// Hold `lease` for `node`; the lease it replaces, if any.
+    fn insert_lease(&mut self, node: &str, lease: Lease) -> Option<Lease> {
+        index(&mut self.own_by_service, &lease.instance.service, node);
+        let before = self.leases.insert(node.to_string(), lease);
+        if let Some(b) = &before
+            && b.instance.service != self.leases[node].instance.service
+        {
+            unindex(&mut self.own_by_service, &b.instance.service, node);
+        }
+        before
+    }
+
+    fn remove_lease(&mut self, node: &str) -> Option<Lease> {
+        let l = self.leases.remove(node)?;
+        unindex(&mut self.own_by_service, &l.instance.service, node);
+        Some(l)
+    }
+
+    fn set_remote(&mut self, remote: BTreeMap<String, Record>) -> BTreeMap<String, Record> {
+        self.remote_by_service.clear();
+        for (node, r) in &remote {
+            index(&mut self.remote_by_service, &r.service, node);
+        }
+        std::mem::replace(&mut self.remote, remote)
+    }
+
+    /// The service of the record another control plane holds for `node`: a lease
+    /// here hides it, so taking or dropping one changes that service too.
+    fn remote_service(&self, node: &str) -> Option<String> {
+        self.remote.get(node).map(|r| r.service.clone())
+    }
+
+    /// `service`'s instances, by address: this control plane's, then the others'
+    /// for nodes it does not hold.
+    fn instances(&self, service: &str) -> Vec<pb::Instance> {
+        let nodes = |idx: &BTreeMap<String, BTreeSet<String>>| {
+            idx.get(service)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let own = nodes(&self.own_by_service)
+            .into_iter()
+            .filter_map(|n| self.leases.get(&n).map(|l| l.instance.clone()));
+        let theirs = nodes(&self.remote_by_service)
+            .into_iter()
+            .filter(|n| !self.leases.contains_key(n))
+            .filter_map(|n| self.remote.get(&n).map(Record::instance));
+        let mut list: Vec<pb::Instance> = own.chain(theirs).collect();
+        list.sort_by(|a, b| a.address.cmp(&b.address));
+        list
+    }
+}
+
+fn index(idx: &mut BTreeMap<String, BTreeSet<String>>, service: &str, node: &str) {
+    idx.entry(service.to_string())
+        .or_default()
+        .insert(node.to_string());
+}
+
+fn unindex(idx: &mut BTreeMap<String, BTreeSet<String>>, service: &str, node: &str) {
+    if let Some(nodes) = idx.get_mut(service) {
+        nodes.remove(node);
+        if nodes.is_empty() {
+            idx.remove(service);
+        }
+    }
 }
 
 /// The registered instances, by node (one instance per proxy).
@@ -167,8 +242,9 @@ pub struct Registry {
     id: String,
     state: Mutex<State>,
     table: watch::Sender<Table>,
-    /// This control plane's instances as records (JSON, by node), for the others.
-    mine: watch::Sender<Arc<BTreeMap<String, String>>>,
+    /// This control plane's instances as records (JSON, by node), for the others;
+    /// changed a node at a time.
+    mine: watch::Sender<BTreeMap<String, String>>,
 }
 
 impl Default for Registry {
@@ -177,7 +253,7 @@ impl Default for Registry {
             id: crate::store::new_id(),
             state: Mutex::new(State::default()),
             table: watch::channel(Table::default()).0,
-            mine: watch::channel(Arc::default()).0,
+            mine: watch::channel(BTreeMap::new()).0,
         }
     }
 }
@@ -220,8 +296,8 @@ impl Registry {
             Some(b) if *b == instance => state.leases[node].registered_at,
             _ => claimed_at,
         };
-        state.leases.insert(
-            node.to_string(),
+        state.insert_lease(
+            node,
             Lease {
                 instance: instance.clone(),
                 ttl,
@@ -235,12 +311,13 @@ impl Registry {
             let touched = before
                 .map(|b| b.service)
                 .into_iter()
-                .chain([instance.service]);
+                .chain([instance.service])
+                .chain(state.remote_service(node));
             self.publish(&state, touched);
         }
         // A new claim even for the same instance (a reconnection): a control plane
         // holding an older one yields the node.
-        self.share(&state);
+        self.share(&state, [node]);
     }
 
     /// Renew `node`'s lease, if it holds one.
@@ -257,10 +334,11 @@ impl Registry {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        if let Some(l) = state.leases.remove(node) {
+        if let Some(l) = state.remove_lease(node) {
             tracing::info!(node, service = %l.instance.service, address = %l.instance.address, "instance deregistered");
-            self.publish(&state, [l.instance.service]);
-            self.share(&state);
+            let touched = [Some(l.instance.service), state.remote_service(node)];
+            self.publish(&state, touched.into_iter().flatten());
+            self.share(&state, [node]);
         }
     }
 
@@ -269,18 +347,23 @@ impl Registry {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
+        let expired: Vec<String> = state
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires <= now)
+            .map(|(node, _)| node.clone())
+            .collect();
         let mut gone = Vec::new();
-        state.leases.retain(|node, l| {
-            let keep = l.expires > now;
-            if !keep {
+        for node in &expired {
+            if let Some(l) = state.remove_lease(node) {
                 tracing::warn!(node, service = %l.instance.service, address = %l.instance.address, ttl = ?l.ttl, "lease expired; instance removed");
-                gone.push(l.instance.service.clone());
+                gone.push(l.instance.service);
+                gone.extend(state.remote_service(node));
             }
-            keep
-        });
+        }
         if !gone.is_empty() {
             self.publish(&state, gone);
-            self.share(&state);
+            self.share(&state, expired.iter().map(String::as_str));
         }
     }
 
@@ -301,8 +384,8 @@ impl Registry {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        let old = std::mem::replace(&mut state.remote, remote);
-        let mut touched = std::collections::BTreeSet::new();
+        let old = state.set_remote(remote);
+        let mut touched = BTreeSet::new();
         for (node, r) in old.iter().chain(state.remote.iter()) {
             if old.get(node) != state.remote.get(node) {
                 touched.insert(r.service.clone());
@@ -310,25 +393,30 @@ impl Registry {
         }
         // A node claimed later elsewhere has moved there: its lease here lingers
         // only because its stream ended without a Deregister.
-        let State { leases, remote } = &mut *state;
-        let mut moved = false;
-        leases.retain(|node, l| {
-            let Some(r) = remote.get(node) else {
-                return true;
-            };
-            let stay = r.claimed_at_ms <= unix_ms(l.claimed_at);
-            if !stay {
-                tracing::info!(node, service = %l.instance.service, holder = %r.holder, "instance moved to another control plane; its lease here is dropped");
-                touched.insert(l.instance.service.clone());
-                moved = true;
+        let moved: Vec<String> = state
+            .leases
+            .iter()
+            .filter(|(node, l)| {
+                state
+                    .remote
+                    .get(*node)
+                    .is_some_and(|r| r.claimed_at_ms > unix_ms(l.claimed_at))
+            })
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in &moved {
+            if let Some(l) = state.remove_lease(node) {
+                let holder = state.remote.get(node).map(|r| r.holder.as_str());
+                tracing::info!(node, service = %l.instance.service, holder, "instance moved to another control plane; its lease here is dropped");
+                touched.insert(l.instance.service);
+                touched.extend(state.remote_service(node));
             }
-            stay
-        });
+        }
         if !touched.is_empty() {
             self.publish(&state, touched);
         }
-        if moved {
-            self.share(&state);
+        if !moved.is_empty() {
+            self.share(&state, moved.iter().map(String::as_str));
         }
     }
 
@@ -336,18 +424,7 @@ impl Registry {
     fn publish(&self, state: &State, services: impl IntoIterator<Item = String>) {
         let mut table = (**self.table.borrow()).clone();
         for s in services {
-            let own = state.leases.values().map(|l| &l.instance);
-            let theirs = state
-                .remote
-                .iter()
-                .filter(|(node, _)| !state.leases.contains_key(*node))
-                .map(|(_, r)| r.instance());
-            let mut list: Vec<pb::Instance> = own
-                .filter(|i| i.service == s)
-                .cloned()
-                .chain(theirs.filter(|i| i.service == s))
-                .collect();
-            list.sort_by(|a, b| a.address.cmp(&b.address));
+            let list = state.instances(&s);
             if list.is_empty() {
                 table.remove(&s);
             } else {
@@ -357,17 +434,23 @@ impl Registry {
         self.table.send_replace(Arc::new(table));
     }
 
-    /// Offer this control plane's instances to the others.
-    fn share(&self, state: &State) {
-        let mine = state
-            .leases
-            .iter()
-            .map(|(node, l)| {
-                let json = serde_json::to_string(&Record::of(&self.id, l)).unwrap_or_default();
-                (node.clone(), json)
-            })
-            .collect();
-        self.mine.send_replace(Arc::new(mine));
+    /// Offer this control plane's instances to the others: the records of `nodes`
+    /// are written again (or dropped, for a node no longer held).
+    fn share<'a>(&self, state: &State, nodes: impl IntoIterator<Item = &'a str>) {
+        self.mine.send_modify(|mine| {
+            for node in nodes {
+                match state.leases.get(node) {
+                    Some(l) => {
+                        let json =
+                            serde_json::to_string(&Record::of(&self.id, l)).unwrap_or_default();
+                        mine.insert(node.to_string(), json);
+                    }
+                    None => {
+                        mine.remove(node);
+                    }
+                }
+            }
+        });
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Table> {
@@ -375,7 +458,7 @@ impl Registry {
     }
 
     /// This control plane's instances as records, each time they change.
-    pub fn mine(&self) -> watch::Receiver<Arc<BTreeMap<String, String>>> {
+    pub fn mine(&self) -> watch::Receiver<BTreeMap<String, String>> {
         self.mine.subscribe()
     }
 
@@ -523,6 +606,77 @@ mod tests {
         assert_eq!(r.list(None)[0].node, "a");
     }
 
+    /// The table as the registry was before the service index: every service
+    /// rebuilt from every lease and record.
+    fn rebuilt(r: &Registry) -> BTreeMap<String, Vec<pb::Instance>> {
+        let Ok(state) = r.state.lock() else {
+            return BTreeMap::new();
+        };
+        let own = state.leases.values().map(|l| l.instance.clone());
+        let theirs = state
+            .remote
+            .iter()
+            .filter(|(node, _)| !state.leases.contains_key(*node))
+            .map(|(_, rec)| rec.instance());
+        let mut table: BTreeMap<String, Vec<pb::Instance>> = BTreeMap::new();
+        for i in own.chain(theirs) {
+            table.entry(i.service.clone()).or_default().push(i);
+        }
+        for list in table.values_mut() {
+            list.sort_by(|a, b| a.address.cmp(&b.address));
+        }
+        table
+    }
+
+    #[test]
+    fn the_service_index_keeps_the_table_of_a_full_rebuild() {
+        // A fixed pseudo-random walk of registrations (some moving a node to
+        // another service), deregistrations, expiries and remote records.
+        let (here, there) = (Registry::default(), Registry::default());
+        let t0 = Instant::now();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for step in 0..3000u64 {
+            let node = format!("n{}", next(12));
+            let service = format!("s{}", next(4));
+            let address = format!("127.0.0.1:{}", next(6));
+            let now = t0 + Duration::from_millis(step);
+            match next(6) {
+                0 | 1 => here.register(
+                    &node,
+                    instance(&service, &address),
+                    Duration::from_millis(40),
+                    now,
+                ),
+                2 => there.register(&node, instance(&service, &address), DEFAULT_LEASE, now),
+                3 => here.deregister(&node),
+                4 => here.expire(now),
+                _ => here.set_remote(&there.mine().borrow()),
+            }
+            let table: BTreeMap<String, Vec<pb::Instance>> = here
+                .subscribe()
+                .borrow()
+                .iter()
+                .map(|(s, l)| (s.clone(), l.to_vec()))
+                .collect();
+            assert_eq!(table, rebuilt(&here), "after step {step}");
+            let Ok(state) = here.state.lock() else {
+                panic!("poisoned")
+            };
+            let offered: Vec<String> = here.mine().borrow().keys().cloned().collect();
+            assert_eq!(
+                offered,
+                state.leases.keys().cloned().collect::<Vec<_>>(),
+                "after step {step}"
+            );
+        }
+    }
+
     #[test]
     fn other_control_planes_instances_join_the_table_but_never_override_our_own() {
         let here = Registry::default();
@@ -532,8 +686,8 @@ mod tests {
         here.register("a", instance("orders", "127.0.0.1:1"), DEFAULT_LEASE, t0);
         there.register("b", instance("orders", "127.0.0.1:2"), DEFAULT_LEASE, t0);
         // What a shared store holds: every control plane's records.
-        let mut store = (**here.mine().borrow()).clone();
-        store.extend((**there.mine().borrow()).clone());
+        let mut store = here.mine().borrow().clone();
+        store.extend(there.mine().borrow().clone());
         store.insert("bad".into(), "{not json".into());
         here.set_remote(&store);
         assert_eq!(
