@@ -85,6 +85,58 @@ pub fn response_head(data: &[u8]) {
     }
 }
 
+/// What decoding a chunked body from `input`, read in parts ending at `ends`, came
+/// to: the data, the trailers, and how it ended (the bytes left after the body,
+/// more needed, or the error).
+fn chunked(
+    input: &[u8],
+    ends: &[usize],
+) -> (
+    Vec<u8>,
+    Option<http::HeaderMap>,
+    Result<Option<usize>, String>,
+) {
+    use crate::h1::{Chunked, State, decode};
+    let (mut state, mut trailers) = (State::Chunked(Chunked::Size), None);
+    let (mut buf, mut data, mut fed) = (BytesMut::new(), Vec::new(), 0);
+    let mut last = None;
+    for &end in ends.iter().chain([&input.len()]) {
+        let end = end.clamp(fed, input.len());
+        buf.extend_from_slice(&input[fed..end]);
+        fed = end;
+        loop {
+            match decode(&mut state, &mut trailers, &mut buf) {
+                Ok(Some(frame)) => match frame.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(frame) => last = frame.into_trailers().ok(),
+                },
+                Ok(None) => break,
+                Err(e) => return (data, last, Err(e.to_string())),
+            }
+        }
+        if matches!(state, State::Done) {
+            // What follows the body is left for the next response, untouched.
+            assert_eq!(&buf[..], &input[fed - buf.len()..fed]);
+            return (data, last, Ok(Some(buf.len() + input.len() - fed)));
+        }
+    }
+    assert!(data.len() <= input.len(), "more data than bytes");
+    (data, last, Ok(None))
+}
+
+/// The upstream client's chunked body decoder: never panics, and the network's
+/// cuts never change the data, the trailers, where the body ends, nor whether
+/// (and why) it is refused. The first two bytes choose the cuts.
+pub fn chunked_body(data: &[u8]) {
+    let (cuts, input) = data.split_at(data.len().min(2));
+    let whole = chunked(input, &[]);
+    let mut ends: Vec<usize> = cuts.iter().map(|&c| usize::from(c) * 3).collect();
+    ends.sort_unstable();
+    assert_eq!(chunked(input, &ends), whole, "cut at {ends:?}");
+    let bytewise: Vec<usize> = (1..input.len()).collect();
+    assert_eq!(chunked(input, &bytewise), whole, "byte by byte");
+}
+
 #[cfg(test)]
 mod tests {
     /// Every input in `fuzz/corpus/TARGET` (what the fuzzer kept, and the inputs
@@ -111,5 +163,23 @@ mod tests {
     #[test]
     fn the_fuzz_corpus_of_the_response_head_parser_holds() {
         replay("response_head", super::response_head);
+    }
+
+    #[test]
+    fn the_fuzz_corpus_of_the_chunked_body_decoder_holds() {
+        replay("chunked_body", super::chunked_body);
+    }
+
+    #[test]
+    fn a_chunk_line_is_judged_by_its_length_however_it_arrives() {
+        // Lines (chunk extensions, trailers) at the 8 KiB limit and one byte past,
+        // arriving whole and byte by byte.
+        for len in [8 * 1024 - 1, 8 * 1024, 8 * 1024 + 1] {
+            let ext = format!("5;{}\r\nhello\r\n0\r\n\r\n", "x".repeat(len - 2));
+            let trailer = format!("1\r\na\r\n0\r\nx:{}\r\n\r\n", "y".repeat(len - 2));
+            for body in [ext, trailer] {
+                super::chunked_body(&[&[0, 0][..], body.as_bytes()].concat());
+            }
+        }
     }
 }

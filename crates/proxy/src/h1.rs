@@ -781,7 +781,7 @@ fn parse_length(v: &[u8]) -> Option<u64> {
 }
 
 #[derive(Debug)]
-enum State {
+pub(crate) enum State {
     Length(u64),
     Chunked(Chunked),
     Eof,
@@ -789,7 +789,7 @@ enum State {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Chunked {
+pub(crate) enum Chunked {
     Size,
     Data(u64),
     DataEnd,
@@ -847,87 +847,105 @@ impl H1Body {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(None);
         };
-        let buf = &mut conn.buf;
-        loop {
-            match &mut self.state {
-                State::Done => return Ok(None),
-                State::Eof => {
-                    if buf.is_empty() {
-                        return Ok(None);
-                    }
-                    return Ok(Some(Frame::data(take_front(buf, buf.len()))));
+        let frame = decode(&mut self.state, &mut self.trailers, &mut conn.buf)?;
+        if matches!(self.state, State::Done) {
+            self.finish();
+        }
+        Ok(frame)
+    }
+}
+
+/// The next frame of a body framed as `state` says, from the front of `buf`, or
+/// `None` when more bytes are needed. At the body's end `state` becomes `Done`, and
+/// the trailers gathered in `trailers` are the last frame; what follows the body
+/// stays in `buf`.
+pub(crate) fn decode(
+    state: &mut State,
+    trailers: &mut Option<HeaderMap>,
+    buf: &mut BytesMut,
+) -> Result<Option<Frame<Bytes>>, BodyError> {
+    loop {
+        match state {
+            State::Done => return Ok(None),
+            State::Eof => {
+                if buf.is_empty() {
+                    return Ok(None);
                 }
-                State::Length(rem) => {
+                return Ok(Some(Frame::data(take_front(buf, buf.len()))));
+            }
+            State::Length(rem) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let take = (*rem).min(buf.len() as u64) as usize;
+                *rem -= take as u64;
+                if *rem == 0 {
+                    *state = State::Done;
+                }
+                return Ok(Some(Frame::data(take_front(buf, take))));
+            }
+            State::Chunked(c) => match *c {
+                Chunked::Size => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(None);
+                    };
+                    let size = parse_chunk_size(&line)?;
+                    *c = if size == 0 {
+                        Chunked::Trailers
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(rem) => {
                     if buf.is_empty() {
                         return Ok(None);
                     }
-                    let take = (*rem).min(buf.len() as u64) as usize;
-                    *rem -= take as u64;
+                    let take = rem.min(buf.len() as u64) as usize;
                     let data = take_front(buf, take);
-                    if *rem == 0 {
-                        self.finish();
-                    }
+                    *c = if rem == take as u64 {
+                        Chunked::DataEnd
+                    } else {
+                        Chunked::Data(rem - take as u64)
+                    };
                     return Ok(Some(Frame::data(data)));
                 }
-                State::Chunked(c) => match *c {
-                    Chunked::Size => {
-                        let Some(line) = take_line(buf)? else {
-                            return Ok(None);
-                        };
-                        let size = parse_chunk_size(&line)?;
-                        *c = if size == 0 {
-                            Chunked::Trailers
-                        } else {
-                            Chunked::Data(size)
-                        };
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
                     }
-                    Chunked::Data(rem) => {
-                        if buf.is_empty() {
-                            return Ok(None);
-                        }
-                        let take = rem.min(buf.len() as u64) as usize;
-                        let data = take_front(buf, take);
-                        *c = if rem == take as u64 {
-                            Chunked::DataEnd
-                        } else {
-                            Chunked::Data(rem - take as u64)
-                        };
-                        return Ok(Some(Frame::data(data)));
+                    if &buf[..2] != b"\r\n" {
+                        return Err(BodyError::Chunked("chunk data not followed by CRLF"));
                     }
-                    Chunked::DataEnd => {
-                        if buf.len() < 2 {
-                            return Ok(None);
-                        }
-                        if &buf[..2] != b"\r\n" {
-                            return Err(BodyError::Chunked("chunk data not followed by CRLF"));
-                        }
-                        buf.advance(2);
-                        *c = Chunked::Size;
+                    buf.advance(2);
+                    *c = Chunked::Size;
+                }
+                Chunked::Trailers => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(None);
+                    };
+                    if line.is_empty() {
+                        *state = State::Done;
+                        return Ok(trailers.take().map(Frame::trailers));
                     }
-                    Chunked::Trailers => {
-                        let Some(line) = take_line(buf)? else {
-                            return Ok(None);
-                        };
-                        if line.is_empty() {
-                            self.finish();
-                            return Ok(self.trailers.take().map(Frame::trailers));
-                        }
-                        let (name, value) = parse_trailer(&line)?;
-                        let t = self.trailers.get_or_insert_with(HeaderMap::new);
-                        if t.len() >= MAX_HEADERS {
-                            return Err(BodyError::Chunked("too many trailer fields"));
-                        }
-                        t.append(name, value);
+                    let (name, value) = parse_trailer(&line)?;
+                    let t = trailers.get_or_insert_with(HeaderMap::new);
+                    if t.len() >= MAX_HEADERS {
+                        return Err(BodyError::Chunked("too many trailer fields"));
                     }
-                },
-            }
+                    t.append(name, value);
+                }
+            },
         }
     }
 }
 
-/// One CRLF-terminated line from the front of `buf`, without the CRLF.
+/// One CRLF-terminated line from the front of `buf`, without the CRLF. A line
+/// longer than [`MAX_LINE`] is refused as soon as that is certain, and the same way
+/// whether it arrived whole or in parts.
 fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, BodyError> {
-    match buf.iter().position(|&b| b == b'\n') {
+    // `i` bytes before the LF: the line and its CR.
+    match memchr::memchr(b'\n', buf) {
+        Some(i) if i > MAX_LINE + 1 => Err(BodyError::Chunked("line too long")),
         Some(i) => {
             if i == 0 || buf[i - 1] != b'\r' {
                 return Err(BodyError::Chunked("line not ended by CRLF"));
@@ -935,7 +953,7 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, BodyError> {
             let line = buf.split_to(i + 1).freeze();
             Ok(Some(line.slice(..i - 1)))
         }
-        None if buf.len() > MAX_LINE => Err(BodyError::Chunked("line too long")),
+        None if buf.len() > MAX_LINE + 1 => Err(BodyError::Chunked("line too long")),
         None => Ok(None),
     }
 }
