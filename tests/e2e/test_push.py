@@ -228,7 +228,7 @@ def test_a_lease_given_up_after_a_failed_write_is_no_longer_kept_alive(tmp_path)
     fleet = Fleet(tmp_path, "etcd")
     try:
         etcd = fleet.etcd
-        wait_nodes(fleet.controls[1], lambda r, b: in_sync(r, b))
+        wait_nodes(fleet.controls[1], in_sync)
         old = node_lease(etcd, "node-a")
         assert old and lease_ttl(etcd, old) > 0
 

@@ -200,20 +200,12 @@ impl State {
     /// `service`'s instances, by address: this control plane's, then the others'
     /// for nodes it does not hold.
     fn instances(&self, service: &str) -> Vec<pb::Instance> {
-        let nodes = |idx: &BTreeMap<String, BTreeSet<String>>| {
-            idx.get(service)
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect::<Vec<_>>()
-        };
-        let own = nodes(&self.own_by_service)
-            .into_iter()
-            .filter_map(|n| self.leases.get(&n).map(|l| l.instance.clone()));
-        let theirs = nodes(&self.remote_by_service)
-            .into_iter()
-            .filter(|n| !self.leases.contains_key(n))
-            .filter_map(|n| self.remote.get(&n).map(Record::instance));
+        let own = self.own_by_service.get(service).into_iter().flatten();
+        let theirs = self.remote_by_service.get(service).into_iter().flatten();
+        let own = own.filter_map(|n| self.leases.get(n).map(|l| l.instance.clone()));
+        let theirs = theirs
+            .filter(|n| !self.leases.contains_key(*n))
+            .filter_map(|n| self.remote.get(n).map(Record::instance));
         let mut list: Vec<pb::Instance> = own.chain(theirs).collect();
         list.sort_by(|a, b| a.address.cmp(&b.address));
         list
