@@ -425,7 +425,7 @@ impl Store for Etcd {
         let lease = self.lease().await?;
         if let Err(e) = self.put_nodes(&nodes, lease).await {
             // The lease may have expired under us: take a new one, once.
-            self.forget_lease(lease).await;
+            forget_lease(&self.lease, lease).await;
             tracing::debug!(error = %e, "writing node records failed; retrying on a new lease");
             let lease = self.lease().await?;
             self.put_nodes(&nodes, lease).await?;
@@ -452,7 +452,7 @@ impl Store for Etcd {
         if result.is_err() {
             // The lease may have expired under us: the next call takes a new one
             // and writes every record again.
-            self.forget_lease(lease).await;
+            forget_lease(&self.lease, lease).await;
         }
         result
     }
@@ -471,7 +471,9 @@ impl Store for Etcd {
     }
 }
 
-async fn forget(slot: &tokio::sync::Mutex<Option<HeldLease>>, lease: i64) {
+/// Forget `lease` if it is still the one held in `slot`, and so stop keeping it
+/// alive: the next write takes a new one.
+async fn forget_lease(slot: &tokio::sync::Mutex<Option<HeldLease>>, lease: i64) {
     let mut held = slot.lock().await;
     if held.as_ref().is_some_and(|h| h.id == lease) {
         *held = None;
@@ -510,19 +512,13 @@ impl Etcd {
                 lease = id,
                 "the etcd lease for node records lapsed; taking a new one"
             );
-            forget(&slot, id).await;
+            forget_lease(&slot, id).await;
         });
         *held = Some(HeldLease {
             id,
             keeper: task.abort_handle(),
         });
         Ok(id)
-    }
-
-    /// Forget `lease` if it is still the one held, and stop keeping it alive: the
-    /// next write takes a new one.
-    async fn forget_lease(&self, lease: i64) {
-        forget(&self.lease, lease).await;
     }
 
     async fn put_instances(

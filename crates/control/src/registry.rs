@@ -165,16 +165,14 @@ struct State {
 }
 
 impl State {
-    /// Hold `lease` for `node`; the lease it replaces, if any.
-    fn insert_lease(&mut self, node: &str, lease: Lease) -> Option<Lease> {
+    /// Hold `lease` for `node`, in place of any it held.
+    fn insert_lease(&mut self, node: &str, lease: Lease) {
         index(&mut self.own_by_service, &lease.instance.service, node);
-        let before = self.leases.insert(node.to_string(), lease);
-        if let Some(b) = &before
+        if let Some(b) = self.leases.insert(node.to_string(), lease)
             && b.instance.service != self.leases[node].instance.service
         {
             unindex(&mut self.own_by_service, &b.instance.service, node);
         }
-        before
     }
 
     fn remove_lease(&mut self, node: &str) -> Option<Lease> {

@@ -45,16 +45,22 @@ fn guard(input: &[u8], ends: &[usize]) -> (usize, bool) {
 /// refused part-way, the bytes before the fault may pass when they arrive apart.)
 /// The first two bytes choose the cuts.
 pub fn request_stream(data: &[u8]) {
-    let (cuts, input) = data.split_at(data.len().min(2));
+    let (input, plans) = cut_plans(data);
     let whole = guard(input, &[]);
     let same = |cut: (usize, bool)| cut.1 == whole.1 && (whole.1 || cut.0 == whole.0);
+    for ends in plans {
+        let cut = guard(input, &ends);
+        assert!(same(cut), "cut at {ends:?}: {cut:?}, whole: {whole:?}");
+    }
+}
+
+/// The input after the first two bytes, and two ways for the network to cut it
+/// (read ends, in order): where those two bytes say, and byte by byte.
+fn cut_plans(data: &[u8]) -> (&[u8], [Vec<usize>; 2]) {
+    let (cuts, input) = data.split_at(data.len().min(2));
     let mut ends: Vec<usize> = cuts.iter().map(|&c| usize::from(c) * 3).collect();
     ends.sort_unstable();
-    let cut = guard(input, &ends);
-    assert!(same(cut), "cut at {ends:?}: {cut:?}, whole: {whole:?}");
-    let bytewise: Vec<usize> = (1..input.len()).collect();
-    let cut = guard(input, &bytewise);
-    assert!(same(cut), "byte by byte: {cut:?}, whole: {whole:?}");
+    (input, [ends, (1..input.len()).collect()])
 }
 
 /// The upstream response head parser: never panics, and a head is judged on its
@@ -128,13 +134,11 @@ fn chunked(
 /// cuts never change the data, the trailers, where the body ends, nor whether
 /// (and why) it is refused. The first two bytes choose the cuts.
 pub fn chunked_body(data: &[u8]) {
-    let (cuts, input) = data.split_at(data.len().min(2));
+    let (input, plans) = cut_plans(data);
     let whole = chunked(input, &[]);
-    let mut ends: Vec<usize> = cuts.iter().map(|&c| usize::from(c) * 3).collect();
-    ends.sort_unstable();
-    assert_eq!(chunked(input, &ends), whole, "cut at {ends:?}");
-    let bytewise: Vec<usize> = (1..input.len()).collect();
-    assert_eq!(chunked(input, &bytewise), whole, "byte by byte");
+    for ends in plans {
+        assert_eq!(chunked(input, &ends), whole, "cut at {ends:?}");
+    }
 }
 
 #[cfg(test)]

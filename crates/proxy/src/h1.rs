@@ -831,8 +831,8 @@ impl H1Body {
         }
     }
 
+    /// The body ended: the connection goes back to its pool if it can.
     fn finish(&mut self) {
-        self.state = State::Done;
         if let Some(conn) = self.conn.take()
             && self.reusable
             && conn.buf.is_empty()
