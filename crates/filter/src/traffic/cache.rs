@@ -150,6 +150,41 @@ impl Store {
             filling: Mutex::new(HashMap::new()),
         }
     }
+
+    fn fresh(&self, key: &[u8], req: &HeaderMap) -> Option<Arc<Entry>> {
+        self.entries.get(key).filter(|e| e.matches(req))
+    }
+
+    /// A fresh entry for `key`, or the fill of `key` in progress to wait on, or the
+    /// sender of a new fill that this request makes.
+    fn claim(&self, key: &[u8], req: &HeaderMap) -> Claim {
+        match self.fresh(key, req) {
+            Some(e) => Claim::Hit(e),
+            None => self.join_or_fill(key, req),
+        }
+    }
+
+    /// `claim` after a look-up that missed.
+    fn join_or_fill(&self, key: &[u8], req: &HeaderMap) -> Claim {
+        let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = filling.get(key) {
+            return Claim::Wait(rx.clone());
+        }
+        // A fill stores its entry before it leaves `filling`: one that finished since
+        // the look-up above is seen now, and this request does not go upstream again.
+        if let Some(e) = self.fresh(key, req) {
+            return Claim::Hit(e);
+        }
+        let (tx, rx) = watch::channel(None);
+        filling.insert(key.to_vec(), rx);
+        Claim::Fill(tx)
+    }
+}
+
+enum Claim {
+    Hit(Arc<Entry>),
+    Wait(watch::Receiver<Option<Arc<Entry>>>),
+    Fill(watch::Sender<Option<Arc<Entry>>>),
 }
 
 /// A request that went upstream to fill its key: what the response tap needs. Dropped
@@ -462,48 +497,31 @@ impl Filter for Cache {
         }
         let key = self.key(ctx, req);
         // `no-cache` or `max-age=0` from the client: go upstream, and refresh the entry.
-        let revalidate = asked.no_cache || asked.max_age == Some(0);
-        if !revalidate
-            && let Some(e) = self.store.entries.get(&key)
-            && e.matches(&req.headers)
-        {
-            self.counters.record(Outcome::Hit as usize);
-            ctx.extensions.insert(State::Hit);
-            return Step::Done(Ok(Flow::Respond(e.response())));
-        }
-        let store = self.store.clone();
-        if revalidate {
-            self.miss(
-                ctx,
-                req,
-                Fill {
-                    store,
-                    key,
-                    tx: None,
-                },
-            );
+        if asked.no_cache || asked.max_age == Some(0) {
+            let fill = Fill {
+                store: self.store.clone(),
+                key,
+                tx: None,
+            };
+            self.miss(ctx, req, fill);
             return Step::Done(Ok(Flow::Continue));
         }
-        let waiting = {
-            let mut filling = store.filling.lock().unwrap_or_else(|e| e.into_inner());
-            match filling.get(&key) {
-                Some(rx) => Some(rx.clone()),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    filling.insert(key.clone(), rx);
-                    drop(filling);
-                    let fill = Fill {
-                        store: store.clone(),
-                        key: key.clone(),
-                        tx: Some(tx),
-                    };
-                    self.miss(ctx, req, fill);
-                    None
-                }
+        let mut rx = match self.store.claim(&key, &req.headers) {
+            Claim::Hit(e) => {
+                self.counters.record(Outcome::Hit as usize);
+                ctx.extensions.insert(State::Hit);
+                return Step::Done(Ok(Flow::Respond(e.response())));
             }
-        };
-        let Some(mut rx) = waiting else {
-            return Step::Done(Ok(Flow::Continue));
+            Claim::Fill(tx) => {
+                let fill = Fill {
+                    store: self.store.clone(),
+                    key,
+                    tx: Some(tx),
+                };
+                self.miss(ctx, req, fill);
+                return Step::Done(Ok(Flow::Continue));
+            }
+            Claim::Wait(rx) => rx,
         };
         Step::Pending(Box::pin(async move {
             let filled = tokio::time::timeout(self.lock_timeout, rx.wait_for(Option::is_some))
@@ -634,6 +652,36 @@ mod tests {
                 kept <= most && kept > 0,
                 "{max_entries} {max_bytes}: kept {kept}"
             );
+        }
+    }
+
+    #[test]
+    fn a_fill_that_finished_before_the_claim_is_a_hit_not_a_second_fill() {
+        let store = Arc::new(Store::new(10, 1 << 20));
+        let headers = HeaderMap::new();
+        let Claim::Fill(tx) = store.claim(b"k", &headers) else {
+            panic!("the first request for a key fills it");
+        };
+        assert!(matches!(store.claim(b"k", &headers), Claim::Wait(_)));
+        let fill = Fill {
+            store: store.clone(),
+            key: b"k".to_vec(),
+            tx: Some(tx),
+        };
+        fill.complete(Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"once"),
+            stored: Instant::now(),
+            ttl: Duration::from_secs(60),
+            vary: Vec::new(),
+        });
+        assert!(store.filling.lock().is_ok_and(|f| f.is_empty()));
+        // A request whose look-up missed just before the fill completed, and which
+        // takes the lock just after: it gets the stored entry, not a key to fill again.
+        match store.join_or_fill(b"k", &headers) {
+            Claim::Hit(e) => assert_eq!(e.body, "once"),
+            Claim::Wait(_) | Claim::Fill(_) => panic!("a finished fill is a hit"),
         }
     }
 
