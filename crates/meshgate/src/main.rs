@@ -8,6 +8,7 @@ use std::process::ExitCode;
 mod control;
 mod ctl;
 mod demo;
+mod heap;
 mod mesh;
 mod proxy;
 
@@ -156,6 +157,7 @@ enum MeshAction {
 }
 
 fn main() -> ExitCode {
+    heap::keep_top_of_heap();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
