@@ -201,18 +201,24 @@ def main():
             print(f"| {name} | {rss:.1f} | {pss:.1f} | {anon:.1f} |")
         print(f"| nginx (master + worker) | {nginx_rss:.1f} | | |")
     finally:
-        # The control plane last, so that the sidecars deregister quickly.
-        for proc in reversed(procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except OSError:
-                pass
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        # The proxies first, waited for, so that the sidecars deregister from a control
+        # plane still running; then the control plane and the backend (started first).
+        for group in (procs[2:], procs[:2]):
+            stop(group)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stop(procs):
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except OSError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":
