@@ -80,17 +80,12 @@ pub struct Sidecar {
 
 /// Listeners named `name`, `name-2`, ... on `addresses`, as YAML flow mappings.
 fn listeners(name: &str, addresses: &[SocketAddr]) -> String {
-    let mut out = String::new();
-    for (i, a) in addresses.iter().enumerate() {
-        let sep = if i == 0 { "" } else { ", " };
-        let n = if i == 0 {
-            String::new()
-        } else {
-            format!("-{}", i + 1)
-        };
-        let _ = write!(out, "{sep}{{name: {name}{n}, address: \"{a}\"}}");
-    }
-    out
+    let listener = |(i, a): (usize, &SocketAddr)| match i {
+        0 => format!("{{name: {name}, address: \"{a}\"}}"),
+        _ => format!("{{name: {name}-{}, address: \"{a}\"}}", i + 1),
+    };
+    let all: Vec<String> = addresses.iter().enumerate().map(listener).collect();
+    all.join(", ")
 }
 
 /// Retries on the outbound side when an Api does not say: a try that never

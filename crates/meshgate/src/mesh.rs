@@ -14,6 +14,7 @@
 //! unless `--ip-family` says one. IPv6 outbound traffic is sent to `[::1]`, so
 //! the sidecar's outbound listener must listen there too.
 
+use ipnet::IpNet;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, ExitCode, Stdio};
@@ -60,24 +61,13 @@ fn port(p: &str) -> Result<u16, String> {
     }
 }
 
-/// A network, `A.B.C.D/N` or `X:X::X/N` (or one address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr(IpAddr, u8);
-
-fn cidr(c: &str) -> Result<Cidr, String> {
+/// A network, `A.B.C.D/N` or `X:X::X/N`, or one address (as the `ip-restriction`
+/// filter reads them).
+fn cidr(c: &str) -> Result<IpNet, String> {
     let c = c.trim();
-    let (ip, len) = c
-        .split_once('/')
-        .map_or((c, None), |(ip, len)| (ip, Some(len)));
-    let ip = ip
-        .parse::<IpAddr>()
-        .map_err(|_| format!("{c:?} is not a network (A.B.C.D/N or X:X::X/N)"))?;
-    let most = if ip.is_ipv4() { 32 } else { 128 };
-    match len.map(str::parse::<u8>) {
-        None => Ok(Cidr(ip, most)),
-        Some(Ok(len)) if len <= most => Ok(Cidr(ip, len)),
-        Some(_) => Err(format!("{c:?}: the prefix length must be 0 to {most}")),
-    }
+    c.parse::<IpNet>()
+        .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{c:?} is not a network (A.B.C.D/N or X:X::X/N)"))
 }
 
 /// The address families the rules are for.
@@ -137,7 +127,7 @@ pub struct IptablesArgs {
     /// Destination networks the workload reaches directly, comma-separated (IPv4
     /// or IPv6; each goes to its own family's rules).
     #[arg(long, value_delimiter = ',', value_parser = cidr)]
-    exclude_outbound_cidrs: Vec<Cidr>,
+    exclude_outbound_cidrs: Vec<IpNet>,
     /// The address families to intercept: `dual` writes the same rules with
     /// iptables and ip6tables (IPv6 skipped where the kernel has none).
     #[arg(long, value_enum, default_value_t = IpFamily::Dual)]
@@ -202,12 +192,9 @@ pub fn rules(a: &IptablesArgs, v6: bool) -> String {
     for p in &a.exclude_outbound_ports {
         let _ = writeln!(r, "-A MESHGATE_OUTPUT -p tcp --dport {p} -j RETURN");
     }
-    for Cidr(ip, len) in a
-        .exclude_outbound_cidrs
-        .iter()
-        .filter(|c| c.0.is_ipv6() == v6)
-    {
-        let _ = writeln!(r, "-A MESHGATE_OUTPUT -d {ip}/{len} -j RETURN");
+    let same_family = |n: &&IpNet| matches!(n, IpNet::V6(_)) == v6;
+    for net in a.exclude_outbound_cidrs.iter().filter(same_family) {
+        let _ = writeln!(r, "-A MESHGATE_OUTPUT -d {net} -j RETURN");
     }
     r.push_str("-A MESHGATE_OUTPUT -j MESHGATE_REDIRECT\n");
     for (from, to) in JUMPS {
@@ -241,16 +228,14 @@ pub fn iptables(a: &IptablesArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    if let Some(c) = a
+    if let Some(net) = a
         .exclude_outbound_cidrs
         .iter()
-        .find(|c| !a.ip_family.has(c.0.is_ipv6()))
+        .find(|n| !a.ip_family.has(matches!(n, IpNet::V6(_))))
     {
         let family = clap::ValueEnum::to_possible_value(&a.ip_family);
         eprintln!(
-            "meshgate mesh iptables: --exclude-outbound-cidrs {}/{} is not of --ip-family {}",
-            c.0,
-            c.1,
+            "meshgate mesh iptables: --exclude-outbound-cidrs {net} is not of --ip-family {}",
             family.as_ref().map_or("", |f| f.get_name())
         );
         return ExitCode::from(2);

@@ -10,15 +10,23 @@ const LIMITS: GuardLimits = GuardLimits {
 /// Feed the whole input and describe the outcome: how many bytes passed, and the
 /// rejection if any.
 fn run(input: &[u8]) -> (usize, Option<&'static str>) {
+    run_in_reads(input, &[])
+}
+
+/// `run`, with the input arriving in reads that end at `ends` (in order).
+fn run_in_reads(input: &[u8], ends: &[usize]) -> (usize, Option<&'static str>) {
     let mut s = Scanner::new(LIMITS);
     let mut passed = 0;
-    loop {
-        match s.step(&input[passed..]) {
-            Step::Pass(0) | Step::NeedMore => return (passed, None),
-            Step::Pass(n) => passed += n,
-            Step::Reject(r) => return (passed, Some(r.message)),
+    for &end in ends.iter().chain([&input.len()]) {
+        loop {
+            match s.step(&input[passed..end]) {
+                Step::Pass(0) | Step::NeedMore => break,
+                Step::Pass(n) => passed += n,
+                Step::Reject(r) => return (passed, Some(r.message)),
+            }
         }
     }
+    (passed, None)
 }
 
 #[test]
@@ -155,21 +163,7 @@ fn every_split_point_gives_the_verdict_of_the_whole_at_the_size_limits() {
         let m = sized_head(line, fields);
         assert_eq!(run(&m).1, want, "whole, line {line}, fields {fields}");
         for cut in 1..m.len() {
-            let mut s = Scanner::new(LIMITS);
-            let mut passed = 0;
-            let mut verdict = None;
-            'feed: for end in [cut, m.len()] {
-                loop {
-                    match s.step(&m[passed..end]) {
-                        Step::Pass(0) | Step::NeedMore => break,
-                        Step::Pass(n) => passed += n,
-                        Step::Reject(r) => {
-                            verdict = Some(r.message);
-                            break 'feed;
-                        }
-                    }
-                }
-            }
+            let verdict = run_in_reads(&m, &[cut]).1;
             assert_eq!(verdict, want, "line {line}, fields {fields}, cut at {cut}");
         }
     }
