@@ -16,11 +16,53 @@ pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
 }
 
+/// A client's request body as a server hands it over: from hyper (HTTP/2), or
+/// from meshgate's own HTTP/1 server.
+#[derive(Debug)]
+pub enum RequestBody {
+    Hyper(Incoming),
+    H1(crate::h1_server::Body),
+    /// A request that declared no body.
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::H1(b) => Pin::new(b).poll_frame(cx),
+            Self::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(b) => b.is_end_stream(),
+            Self::H1(b) => b.is_end_stream(),
+            Self::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper(b) => b.size_hint(),
+            Self::H1(b) => b.size_hint(),
+            Self::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The client's request body as the dispatcher hands it to invoke: still streaming,
 /// or already read whole because a filter needed it.
 #[derive(Debug)]
 pub enum Inbound {
-    Stream(Incoming),
+    Stream(RequestBody),
     Buffered(Bytes),
 }
 
@@ -37,7 +79,7 @@ pub enum UpstreamBody {
 /// dispatcher to answer 413 rather than 502 when the upstream call then fails.
 #[derive(Debug)]
 pub struct LimitedIncoming {
-    pub inner: Incoming,
+    pub inner: RequestBody,
     pub remaining: u64,
     pub exceeded: Arc<AtomicBool>,
 }
@@ -68,7 +110,7 @@ impl Body for UpstreamBody {
                 let frame = match Pin::new(&mut s.inner).poll_frame(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(None) => return Poll::Ready(None),
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                     Poll::Ready(Some(Ok(f))) => f,
                 };
                 if let Some(d) = frame.data_ref() {
@@ -122,6 +164,9 @@ enum Inner {
     Upstream(Incoming),
     H1(H1Body),
     Compressed(Box<crate::compress::Compressed>),
+    /// Frames given one by one with no length known (tests of the servers).
+    #[cfg(test)]
+    Frames(std::collections::VecDeque<Bytes>),
 }
 
 impl Inner {
@@ -131,6 +176,8 @@ impl Inner {
             Self::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Self::Compressed(b) => Pin::new(&mut **b).poll_frame(cx),
+            #[cfg(test)]
+            Self::Frames(f) => Poll::Ready(f.pop_front().map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -140,6 +187,8 @@ impl Inner {
             Self::Upstream(b) => b.is_end_stream(),
             Self::H1(b) => b.is_end_stream(),
             Self::Compressed(b) => b.is_end_stream(),
+            #[cfg(test)]
+            Self::Frames(f) => f.is_empty(),
         }
     }
 
@@ -149,6 +198,8 @@ impl Inner {
             Self::Upstream(b) => b.size_hint(),
             Self::H1(b) => b.size_hint(),
             Self::Compressed(_) => SizeHint::default(),
+            #[cfg(test)]
+            Self::Frames(_) => SizeHint::default(),
         }
     }
 }
@@ -201,6 +252,16 @@ impl ResponseBody {
 
     pub fn h1(b: H1Body) -> Self {
         Self::of(Inner::H1(b))
+    }
+
+    #[cfg(test)]
+    pub fn frames(parts: &[&'static str]) -> Self {
+        Self::of(Inner::Frames(
+            parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect(),
+        ))
     }
 
     pub fn on_complete(&mut self, c: Box<dyn Completion>) {

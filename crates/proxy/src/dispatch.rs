@@ -3,13 +3,13 @@
 
 use crate::Shared;
 use crate::access_log::LogSink;
+use crate::body::RequestBody;
 use crate::body::{Completion, Inbound, ResponseBody};
 use crate::invoke::{self, strip_hop_by_hop};
 use crate::metrics::ApiStats;
 use crate::respond::{self, X_REQUEST_ID};
 use crate::state::{Active, GatewayRt, service_of};
 use http::{HeaderValue, Request, Response, header};
-use hyper::body::Incoming;
 use meshgate_config::MeshSide;
 use meshgate_config::{Api, Invoke, Side};
 use meshgate_core::{ErrorCode, GatewayError, RequestCtx, RequestId};
@@ -184,7 +184,7 @@ impl Done {
 
 pub async fn handle(
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
     let active = conn.shared.active.load_full();
@@ -264,7 +264,7 @@ pub async fn handle(
     Ok(resp)
 }
 
-fn host_of(req: &Request<Incoming>) -> &str {
+fn host_of(req: &Request<RequestBody>) -> &str {
     let raw = req
         .uri()
         .host()
@@ -294,7 +294,7 @@ async fn serve(
     grt: &GatewayRt,
     ctx: &mut RequestCtx,
     done: &mut Done,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let gw = &grt.gateway;
     if let Some((t, _)) = &done.trace {

@@ -1,23 +1,18 @@
-//! A strict HTTP/1 framing guard in front of hyper.
+//! The strict HTTP/1 framing scanner of the HTTP/1.1 server (`h1_server`).
 //!
-//! hyper resolves some ambiguous framings on its own (it drops `Content-Length` when
-//! `Transfer-Encoding` is also present, and merges identical duplicate lengths). A
-//! gateway must instead refuse them: two hops that disagree on where a message ends
-//! is request smuggling. The guard scans the byte stream before hyper sees it, hands
-//! hyper only complete request heads it has checked, and tracks body framing so it
-//! always knows where the next head starts. On a bad head it stops reading, and the
-//! 4xx it prepared is written when hyper shuts the connection, so it can never
-//! interleave with a response hyper is still writing.
+//! Lenient parsers resolve some ambiguous framings on their own (hyper drops
+//! `Content-Length` when `Transfer-Encoding` is also present, and merges identical
+//! duplicate lengths). A gateway must instead refuse them: two hops that disagree on
+//! where a message ends is request smuggling. The scanner judges every request head
+//! before it is parsed, and tracks body framing so it always knows where the next
+//! head starts; the server reads bodies through it (`Scanner::body_step`). A refused
+//! request is answered with the 4xx `error_response` makes, and the connection closed.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use memchr::memmem::Finder;
 use meshgate_core::{ErrorCode, GatewayError, RequestId};
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
+use std::ops::Range;
 use std::sync::LazyLock;
-use std::task::{Context, Poll, ready};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Edge limits the scanner enforces.
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +63,17 @@ enum State {
     Rejected,
 }
 
+/// What one step of reading a body decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyStep {
+    /// These many bytes are body payload.
+    Data(usize),
+    /// These many bytes are chunk framing (sizes, line ends, trailers): drop them.
+    Framing(usize),
+    NeedMore,
+    Reject(Rejection),
+}
+
 /// What one step of scanning decided.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -80,15 +86,25 @@ pub enum Step {
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The sans-io scanner.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Scanner {
     state: State,
     limits: GuardLimits,
     /// Bytes of a chunked body's trailer section seen so far (bounded like headers).
     trailer_bytes: usize,
-    /// Header lines (byte ranges within the head just passed) to remove before hyper
-    /// sees them: upgrade requests are served as plain HTTP/1.1.
-    strip: Vec<std::ops::Range<usize>>,
+    /// Where the parts of the head last passed lie in it.
+    layout: Layout,
+}
+
+/// Where the parts of a checked request head lie in it (byte ranges from its
+/// start): the server builds the request from them without parsing it again.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    pub method: Range<usize>,
+    pub target: Range<usize>,
+    pub http10: bool,
+    /// Each header field's name and value (the value without surrounding blanks).
+    pub fields: Vec<(Range<usize>, Range<usize>)>,
 }
 
 impl Scanner {
@@ -97,13 +113,23 @@ impl Scanner {
             state: State::Start,
             limits,
             trailer_bytes: 0,
-            strip: Vec::new(),
+            layout: Layout::default(),
         }
     }
 
-    /// Header lines to cut from the head the last `Step::Pass` covered.
-    pub fn take_strip(&mut self) -> Vec<std::ops::Range<usize>> {
-        std::mem::take(&mut self.strip)
+    /// The layout of the head the last `Step::Pass` of a head covered.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// A copy that reads on from the same place in a body (without the layout).
+    pub fn body_reader(&self) -> Self {
+        Self {
+            state: self.state,
+            limits: self.limits,
+            trailer_bytes: self.trailer_bytes,
+            layout: Layout::default(),
+        }
     }
 
     pub fn is_passthrough(&self) -> bool {
@@ -119,8 +145,40 @@ impl Scanner {
     }
 
     /// True between messages: a rejection here can be answered with a response.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn at_boundary(&self) -> bool {
         matches!(self.state, State::Start | State::Head)
+    }
+
+    /// Within a request body (after a head that declared one, before its end).
+    pub fn in_body(&self) -> bool {
+        matches!(self.state, State::Length(_) | State::Chunked(_))
+    }
+
+    /// Read a body from the start of `data`: its payload bytes apart from the chunk
+    /// framing around them. The body has ended when `in_body` turns false.
+    pub fn body_step(&mut self, data: &[u8]) -> BodyStep {
+        if data.is_empty() {
+            return BodyStep::NeedMore;
+        }
+        match self.state {
+            State::Length(rem) => {
+                let n = (data.len() as u64).min(rem);
+                self.consume_length(n);
+                BodyStep::Data(n as usize)
+            }
+            State::Chunked(Chunk::Data(n)) if n > 0 => {
+                let take = (data.len() as u64).min(n);
+                self.state = State::Chunked(Chunk::Data(n - take));
+                BodyStep::Data(take as usize)
+            }
+            State::Chunked(c) => match self.chunked(c, data, true) {
+                Step::Pass(n) => BodyStep::Framing(n),
+                Step::NeedMore => BodyStep::NeedMore,
+                Step::Reject(r) => BodyStep::Reject(r),
+            },
+            _ => BodyStep::Framing(0),
+        }
     }
 
     pub fn consume_length(&mut self, n: u64) {
@@ -160,7 +218,7 @@ impl Scanner {
                 self.consume_length(n);
                 Step::Pass(n as usize)
             }
-            State::Chunked(c) => self.chunked(c, data),
+            State::Chunked(c) => self.chunked(c, data, false),
         }
     }
 
@@ -218,8 +276,12 @@ impl Scanner {
     }
 
     fn check_head(&mut self, head: &[u8]) -> Result<State, Rejection> {
-        self.strip.clear();
         let bad = |m| reject(ErrorCode::InvalidRequest, m);
+        let at = |part: &[u8]| {
+            let start = part.as_ptr() as usize - head.as_ptr() as usize;
+            start..start + part.len()
+        };
+        self.layout.fields.clear();
         let mut lines = lines(head);
         let first = lines.next().unwrap_or_default();
         let line = first
@@ -248,14 +310,14 @@ impl Scanner {
             b"HTTP/1.0" => true,
             _ => return Err(bad("unsupported HTTP version")),
         };
+        self.layout.method = at(method);
+        self.layout.target = at(target);
+        self.layout.http10 = http10;
         let mut count = 0usize;
         let mut header_bytes = 0usize;
-        let mut offset = first.len() + 1;
         let mut length: Option<u64> = None;
         let mut te: Option<bool> = None;
         for raw in lines {
-            let line_start = offset;
-            offset += raw.len() + 1;
             let line = raw
                 .strip_suffix(b"\r")
                 .ok_or_else(|| bad("bare LF in header section"))?;
@@ -293,6 +355,7 @@ impl Scanner {
             {
                 return Err(bad("control character in a header value"));
             }
+            self.layout.fields.push((at(name), at(value)));
             if name.eq_ignore_ascii_case(b"content-length") {
                 if length.is_some() {
                     return Err(bad("duplicate Content-Length"));
@@ -317,10 +380,6 @@ impl Scanner {
                     ));
                 }
                 te = Some(true);
-            } else if name.eq_ignore_ascii_case(b"upgrade")
-                || name.eq_ignore_ascii_case(b"http2-settings")
-            {
-                self.strip.push(line_start..offset);
             }
         }
         if te.is_some() && length.is_some() {
@@ -341,12 +400,18 @@ impl Scanner {
         })
     }
 
-    fn chunked(&mut self, mut c: Chunk, data: &[u8]) -> Step {
+    /// Scan chunked framing and data; with `stop_at_data`, stop where chunk data
+    /// starts, so a body reader can take the data apart from the framing.
+    fn chunked(&mut self, mut c: Chunk, data: &[u8], stop_at_data: bool) -> Step {
         let bad = |m| reject(ErrorCode::InvalidRequest, m);
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
             c = match c {
+                Chunk::Data(n) if n > 0 && stop_at_data => {
+                    self.state = State::Chunked(c);
+                    return Step::Pass(i);
+                }
                 Chunk::Data(n) if n > 0 => {
                     let take = ((data.len() - i) as u64).min(n);
                     i += take as usize;
@@ -467,8 +532,37 @@ fn trim(v: &[u8]) -> &[u8] {
 }
 
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
 }
+
+/// The token characters of RFC 9110 §5.6.2, by byte.
+static TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
 
 /// The bytes of a complete HTTP/1.1 error response that closes the connection.
 pub fn error_response(r: &Rejection, id: &RequestId) -> Bytes {
@@ -487,242 +581,9 @@ pub fn error_response(r: &Rejection, id: &RequestId) -> Bytes {
     out.freeze()
 }
 
-/// The connection around the guard: told about every rejection (metrics, access
-/// log), and asked how many requests hyper has answered, so a refusal never cuts
-/// off the responses to requests pipelined before it.
+/// Told about every refused request (metrics, access log).
 pub trait RejectSink: Send + Sync + 'static {
     fn rejected(&self, r: &Rejection, id: &RequestId);
-    /// Requests on this connection whose responses are complete.
-    fn answered(&self) -> u64;
-    /// Wake `waker` when `answered` grows.
-    fn wait_answered(&self, waker: &std::task::Waker);
-}
-
-/// An IO wrapper that feeds hyper only checked bytes.
-pub struct Guarded<IO> {
-    io: IO,
-    scan: Scanner,
-    /// Bytes read from the socket; the first `ready` of them are checked.
-    buf: BytesMut,
-    ready: usize,
-    eof: bool,
-    /// A prepared error response, written when hyper shuts the connection.
-    response: Option<Bytes>,
-    sink: std::sync::Arc<dyn RejectSink>,
-    /// Armed while a request head is partly received (slowloris defence).
-    header_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Where the current message starts in `buf`, while hyper has not seen its
-    /// head: a bad body can then still be refused whole.
-    msg_start: Option<usize>,
-    /// Requests checked and handed on (or about to be).
-    heads: u64,
-}
-
-impl<IO> Guarded<IO> {
-    pub fn new(io: IO, limits: GuardLimits, sink: std::sync::Arc<dyn RejectSink>) -> Self {
-        Self {
-            io,
-            scan: Scanner::new(limits),
-            buf: BytesMut::new(),
-            ready: 0,
-            eof: false,
-            response: None,
-            sink,
-            header_timer: None,
-            msg_start: None,
-            heads: 0,
-        }
-    }
-
-    /// Remove header lines (`strip`, relative to `start`) from the head at
-    /// `buf[start..start + len]`; returns the head's new length. Only upgrade
-    /// requests take this path.
-    fn cut(&mut self, start: usize, len: usize, strip: &[std::ops::Range<usize>]) -> usize {
-        let head = &self.buf[start..start + len];
-        let mut kept = Vec::with_capacity(len);
-        let mut pos = 0;
-        for r in strip {
-            kept.extend_from_slice(&head[pos..r.start]);
-            pos = r.end;
-        }
-        kept.extend_from_slice(&head[pos..]);
-        let tail = self.buf.split_off(start + len);
-        self.buf.truncate(start);
-        self.buf.extend_from_slice(&kept);
-        self.buf.extend_from_slice(&tail);
-        kept.len()
-    }
-
-    /// While a head is partly received, time it out; otherwise disarm.
-    fn poll_header_timer(&mut self, cx: &mut Context<'_>) -> bool {
-        let partial = self.scan.at_boundary() && self.buf.len() > self.ready;
-        if !partial {
-            self.header_timer = None;
-            return false;
-        }
-        let limit = self.scan.limits.header_read_timeout;
-        let timer = self
-            .header_timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        timer.as_mut().poll(cx).is_ready()
-    }
-
-    fn scan(&mut self) {
-        loop {
-            let at_boundary = self.scan.at_boundary();
-            match self.scan.step(&self.buf[self.ready..]) {
-                Step::Pass(0) | Step::NeedMore => return,
-                Step::Pass(n) => {
-                    let mut n = n;
-                    if at_boundary && !self.buf[self.ready..].starts_with(b"\r\n") {
-                        self.msg_start = Some(self.ready);
-                        self.heads += 1;
-                        let strip = self.scan.take_strip();
-                        if !strip.is_empty() {
-                            n = self.cut(self.ready, n, &strip);
-                        }
-                    }
-                    self.ready += n;
-                }
-                Step::Reject(r) => {
-                    let id = RequestId::generate();
-                    self.sink.rejected(&r, &id);
-                    // Refuse the whole message while hyper has not seen its head; once it
-                    // has, hyper is busy with the request and it can only be cut off.
-                    let unseen = if at_boundary {
-                        Some(self.ready)
-                    } else {
-                        self.msg_start
-                    };
-                    if let Some(start) = unseen {
-                        self.response = Some(error_response(&r, &id));
-                        self.ready = start;
-                        if !at_boundary {
-                            // the refused message's head was counted when it passed
-                            self.heads -= 1;
-                        }
-                    }
-                    self.buf.truncate(self.ready);
-                    self.eof = true;
-                    return;
-                }
-            }
-        }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if this.ready > 0 {
-                let n = this.ready.min(out.remaining());
-                out.put_slice(&this.buf[..n]);
-                this.buf.advance(n);
-                this.ready -= n;
-                // Once a byte of the current message went to hyper, its head is seen.
-                this.msg_start = this.msg_start.and_then(|m| m.checked_sub(n));
-                return Poll::Ready(Ok(()));
-            }
-            if this.eof {
-                // Before a prepared refusal, let hyper answer every request it already
-                // has: EOF now would make it drop them as if the client had left.
-                if this.response.is_some() && this.sink.answered() < this.heads {
-                    this.sink.wait_answered(cx.waker());
-                    if this.sink.answered() < this.heads {
-                        return Poll::Pending;
-                    }
-                }
-                return Poll::Ready(Ok(()));
-            }
-            if this.buf.is_empty() {
-                // Fast paths straight into hyper's buffer: HTTP/2, and a length-framed
-                // body at least as large as that buffer.
-                if this.scan.is_passthrough() {
-                    return Pin::new(&mut this.io).poll_read(cx, out);
-                }
-                if let Some(rem) = this.scan.length_remaining()
-                    && rem >= out.remaining() as u64
-                {
-                    let before = out.filled().len();
-                    ready!(Pin::new(&mut this.io).poll_read(cx, out))?;
-                    let n = out.filled().len() - before;
-                    if n == 0 {
-                        this.eof = true;
-                    }
-                    this.scan.consume_length(n as u64);
-                    return Poll::Ready(Ok(()));
-                }
-            }
-            this.buf.reserve(8192);
-            let n = match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
-                Poll::Ready(r) => r?,
-                Poll::Pending => {
-                    if this.poll_header_timer(cx) {
-                        // The head did not arrive in time: close without a response.
-                        let timeout = reject(ErrorCode::InvalidRequest, "header read timeout");
-                        this.sink.rejected(&timeout, &RequestId::generate());
-                        this.eof = true;
-                        continue;
-                    }
-                    return Poll::Pending;
-                }
-            };
-            if n == 0 {
-                this.eof = true;
-                continue;
-            }
-            this.scan();
-        }
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        while let Some(resp) = this.response.as_mut() {
-            if resp.is_empty() {
-                this.response = None;
-                break;
-            }
-            let n = ready!(Pin::new(&mut this.io).poll_write(cx, resp))?;
-            if n == 0 {
-                this.response = None;
-                break;
-            }
-            resp.advance(n);
-        }
-        ready!(Pin::new(&mut this.io).poll_flush(cx))?;
-        Pin::new(&mut this.io).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

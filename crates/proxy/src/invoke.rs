@@ -5,7 +5,6 @@ use crate::client::Transport;
 use crate::state::{Active, ClusterRt};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use meshgate_config::{Split, Target, Upstream};
 use meshgate_core::{ErrorCode, GatewayError, RequestCtx};
 use meshgate_upstream::{Observed, TryOutcome};
@@ -119,7 +118,7 @@ async fn prepare_body(
 
 /// Read the whole client body, failing with 413 past `limit` bytes.
 pub async fn collect_limited(
-    body: Incoming,
+    body: crate::body::RequestBody,
     limit: u64,
     exceeded: &Arc<AtomicBool>,
 ) -> Result<bytes::Bytes, GatewayError> {

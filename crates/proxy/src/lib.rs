@@ -16,6 +16,7 @@ mod dispatch;
 pub mod fuzzing;
 mod guard;
 mod h1;
+mod h1_server;
 mod health;
 mod invoke;
 mod lane;

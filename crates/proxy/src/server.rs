@@ -1,9 +1,11 @@
-//! Listeners and connections: accept, optional TLS, the HTTP/1 guard, hyper's
-//! HTTP/1.1 + HTTP/2 server, idle timeout and graceful drain per connection.
+//! Listeners and connections: accept, optional TLS, meshgate's HTTP/1.1 server
+//! (`h1_server`) or hyper's HTTP/2 server, idle timeout and graceful drain per
+//! connection.
 
 use crate::Shared;
 use crate::dispatch::{self, ConnInfo};
-use crate::guard::{GuardLimits, Guarded, RejectSink, Rejection};
+use crate::guard::{GuardLimits, RejectSink, Rejection};
+use crate::h1_server::{self, Stream};
 use crate::metrics::ReasonLabels;
 use crate::state::Active;
 use crate::transparent::Protocol;
@@ -299,14 +301,6 @@ impl RejectSink for Rejections {
         });
         log.write(line.to_string());
     }
-
-    fn answered(&self) -> u64 {
-        self.0.activity.answered.load(Ordering::Acquire)
-    }
-
-    fn wait_answered(&self, waker: &std::task::Waker) {
-        self.0.activity.answer_waker.register(waker);
-    }
 }
 
 fn limits_for(shared: &Shared, gateway: &str) -> Limits {
@@ -318,33 +312,15 @@ fn limits_for(shared: &Shared, gateway: &str) -> Limits {
         .unwrap_or_default()
 }
 
-/// How many header fields hyper parses into arrays on the stack. Setting any
-/// `max_headers` makes it allocate both arrays on the heap for every request (two
-/// 3 KiB allocations, past the allocator's per-thread cache).
-const HYPER_STACK_HEADERS: usize = 100;
-
+/// hyper serves HTTP/2 only; HTTP/1.1 is `h1_server`'s.
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    let mut h1 = b.http1();
-    h1.timer(TokioTimer::new())
-        // The guard times header reads; hyper's timer would also cut idle keep-alive.
-        .header_read_timeout(None)
-        .max_buf_size((limits.max_header_bytes + limits.max_request_line + 4096).max(8192))
-        .keep_alive(true)
-        // Flatten head and body into one write: for the small messages a gateway
-        // mostly carries this measured 5-15% more requests per CPU-second than writev.
-        .writev(false);
-    // The guard has already refused a head with more than `max_headers` fields (431),
-    // so hyper only has to take as many.
-    if limits.max_headers > HYPER_STACK_HEADERS {
-        h1.max_headers(limits.max_headers);
-    }
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_bytes as u32)
         .adaptive_window(true);
-    b
+    b.http2_only()
 }
 
 /// Request activity on one connection, for the idle timeout.
@@ -450,28 +426,33 @@ async fn serve_conn(
         original_dst: original,
     });
     info.activity.last.store(shared.now_ms(), Ordering::Relaxed);
-    let sink: Arc<dyn RejectSink> = Arc::new(Rejections(info.clone()));
-    let b = builder(&limits);
-    match io {
-        Accepted::Plain(stream) => {
-            let io = TokioIo::new(Guarded::new(stream, guard_limits, sink));
-            drive(b, io, info, limits.idle_timeout, removed).await;
+    let h2 = builder(&limits);
+    let stream = match io {
+        Accepted::Plain(s) => Stream::Plain(s),
+        Accepted::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+            drive(h2, TokioIo::new(s), info, limits.idle_timeout, removed).await;
+            return;
         }
-        Accepted::Tls(tls_stream) => {
-            if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                drive(
-                    b.http2_only(),
-                    TokioIo::new(tls_stream),
-                    info,
-                    limits.idle_timeout,
-                    removed,
-                )
-                .await;
-            } else {
-                let io = TokioIo::new(Guarded::new(tls_stream, guard_limits, sink));
-                drive(b, io, info, limits.idle_timeout, removed).await;
-            }
-        }
+        Accepted::Tls(s) => Stream::Tls(s),
+    };
+    let stop = Arc::new(StopFlag::default());
+    let watcher = tokio::spawn(watch_stop(
+        info.clone(),
+        limits.idle_timeout,
+        removed.clone(),
+        stop.clone(),
+    ));
+    let ctx = h1_server::ConnCtx {
+        info: info.clone(),
+        limits: guard_limits,
+        sink: Arc::new(Rejections(info.clone())),
+        stop,
+    };
+    let outcome = h1_server::serve(stream, ctx).await;
+    watcher.abort();
+    if let h1_server::Outcome::Http2 { read, io } = outcome {
+        let io = TokioIo::new(h1_server::Prefixed::new(read, io));
+        drive(h2, io, info, limits.idle_timeout, removed).await;
     }
 }
 
@@ -498,17 +479,15 @@ async fn drive<IO>(
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let svc_info = info.clone();
-    let svc = hyper::service::service_fn(move |req| dispatch::handle(svc_info.clone(), req));
+    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        dispatch::handle(svc_info.clone(), req.map(crate::body::RequestBody::Hyper))
+    });
     let conn = b.serve_connection(io, svc);
     tokio::pin!(conn);
     let stop = Arc::new(StopFlag::default());
     let watcher = tokio::spawn(watch_stop(info.clone(), idle, removed, stop.clone()));
     let stopped = std::future::poll_fn(|cx| {
-        if stop.raised.load(Ordering::Acquire) {
-            return std::task::Poll::Ready(());
-        }
-        stop.waker.register(cx.waker());
-        if stop.raised.load(Ordering::Acquire) {
+        if stop.poll_raised(cx) {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
@@ -530,9 +509,24 @@ async fn drive<IO>(
 
 /// Raised once when a connection should finish.
 #[derive(Debug, Default)]
-struct StopFlag {
+pub(crate) struct StopFlag {
     raised: std::sync::atomic::AtomicBool,
     waker: futures_util::task::AtomicWaker,
+}
+
+impl StopFlag {
+    pub(crate) fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
+    /// Whether it is raised; if not, `cx` is woken when it is.
+    pub(crate) fn poll_raised(&self, cx: &std::task::Context<'_>) -> bool {
+        if self.is_raised() {
+            return true;
+        }
+        self.waker.register(cx.waker());
+        self.is_raised()
+    }
 }
 
 /// Raise `stop` on drain, on removal of the listener, or after `idle` with no request.
