@@ -21,9 +21,13 @@ fn guard(input: &[u8], ends: &[usize]) -> (usize, bool) {
     for &end in ends.iter().chain([&input.len()]) {
         let end = end.clamp(passed, input.len());
         loop {
+            let at_head = s.at_boundary() && !input[passed..end].starts_with(b"\r\n");
             match s.step(&input[passed..end]) {
                 Step::Pass(0) | Step::NeedMore => break,
                 Step::Pass(n) => {
+                    if at_head && !s.is_passthrough() {
+                        layout_within(s.layout(), n);
+                    }
                     passed += n;
                     assert!(passed <= end, "passed bytes not yet read");
                 }
@@ -40,7 +44,28 @@ fn guard(input: &[u8], ends: &[usize]) -> (usize, bool) {
     (passed, false)
 }
 
-/// The request guard: never panics, and the network's cuts never change whether
+/// The server builds a request by slicing the head at the layout's ranges: they
+/// must lie within the head, and name something.
+fn layout_within(layout: &crate::guard::Layout, head_len: usize) {
+    let parts = [&layout.method, &layout.target]
+        .into_iter()
+        .chain(layout.fields.iter().map(|(name, _)| name));
+    for r in parts {
+        assert!(
+            r.start < r.end && r.end <= head_len,
+            "{r:?} in a {head_len}-byte head"
+        );
+    }
+    for (_, value) in &layout.fields {
+        assert!(
+            value.start <= value.end && value.end <= head_len,
+            "value {value:?}"
+        );
+    }
+}
+
+/// The request guard: never panics, lays out every head it passes within it, and
+/// the network's cuts never change whether
 /// it refuses a stream, nor what it passes of one it does not refuse. (Of a body
 /// refused part-way, the bytes before the fault may pass when they arrive apart.)
 /// The first two bytes choose the cuts.
