@@ -86,7 +86,7 @@ pub enum Step {
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The sans-io scanner.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Scanner {
     state: State,
     limits: GuardLimits,
@@ -98,7 +98,7 @@ pub struct Scanner {
 
 /// Where the parts of a checked request head lie in it (byte ranges from its
 /// start): the server builds the request from them without parsing it again.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Layout {
     pub method: Range<usize>,
     pub target: Range<usize>,

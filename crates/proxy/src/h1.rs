@@ -510,6 +510,15 @@ impl RequestFraming {
     }
 }
 
+/// One header field line of an HTTP/1 head, as both ends (this client and
+/// `h1_server`) write it.
+pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 fn encode_head(
     out: &mut Vec<u8>,
     method: &Method,
@@ -535,10 +544,7 @@ fn encode_head(
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
         RequestFraming::Length(n) => {

@@ -22,6 +22,7 @@
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::dispatch::{self, ConnInfo};
 use crate::guard::{self, BodyStep, GuardLimits, Layout, RejectSink, Rejection, Scanner, Step};
+use crate::h1::header_line;
 use crate::server::StopFlag;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -597,10 +598,7 @@ async fn respond(
     let declared = if bodiless && status != StatusCode::NOT_MODIFIED {
         None
     } else {
-        parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        crate::body::content_length(&parts.headers)
     };
     let mut keep = keep
         && !parts
@@ -750,13 +748,6 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 

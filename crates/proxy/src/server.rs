@@ -384,7 +384,7 @@ async fn serve_conn(
         t => t.map(|t| t.config.clone()),
     };
     let (io, peer) = match tls {
-        None => (Accepted::Plain(stream), None),
+        None => (Stream::Plain(stream), None),
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             let tls_stream =
@@ -407,7 +407,7 @@ async fn serve_conn(
                 .and_then(|c| c.first())
                 .and_then(|c| crate::mesh::spiffe_id(c))
                 .and_then(crate::dispatch::Peer::new);
-            (Accepted::Tls(Box::new(tls_stream)), peer)
+            (Stream::Tls(Box::new(tls_stream)), peer)
         }
     };
     let info = Arc::new(ConnInfo {
@@ -416,7 +416,7 @@ async fn serve_conn(
         client,
         client_ip: http::HeaderValue::from_str(&client.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
-        scheme: if matches!(io, Accepted::Tls(_)) {
+        scheme: if matches!(io, Stream::Tls(_)) {
             "https"
         } else {
             "http"
@@ -428,12 +428,11 @@ async fn serve_conn(
     info.activity.last.store(shared.now_ms(), Ordering::Relaxed);
     let h2 = builder(&limits);
     let stream = match io {
-        Accepted::Plain(s) => Stream::Plain(s),
-        Accepted::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+        Stream::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
             drive(h2, TokioIo::new(s), info, limits.idle_timeout, removed).await;
             return;
         }
-        Accepted::Tls(s) => Stream::Tls(s),
+        s => s,
     };
     let stop = Arc::new(StopFlag::default());
     let watcher = tokio::spawn(watch_stop(
@@ -454,12 +453,6 @@ async fn serve_conn(
         let io = TokioIo::new(h1_server::Prefixed::new(read, io));
         drive(h2, io, info, limits.idle_timeout, removed).await;
     }
-}
-
-/// A downstream connection once accepted (and TLS done).
-enum Accepted {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 /// Serve one connection until it ends. It is asked to finish (GOAWAY on h2,
