@@ -8,6 +8,8 @@ round:
   direct     wrk -> backend
   nginx      wrk -> nginx (proxy_pass, keep-alive) -> backend
   outbound   wrk -> sidecar A outbound (Host: local) -> backend              (one sidecar)
+  outbound-busy  the same through sidecar A2, which busy-polls for 50 us after each send
+             (MESHGATE_BUSY_POLL_US=50, ADR 0008)
   mesh       wrk -> sidecar A outbound (Host: echo) -> sidecar B inbound -> backend
   mesh-mtls  the same over mesh mTLS (Host: echo-tls, sidecar C, tls mode mesh)
   fused      wrk -> sidecar B, Gateway "public" (BFF mode) -> backend
@@ -39,7 +41,9 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import NGINX_CONF, ROOT, bench_args, free_port, rss_mib, start, wait_port, wrk  # noqa: E402
+from run import NGINX_CONF, ROOT, bench_args, cpu_seconds, free_port, rss_mib, start, wait_port, wrk  # noqa: E402
+
+BUSY_POLL_US = "50"
 
 TOKEN = "sidecar-bench-token"
 
@@ -125,9 +129,10 @@ def main():
         files = {"files": [{"name": "bench.yaml", "text": CONFIG.format(**p)}]}
         call(f"{control}/api/v1/apply", "POST", json.dumps(files).encode())
 
-        def sidecar(name, service, app, extra=(), workers="1"):
+        def sidecar(name, service, app, extra=(), workers="1", more_env=None):
             ports = {k: free_port() for k in ("inbound", "outbound", "admin")}
             e = dict(env, MESHGATE_WORKERS=workers) if workers else {k: v for k, v in env.items() if k != "MESHGATE_WORKERS"}
+            e.update(more_env or {})
             proc = start([mg, "proxy", "--role", "sidecar", "--control", control, "--node", name,
                           "--service", service, "--app", app,
                           "--inbound", f"127.0.0.1:{ports['inbound']}",
@@ -140,8 +145,9 @@ def main():
             return proc, ports
 
         b, b_ports = sidecar("b", "echo", f"127.0.0.1:{p['backend']}", ("--gateway", "public"))
-        sidecar("c", "echo-tls", f"127.0.0.1:{p['backend']}")
+        c, _ = sidecar("c", "echo-tls", f"127.0.0.1:{p['backend']}")
         s, s_ports = sidecar("a", "client", "127.0.0.1:1")
+        sb, sb_ports = sidecar("a2", "client-busy", "127.0.0.1:1", more_env={"MESHGATE_BUSY_POLL_US": BUSY_POLL_US})
         d, _ = sidecar("default-runtime", "idle", "127.0.0.1:1", workers=None)
         edge = start([mg, "proxy", "--control", control, "--node", "edge", "--gateway", "edge",
                       "--cache-dir", str(tmp / "cache-edge"), "--state-dir", str(tmp / "st-edge")],
@@ -153,37 +159,44 @@ def main():
         ng = start([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(tmp / "nginx.conf"),
                     "-e", str(tmp / "error.log")], 0)
         procs.append(ng)
-        for port in (p["public"], p["edge"], p["nginx"], s_ports["outbound"]):
+        for port in (p["public"], p["edge"], p["nginx"], s_ports["outbound"], sb_ports["outbound"]):
             wait_port(port)
         time.sleep(1.0)
         idle = {"sidecar A (1 worker)": memory(s.pid), "sidecar B (1 worker, BFF)": memory(b.pid),
                 "sidecar, default runtime": memory(d.pid), "edge proxy (1 worker)": memory(edge.pid)}
         nginx_rss = rss_mib(ng.pid)
         out = f"http://127.0.0.1:{s_ports['outbound']}/"
+        # Each path with the proxy processes it crosses, whose CPU time is measured.
         paths = [
-            ("direct", f"http://127.0.0.1:{p['backend']}/", ()),
-            ("nginx", f"http://127.0.0.1:{p['nginx']}/", ()),
-            ("outbound", out, ("Host: local",)),
-            ("mesh", out, ("Host: echo",)),
-            ("mesh-mtls", out, ("Host: echo-tls",)),
-            ("fused", f"http://127.0.0.1:{p['public']}/", ()),
-            ("two-hop", f"http://127.0.0.1:{p['edge']}/", ()),
+            ("direct", f"http://127.0.0.1:{p['backend']}/", (), ()),
+            ("nginx", f"http://127.0.0.1:{p['nginx']}/", (), (ng,)),
+            ("outbound", out, ("Host: local",), (s,)),
+            ("outbound-busy", f"http://127.0.0.1:{sb_ports['outbound']}/", ("Host: local",), (sb,)),
+            ("mesh", out, ("Host: echo",), (s, b)),
+            ("mesh-mtls", out, ("Host: echo-tls",), (s, c)),
+            ("fused", f"http://127.0.0.1:{p['public']}/", (), (b,)),
+            ("two-hop", f"http://127.0.0.1:{p['edge']}/", (), (edge, b)),
         ]
-        for name, url, h in paths:  # warm-up, and every path must answer 200
+        for name, url, h, _ in paths:  # warm-up, and every path must answer 200
             r = wrk(url, 10, 2, h)
             if r["errors"] or r["requests"] == 0:
                 sys.exit(f"{name}: {url} answered non-2xx during warm-up")
         results = {(n, c): [] for n, *_ in paths for c in (1, 10)}
         for rnd in range(a.rounds):
             for conns in (1, 10):
-                for name, url, h in paths:
+                for name, url, h, proxies in paths:
+                    cpu0 = sum(cpu_seconds(x.pid) for x in proxies)
                     r = wrk(url, conns, a.duration, h)
+                    cpu = sum(cpu_seconds(x.pid) for x in proxies) - cpu0
+                    r["per_cpu_s"] = r["requests"] / cpu if proxies and cpu > 0 else 0.0
                     results[(name, conns)].append(r)
-                    print(f"round {rnd + 1} c{conns:<2} {name:9} {r['rps']:>8.0f} req/s  p50 {r['p50'] * 1000:7.0f} us  "
-                          f"p99 {r['p99'] * 1000:7.0f} us  errors {r['errors']}", flush=True)
+                    print(f"round {rnd + 1} c{conns:<2} {name:13} {r['rps']:>8.0f} req/s  p50 {r['p50'] * 1000:7.0f} us  "
+                          f"p99 {r['p99'] * 1000:7.0f} us  {r['per_cpu_s']:>8.0f} req/proxy-CPU-s  "
+                          f"errors {r['errors']}", flush=True)
         print()
-        print("| path | conns | req/s | p50 us | p99 us | added p50 over direct, us | added p99, us |")
-        print("|---|---|---|---|---|---|---|")
+        print("| path | conns | req/s | p50 us | p99 us | added p50 over direct, us | added p99, us "
+              "| req per proxy CPU-s |")
+        print("|---|---|---|---|---|---|---|---|")
         for conns in (1, 10):
             base = results[("direct", conns)]
             for name, *_ in paths:
@@ -192,8 +205,9 @@ def main():
                 added = statistics.median(r["p50"] - b["p50"] for r, b in zip(rs, base)) * 1000
                 added99 = statistics.median(r["p99"] - b["p99"] for r, b in zip(rs, base)) * 1000
                 rps = statistics.median(x["rps"] for x in rs)
+                per_cpu = statistics.median(x["per_cpu_s"] for x in rs)
                 print(f"| {name} | {conns} | {rps:,.0f} | {med('p50'):.0f} | {med('p99'):.0f} | "
-                      f"{added:.0f} | {added99:.0f} |")
+                      f"{added:.0f} | {added99:.0f} | {f'{per_cpu:,.0f}' if per_cpu else '—'} |")
         print()
         print("| process, idle | RSS MiB | PSS MiB | anonymous MiB |")
         print("|---|---|---|---|")

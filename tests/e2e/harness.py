@@ -374,7 +374,8 @@ spec:
 class Gateway:
     """A meshgate process on a config directory it owns."""
 
-    def __init__(self, tmp_path, resources, limits="", extra_listener="", access_log=None, start=True):
+    def __init__(self, tmp_path, resources, limits="", extra_listener="", access_log=None, start=True, env=None):
+        self.env = dict(os.environ, **(env or {}))
         self.dir = Path(tmp_path) / "config"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -395,7 +396,7 @@ class Gateway:
         self.stderr = open(self.dir.parent / "meshgate.stderr", "w")
         self.state_dir = self.dir.parent / "state"
         self.proc = subprocess.Popen([BIN, "run", "-c", str(self.config_arg), "--state-dir", str(self.state_dir)],
-                                     stdout=subprocess.DEVNULL, stderr=self.stderr)
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr, env=self.env)
         wait_ready(self.proc, lambda: self.admin("GET", "/ready")[0] == 200, "meshgate", self.logs)
 
     def logs(self):

@@ -353,11 +353,17 @@ where
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // One worker (like nginx's worker_processes 1): a current-thread runtime has no
     // work-stealing or cross-thread wake-ups to pay for.
+    let busy_poll = busy_poll_budget();
     let rt = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        if let Some(budget) = busy_poll {
+            b.on_thread_park(meshgate_proxy::busy_poll::park_hook(budget));
+        }
+        b.enable_all().build()
     } else {
+        if busy_poll.is_some() {
+            tracing::warn!("MESHGATE_BUSY_POLL_US applies to one worker (MESHGATE_WORKERS=1); ignored");
+        }
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .enable_all()
@@ -370,7 +376,13 @@ where
             return ExitCode::from(3);
         }
     };
-    match rt.block_on(f()) {
+    let run = async {
+        if threads <= 1 && busy_poll.is_some() {
+            tokio::spawn(meshgate_proxy::busy_poll::spinner());
+        }
+        f().await
+    };
+    match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshgate: {e:#}");
@@ -522,4 +534,18 @@ fn run(
         };
         Ok(meshgate_proxy::run(options, snapshot, meshgate_proxy::Feed::default()).await?)
     })
+}
+
+/// `MESHGATE_BUSY_POLL_US`: how long a one-worker proxy keeps polling its sockets
+/// after it last sent something, instead of sleeping (`busy_poll`, ADR 0008).
+fn busy_poll_budget() -> Option<std::time::Duration> {
+    let raw = std::env::var("MESHGATE_BUSY_POLL_US").ok()?;
+    match raw.trim().parse::<u64>() {
+        Ok(0) => None,
+        Ok(us) => Some(std::time::Duration::from_micros(us.min(10_000))),
+        Err(_) => {
+            eprintln!("meshgate: MESHGATE_BUSY_POLL_US={raw:?} is not a whole number of microseconds; busy polling off");
+            None
+        }
+    }
 }

@@ -621,6 +621,7 @@ async fn exchange(
     }
     // Free on a plain socket; sends what TLS holds.
     conn.io.flush().await?;
+    crate::busy_poll::active();
     loop {
         if let Some(parsed) = parse_head(&mut conn.buf, method)? {
             return Ok(parsed);

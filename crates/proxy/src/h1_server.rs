@@ -730,7 +730,9 @@ async fn write_out(io: &mut Stream, out: &mut Vec<u8>) -> io::Result<()> {
     }
     io.write_all(out).await?;
     out.clear();
-    io.flush().await
+    io.flush().await?;
+    crate::busy_poll::active();
+    Ok(())
 }
 
 fn has_token(value: &[u8], token: &[u8]) -> bool {

@@ -7,6 +7,7 @@
 mod access_log;
 mod admin;
 mod body;
+pub mod busy_poll;
 mod client;
 mod compress;
 mod discovery;
