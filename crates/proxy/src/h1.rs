@@ -457,16 +457,18 @@ impl H1Pool {
                 H1Body::full(data)
             }
             framing => H1Body {
-                state: match framing {
-                    ResponseFraming::Length(n) => State::Length(n),
-                    ResponseFraming::Chunked => State::Chunked(Chunked::Size),
-                    ResponseFraming::Eof => State::Eof,
-                },
-                conn: Some(conn),
-                reusable: p.reusable,
-                home: Some((self.clone(), addr)),
                 full: None,
-                trailers: None,
+                rest: Some(Box::new(Rest {
+                    state: match framing {
+                        ResponseFraming::Length(n) => State::Length(n),
+                        ResponseFraming::Chunked => State::Chunked(Chunked::Size),
+                        ResponseFraming::Eof => State::Eof,
+                    },
+                    conn: Some(conn),
+                    reusable: p.reusable,
+                    home: Some((self.clone(), addr)),
+                    trailers: None,
+                })),
             },
         };
         let mut resp = Response::new(body);
@@ -808,11 +810,20 @@ pub(crate) enum Chunked {
 /// closed.
 #[derive(Debug)]
 pub struct H1Body {
+    /// A body that arrived whole with its head (most small responses).
+    full: Option<Bytes>,
+    /// A body still to be read from the connection. Boxed: a response is moved
+    /// through every layer above, and the whole body's response stays small.
+    rest: Option<Box<Rest>>,
+}
+
+/// The part of a response body still on its connection.
+#[derive(Debug)]
+struct Rest {
     state: State,
     conn: Option<Conn>,
     reusable: bool,
     home: Option<(Arc<H1Pool>, SocketAddr)>,
-    full: Option<Bytes>,
     trailers: Option<HeaderMap>,
 }
 
@@ -829,15 +840,13 @@ pub enum BodyError {
 impl H1Body {
     fn full(data: Bytes) -> Self {
         Self {
-            state: State::Done,
-            conn: None,
-            reusable: false,
-            home: None,
             full: (!data.is_empty()).then_some(data),
-            trailers: None,
+            rest: None,
         }
     }
+}
 
+impl Rest {
     /// The body ended: the connection goes back to its pool if it can.
     fn finish(&mut self) {
         if let Some(conn) = self.conn.take()
@@ -1014,6 +1023,9 @@ impl Body for H1Body {
         if let Some(data) = this.full.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
+        let Some(this) = this.rest.as_deref_mut() else {
+            return Poll::Ready(None);
+        };
         loop {
             match this.decode() {
                 Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
@@ -1049,14 +1061,18 @@ impl Body for H1Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.full.is_none() && matches!(self.state, State::Done) && self.trailers.is_none()
+        self.full.is_none()
+            && self
+                .rest
+                .as_ref()
+                .is_none_or(|r| matches!(r.state, State::Done) && r.trailers.is_none())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.full, &self.state) {
+        match (&self.full, self.rest.as_ref().map(|r| &r.state)) {
             (Some(b), _) => SizeHint::with_exact(b.len() as u64),
-            (None, State::Done) => SizeHint::with_exact(0),
-            (None, State::Length(n)) => SizeHint::with_exact(*n),
+            (None, None | Some(State::Done)) => SizeHint::with_exact(0),
+            (None, Some(State::Length(n))) => SizeHint::with_exact(*n),
             _ => SizeHint::default(),
         }
     }
