@@ -68,6 +68,8 @@ def test_busy_polling_serves_the_same_and_polls_only_while_traffic_flows(tmp_pat
     time.sleep(1.0)
     idle = cpu_seconds(busy.proc.pid) - before
     assert idle <= 0.1, f"busy-polling gateway used {idle:.2f} CPU-s while idle"
+    # The polling task does not hold up a graceful stop.
+    assert busy.stop() == 0, busy.logs()
 
 
 def test_a_bad_budget_is_reported_and_the_gateway_serves_without_it(tmp_path, backend, gateways):

@@ -362,7 +362,9 @@ where
         b.enable_all().build()
     } else {
         if busy_poll.is_some() {
-            tracing::warn!("MESHGATE_BUSY_POLL_US applies to one worker (MESHGATE_WORKERS=1); ignored");
+            tracing::warn!(
+                "MESHGATE_BUSY_POLL_US applies to one worker (MESHGATE_WORKERS=1); ignored"
+            );
         }
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
@@ -544,7 +546,9 @@ fn busy_poll_budget() -> Option<std::time::Duration> {
         Ok(0) => None,
         Ok(us) => Some(std::time::Duration::from_micros(us.min(10_000))),
         Err(_) => {
-            eprintln!("meshgate: MESHGATE_BUSY_POLL_US={raw:?} is not a whole number of microseconds; busy polling off");
+            eprintln!(
+                "meshgate: MESHGATE_BUSY_POLL_US={raw:?} is not a whole number of microseconds; busy polling off"
+            );
             None
         }
     }

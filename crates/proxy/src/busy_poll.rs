@@ -4,7 +4,7 @@
 //! again. Opt-in (`MESHGATE_BUSY_POLL_US`); ADR 0008 has the measurements.
 //!
 //! How: the runtime's `on_thread_park` hook runs just before the worker would block
-//! in `epoll_wait`. While the last activity ([`active`]) is younger than the budget,
+//! in `epoll_wait`. While the last activity (`active`) is younger than the budget,
 //! the hook wakes a task that does nothing ([`spinner`]); with a task queued the
 //! runtime polls the driver with a zero timeout instead of blocking, runs the task,
 //! and comes back to the hook. Once the budget has passed with nothing sent, the
@@ -110,9 +110,18 @@ mod tests {
             // The rest of the budget, then well past it.
             tokio::time::sleep(Duration::from_millis(60)).await;
             let after = parks_during(&parks, 20).await;
-            assert!(idle <= 5, "parked {idle} times with nothing sent: it polled");
-            assert!(busy >= 50, "parked only {busy} times within the budget: it slept");
-            assert!(after <= 5, "parked {after} times after the budget: it kept polling");
+            assert!(
+                idle <= 5,
+                "parked {idle} times with nothing sent: it polled"
+            );
+            assert!(
+                busy >= 50,
+                "parked only {busy} times within the budget: it slept"
+            );
+            assert!(
+                after <= 5,
+                "parked {after} times after the budget: it kept polling"
+            );
         });
         Ok(())
     }
