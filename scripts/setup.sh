@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a fresh Debian machine: the real peers
-# (curl, nginx, promtool, openssl, wrk, h2load, redis-server, etcd; protoc, which the
+# (curl, nginx, promtool, openssl, wrk, h2load, redis-server, etcd and etcdctl; protoc, which the
 # etcd client crate's build runs; iptables, ip and setpriv for the network-namespace
 # test of transparent interception) and a Python venv with the clients
 # (pytest, grpcio). Safe to run again: it only installs what is missing.
@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in curl:curl nginx:nginx-light promtool:prometheus openssl:openssl wrk:wrk h2load:nghttp2-client redis-server:redis-server etcd:etcd-server protoc:protobuf-compiler iptables:iptables ip:iproute2 setpriv:util-linux; do
+for pair in curl:curl nginx:nginx-light promtool:prometheus openssl:openssl wrk:wrk h2load:nghttp2-client redis-server:redis-server etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler iptables:iptables ip:iproute2 setpriv:util-linux; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
