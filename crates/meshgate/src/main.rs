@@ -353,7 +353,10 @@ where
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // One worker (like nginx's worker_processes 1): a current-thread runtime has no
     // work-stealing or cross-thread wake-ups to pay for.
-    let busy_poll = busy_poll_budget();
+    let mut busy_poll = busy_poll_budget();
+    if threads > 1 && busy_poll.take().is_some() {
+        tracing::warn!("MESHGATE_BUSY_POLL_US applies to one worker (MESHGATE_WORKERS=1); ignored");
+    }
     let rt = if threads <= 1 {
         let mut b = tokio::runtime::Builder::new_current_thread();
         if let Some(budget) = busy_poll {
@@ -361,11 +364,6 @@ where
         }
         b.enable_all().build()
     } else {
-        if busy_poll.is_some() {
-            tracing::warn!(
-                "MESHGATE_BUSY_POLL_US applies to one worker (MESHGATE_WORKERS=1); ignored"
-            );
-        }
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .enable_all()
@@ -379,8 +377,8 @@ where
         }
     };
     let run = async {
-        if threads <= 1 && busy_poll.is_some() {
-            tokio::spawn(meshgate_proxy::busy_poll::spinner());
+        if busy_poll.is_some() {
+            tokio::spawn(meshgate_proxy::busy_poll::Spinner);
         }
         f().await
     };

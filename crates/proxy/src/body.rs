@@ -72,13 +72,13 @@ pub enum Inbound {
 pub enum UpstreamBody {
     Empty,
     Full(Option<Bytes>),
-    Stream(LimitedIncoming),
+    Stream(LimitedBody),
 }
 
 /// The downstream body, failing once it passes `limit` bytes. `exceeded` tells the
 /// dispatcher to answer 413 rather than 502 when the upstream call then fails.
 #[derive(Debug)]
-pub struct LimitedIncoming {
+pub struct LimitedBody {
     pub inner: RequestBody,
     pub remaining: u64,
     pub exceeded: Arc<AtomicBool>,

@@ -5,7 +5,7 @@
 //!
 //! How: the runtime's `on_thread_park` hook runs just before the worker would block
 //! in `epoll_wait`. While the last activity (`active`) is younger than the budget,
-//! the hook wakes a task that does nothing ([`spinner`]); with a task queued the
+//! the hook wakes a task that does nothing ([`Spinner`]); with a task queued the
 //! runtime polls the driver with a zero timeout instead of blocking, runs the task,
 //! and comes back to the hook. Once the budget has passed with nothing sent, the
 //! worker sleeps as usual, so an idle proxy costs nothing.
@@ -56,11 +56,7 @@ pub fn park_hook(budget: Duration) -> impl Fn() + Send + Sync + 'static {
 
 /// The task the park hook wakes to keep the worker polling. Spawn it once on the
 /// runtime whose park hook is [`park_hook`]; it never finishes.
-pub fn spinner() -> impl Future<Output = ()> + Send + 'static {
-    Spinner
-}
-
-struct Spinner;
+pub struct Spinner;
 
 impl Future for Spinner {
     type Output = ();
@@ -103,7 +99,7 @@ mod tests {
             })
             .build()?;
         rt.block_on(async {
-            tokio::spawn(spinner());
+            tokio::spawn(Spinner);
             let idle = parks_during(&parks, 20).await;
             active();
             let busy = parks_during(&parks, 20).await;

@@ -3,8 +3,7 @@
 
 use crate::Shared;
 use crate::access_log::LogSink;
-use crate::body::RequestBody;
-use crate::body::{Completion, Inbound, ResponseBody};
+use crate::body::{Completion, Inbound, RequestBody, ResponseBody};
 use crate::invoke::{self, strip_hop_by_hop};
 use crate::metrics::ApiStats;
 use crate::respond::{self, X_REQUEST_ID};

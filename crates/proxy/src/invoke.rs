@@ -1,6 +1,6 @@
 //! The invoke phase for an upstream Api: split → balance → connect → retry/timeout.
 
-use crate::body::{Inbound, LimitedIncoming, ResponseBody, UpstreamBody};
+use crate::body::{Inbound, LimitedBody, ResponseBody, UpstreamBody};
 use crate::client::Transport;
 use crate::state::{Active, ClusterRt};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
@@ -108,7 +108,7 @@ async fn prepare_body(
         Some(n) if retries && n <= REPLAY_BUFFER => Ok(UpstreamBody::Full(Some(
             collect_limited(body, limit, exceeded).await?,
         ))),
-        _ => Ok(UpstreamBody::Stream(LimitedIncoming {
+        _ => Ok(UpstreamBody::Stream(LimitedBody {
             inner: body,
             remaining: limit,
             exceeded: exceeded.clone(),
@@ -122,7 +122,7 @@ pub async fn collect_limited(
     limit: u64,
     exceeded: &Arc<AtomicBool>,
 ) -> Result<bytes::Bytes, GatewayError> {
-    let limited = LimitedIncoming {
+    let limited = LimitedBody {
         inner: body,
         remaining: limit,
         exceeded: exceeded.clone(),
