@@ -110,7 +110,9 @@ class Net:
     def __init__(self, tmp_path):
         self.tag = "%04x" % random.randrange(1 << 16)
         self.prefix = f"10.{random.randrange(200, 250)}.{random.randrange(1, 250)}"
-        self.prefix6 = f"fd{random.randrange(256):02x}:{random.randrange(1 << 16):x}:{self.tag}"
+        # Written as the proxy prints addresses (no leading zeros in a group), so that
+        # the tests can compare them as strings.
+        self.prefix6 = f"fd{random.randrange(256):02x}:{random.randrange(1 << 16):x}:{int(self.tag, 16):x}"
         self.bridge = f"mgbr{self.tag}"
         self.tmp_path = tmp_path
         # The sidecars run as PROXY_UID: their cache and state go where it can write.
