@@ -12,8 +12,13 @@ from harness import Gateway, api, free_port
 IDENTITY = dict(request_serializer=None, response_deserializer=None)
 
 
+FORWARDING = ("x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
+
+
 def _unary(request, context):
-    context.set_trailing_metadata((("x-trailer", "t1"),))
+    # The forwarding fields the gateway set, echoed back as trailers.
+    seen = tuple((f"seen-{k}", v) for k, v in context.invocation_metadata() if k in FORWARDING)
+    context.set_trailing_metadata((("x-trailer", "t1"),) + seen)
     return b"echo:" + request
 
 
@@ -83,6 +88,13 @@ def test_unary_with_trailers(channel):
     assert resp == b"echo:hi"
     assert ("x-trailer", "t1") in info.trailing_metadata()
     assert info.code() == grpc.StatusCode.OK
+    # An HTTP/2 upstream gets the forwarding fields too, each once.
+    seen = [(k, v) for k, v in info.trailing_metadata() if k.startswith("seen-")]
+    assert sorted(k for k, _ in seen) == sorted(f"seen-{k}" for k in FORWARDING)
+    seen = dict(seen)
+    assert seen["seen-x-forwarded-for"] == "127.0.0.1"
+    assert seen["seen-x-forwarded-proto"] == "http"
+    assert len(seen["seen-x-request-id"]) == 32
 
 
 def test_server_streaming(channel):

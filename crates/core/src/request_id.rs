@@ -27,10 +27,10 @@ impl RequestId {
     /// A random 128-bit id, hex encoded (32 characters).
     pub fn generate() -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let n = fastrand::u128(..);
         let mut buf = [0u8; 32];
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = HEX[((n >> (i * 4)) & 0xf) as usize];
+        for (pair, b) in buf.chunks_exact_mut(2).zip(fastrand::u128(..).to_le_bytes()) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 0xf)];
         }
         // Hex digits are always a valid header value. An owned buffer makes clones
         // (request and response headers, logs) reference counts, not copies.

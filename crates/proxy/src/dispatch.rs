@@ -4,6 +4,7 @@
 use crate::Shared;
 use crate::access_log::LogSink;
 use crate::body::{Completion, Inbound, RequestBody, ResponseBody};
+use crate::forwarded::{Forwarded, Outgoing};
 use crate::invoke::{self, strip_hop_by_hop};
 use crate::metrics::ApiStats;
 use crate::respond::{self, X_REQUEST_ID};
@@ -54,10 +55,6 @@ impl Peer {
         })
     }
 }
-
-const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-forwarded-host");
 
 /// What the completion hook needs to log and count the request.
 struct Done {
@@ -424,13 +421,14 @@ async fn serve(
     if let Some(t) = &up.rewrite {
         set_path(&mut parts.uri, Some(t.render(|n| ctx.capture(n))))?;
     }
-    forwarding_headers(&mut parts.headers, ctx, conn, client_host);
+    let forwarded = forwarding(&mut parts.headers, ctx, conn, client_host);
+    let out = Outgoing { parts, forwarded };
     let body = match ctx.extensions.remove::<meshgate_core::Mirrors>() {
-        Some(m) => crate::mirror::start(active, m, ctx, &parts, body, limit).await?,
+        Some(m) => crate::mirror::start(active, m, ctx, &out, body, limit).await?,
         None => body,
     };
     let own = active.api_clusters[api_idx].as_ref();
-    let answer = invoke::call(active, own, up, ctx, parts, body, limit).await?;
+    let answer = invoke::call(active, own, up, ctx, out, body, limit).await?;
     done.upstream = answer.endpoint;
     done.upstream_ms = Some(answer.elapsed.as_secs_f64() * 1e3);
     let (mut rparts, rbody) = answer.response.into_parts();
@@ -491,31 +489,28 @@ fn set_path(uri: &mut http::Uri, path: Option<String>) -> Result<(), GatewayErro
     Ok(())
 }
 
-fn forwarding_headers(
+/// Hop-by-hop and identity headers settled in `h`, and the forwarding fields that go
+/// upstream with it.
+fn forwarding(
     h: &mut http::HeaderMap,
     ctx: &RequestCtx,
     conn: &ConnInfo,
     host: Option<HeaderValue>,
-) {
+) -> Forwarded {
     strip_hop_by_hop(h, ctx.grpc);
     identity_headers(h, ctx, conn.peer.as_ref());
-    // Room for the four set below in one regrowth, not two.
-    h.reserve(4);
-    h.insert(X_REQUEST_ID, ctx.request_id.header_value().clone());
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.client.ip())).ok(),
-        None => Some(conn.client_ip.clone()),
-    };
-    if let Some(v) = xff {
-        h.insert(X_FORWARDED_FOR, v);
+    if let Some(v) = &host
+        && !h.contains_key(header::HOST)
+    {
+        h.insert(header::HOST, v.clone());
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
-    if let Some(v) = host {
-        if !h.contains_key(header::HOST) {
-            h.insert(header::HOST, v.clone());
-        }
-        h.insert(X_FORWARDED_HOST, v);
-    }
+    Forwarded::take(
+        h,
+        ctx.request_id.header_value().clone(),
+        &conn.client_ip,
+        conn.scheme,
+        host,
+    )
 }
 
 const X_CONSUMER_NAME: header::HeaderName = header::HeaderName::from_static("x-consumer-name");

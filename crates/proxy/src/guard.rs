@@ -266,13 +266,111 @@ impl Scanner {
             ));
         }
         let head_len = end + 4;
-        match self.check_head(&data[..end + 1]) {
+        let head = &data[..end + 1];
+        let checked = match self.fast_head(head) {
+            Some(next) => Ok(next),
+            None => self.check_head(head),
+        };
+        match checked {
             Ok(next) => {
                 self.state = next;
                 Step::Pass(head_len)
             }
             Err(r) => self.fail(r),
         }
+    }
+
+    /// The common case of `check_head` in one pass over the head: a request line
+    /// and fields made only of the bytes a well-formed head has, within every limit.
+    /// `None` as soon as anything is unusual; `check_head` then judges the head and
+    /// names what is wrong. What this accepts, `check_head` accepts with the same
+    /// layout (a randomised test compares them).
+    fn fast_head(&mut self, head: &[u8]) -> Option<State> {
+        let n = head.len();
+        let scan = |mut i: usize, class: &[bool; 256]| {
+            while i < n && class[usize::from(head[i])] {
+                i += 1;
+            }
+            i
+        };
+        // METHOD SP TARGET SP HTTP/1.x CR LF; the head ends at the CR of its last line.
+        let method_end = scan(0, &TCHAR);
+        if method_end == 0 || head.get(method_end) != Some(&b' ') {
+            return None;
+        }
+        let target_end = scan(method_end + 1, &TARGET);
+        if target_end == method_end + 1 || head.get(target_end) != Some(&b' ') {
+            return None;
+        }
+        let version_end = target_end + 9;
+        let http10 = match head.get(target_end + 1..version_end)? {
+            b"HTTP/1.1" => false,
+            b"HTTP/1.0" => true,
+            _ => return None,
+        };
+        if version_end > self.limits.max_request_line || head.get(version_end) != Some(&b'\r') {
+            return None;
+        }
+        let layout = &mut self.layout;
+        layout.method = 0..method_end;
+        layout.target = method_end + 1..target_end;
+        layout.http10 = http10;
+        layout.fields.clear();
+        let mut i = version_end + 1;
+        let mut header_bytes = 0usize;
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        while i < n {
+            if head[i] != b'\n' {
+                return None;
+            }
+            let start = i + 1;
+            let name_end = scan(start, &TCHAR);
+            if name_end == start || head.get(name_end) != Some(&b':') {
+                return None;
+            }
+            let value_start = scan(name_end + 1, &BLANK);
+            let cr = scan(value_start, &FIELD_VCHAR);
+            if head.get(cr) != Some(&b'\r') {
+                return None;
+            }
+            let mut value_end = cr;
+            while value_end > value_start && BLANK[usize::from(head[value_end - 1])] {
+                value_end -= 1;
+            }
+            header_bytes += cr + 2 - start;
+            if layout.fields.len() == self.limits.max_headers
+                || header_bytes > self.limits.max_header_bytes
+            {
+                return None;
+            }
+            let (name, value) = (&head[start..name_end], &head[value_start..value_end]);
+            if name.eq_ignore_ascii_case(b"content-length") {
+                if length.is_some() {
+                    return None;
+                }
+                length = Some(parse_length(value)?);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                if chunked || http10 || !value.eq_ignore_ascii_case(b"chunked") {
+                    return None;
+                }
+                chunked = true;
+            }
+            layout
+                .fields
+                .push((start..name_end, value_start..value_end));
+            i = cr + 1;
+        }
+        Some(match (chunked, length) {
+            (true, None) => State::Chunked(Chunk::Size {
+                value: 0,
+                digits: 0,
+                ext: false,
+            }),
+            (true, Some(_)) => return None,
+            (false, Some(n)) if n > 0 => State::Length(n),
+            (false, _) => State::Head,
+        })
     }
 
     fn check_head(&mut self, head: &[u8]) -> Result<State, Rejection> {
@@ -360,13 +458,7 @@ impl Scanner {
                 if length.is_some() {
                     return Err(bad("duplicate Content-Length"));
                 }
-                if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-                    return Err(bad("invalid Content-Length"));
-                }
-                let v = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok());
-                length = Some(v.ok_or_else(|| bad("invalid Content-Length"))?);
+                length = Some(parse_length(value).ok_or_else(|| bad("invalid Content-Length"))?);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 if te.is_some() {
                     return Err(bad("duplicate Transfer-Encoding"));
@@ -535,34 +627,57 @@ fn is_tchar(b: u8) -> bool {
     TCHAR[usize::from(b)]
 }
 
-/// The token characters of RFC 9110 §5.6.2, by byte.
-static TCHAR: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'!' | b'#'
-                    | b'$'
-                    | b'%'
-                    | b'&'
-                    | b'\''
-                    | b'*'
-                    | b'+'
-                    | b'-'
-                    | b'.'
-                    | b'^'
-                    | b'_'
-                    | b'`'
-                    | b'|'
-                    | b'~'
-            );
-        b += 1;
+/// A `Content-Length` value: 1 to 19 digits.
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
     }
-    t
-};
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// A class of bytes as a table: whether `$c` is in it, for every byte.
+macro_rules! byte_class {
+    ($c:ident => $member:expr) => {{
+        let mut t = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let $c = b as u8;
+            t[b] = $member;
+            b += 1;
+        }
+        t
+    }};
+}
+
+/// What a request target is made of (visible ASCII).
+static TARGET: [bool; 256] = byte_class!(c => c > 0x20 && c < 0x7f);
+/// What a field value is made of: no control character but tab.
+static FIELD_VCHAR: [bool; 256] = byte_class!(c => c == b'\t' || (c >= 0x20 && c != 0x7f));
+static BLANK: [bool; 256] = byte_class!(c => c == b' ' || c == b'\t');
+
+/// The token characters of RFC 9110 §5.6.2, by byte.
+static TCHAR: [bool; 256] = byte_class!(c => token_char(c));
+
+const fn token_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric()
+        || matches!(
+            c,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
 
 /// The bytes of a complete HTTP/1.1 error response that closes the connection.
 pub fn error_response(r: &Rejection, id: &RequestId) -> Bytes {

@@ -11,6 +11,7 @@
 
 use crate::body::UpstreamBody;
 use crate::client::{Secure, UpstreamIo};
+use crate::forwarded::Forwarded;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
@@ -413,12 +414,7 @@ impl H1Pool {
         body: UpstreamBody,
         queued: &AtomicBool,
     ) -> Result<Response<H1Body>, H1Error> {
-        let Head {
-            authority,
-            method,
-            path,
-            headers,
-        } = req;
+        let (method, headers) = (req.method, req.headers);
         let framing = RequestFraming::of(&body, headers);
         let resend =
             matches!(body, UpstreamBody::Empty | UpstreamBody::Full(_)) && (method.is_idempotent());
@@ -432,7 +428,7 @@ impl H1Pool {
             };
             let mut head = std::mem::take(&mut conn.head);
             head.clear();
-            encode_head(&mut head, method, path, authority, headers, framing);
+            encode_head(&mut head, &req, framing);
             let result = exchange(&mut conn, &mut head, this_body, framing, method).await;
             conn.head = head;
             match result {
@@ -485,6 +481,8 @@ pub struct Head<'a> {
     pub method: &'a Method,
     pub path: &'a PathAndQuery,
     pub headers: &'a HeaderMap,
+    /// Written after `headers`.
+    pub forwarded: &'a Forwarded,
 }
 
 /// How the request body is framed on the wire.
@@ -521,14 +519,14 @@ pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn encode_head(
-    out: &mut Vec<u8>,
-    method: &Method,
-    path: &PathAndQuery,
-    authority: &Authority,
-    headers: &HeaderMap,
-    framing: RequestFraming,
-) {
+fn encode_head(out: &mut Vec<u8>, req: &Head<'_>, framing: RequestFraming) {
+    let Head {
+        authority,
+        method,
+        path,
+        headers,
+        forwarded,
+    } = *req;
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_str().as_bytes());
@@ -547,6 +545,9 @@ fn encode_head(
             continue;
         }
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    for (name, value) in forwarded.fields() {
+        header_line(out, name.as_bytes(), value);
     }
     match framing {
         RequestFraming::Length(n) => {

@@ -2,6 +2,7 @@
 
 use crate::body::{Inbound, LimitedBody, ResponseBody, UpstreamBody};
 use crate::client::Transport;
+use crate::forwarded::Outgoing;
 use crate::state::{Active, ClusterRt};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
@@ -179,12 +180,12 @@ pub async fn call(
     own: Option<&Arc<ClusterRt>>,
     up: &Upstream,
     ctx: &RequestCtx,
-    parts: http::request::Parts,
+    out: Outgoing,
     body: Inbound,
     body_limit: u64,
 ) -> Result<Answer, GatewayError> {
     let start = Instant::now();
-    let target = pick_target(&up.split, &parts.headers);
+    let target = pick_target(&up.split, &out.parts.headers);
     let name = target.service.as_deref().unwrap_or(&up.service);
     let rt: &Arc<ClusterRt> = match (&target.service, own) {
         (None, Some(rt)) => rt,
@@ -196,7 +197,7 @@ pub async fn call(
         })?,
     };
     let Some(breaker) = &rt.breaker else {
-        return tries(rt, name, target, up, ctx, parts, body, body_limit, start).await;
+        return tries(rt, name, target, up, ctx, out, body, body_limit, start).await;
     };
     let ticket = match breaker.admit(start) {
         Ok(t) => t,
@@ -205,7 +206,7 @@ pub async fn call(
             return refused(rt, name, refusal);
         }
     };
-    let result = tries(rt, name, target, up, ctx, parts, body, body_limit, start).await;
+    let result = tries(rt, name, target, up, ctx, out, body, body_limit, start).await;
     let failed = match &result {
         Ok(a) => a.response.status().is_server_error(),
         Err(e) => matches!(
@@ -263,11 +264,15 @@ async fn tries(
     target: &Target,
     up: &Upstream,
     ctx: &RequestCtx,
-    mut parts: http::request::Parts,
+    out: Outgoing,
     body: Inbound,
     body_limit: u64,
     start: Instant,
 ) -> Result<Answer, GatewayError> {
+    let Outgoing {
+        mut parts,
+        forwarded,
+    } = out;
     let mut timeout = up.timeout;
     if ctx.grpc
         && let Some(t) = grpc_timeout(&parts.headers)
@@ -323,6 +328,7 @@ async fn tries(
     if matches!(rt.transport, Transport::H2(_)) {
         // HTTP/2 carries the authority in :authority; a differing Host is malformed.
         parts.headers.remove(header::HOST);
+        forwarded.insert_into(&mut parts.headers);
     }
     let mut avoid = None;
     let mut tries = 0u32;
@@ -365,6 +371,7 @@ async fn tries(
                     method: &parts.method,
                     path: &path_and_query,
                     headers: &parts.headers,
+                    forwarded: &forwarded,
                 };
                 let send = pool.send(endpoint, head, this_body, &queued);
                 let r = tokio::time::timeout_at(try_deadline, send).await;

@@ -12,6 +12,7 @@ mod client;
 mod compress;
 mod discovery;
 mod dispatch;
+mod forwarded;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

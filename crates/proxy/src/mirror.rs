@@ -7,6 +7,7 @@
 //! the copy counts as skipped. The main request never waits for a copy's answer.
 
 use crate::body::Inbound;
+use crate::forwarded::Outgoing;
 use crate::invoke;
 use crate::state::Active;
 use bytes::Bytes;
@@ -23,11 +24,11 @@ pub async fn start(
     active: &Arc<Active>,
     mirrors: Mirrors,
     ctx: &RequestCtx,
-    parts: &http::request::Parts,
+    out: &Outgoing,
     body: Inbound,
     limit: u64,
 ) -> Result<Inbound, GatewayError> {
-    let (body, copy) = body_copy(body, parts, &mirrors, limit).await?;
+    let (body, copy) = body_copy(body, &out.parts, &mirrors, limit).await?;
     for to in mirrors.0 {
         match copy
             .as_ref()
@@ -37,7 +38,7 @@ pub async fn start(
                 active.clone(),
                 to,
                 ctx.clone(),
-                shadow_parts(parts),
+                shadow(out),
                 bytes.clone(),
                 limit,
             ),
@@ -80,7 +81,8 @@ async fn body_copy(
 
 /// The copy's head: the request as it goes upstream, with `-shadow` added to the
 /// host (as Envoy does) so the mirror Service can tell copies apart.
-fn shadow_parts(parts: &http::request::Parts) -> http::request::Parts {
+fn shadow(out: &Outgoing) -> Outgoing {
+    let parts = &out.parts;
     let mut req = http::Request::new(());
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
@@ -97,14 +99,17 @@ fn shadow_parts(parts: &http::request::Parts) -> http::request::Parts {
             copy.headers.insert(header::HOST, v);
         }
     }
-    copy
+    Outgoing {
+        parts: copy,
+        forwarded: out.forwarded.clone(),
+    }
 }
 
 fn send(
     active: Arc<Active>,
     to: MirrorTo,
     ctx: RequestCtx,
-    parts: http::request::Parts,
+    out: Outgoing,
     body: Bytes,
     limit: u64,
 ) {
@@ -122,7 +127,7 @@ fn send(
             None,
             &up,
             &ctx,
-            parts,
+            out,
             Inbound::Buffered(body),
             limit,
         );

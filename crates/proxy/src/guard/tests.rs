@@ -298,6 +298,171 @@ mod random {
             prop_assert_eq!(whole, parts);
         }
     }
+
+    proptest! {
+        // Heads the one-pass check accepts and that carry one wrong byte are rare
+        // among random ones: many cases, so that a wrong byte class shows.
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn the_one_pass_check_accepts_only_what_the_full_check_accepts(
+            line in one_pass::line(),
+            fields in prop::collection::vec(one_pass::field(), 0..7),
+            muts in prop::collection::vec((0usize..120, one_pass::byte()), 0..3),
+        ) {
+            let mut head = one_pass::head(line, &fields);
+            for (pos, b) in muts {
+                let i = pos % head.len();
+                head[i] = b;
+            }
+            one_pass::agree(&head);
+        }
+    }
+}
+
+mod one_pass {
+    //! `Scanner::fast_head` against `Scanner::check_head`.
+    use super::*;
+    use proptest::prelude::*;
+
+    // Each list starts with the fragments a well-formed head may have.
+    const METHODS: [&str; 5] = ["GET", "POST", "G T", "", "GE\x01T"];
+    const TARGETS: [&str; 6] = ["/", "/a?b=c", "*", "/\x7f", "/a b", ""];
+    const VERSIONS: [&str; 4] = ["HTTP/1.1", "HTTP/1.0", "HTTP/1.2", "http/1.1"];
+    const ENDS: [&str; 4] = ["\r\n", "\n", "\r", "\r\r\n"];
+    const NAMES: [&str; 9] = [
+        "Host",
+        "content-length",
+        "Content-Length",
+        "transfer-encoding",
+        "x-a",
+        "",
+        "bad name",
+        " x",
+        "a\x00",
+    ];
+    const SEPS: [&str; 4] = [":", ": ", ":\t ", " :"];
+    const VALUES: [&str; 13] = [
+        "a",
+        "0",
+        "12",
+        " 7 ",
+        "chunked",
+        "gzip, chunked",
+        "",
+        "\t",
+        "99999999999999999999",
+        "\u{e9}",
+        "b\x7f",
+        "x\x01y",
+        "a\rb",
+    ];
+
+    /// An index into a list whose first `good` entries are well-formed: mostly one
+    /// of those, so that heads the one-pass check accepts are common.
+    fn pick(len: usize, good: usize) -> impl Strategy<Value = usize> {
+        prop_oneof![4 => 0..good, 1 => 0..len]
+    }
+
+    /// (method, target, version, line end) of a request line.
+    pub fn line() -> impl Strategy<Value = (usize, usize, usize, usize)> {
+        (pick(5, 2), pick(6, 3), pick(4, 2), pick(4, 1))
+    }
+
+    /// (line end before it, name, separator, value) of a field.
+    pub fn field() -> impl Strategy<Value = (usize, usize, usize, usize)> {
+        (pick(4, 1), pick(9, 5), pick(4, 3), pick(13, 10))
+    }
+
+    /// A byte to put somewhere in a head: often one that means something there.
+    pub fn byte() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            any::<u8>(),
+            prop::sample::select(&[0, b'\t', b'\r', b'\n', b' ', b':', 0x7f, 0x80, 0xff][..]),
+        ]
+    }
+
+    /// A head as `check_head` gets it (up to the CR that starts its end), built
+    /// from the fragments above: (method, target, version, line end) and, per
+    /// field, (line end before it, name, separator, value).
+    pub fn head(
+        (m, t, v, e): (usize, usize, usize, usize),
+        fields: &[(usize, usize, usize, usize)],
+    ) -> Vec<u8> {
+        let mut h = format!("{} {} {}", METHODS[m], TARGETS[t], VERSIONS[v]);
+        let mut end = ENDS[e];
+        for &(e, n, sep, v) in fields {
+            h.push_str(ENDS[e]);
+            h.push_str(NAMES[n]);
+            h.push_str(SEPS[sep]);
+            h.push_str(VALUES[v]);
+            end = ENDS[e];
+        }
+        // Most heads end as a real one does.
+        if end != "\r" {
+            h.push('\r');
+        }
+        h.into_bytes()
+    }
+
+    /// Both checks on `head`: what the one-pass check accepts, the full one accepts
+    /// with the same state and layout. Whether the one-pass check accepted.
+    pub fn agree(head: &[u8]) -> bool {
+        let (mut fast, mut full) = (Scanner::new(LIMITS), Scanner::new(LIMITS));
+        let Some(next) = fast.fast_head(head) else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(head);
+        assert_eq!(full.check_head(head), Ok(next), "{text:?}");
+        let (a, b) = (fast.layout(), full.layout());
+        assert_eq!(
+            (&a.method, &a.target, a.http10, &a.fields),
+            (&b.method, &b.target, b.http10, &b.fields),
+            "{text:?}"
+        );
+        true
+    }
+
+    #[test]
+    fn common_heads_take_the_one_pass_check() {
+        let heads: [&[u8]; 5] = [
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r",
+            b"GET / HTTP/1.1\r\nHost: a\r\nuser-agent: h2load nghttp2/1.52.0\r",
+            b"GET /x?y HTTP/1.0\r",
+            b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 12 \r\nAccept:*/*\r",
+            b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nX-Empty:\r",
+        ];
+        for head in heads {
+            assert!(agree(head), "{:?}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn anything_unusual_goes_to_the_full_check() {
+        let heads: [&[u8]; 12] = [
+            b"GET  / HTTP/1.1\r",
+            b"GET / HTTP/1.1\r\nHost: a\n",
+            b"GET / HTTP/1.1\r\nHost: a\nX: b\r",
+            b"GET / HTTP/1.1\r\n Host: a\r",
+            b"GET / HTTP/1.1\r\nHost : a\r",
+            b"GET / HTTP/1.1\r\nHost: a\rb\r",
+            b"GET / HTTP/1.1\r\nHost: a\x7f\r",
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r",
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r",
+            b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\nd: 4\r\ne: 5\r\nf: 6\r",
+            b"GET /aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa HTTP/1.1\r",
+        ];
+        for head in heads {
+            let mut s = Scanner::new(LIMITS);
+            assert_eq!(
+                s.fast_head(head),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
 }
 
 #[test]

@@ -201,6 +201,7 @@ async fn get(
                 method: &Method::GET,
                 path: &path,
                 headers: &HeaderMap::new(),
+                forwarded: &forwarded(),
             },
             UpstreamBody::Empty,
             &AtomicBool::new(false),
@@ -298,6 +299,7 @@ async fn refused_connection_is_a_connect_error() {
                 method: &Method::GET,
                 path: &PathAndQuery::from_static("/"),
                 headers: &HeaderMap::new(),
+                forwarded: &forwarded(),
             },
             UpstreamBody::Empty,
             &AtomicBool::new(false),
@@ -341,23 +343,45 @@ fn request_heads() {
     h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
     let a = Authority::from_static("svc:80");
     let p = PathAndQuery::from_static("/x");
-    let text = |f| {
+    let f = forwarded();
+    let text = |framing| {
         let mut out = Vec::new();
-        encode_head(&mut out, &Method::POST, &p, &a, &h, f);
+        let head = Head {
+            authority: &a,
+            method: &Method::POST,
+            path: &p,
+            headers: &h,
+            forwarded: &f,
+        };
+        encode_head(&mut out, &head, framing);
         String::from_utf8(out).unwrap_or_default()
     };
+    let fwd = "x-request-id: id-1\r\nx-forwarded-for: 10.0.0.1\r\nx-forwarded-proto: http\r\n";
     assert_eq!(
         text(RequestFraming::Length(4)),
-        "POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\ncontent-length: 4\r\n\r\n"
+        format!("POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\n{fwd}content-length: 4\r\n\r\n")
     );
     assert_eq!(
         text(RequestFraming::Declared),
-        "POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\ncontent-length: 4\r\n\r\n"
+        format!("POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\ncontent-length: 4\r\n{fwd}\r\n")
     );
     assert_eq!(
         text(RequestFraming::Chunked),
-        "POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        format!(
+            "POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\n{fwd}transfer-encoding: chunked\r\n\r\n"
+        )
     );
+}
+
+/// The forwarding fields of a request from 10.0.0.1 over plain HTTP.
+fn forwarded() -> Forwarded {
+    Forwarded::take(
+        &mut HeaderMap::new(),
+        HeaderValue::from_static("id-1"),
+        &HeaderValue::from_static("10.0.0.1"),
+        "http",
+        None,
+    )
 }
 
 /// An upstream on many connections that answers every request `delay` after reading

@@ -1,0 +1,181 @@
+//! The fields the gateway sets on every request it passes upstream: `x-request-id`
+//! and `X-Forwarded-For/Proto/Host`.
+//!
+//! They are kept beside the request's header map rather than in it until the request
+//! is written. An HTTP/1.1 upstream gets them written straight into the head; the
+//! other transports have them inserted into a map (`insert_into`). Four map
+//! insertions were about a twentieth of a proxied request's instructions.
+
+use http::header::{HeaderMap, HeaderName};
+use http::{HeaderValue, request};
+
+use crate::respond::X_REQUEST_ID;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The forwarding fields of one request.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    request_id: HeaderValue,
+    /// The client's `X-Forwarded-For` with the client's address appended.
+    for_: HeaderValue,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+}
+
+impl Forwarded {
+    /// The fields for a request from `client_ip` over `scheme`, asking for `host`.
+    /// Whatever the client sent under these names leaves `headers`: a proxy before
+    /// this one may be trusted with `X-Forwarded-For` (it is appended to), never with
+    /// the others.
+    pub fn take(
+        headers: &mut HeaderMap,
+        request_id: HeaderValue,
+        client_ip: &HeaderValue,
+        scheme: &'static str,
+        host: Option<HeaderValue>,
+    ) -> Self {
+        let mut for_ = client_ip.clone();
+        // Clients rarely send any: one pass over the names is cheaper than four removals.
+        let sent = headers.keys().any(|k| {
+            k == X_REQUEST_ID
+                || k == X_FORWARDED_FOR
+                || k == X_FORWARDED_PROTO
+                || k == X_FORWARDED_HOST
+        });
+        if sent {
+            let prev = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            if let Some(joined) = prev.and_then(|p| {
+                let ip = client_ip.to_str().ok()?;
+                HeaderValue::from_str(&format!("{p}, {ip}")).ok()
+            }) {
+                for_ = joined;
+            }
+            for name in [
+                X_REQUEST_ID,
+                X_FORWARDED_FOR,
+                X_FORWARDED_PROTO,
+                X_FORWARDED_HOST,
+            ] {
+                headers.remove(name);
+            }
+        }
+        Self {
+            request_id,
+            for_,
+            proto: scheme,
+            host,
+        }
+    }
+
+    /// The fields by name, in the order they are written.
+    pub fn fields(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
+        [
+            Some(("x-request-id", self.request_id.as_bytes())),
+            Some(("x-forwarded-for", self.for_.as_bytes())),
+            Some(("x-forwarded-proto", self.proto.as_bytes())),
+            self.host
+                .as_ref()
+                .map(|h| ("x-forwarded-host", h.as_bytes())),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// Put the fields into a header map (for the transports that send one).
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        headers.insert(X_REQUEST_ID, self.request_id.clone());
+        headers.insert(X_FORWARDED_FOR, self.for_.clone());
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(self.proto));
+        if let Some(h) = &self.host {
+            headers.insert(X_FORWARDED_HOST, h.clone());
+        }
+    }
+}
+
+/// A request as it goes upstream: its head, and the forwarding fields still to be
+/// added to it.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub parts: request::Parts,
+    pub forwarded: Forwarded,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(fields: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in fields {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn written(f: &Forwarded) -> Vec<(String, String)> {
+        f.fields()
+            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v).into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn client_sent_fields_are_replaced_and_its_forwarded_for_appended_to() {
+        let mut h = map(&[
+            ("accept", "*/*"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-request-id", "client-id"),
+        ]);
+        let f = Forwarded::take(
+            &mut h,
+            HeaderValue::from_static("kept-id"),
+            &HeaderValue::from_static("10.0.0.7"),
+            "http",
+            Some(HeaderValue::from_static("api.example")),
+        );
+        assert_eq!(h, map(&[("accept", "*/*")]));
+        let want = [
+            ("x-request-id", "kept-id"),
+            ("x-forwarded-for", "203.0.113.9, 10.0.0.7"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "api.example"),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(written(&f), want);
+
+        let mut into = map(&[("accept", "*/*")]);
+        f.insert_into(&mut into);
+        for (n, v) in &want {
+            assert_eq!(
+                into.get(n.as_str()).map(|v| v.as_bytes()),
+                Some(v.as_bytes())
+            );
+        }
+        assert_eq!(into.len(), 5);
+    }
+
+    #[test]
+    fn without_client_fields_the_map_is_untouched_and_host_is_optional() {
+        let mut h = map(&[("accept", "*/*"), ("host", "a")]);
+        let f = Forwarded::take(
+            &mut h,
+            HeaderValue::from_static("id"),
+            &HeaderValue::from_static("::1"),
+            "https",
+            None,
+        );
+        assert_eq!(h, map(&[("accept", "*/*"), ("host", "a")]));
+        let names: Vec<_> = f.fields().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            ["x-request-id", "x-forwarded-for", "x-forwarded-proto"]
+        );
+    }
+}
