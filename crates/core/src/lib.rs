@@ -13,6 +13,10 @@ pub use request_id::RequestId;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// A request's path captures by name: inline for up to two, so a request with few
+/// captures allocates nothing for the list.
+pub type Captures = smallvec::SmallVec<[(Arc<str>, String); 2]>;
+
 /// Facts about one request that cross phase boundaries. Filters read and write typed
 /// fields here instead of string keys, so later filters (auth, limits) can rely on them.
 #[derive(Debug, Clone)]
@@ -24,7 +28,7 @@ pub struct RequestCtx {
     /// Name of the matched Api, once routing has happened.
     pub api: Option<Arc<str>>,
     /// Path captures from the route template, in template order.
-    pub captures: Vec<(Arc<str>, String)>,
+    pub captures: Captures,
     /// The authenticated caller, set by an auth filter (shared with the snapshot).
     pub consumer: Option<Arc<Consumer>>,
     /// The peer's verified workload identity (a SPIFFE ID), set by mesh mTLS.
@@ -216,7 +220,7 @@ impl RequestCtx {
             client_addr,
             scheme,
             api: None,
-            captures: Vec::new(),
+            captures: Captures::new(),
             consumer: None,
             identity: None,
             grpc: false,

@@ -369,7 +369,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
             .into_parts();
         let mut ctx = RequestCtx::new(RequestId::generate(), ([127, 0, 0, 1], 1).into(), "http");
-        ctx.captures = vec![(Arc::from("id"), id.to_string())];
+        ctx.captures = [(Arc::from("id"), id.to_string())].into_iter().collect();
         match v.on_request(&mut ctx, &mut parts) {
             Step::Done(Ok(_)) => Ok(()),
             Step::Done(Err(e)) => Err(e.message.to_string()),

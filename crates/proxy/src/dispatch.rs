@@ -310,7 +310,7 @@ async fn serve(
             *m.value,
             m.captures()
                 .map(|(n, r)| (n.clone(), path[r].to_string()))
-                .collect::<Vec<_>>(),
+                .collect::<meshgate_core::Captures>(),
         ),
         Outcome::MethodNotAllowed(allow) => {
             let list: Vec<&str> = allow.iter().map(|m| m.as_str()).collect();

@@ -89,31 +89,39 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// Prepare the body once: replayable when small and retries may need it.
+///
+/// A streamed body comes with the flag its reader raises past `limit` (a failed try
+/// is then the client's 413, not the upstream's fault); the other bodies need none,
+/// and a bodiless request allocates nothing here.
 async fn prepare_body(
     body: Inbound,
     parts: &http::request::Parts,
     limit: u64,
-    exceeded: &Arc<AtomicBool>,
     retries: bool,
-) -> Result<UpstreamBody, GatewayError> {
+) -> Result<(UpstreamBody, Option<Arc<AtomicBool>>), GatewayError> {
     use http_body::Body;
     let body = match body {
-        Inbound::Buffered(b) if b.is_empty() => return Ok(UpstreamBody::Empty),
-        Inbound::Buffered(b) => return Ok(UpstreamBody::Full(Some(b))),
+        Inbound::Buffered(b) if b.is_empty() => return Ok((UpstreamBody::Empty, None)),
+        Inbound::Buffered(b) => return Ok((UpstreamBody::Full(Some(b)), None)),
         Inbound::Stream(b) => b,
     };
     if body.is_end_stream() {
-        return Ok(UpstreamBody::Empty);
+        return Ok((UpstreamBody::Empty, None));
     }
+    let exceeded = Arc::new(AtomicBool::new(false));
     match crate::body::content_length(&parts.headers) {
-        Some(n) if retries && n <= REPLAY_BUFFER => Ok(UpstreamBody::Full(Some(
-            collect_limited(body, limit, exceeded).await?,
-        ))),
-        _ => Ok(UpstreamBody::Stream(LimitedBody {
-            inner: body,
-            remaining: limit,
-            exceeded: exceeded.clone(),
-        })),
+        Some(n) if retries && n <= REPLAY_BUFFER => {
+            let whole = collect_limited(body, limit, &exceeded).await?;
+            Ok((UpstreamBody::Full(Some(whole)), None))
+        }
+        _ => {
+            let limited = LimitedBody {
+                inner: body,
+                remaining: limit,
+                exceeded: exceeded.clone(),
+            };
+            Ok((UpstreamBody::Stream(limited), Some(exceeded)))
+        }
     }
 }
 
@@ -291,12 +299,11 @@ async fn tries(
         .has_lanes()
         .then(|| crate::lane::of(&parts.headers).map(Box::from))
         .flatten();
-    let exceeded = Arc::new(AtomicBool::new(false));
     let retries = up.retry.attempts > 0;
     if retries {
         rt.budget.request(start);
     }
-    let mut body = prepare_body(body, &parts, body_limit, &exceeded, retries).await?;
+    let (mut body, exceeded) = prepare_body(body, &parts, body_limit, retries).await?;
     // A streamed body is consumed by its first try, so only buffered ones retry.
     let replayable = !matches!(body, UpstreamBody::Stream(_));
     let path_and_query = parts
@@ -449,7 +456,7 @@ async fn tries(
                 out
             }
             Ok(Err(e)) => {
-                if exceeded.load(Ordering::Relaxed) {
+                if exceeded.as_ref().is_some_and(|x| x.load(Ordering::Relaxed)) {
                     return Err(GatewayError::new(
                         ErrorCode::PayloadTooLarge,
                         "request body is too large",

@@ -14,7 +14,7 @@ mod router;
 
 pub use normalize::{NormalizeError, normalize_path};
 pub use pattern::{PathPattern, PatternError, Segment};
-pub use router::{HeaderMatch, Match, Outcome, Route, RouteError, Router, RouterBuilder};
+pub use router::{HeaderMatch, Match, Outcome, Route, RouteError, Router, RouterBuilder, Spans};
 
 mod rewrite;
 pub use rewrite::{RewriteError, RewriteTemplate};

@@ -124,13 +124,17 @@ pub enum Outcome<'a, T> {
     NotFound,
 }
 
+/// Where a route's captures matched: inline for up to four, so routing a request
+/// allocates nothing.
+pub type Spans = smallvec::SmallVec<[std::ops::Range<usize>; 4]>;
+
 /// A matched route and its captures (byte ranges into the routed path).
 #[derive(Debug)]
 pub struct Match<'a, T> {
     pub value: &'a T,
     /// Capture names in template order; `spans[i]` is where `names[i]` matched.
     pub names: &'a [Arc<str>],
-    pub spans: Vec<std::ops::Range<usize>>,
+    pub spans: Spans,
 }
 
 impl<T> Match<'_, T> {
@@ -296,7 +300,7 @@ impl<T> Router<T> {
             method,
             headers,
             allow: Vec::new(),
-            spans: Vec::new(),
+            spans: Spans::new(),
         };
         let body = path.strip_prefix('/').unwrap_or(path);
         let lower;
@@ -339,7 +343,7 @@ struct Search<'r> {
     method: &'r Method,
     headers: &'r HeaderMap,
     allow: Vec<Method>,
-    spans: Vec<std::ops::Range<usize>>,
+    spans: Spans,
 }
 
 impl Search<'_> {
