@@ -422,13 +422,13 @@ async fn serve(
         set_path(&mut parts.uri, Some(t.render(|n| ctx.capture(n))))?;
     }
     let forwarded = forwarding(&mut parts.headers, ctx, conn, client_host);
-    let out = Outgoing { parts, forwarded };
+    let mut out = Outgoing { parts, forwarded };
     let body = match ctx.extensions.remove::<meshgate_core::Mirrors>() {
         Some(m) => crate::mirror::start(active, m, ctx, &out, body, limit).await?,
         None => body,
     };
     let own = active.api_clusters[api_idx].as_ref();
-    let answer = invoke::call(active, own, up, ctx, out, body, limit).await?;
+    let answer = invoke::call(active, own, up, ctx, &mut out, body, limit).await?;
     done.upstream = answer.endpoint;
     done.upstream_ms = Some(answer.elapsed.as_secs_f64() * 1e3);
     let (mut rparts, rbody) = answer.response.into_parts();

@@ -188,7 +188,7 @@ pub async fn call(
     own: Option<&Arc<ClusterRt>>,
     up: &Upstream,
     ctx: &RequestCtx,
-    out: Outgoing,
+    out: &mut Outgoing,
     body: Inbound,
     body_limit: u64,
 ) -> Result<Answer, GatewayError> {
@@ -272,15 +272,14 @@ async fn tries(
     target: &Target,
     up: &Upstream,
     ctx: &RequestCtx,
-    out: Outgoing,
+    out: &mut Outgoing,
     body: Inbound,
     body_limit: u64,
     start: Instant,
 ) -> Result<Answer, GatewayError> {
-    let Outgoing {
-        mut parts,
-        forwarded,
-    } = out;
+    // Borrowed, not moved: a request head is a few hundred bytes, and every future it
+    // moved into would copy it.
+    let Outgoing { parts, forwarded } = out;
     let mut timeout = up.timeout;
     if ctx.grpc
         && let Some(t) = grpc_timeout(&parts.headers)
@@ -303,7 +302,7 @@ async fn tries(
     if retries {
         rt.budget.request(start);
     }
-    let (mut body, exceeded) = prepare_body(body, &parts, body_limit, retries).await?;
+    let (mut body, exceeded) = prepare_body(body, parts, body_limit, retries).await?;
     // A streamed body is consumed by its first try, so only buffered ones retry.
     let replayable = !matches!(body, UpstreamBody::Stream(_));
     let path_and_query = parts
@@ -378,7 +377,7 @@ async fn tries(
                     method: &parts.method,
                     path: &path_and_query,
                     headers: &parts.headers,
-                    forwarded: &forwarded,
+                    forwarded,
                 };
                 let send = pool.send(endpoint, head, this_body, &queued);
                 let r = tokio::time::timeout_at(try_deadline, send).await;

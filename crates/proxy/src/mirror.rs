@@ -109,7 +109,7 @@ fn send(
     active: Arc<Active>,
     to: MirrorTo,
     ctx: RequestCtx,
-    out: Outgoing,
+    mut out: Outgoing,
     body: Bytes,
     limit: u64,
 ) {
@@ -127,7 +127,7 @@ fn send(
             None,
             &up,
             &ctx,
-            out,
+            &mut out,
             Inbound::Buffered(body),
             limit,
         );
