@@ -28,7 +28,10 @@ impl RequestId {
     pub fn generate() -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut buf = [0u8; 32];
-        for (pair, b) in buf.chunks_exact_mut(2).zip(fastrand::u128(..).to_le_bytes()) {
+        for (pair, b) in buf
+            .chunks_exact_mut(2)
+            .zip(fastrand::u128(..).to_le_bytes())
+        {
             pair[0] = HEX[usize::from(b >> 4)];
             pair[1] = HEX[usize::from(b & 0xf)];
         }
