@@ -7,9 +7,12 @@ not here; these tests check the behaviour through the CPU time the process uses.
 import http.client
 import os
 import time
+from concurrent import futures
 from pathlib import Path
 
-from harness import Gateway, api, service
+import grpc
+
+from harness import Gateway, api, free_port, service
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -88,3 +91,43 @@ def test_busy_polling_is_ignored_with_a_warning_on_several_workers(tmp_path, bac
     conn.request("GET", "/x")
     assert conn.getresponse().status == 200
     assert "MESHGATE_BUSY_POLL_US applies to one worker" in g.logs()
+
+
+def test_http2_and_grpc_traffic_starts_polling_too(tmp_path, gateways):
+    """gRPC through the gateway is HTTP/2 both ways (hyper's server and client): the
+    responses it writes and the requests it sends upstream start polling windows as
+    HTTP/1.1 sends do."""
+    port = free_port()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    echo = grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"echo:" + req)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", {"Unary": echo}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        res = f"""---
+apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: echo}}
+spec:
+  protocol: grpc
+  endpoints: [{{address: "127.0.0.1:{port}"}}]
+""" + api("echo", "/test.Echo/{method}", "{service: echo}", methods=["POST"])
+        used = {}
+        for name, env in (("busy", {"MESHGATE_BUSY_POLL_US": "10000"}), ("plain", {})):
+            g = Gateway(tmp_path / name, res, env=dict(env, MESHGATE_WORKERS="1"))
+            gateways.append(g)
+            with grpc.insecure_channel(f"127.0.0.1:{g.port}") as ch:
+                call = ch.unary_unary("/test.Echo/Unary")
+                assert call(b"warm", timeout=5) == b"echo:warm"
+                before = cpu_seconds(g.proc.pid)
+                end = time.monotonic() + 1.0
+                i = 0
+                while time.monotonic() < end:
+                    assert call(str(i).encode(), timeout=5) == f"echo:{i}".encode()
+                    i += 1
+                    time.sleep(0.005)
+                used[name] = cpu_seconds(g.proc.pid) - before
+        assert used["busy"] >= 0.5, used
+        assert used["plain"] < used["busy"] / 2, used
+    finally:
+        server.stop(0)

@@ -31,6 +31,14 @@ pub(crate) fn active() {
     ACTIVITY.with(|a| a.set(a.get().wrapping_add(1)));
 }
 
+/// `active()` when a write sent bytes; passes the write's result on.
+pub(crate) fn sent(written: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+    if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+        active();
+    }
+    written
+}
+
 /// The `on_thread_park` hook for a runtime that busy-polls for `budget` after the
 /// last activity.
 pub fn park_hook(budget: Duration) -> impl Fn() + Send + Sync + 'static {

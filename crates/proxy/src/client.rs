@@ -237,12 +237,14 @@ impl Read for CountedIo {
 }
 
 impl Write for CountedIo {
+    // A request (or any frame) sent on an HTTP/2 upstream connection expects an
+    // answer: a busy-polling worker polls for it (`busy_poll`).
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        crate::busy_poll::sent(Pin::new(&mut self.get_mut().io).poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -262,6 +264,6 @@ impl Write for CountedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        crate::busy_poll::sent(Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs))
     }
 }

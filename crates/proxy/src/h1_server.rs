@@ -65,15 +65,18 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
+    // Every response, over HTTP/1.1 or HTTP/2, is written here; on a kept-alive
+    // connection the next request may follow at once, so a busy-polling worker
+    // polls for it (`busy_poll`).
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
+        crate::busy_poll::sent(match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
+        })
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -734,7 +737,6 @@ async fn write_out(io: &mut Stream, out: &mut Vec<u8>) -> io::Result<()> {
     io.write_all(out).await?;
     out.clear();
     io.flush().await?;
-    crate::busy_poll::active();
     Ok(())
 }
 
