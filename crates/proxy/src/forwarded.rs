@@ -26,10 +26,10 @@ pub struct Forwarded {
 }
 
 impl Forwarded {
-    /// The fields for a request from `client_ip` over `scheme`, asking for `host`.
-    /// Whatever the client sent under these names leaves `headers`: a proxy before
-    /// this one may be trusted with `X-Forwarded-For` (it is appended to), never with
-    /// the others.
+    /// The fields for a request from `client_ip` over `scheme`, asking for `host`,
+    /// with `request_id` (the client's own when it was sane, see `RequestId`).
+    /// Whatever the client sent under these names leaves `headers`: its
+    /// `X-Forwarded-For` is appended to, the others are replaced.
     pub fn take(
         headers: &mut HeaderMap,
         request_id: HeaderValue,
