@@ -511,6 +511,18 @@ spec:
 """
 
 
+def grpc_service(name, port):
+    """A `protocol: grpc` Service with one endpoint on loopback `port`."""
+    return f"""---
+apiVersion: meshgate.io/v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  protocol: grpc
+  endpoints: [{{address: "127.0.0.1:{port}"}}]
+"""
+
+
 class Addr:
     """An endpoint given only by address (a closed port, a process started elsewhere)."""
 

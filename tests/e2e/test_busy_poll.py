@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from harness import Gateway, api, free_port, service
+from harness import Gateway, api, free_port, grpc_service, service
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -104,14 +104,7 @@ def test_http2_and_grpc_traffic_starts_polling_too(tmp_path, gateways):
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     try:
-        res = f"""---
-apiVersion: meshgate.io/v1
-kind: Service
-metadata: {{name: echo}}
-spec:
-  protocol: grpc
-  endpoints: [{{address: "127.0.0.1:{port}"}}]
-""" + api("echo", "/test.Echo/{method}", "{service: echo}", methods=["POST"])
+        res = grpc_service("echo", port) + api("echo", "/test.Echo/{method}", "{service: echo}", methods=["POST"])
         used = {}
         for name, env in (("busy", {"MESHGATE_BUSY_POLL_US": "10000"}), ("plain", {})):
             g = Gateway(tmp_path / name, res, env=dict(env, MESHGATE_WORKERS="1"))

@@ -7,7 +7,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from harness import Gateway, api, free_port
+from harness import Gateway, api, free_port, grpc_service
 
 IDENTITY = dict(request_serializer=None, response_deserializer=None)
 
@@ -52,17 +52,6 @@ def grpc_server():
     server.start()
     yield port
     server.stop(0)
-
-
-def grpc_service(name, port):
-    return f"""---
-apiVersion: meshgate.io/v1
-kind: Service
-metadata: {{name: {name}}}
-spec:
-  protocol: grpc
-  endpoints: [{{address: "127.0.0.1:{port}"}}]
-"""
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@
 //! head starts; the server reads bodies through it (`Scanner::body_step`). A refused
 //! request is answered with the 4xx `error_response` makes, and the connection closed.
 
+use crate::h1::parse_length;
 use bytes::{Bytes, BytesMut};
 use memchr::memmem::Finder;
 use meshgate_core::{ErrorCode, GatewayError, RequestId};
@@ -625,14 +626,6 @@ fn trim(v: &[u8]) -> &[u8] {
 
 fn is_tchar(b: u8) -> bool {
     TCHAR[usize::from(b)]
-}
-
-/// A `Content-Length` value: 1 to 19 digits.
-fn parse_length(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// A class of bytes as a table: whether `$c` is in it, for every byte.

@@ -781,7 +781,9 @@ fn take_front(buf: &mut BytesMut, n: usize) -> Bytes {
     }
 }
 
-fn parse_length(v: &[u8]) -> Option<u64> {
+/// A `Content-Length` value: 1 to 19 digits that fit a `u64`. The one reading of
+/// it for both ends (this client and the request guard).
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
