@@ -260,28 +260,21 @@ pub async fn handle(
     Ok(resp)
 }
 
-fn host_of(req: &Request<RequestBody>) -> &str {
-    let raw = req
-        .uri()
-        .host()
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
-    strip_port(raw)
-}
-
-/// `host:port` → `host`; IPv6 literals keep their brackets.
+/// `host:port` → `host`; IPv6 literals keep their brackets. A byte scan from the
+/// end (digits, then the colon), as this runs on every request.
 pub(crate) fn strip_port(raw: &str) -> &str {
-    if raw.starts_with('[') {
+    let b = raw.as_bytes();
+    if b.first() == Some(&b'[') {
         return raw.find(']').map_or(raw, |i| &raw[..=i]);
     }
-    match raw.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => raw,
+    let digits = b.iter().rev().take_while(|c| c.is_ascii_digit()).count();
+    let Some(colon) = (b.len() - digits).checked_sub(1) else {
+        return raw;
+    };
+    if b[colon] != b':' || b[..colon].contains(&b':') {
+        return raw;
     }
+    &raw[..colon]
 }
 
 async fn serve(
@@ -304,7 +297,14 @@ async fn serve(
     let normalized = normalize_path(req.uri().path())
         .map_err(|e| GatewayError::new(ErrorCode::InvalidRequest, e.to_string()))?;
     let path = normalized.as_deref().unwrap_or(req.uri().path());
-    let host = host_of(&req);
+    // The authority as the client gave it: one lookup for routing and forwarding.
+    let host_header = req.headers().get(header::HOST).cloned();
+    let host = strip_port(
+        req.uri()
+            .host()
+            .or_else(|| host_header.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or(""),
+    );
     let (api_idx, captures) = match gw.router.route(host, req.method(), path, req.headers()) {
         Outcome::Matched(m) => (
             *m.value,
@@ -346,14 +346,14 @@ async fn serve(
         ));
     }
     ctx.captures = captures;
-    let mut limit = body_limit(&api, gw, req.headers())?;
-    let client_host = match req.headers().get(header::HOST) {
-        Some(h) => Some(h.clone()),
-        None => req
-            .uri()
+    let bodiless = matches!(req.body(), RequestBody::Empty);
+    let mut limit = body_limit(&api, gw, req.headers(), bodiless)?;
+    let had_host = host_header.is_some();
+    let client_host = host_header.or_else(|| {
+        req.uri()
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let (mut parts, body) = req.into_parts();
     if normalized.is_some() {
         // The path as the client sent it, for filters that check signatures over it.
@@ -363,7 +363,7 @@ async fn serve(
     set_path(&mut parts.uri, normalized)?;
     // Filters see the authority the same way over HTTP/1.1 and HTTP/2: as `Host`.
     if let Some(h) = &client_host
-        && !parts.headers.contains_key(header::HOST)
+        && !had_host
     {
         parts.headers.insert(header::HOST, h.clone());
     }
@@ -387,7 +387,7 @@ async fn serve(
             api_idx = g.to;
             api = enter(active, grt, ctx, done, api_idx);
             from = resume;
-            limit = body_limit(&api, gw, &parts.headers)?;
+            limit = body_limit(&api, gw, &parts.headers, bodiless)?;
         }
     }
     let flow = api
@@ -454,16 +454,19 @@ fn enter(
 }
 
 /// The request body limit for `api` (the gateway's, or the Api's when lower); 413
-/// at once when `Content-Length` says the body is larger.
+/// at once when `Content-Length` says the body is larger. A request the HTTP/1
+/// server found bodiless has no length to check.
 fn body_limit(
     api: &Api,
     gw: &meshgate_config::Gateway,
     headers: &http::HeaderMap,
+    bodiless: bool,
 ) -> Result<u64, GatewayError> {
     let limit = api.max_body_bytes.map_or(gw.limits.max_body_bytes, |l| {
         l.min(gw.limits.max_body_bytes)
     });
-    if crate::body::content_length(headers).is_some_and(|n| n > limit) {
+    if !bodiless && crate::body::content_length(headers).is_some_and(|n| n > limit)
+    {
         return Err(GatewayError::new(
             ErrorCode::PayloadTooLarge,
             format!("request body is larger than {limit} bytes"),
@@ -560,4 +563,29 @@ fn finish(
     api.chain.on_response(ctx, &mut parts);
     gw.global.on_response(ctx, &mut parts);
     Response::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn strip_port_keeps_the_host() {
+        for (raw, host) in [
+            ("example.com:8080", "example.com"),
+            ("example.com", "example.com"),
+            ("example.com:", "example.com"),
+            ("10.0.0.1:80", "10.0.0.1"),
+            ("[::1]:8443", "[::1]"),
+            ("[::1]", "[::1]"),
+            ("::1", "::1"),
+            ("a:b:80", "a:b:80"),
+            ("host:8o", "host:8o"),
+            ("8080", "8080"),
+            (":80", ""),
+            ("", ""),
+        ] {
+            assert_eq!(strip_port(raw), host, "{raw:?}");
+        }
+    }
 }

@@ -700,7 +700,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
         let mut transfer_coded = false;
         let mut close = http10;
         for &(no, nl, vo, vl) in spans.iter() {
-            let name = HeaderName::from_bytes(&head[no..no + nl])
+            let name = header_name(&head[no..no + nl])
                 .map_err(|_| H1Error::Protocol("invalid header name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(vo..vo + vl))
                 .map_err(|_| H1Error::Protocol("invalid header value"))?;
@@ -779,6 +779,29 @@ fn take_front(buf: &mut BytesMut, n: usize) -> Bytes {
     } else {
         buf.split_to(n).freeze()
     }
+}
+
+/// A header name as a head spells it, for both ends (this client and the server).
+/// The names nearly every head carries, spelt in lower case or as their usual
+/// capitalisation, are matched whole and come out as constants; any other goes
+/// through `HeaderName::from_bytes`, which lowercases and checks it byte by byte.
+pub(crate) fn header_name(raw: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
+    Ok(match raw {
+        b"host" | b"Host" => header::HOST,
+        b"date" | b"Date" => header::DATE,
+        b"content-length" | b"Content-Length" => header::CONTENT_LENGTH,
+        b"content-type" | b"Content-Type" => header::CONTENT_TYPE,
+        b"connection" | b"Connection" => header::CONNECTION,
+        b"user-agent" | b"User-Agent" => header::USER_AGENT,
+        b"accept" | b"Accept" => header::ACCEPT,
+        b"accept-encoding" | b"Accept-Encoding" => header::ACCEPT_ENCODING,
+        b"server" | b"Server" => header::SERVER,
+        b"transfer-encoding" | b"Transfer-Encoding" => header::TRANSFER_ENCODING,
+        b"cache-control" | b"Cache-Control" => header::CACHE_CONTROL,
+        b"authorization" | b"Authorization" => header::AUTHORIZATION,
+        b"content-encoding" | b"Content-Encoding" => header::CONTENT_ENCODING,
+        _ => return HeaderName::from_bytes(raw),
+    })
 }
 
 /// A `Content-Length` value: 1 to 19 digits that fit a `u64`. The one reading of

@@ -25,7 +25,7 @@ use crate::guard::{self, BodyStep, GuardLimits, Layout, RejectSink, Rejection, S
 use crate::h1::header_line;
 use crate::server::StopFlag;
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use meshgate_core::{ErrorCode, RequestId};
@@ -436,8 +436,8 @@ fn parse(head: &Bytes, layout: &Layout) -> Result<(Request<()>, Meta), Rejection
         trailers: false,
     };
     for (name, value) in &layout.fields {
-        let name =
-            HeaderName::from_bytes(&head[name.clone()]).map_err(|_| bad("invalid header name"))?;
+        let name = crate::h1::header_name(&head[name.clone()])
+            .map_err(|_| bad("invalid header name"))?;
         let raw = &head[value.clone()];
         // Upgrades (WebSocket, h2c) are not served: the request is plain HTTP/1.1.
         if name == header::UPGRADE || name.as_str() == "http2-settings" {

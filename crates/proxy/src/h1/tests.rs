@@ -509,3 +509,23 @@ async fn a_connection_freed_while_another_endpoint_waits_is_closed_for_it() {
         "A's connection went for B's sake"
     );
 }
+
+#[test]
+fn header_names_read_as_from_bytes_reads_them() {
+    let spellings = [
+        "host", "Host", "HOST", "hOsT", "date", "Date", "content-length", "Content-Length",
+        "CONTENT-LENGTH", "content-type", "Content-Type", "connection", "Connection",
+        "user-agent", "User-Agent", "accept", "Accept", "accept-encoding", "Accept-Encoding",
+        "server", "Server", "transfer-encoding", "Transfer-Encoding", "cache-control",
+        "Cache-Control", "authorization", "Authorization", "content-encoding",
+        "Content-Encoding", "x-request-id", "X-Request-Id", "etag", "hosts", "hos",
+        "content-lengt", "content-lengths",
+    ];
+    for raw in spellings {
+        let want = HeaderName::from_bytes(raw.as_bytes()).unwrap_or_else(|e| panic!("{raw}: {e}"));
+        assert_eq!(header_name(raw.as_bytes()).ok(), Some(want), "{raw}");
+    }
+    for bad in ["", "ho st", "host:", "content-length\r", "dat\u{e9}"] {
+        assert!(header_name(bad.as_bytes()).is_err(), "{bad:?}");
+    }
+}
