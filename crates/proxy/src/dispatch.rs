@@ -465,8 +465,7 @@ fn body_limit(
     let limit = api.max_body_bytes.map_or(gw.limits.max_body_bytes, |l| {
         l.min(gw.limits.max_body_bytes)
     });
-    if !bodiless && crate::body::content_length(headers).is_some_and(|n| n > limit)
-    {
+    if !bodiless && crate::body::content_length(headers).is_some_and(|n| n > limit) {
         return Err(GatewayError::new(
             ErrorCode::PayloadTooLarge,
             format!("request body is larger than {limit} bytes"),

@@ -436,8 +436,8 @@ fn parse(head: &Bytes, layout: &Layout) -> Result<(Request<()>, Meta), Rejection
         trailers: false,
     };
     for (name, value) in &layout.fields {
-        let name = crate::h1::header_name(&head[name.clone()])
-            .map_err(|_| bad("invalid header name"))?;
+        let name =
+            crate::h1::header_name(&head[name.clone()]).map_err(|_| bad("invalid header name"))?;
         let raw = &head[value.clone()];
         // Upgrades (WebSocket, h2c) are not served: the request is plain HTTP/1.1.
         if name == header::UPGRADE || name.as_str() == "http2-settings" {

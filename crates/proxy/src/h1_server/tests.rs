@@ -39,7 +39,11 @@ fn upgrade_requests_are_served_as_plain_http_1_1() {
     let (req, _) = parsed(
         b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\nX: 1\r\n\r\n",
     );
-    let names: Vec<_> = req.headers().keys().map(header::HeaderName::as_str).collect();
+    let names: Vec<_> = req
+        .headers()
+        .keys()
+        .map(header::HeaderName::as_str)
+        .collect();
     assert_eq!(names, ["host", "x"]);
 }
 
