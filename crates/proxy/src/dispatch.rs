@@ -182,6 +182,20 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
     req: Request<RequestBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let (mut resp, request_id) = answer(conn, req).await;
+    if !resp.headers().contains_key(&X_REQUEST_ID) {
+        resp.headers_mut().insert(X_REQUEST_ID, request_id);
+    }
+    Ok(resp)
+}
+
+/// The response to `req`, and its request id, which the caller sends as
+/// `x-request-id` unless the response has one: the HTTP/1 server writes it
+/// straight into the head, [`handle`] puts it in the header map.
+pub(crate) async fn answer(
+    conn: Arc<ConnInfo>,
+    req: Request<RequestBody>,
+) -> (Response<ResponseBody>, HeaderValue) {
     let start = Instant::now();
     let active = conn.shared.active.load_full();
     let request_id = RequestId::from_header(req.headers().get(&X_REQUEST_ID));
@@ -202,7 +216,8 @@ pub async fn handle(
         );
         conn.activity.answered.fetch_add(1, Ordering::Release);
         conn.activity.answer_waker.wake();
-        return Ok(respond::error(&err, &ctx));
+        let id = ctx.request_id.header_value().clone();
+        return (respond::error(&err, &ctx), id);
     };
     let log = grt.log.clone();
     let line = log.as_ref().map(|_| LineFacts {
@@ -235,10 +250,6 @@ pub async fn handle(
         Ok(r) => r,
         Err(e) => respond::error(&e, &ctx),
     };
-    if !resp.headers().contains_key(&X_REQUEST_ID) {
-        resp.headers_mut()
-            .insert(X_REQUEST_ID, ctx.request_id.header_value().clone());
-    }
     if conn.shared.draining() && version < http::Version::HTTP_2 {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -255,9 +266,10 @@ pub async fn handle(
         resp.body_mut().compress(c);
     }
     done.status = resp.status().as_u16();
+    let id = ctx.request_id.header_value().clone();
     done.ctx = Some(ctx);
     resp.body_mut().on_complete(Box::new(done));
-    Ok(resp)
+    (resp, id)
 }
 
 /// `host:port` → `host`; IPv6 literals keep their brackets. A byte scan from the

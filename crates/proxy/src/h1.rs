@@ -800,6 +800,8 @@ pub(crate) fn header_name(raw: &[u8]) -> Result<HeaderName, header::InvalidHeade
         b"cache-control" | b"Cache-Control" => header::CACHE_CONTROL,
         b"authorization" | b"Authorization" => header::AUTHORIZATION,
         b"content-encoding" | b"Content-Encoding" => header::CONTENT_ENCODING,
+        // Sent on every hop inside a mesh; `from_bytes` would copy each to the heap.
+        b"x-request-id" | b"X-Request-Id" | b"X-Request-ID" => crate::respond::X_REQUEST_ID,
         _ => return HeaderName::from_bytes(raw),
     })
 }

@@ -23,6 +23,7 @@ use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::dispatch::{self, ConnInfo};
 use crate::guard::{self, BodyStep, GuardLimits, Layout, RejectSink, Rejection, Scanner, Step};
 use crate::h1::header_line;
+use crate::respond::X_REQUEST_ID;
 use crate::server::StopFlag;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
@@ -266,7 +267,7 @@ async fn exchange(slot: &mut Option<Wire>, ctx: &ConnCtx, out: &mut Vec<u8>) -> 
             continue_at: meta.expect_continue.then_some(0),
         }));
         let req = req.map(|()| RequestBody::H1(Body { cell: cell.clone() }));
-        let resp = dispatch::handle(ctx.info.clone(), req).await;
+        let resp = dispatch::answer(ctx.info.clone(), req).await;
         let Ok(mut c) = cell.lock() else {
             return Next::Closed;
         };
@@ -274,7 +275,7 @@ async fn exchange(slot: &mut Option<Wire>, ctx: &ConnCtx, out: &mut Vec<u8>) -> 
         (resp, c.ended)
     } else {
         let req = req.map(|()| RequestBody::Empty);
-        let handle = std::pin::pin!(dispatch::handle(ctx.info.clone(), req));
+        let handle = std::pin::pin!(dispatch::answer(ctx.info.clone(), req));
         match until_answered_or_gone(wire, handle).await {
             Some(resp) => (resp, true),
             None => return Next::Closed,
@@ -283,12 +284,12 @@ async fn exchange(slot: &mut Option<Wire>, ctx: &ConnCtx, out: &mut Vec<u8>) -> 
     let Some(wire) = slot.as_mut() else {
         return Next::Closed;
     };
-    let Ok(resp) = resp;
+    let (resp, request_id) = resp;
     // A body the request did not read keeps the connection only if the rest of it
     // is already here to skip.
     let framed = body_done || skip_buffered_body(wire);
     let keep = meta.keep_alive && framed && !ctx.stop.is_raised();
-    match respond(&mut wire.io, out, resp, &meta, keep).await {
+    match respond(&mut wire.io, out, resp, &request_id, &meta, keep).await {
         Ok(true) => Next::KeepAlive,
         Ok(false) => {
             let _ = wire.io.shutdown().await;
@@ -588,11 +589,13 @@ enum Framing {
     Close,
 }
 
-/// Write `resp`; whether the connection may serve another request after it.
+/// Write `resp`, with `x-request-id: request_id` unless it has one; whether the
+/// connection may serve another request after it.
 async fn respond(
     io: &mut Stream,
     out: &mut Vec<u8>,
     resp: Response<ResponseBody>,
+    request_id: &HeaderValue,
     meta: &Meta,
     keep: bool,
 ) -> io::Result<bool> {
@@ -628,6 +631,7 @@ async fn respond(
     }
     out.clear();
     status_line(out, status);
+    let mut has_id = false;
     for (name, value) in &parts.headers {
         if name == header::CONNECTION
             || name == header::TRANSFER_ENCODING
@@ -635,7 +639,11 @@ async fn respond(
         {
             continue;
         }
+        has_id |= name == X_REQUEST_ID;
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !has_id {
+        header_line(out, X_REQUEST_ID.as_str().as_bytes(), request_id.as_bytes());
     }
     match framing {
         Framing::Length(n) if declared.is_none() => {

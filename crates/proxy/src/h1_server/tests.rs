@@ -109,10 +109,27 @@ async fn socket_pair() -> (Stream, TcpStream) {
 }
 
 /// What `respond` writes for `resp` to a request described by `meta` (the date line
-/// left out), and whether it kept the connection.
+/// and the one `x-request-id` line left out), and whether it kept the connection.
 async fn written(resp: Response<ResponseBody>, meta: Meta) -> (String, bool) {
+    let (text, kept) = written_raw(resp, meta).await;
+    let ids = text
+        .lines()
+        .filter(|l| l.starts_with("x-request-id: "))
+        .count();
+    assert_eq!(ids, 1, "one x-request-id in {text}");
+    let text = text
+        .split('\n')
+        .filter(|l| !l.starts_with("x-request-id: "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (text, kept)
+}
+
+/// What `respond` writes (the date line left out), with `x-request-id: rid-1` to add.
+async fn written_raw(resp: Response<ResponseBody>, meta: Meta) -> (String, bool) {
     let (mut io, mut client) = socket_pair().await;
-    let kept = match respond(&mut io, &mut Vec::new(), resp, &meta, true).await {
+    let id = HeaderValue::from_static("rid-1");
+    let kept = match respond(&mut io, &mut Vec::new(), resp, &id, &meta, true).await {
         Ok(k) => k,
         Err(e) => panic!("respond: {e}"),
     };
@@ -205,9 +222,23 @@ async fn a_body_shorter_than_its_declared_length_is_an_error_not_a_complete_resp
         &mut io,
         &mut Vec::new(),
         resp,
+        &HeaderValue::from_static("rid-1"),
         &meta(Version::HTTP_11, false),
         true,
     )
     .await;
     assert!(r.is_err());
+}
+
+#[tokio::test]
+async fn the_request_id_is_written_unless_the_response_has_one() {
+    let resp = Response::new(ResponseBody::full(Bytes::from_static(b"ok")));
+    let (text, _) = written_raw(resp, meta(Version::HTTP_11, false)).await;
+    assert!(text.contains("\nx-request-id: rid-1\n"), "{text}");
+    let mut resp = Response::new(ResponseBody::full(Bytes::from_static(b"ok")));
+    resp.headers_mut()
+        .insert(X_REQUEST_ID, HeaderValue::from_static("upstream-7"));
+    let (text, _) = written_raw(resp, meta(Version::HTTP_11, false)).await;
+    assert_eq!(text.matches("x-request-id").count(), 1, "{text}");
+    assert!(text.contains("\nx-request-id: upstream-7\n"), "{text}");
 }
