@@ -198,14 +198,11 @@ pub(crate) async fn answer(
 ) -> (Response<ResponseBody>, HeaderValue) {
     let start = Instant::now();
     let active = conn.shared.active.load_full();
-    let request_id = RequestId::from_header(req.headers().get(&X_REQUEST_ID));
-    let mut ctx = RequestCtx::new(request_id, conn.client, conn.scheme);
+    let (sent_id, grpc) = id_and_grpc(req.headers());
+    let mut ctx = RequestCtx::new(RequestId::from_header(sent_id), conn.client, conn.scheme);
     ctx.original_dst = conn.original_dst;
     ctx.identity = conn.peer.as_ref().map(|p| p.id.clone());
-    ctx.grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    ctx.grpc = grpc;
     let version = req.version();
     let Some(grt) = active.gateway(&conn.gateway) else {
         // The listener's gateway went away in a reload: answer, and count the answer
@@ -270,6 +267,28 @@ pub(crate) async fn answer(
     done.ctx = Some(ctx);
     resp.body_mut().on_complete(Box::new(done));
     (resp, id)
+}
+
+/// The client's `x-request-id`, and whether `content-type` says gRPC. A small map
+/// (nearly every request's) is read in one pass over its names, which costs less
+/// than hashing the two names for lookups.
+fn id_and_grpc(h: &http::HeaderMap) -> (Option<&HeaderValue>, bool) {
+    let is_grpc = |v: &HeaderValue| v.as_bytes().starts_with(b"application/grpc");
+    if h.len() > 8 {
+        return (
+            h.get(&X_REQUEST_ID),
+            h.get(header::CONTENT_TYPE).is_some_and(is_grpc),
+        );
+    }
+    let (mut id, mut content_type) = (None, None);
+    for (name, value) in h {
+        if *name == X_REQUEST_ID {
+            id = id.or(Some(value));
+        } else if name == header::CONTENT_TYPE {
+            content_type = content_type.or(Some(value));
+        }
+    }
+    (id, content_type.is_some_and(is_grpc))
 }
 
 /// `host:port` → `host`; IPv6 literals keep their brackets. A byte scan from the
@@ -578,7 +597,38 @@ fn finish(
 
 #[cfg(test)]
 mod tests {
-    use super::strip_port;
+    use super::{X_REQUEST_ID, id_and_grpc, strip_port};
+    use http::header::{self, HeaderMap, HeaderValue};
+
+    #[test]
+    fn id_and_grpc_reads_small_and_large_maps_alike() {
+        for filler in [0, 3, 12] {
+            let mut h = HeaderMap::new();
+            for i in 0..filler {
+                h.insert(
+                    header::HeaderName::from_bytes(format!("x-f{i}").as_bytes())
+                        .unwrap_or_else(|e| panic!("{e}")),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            assert_eq!(id_and_grpc(&h), (None, false), "{filler} fields");
+            h.append(X_REQUEST_ID, HeaderValue::from_static("first"));
+            h.append(X_REQUEST_ID, HeaderValue::from_static("second"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc+proto"),
+            );
+            let (id, grpc) = id_and_grpc(&h);
+            assert_eq!(id, h.get(&X_REQUEST_ID), "{filler} fields");
+            assert_eq!(id.map(HeaderValue::as_bytes), Some(&b"first"[..]));
+            assert!(grpc, "{filler} fields");
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            assert!(!id_and_grpc(&h).1, "{filler} fields");
+        }
+    }
 
     #[test]
     fn strip_port_keeps_the_host() {
