@@ -9,11 +9,15 @@
 use http::header::{HeaderMap, HeaderName};
 use http::{HeaderValue, request};
 
-use crate::respond::X_REQUEST_ID;
+use crate::respond::{REQUEST_ID, X_REQUEST_ID};
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Each name spelt once: as a map key, and as written into an HTTP/1.1 head.
+const FOR: &str = "x-forwarded-for";
+const PROTO: &str = "x-forwarded-proto";
+const HOST: &str = "x-forwarded-host";
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(FOR);
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(PROTO);
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static(HOST);
 
 /// The forwarding fields of one request.
 #[derive(Debug, Clone)]
@@ -73,12 +77,10 @@ impl Forwarded {
     /// The fields by name, in the order they are written.
     pub fn fields(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
         [
-            Some(("x-request-id", self.request_id.as_bytes())),
-            Some(("x-forwarded-for", self.for_.as_bytes())),
-            Some(("x-forwarded-proto", self.proto.as_bytes())),
-            self.host
-                .as_ref()
-                .map(|h| ("x-forwarded-host", h.as_bytes())),
+            Some((REQUEST_ID, self.request_id.as_bytes())),
+            Some((FOR, self.for_.as_bytes())),
+            Some((PROTO, self.proto.as_bytes())),
+            self.host.as_ref().map(|h| (HOST, h.as_bytes())),
         ]
         .into_iter()
         .flatten()

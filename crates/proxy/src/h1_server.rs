@@ -23,7 +23,7 @@ use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::dispatch::{self, ConnInfo};
 use crate::guard::{self, BodyStep, GuardLimits, Layout, RejectSink, Rejection, Scanner, Step};
 use crate::h1::header_line;
-use crate::respond::X_REQUEST_ID;
+use crate::respond::{REQUEST_ID, X_REQUEST_ID};
 use crate::server::StopFlag;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
@@ -643,7 +643,7 @@ async fn respond(
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !has_id {
-        header_line(out, X_REQUEST_ID.as_str().as_bytes(), request_id.as_bytes());
+        header_line(out, REQUEST_ID.as_bytes(), request_id.as_bytes());
     }
     match framing {
         Framing::Length(n) if declared.is_none() => {

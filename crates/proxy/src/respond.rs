@@ -5,7 +5,9 @@ use crate::body::ResponseBody;
 use http::{HeaderValue, Response, header};
 use meshgate_core::{GatewayError, RequestCtx};
 
-pub const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+/// The request id field, spelt once: as written into an HTTP/1 head, and as a map key.
+pub const REQUEST_ID: &str = "x-request-id";
+pub const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static(REQUEST_ID);
 
 pub fn error(err: &GatewayError, ctx: &RequestCtx) -> Response<ResponseBody> {
     let mut resp = if ctx.grpc {
