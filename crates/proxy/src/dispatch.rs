@@ -460,6 +460,8 @@ async fn serve(
     };
     let own = active.api_clusters[api_idx].as_ref();
     let answer = invoke::call(active, own, up, ctx, &mut out, body, limit).await?;
+    // Written upstream (or handed to another transport, which left it empty).
+    crate::header_maps::give(std::mem::take(&mut out.parts.headers));
     done.upstream = answer.endpoint;
     done.upstream_ms = Some(answer.elapsed.as_secs_f64() * 1e3);
     let (mut rparts, rbody) = answer.response.into_parts();

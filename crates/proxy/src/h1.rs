@@ -694,7 +694,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
         }
         let head = take_front(buf, n);
         // Room for the headers the gateway adds (x-request-id...) without a regrowth.
-        let mut headers = HeaderMap::with_capacity(count + 4);
+        let mut headers = crate::header_maps::take(count + 4);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut transfer_coded = false;

@@ -26,7 +26,7 @@ use crate::h1::header_line;
 use crate::respond::{REQUEST_ID, X_REQUEST_ID};
 use crate::server::StopFlag;
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use meshgate_core::{ErrorCode, RequestId};
@@ -428,7 +428,7 @@ fn parse(head: &Bytes, layout: &Layout) -> Result<(Request<()>, Meta), Rejection
     } else {
         Version::HTTP_11
     };
-    let mut headers = HeaderMap::with_capacity(layout.fields.len() + ADDED_HEADERS);
+    let mut headers = crate::header_maps::take(layout.fields.len() + ADDED_HEADERS);
     let mut meta = Meta {
         version,
         keep_alive: version == Version::HTTP_11,
@@ -631,7 +631,7 @@ async fn respond(
     }
     out.clear();
     status_line(out, status);
-    let mut has_id = false;
+    let (mut has_id, mut has_date) = (false, false);
     for (name, value) in &parts.headers {
         if name == header::CONNECTION
             || name == header::TRANSFER_ENCODING
@@ -640,8 +640,10 @@ async fn respond(
             continue;
         }
         has_id |= name == X_REQUEST_ID;
+        has_date |= name == header::DATE;
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    crate::header_maps::give(parts.headers);
     if !has_id {
         header_line(out, REQUEST_ID.as_bytes(), request_id.as_bytes());
     }
@@ -652,7 +654,7 @@ async fn respond(
         Framing::Chunked if !meta.head => header_line(out, b"transfer-encoding", b"chunked"),
         _ => {}
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !has_date {
         date::append(out);
     }
     if !keep {

@@ -19,6 +19,7 @@ pub mod fuzzing;
 mod guard;
 mod h1;
 mod h1_server;
+mod header_maps;
 mod health;
 mod invoke;
 mod lane;
