@@ -446,7 +446,12 @@ impl H1Pool {
             // The whole body already arrived with the head: the connection is free
             // again before the downstream write.
             ResponseFraming::Length(n) if conn.buf.len() as u64 >= n => {
-                let data = take_front(&mut conn.buf, n as usize);
+                let data = if p.after.len() as u64 >= n {
+                    conn.buf.advance(n as usize);
+                    p.after.slice(..n as usize)
+                } else {
+                    take_front(&mut conn.buf, n as usize)
+                };
                 if p.reusable && conn.buf.is_empty() {
                     self.checkin(addr, conn);
                 }
@@ -567,6 +572,9 @@ pub(crate) struct Parsed {
     pub(crate) headers: HeaderMap,
     framing: ResponseFraming,
     reusable: bool,
+    /// A copy of the bytes that followed a small head in the buffer (they are
+    /// still there too), made with the head's: the whole body, often.
+    after: Bytes,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -692,7 +700,15 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
                 h.value.len(),
             );
         }
-        let head = take_front(buf, n);
+        // A small head is copied out with what followed it in one allocation: the
+        // body, when it came along, is then a slice of that copy too.
+        let (head, after) = if buf.len() < COPY_BELOW {
+            let all = copy_of(buf);
+            buf.advance(n);
+            (all.slice(..n), all.slice(n..))
+        } else {
+            (take_front(buf, n), Bytes::new())
+        };
         // Room for the headers the gateway adds (x-request-id...) without a regrowth.
         let mut headers = crate::header_maps::take(count + 4);
         let mut length: Option<u64> = None;
@@ -758,6 +774,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
             headers,
             framing,
             reusable,
+            after,
         }));
     }
 }
@@ -773,12 +790,43 @@ const COPY_BELOW: usize = 1024;
 /// The first `n` bytes of `buf`, removed from it.
 fn take_front(buf: &mut BytesMut, n: usize) -> Bytes {
     if n < COPY_BELOW {
-        let out = Bytes::copy_from_slice(&buf[..n]);
+        let out = copy_of(&buf[..n]);
         buf.advance(n);
         out
     } else {
         buf.split_to(n).freeze()
     }
+}
+
+/// Up to `N` bytes held in place, for `copy_of`.
+struct Inline<const N: usize> {
+    len: usize,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// The largest copy held inline: with its reference count, one block from the
+/// allocator's per-thread cache.
+const INLINE_COPY: usize = 232;
+
+/// A copy of `data` as `Bytes`. A small one is a single allocation whose slices
+/// (header values) share it by a reference count; a copied `Vec` is one
+/// allocation, and its first slice allocates again to become shared.
+fn copy_of(data: &[u8]) -> Bytes {
+    if data.len() > INLINE_COPY {
+        return Bytes::copy_from_slice(data);
+    }
+    let mut inline = Inline {
+        len: data.len(),
+        bytes: [0; INLINE_COPY],
+    };
+    inline.bytes[..data.len()].copy_from_slice(data);
+    Bytes::from_owner(inline)
 }
 
 /// A header name as a head spells it, for both ends (this client and the server).

@@ -145,6 +145,47 @@ fn response_headers_keep_order_and_repeats() {
     assert_eq!(cookies, ["a=1", "b=2"]);
     assert_eq!(p.headers["x-y"], "z");
     assert_eq!(&buf[..], b"rest", "only the head is consumed");
+    assert_eq!(
+        &p.after[..],
+        b"rest",
+        "what followed a small head is copied along"
+    );
+}
+
+#[test]
+fn what_follows_a_head_is_copied_along_only_when_small() {
+    for (filler, body_len) in [(0, 13), (150, 13), (150, 300), (2000, 13)] {
+        let body = "b".repeat(body_len);
+        let raw = format!(
+            "HTTP/1.1 200 OK\r\nx-filler: {}\r\ncontent-length: {body_len}\r\n\r\n{body}",
+            "f".repeat(filler)
+        );
+        let mut buf = BytesMut::from(raw.as_bytes());
+        let p = parse_head(&mut buf, &Method::GET)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("partial"));
+        assert_eq!(&buf[..], body.as_bytes(), "{filler}/{body_len}");
+        let want: &[u8] = if raw.len() < COPY_BELOW {
+            body.as_bytes()
+        } else {
+            b""
+        };
+        assert_eq!(&p.after[..], want, "{filler}/{body_len}");
+        assert_eq!(p.headers["x-filler"].len(), filler, "{filler}/{body_len}");
+        assert_eq!(p.headers["content-length"], body_len.to_string().as_str());
+    }
+}
+
+#[test]
+fn copies_hold_their_bytes_at_every_size() {
+    for n in [0, 1, INLINE_COPY - 1, INLINE_COPY, INLINE_COPY + 1, 900] {
+        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        let copy = copy_of(&data);
+        assert_eq!(&copy[..], &data[..], "{n}");
+        if n > 2 {
+            assert_eq!(&copy.slice(1..n - 1)[..], &data[1..n - 1], "{n}");
+        }
+    }
 }
 
 #[test]
