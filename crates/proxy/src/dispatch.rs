@@ -532,20 +532,58 @@ fn forwarding(
     conn: &ConnInfo,
     host: Option<HeaderValue>,
 ) -> Forwarded {
-    strip_hop_by_hop(h, ctx.grpc);
-    identity_headers(h, ctx, conn.peer.as_ref());
+    let mut seen = Names::of(h);
+    if seen.hop_by_hop {
+        invoke::remove_hop_by_hop(h, ctx.grpc);
+        // `Connection` may have named any field, `Host` among them.
+        seen = Names::of(h);
+    }
+    identity_headers(h, ctx, conn.peer.as_ref(), seen.identity);
     if let Some(v) = &host
-        && !h.contains_key(header::HOST)
+        && !seen.host
     {
         h.insert(header::HOST, v.clone());
     }
     Forwarded::take(
         h,
+        seen.forwarding,
         ctx.request_id.header_value().clone(),
         &conn.client_ip,
         conn.scheme,
         host,
     )
+}
+
+/// Which of the fields the gateway settles before a request goes upstream a request
+/// has, from one pass over its names: nearly every request has none but `Host`,
+/// and a pass costs less than a hashed lookup per name.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Names {
+    host: bool,
+    hop_by_hop: bool,
+    /// The identity headers (`identity_headers`).
+    identity: bool,
+    /// The forwarding fields (`Forwarded::is_field`).
+    forwarding: bool,
+}
+
+impl Names {
+    fn of(h: &http::HeaderMap) -> Self {
+        let mut seen = Self::default();
+        for k in h.keys() {
+            if k == header::HOST {
+                seen.host = true;
+            } else if invoke::is_hop_by_hop(k) {
+                seen.hop_by_hop = true;
+            } else if k == X_CONSUMER_NAME || k == X_CONSUMER_GROUPS || k == X_FORWARDED_CLIENT_CERT
+            {
+                seen.identity = true;
+            } else if Forwarded::is_field(k) {
+                seen.forwarding = true;
+            }
+        }
+        seen
+    }
 }
 
 const X_CONSUMER_NAME: header::HeaderName = header::HeaderName::from_static("x-consumer-name");
@@ -555,12 +593,8 @@ const X_FORWARDED_CLIENT_CERT: header::HeaderName =
 
 /// The identity headers are the gateway's alone: whatever the client sent under
 /// these names is dropped, and they are set from the authenticated Consumer and,
-/// on mesh mTLS, from the peer.
-fn identity_headers(h: &mut http::HeaderMap, ctx: &RequestCtx, peer: Option<&Peer>) {
-    // Clients rarely send them: one pass over the names is cheaper than three removals.
-    let sent = h
-        .keys()
-        .any(|k| k == X_CONSUMER_NAME || k == X_CONSUMER_GROUPS || k == X_FORWARDED_CLIENT_CERT);
+/// on mesh mTLS, from the peer. `sent`: whether `h` has any of them (`Names`).
+fn identity_headers(h: &mut http::HeaderMap, ctx: &RequestCtx, peer: Option<&Peer>, sent: bool) {
     if sent {
         h.remove(X_CONSUMER_NAME);
         h.remove(X_CONSUMER_GROUPS);
@@ -599,8 +633,52 @@ fn finish(
 
 #[cfg(test)]
 mod tests {
-    use super::{X_REQUEST_ID, id_and_grpc, strip_port};
+    use super::{Names, X_REQUEST_ID, id_and_grpc, strip_port};
     use http::header::{self, HeaderMap, HeaderValue};
+
+    #[test]
+    fn names_sees_each_kind_of_field_the_gateway_settles() {
+        let map = |fields: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for f in fields {
+                h.append(*f, HeaderValue::from_static("v"));
+            }
+            h
+        };
+        let none = Names::default();
+        assert_eq!(Names::of(&map(&["accept", "user-agent"])), none);
+        let host = Names {
+            host: true,
+            ..Names::default()
+        };
+        assert_eq!(Names::of(&map(&["accept", "host"])), host);
+        for (field, want) in [
+            ("connection", "hop_by_hop"),
+            ("te", "hop_by_hop"),
+            ("keep-alive", "hop_by_hop"),
+            ("proxy-connection", "hop_by_hop"),
+            ("x-consumer-name", "identity"),
+            ("x-forwarded-client-cert", "identity"),
+            ("x-request-id", "forwarding"),
+            ("x-forwarded-host", "forwarding"),
+        ] {
+            let got = Names::of(&map(&["host", field]));
+            let flags = [
+                ("hop_by_hop", got.hop_by_hop),
+                ("identity", got.identity),
+                ("forwarding", got.forwarding),
+            ];
+            for (name, set) in flags {
+                assert_eq!(set, name == want, "{field}: {name}");
+            }
+            assert!(got.host, "{field}");
+        }
+        // `Connection` naming `Host` takes it away: the second pass sees that.
+        let mut h = map(&["host"]);
+        h.insert(header::CONNECTION, HeaderValue::from_static("host"));
+        crate::invoke::remove_hop_by_hop(&mut h, false);
+        assert_eq!(Names::of(&h), none);
+    }
 
     #[test]
     fn id_and_grpc_reads_small_and_large_maps_alike() {

@@ -514,23 +514,30 @@ fn budget_allows(rt: &ClusterRt, now: Instant) -> bool {
     ok
 }
 
+/// Whether `k` is a field the next hop must not see (RFC 9110 §7.6.1), apart from
+/// those a `Connection` field names.
+pub fn is_hop_by_hop(k: &header::HeaderName) -> bool {
+    k == header::CONNECTION
+        || k == header::TRANSFER_ENCODING
+        || k == header::UPGRADE
+        || k == header::TE
+        || k == header::PROXY_AUTHENTICATE
+        || k == header::PROXY_AUTHORIZATION
+        || k.as_str() == "keep-alive"
+        || k.as_str() == "proxy-connection"
+}
+
 /// Headers the next hop must not see (RFC 9110 §7.6.1), plus those named in
 /// `Connection`. `keep_te_trailers` keeps `te: trailers`, which gRPC needs.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     // Most messages carry none: one pass over the names is cheaper than the removals.
-    let any = headers.keys().any(|k| {
-        k == header::CONNECTION
-            || k == header::TRANSFER_ENCODING
-            || k == header::UPGRADE
-            || k == header::TE
-            || k == header::PROXY_AUTHENTICATE
-            || k == header::PROXY_AUTHORIZATION
-            || k.as_str() == "keep-alive"
-            || k.as_str() == "proxy-connection"
-    });
-    if !any {
-        return;
+    if headers.keys().any(is_hop_by_hop) {
+        remove_hop_by_hop(headers, keep_te_trailers);
     }
+}
+
+/// `strip_hop_by_hop` for a map known to hold at least one such field.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let named: Vec<header::HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

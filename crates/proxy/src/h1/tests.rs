@@ -385,13 +385,13 @@ fn request_heads() {
     let a = Authority::from_static("svc:80");
     let p = PathAndQuery::from_static("/x");
     let f = forwarded();
-    let text = |framing| {
+    let text = |h: &HeaderMap, framing| {
         let mut out = Vec::new();
         let head = Head {
             authority: &a,
             method: &Method::POST,
             path: &p,
-            headers: &h,
+            headers: h,
             forwarded: &f,
         };
         encode_head(&mut out, &head, framing);
@@ -399,17 +399,25 @@ fn request_heads() {
     };
     let fwd = "x-request-id: id-1\r\nx-forwarded-for: 10.0.0.1\r\nx-forwarded-proto: http\r\n";
     assert_eq!(
-        text(RequestFraming::Length(4)),
+        text(&h, RequestFraming::Length(4)),
         format!("POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\n{fwd}content-length: 4\r\n\r\n")
     );
     assert_eq!(
-        text(RequestFraming::Declared),
+        text(&h, RequestFraming::Declared),
         format!("POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\ncontent-length: 4\r\n{fwd}\r\n")
     );
     assert_eq!(
-        text(RequestFraming::Chunked),
+        text(&h, RequestFraming::Chunked),
         format!(
             "POST /x HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\n{fwd}transfer-encoding: chunked\r\n\r\n"
+        )
+    );
+    // The request's own Host is written where it stands, and only it.
+    h.insert(header::HOST, HeaderValue::from_static("api.example"));
+    assert_eq!(
+        text(&h, RequestFraming::Declared),
+        format!(
+            "POST /x HTTP/1.1\r\nx-a: 1\r\ncontent-length: 4\r\nhost: api.example\r\n{fwd}\r\n"
         )
     );
 }
@@ -418,6 +426,7 @@ fn request_heads() {
 fn forwarded() -> Forwarded {
     Forwarded::take(
         &mut HeaderMap::new(),
+        false,
         HeaderValue::from_static("id-1"),
         &HeaderValue::from_static("10.0.0.1"),
         "http",
