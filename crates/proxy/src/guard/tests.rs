@@ -445,15 +445,21 @@ mod one_pass {
         h.into_bytes()
     }
 
-    /// Both checks on `head`: what the one-pass check accepts, the full one accepts
-    /// with the same state and layout. Whether the one-pass check accepted.
+    /// Both checks on `head` (as `check_head` gets it) followed by the rest of its
+    /// end and a body: what the one-pass check accepts, the search for the end and
+    /// the full check accept with the same length, state and layout. Whether the
+    /// one-pass check accepted.
     pub fn agree(head: &[u8]) -> bool {
         let (mut fast, mut full) = (Scanner::new(LIMITS), Scanner::new(LIMITS));
-        let Some(next) = fast.fast_head(head) else {
+        let mut data = head.to_vec();
+        data.extend_from_slice(b"\n\r\nbody\r\n\r\n");
+        let Some((next, len)) = fast.fast_head(&data) else {
             return false;
         };
         let text = String::from_utf8_lossy(head);
-        assert_eq!(full.check_head(head), Ok(next), "{text:?}");
+        let end = HEAD_END.find(&data).unwrap_or_else(|| panic!("{text:?}"));
+        assert_eq!(len, end + 4, "{text:?}");
+        assert_eq!(full.check_head(&data[..end + 1]), Ok(next), "{text:?}");
         let (a, b) = (fast.layout(), full.layout());
         assert_eq!(
             (&a.method, &a.target, a.http10, &a.fields),
@@ -495,8 +501,10 @@ mod one_pass {
         ];
         for head in heads {
             let mut s = Scanner::new(LIMITS);
+            let mut data = head.to_vec();
+            data.extend_from_slice(b"\n\r\n");
             assert_eq!(
-                s.fast_head(head),
+                s.fast_head(&data),
                 None,
                 "{:?}",
                 String::from_utf8_lossy(head)
