@@ -93,8 +93,9 @@ def test_an_api_goes_from_draft_to_gone(world):
     sunset = (datetime.now(timezone.utc) + timedelta(days=30)).replace(microsecond=0)
     lifecycle(control, "deprecated", "--sunset", sunset.isoformat().replace("+00:00", "Z"),
               "--link", "https://docs.example.com/orders-v3")
+    # The revision reaches each proxy in its own time: wait for both.
     deadline = time.time() + 10
-    while get(prod)[1].get("Deprecation") is None and time.time() < deadline:
+    while any(get(p)[1].get("Deprecation") is None for p in (prod, staging)) and time.time() < deadline:
         time.sleep(0.05)
     for p in (prod, staging):
         status, headers, body = get(p)
