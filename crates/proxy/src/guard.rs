@@ -93,6 +93,10 @@ pub struct Scanner {
     limits: GuardLimits,
     /// Bytes of a chunked body's trailer section seen so far (bounded like headers).
     trailer_bytes: usize,
+    /// Part of a head came and was not enough. The one-pass check starts from the
+    /// head's first byte and is not tried again until the head passes: a head sent
+    /// a few bytes at a time costs one search for its end per read, not a scan too.
+    head_pending: bool,
     /// Where the parts of the head last passed lie in it.
     layout: Layout,
 }
@@ -114,6 +118,7 @@ impl Scanner {
             state: State::Start,
             limits,
             trailer_bytes: 0,
+            head_pending: false,
             layout: Layout::default(),
         }
     }
@@ -129,6 +134,7 @@ impl Scanner {
             state: self.state,
             limits: self.limits,
             trailer_bytes: self.trailer_bytes,
+            head_pending: self.head_pending,
             layout: Layout::default(),
         }
     }
@@ -230,7 +236,9 @@ impl Scanner {
 
     fn head(&mut self, data: &[u8]) -> Step {
         // Nearly every head: whole, well-formed, and found in the same pass.
-        if let Some((next, head_len)) = self.fast_head(data) {
+        if !self.head_pending
+            && let Some((next, head_len)) = self.fast_head(data)
+        {
             self.state = next;
             return Step::Pass(head_len);
         }
@@ -248,6 +256,7 @@ impl Scanner {
                 if data.len().saturating_sub(1) > max_line {
                     return self.fail(reject(ErrorCode::UriTooLong, "request line is too long"));
                 }
+                self.head_pending = true;
                 return Step::NeedMore;
             };
             if line_end > max_line {
@@ -261,6 +270,7 @@ impl Scanner {
                     "request headers are too large",
                 ));
             }
+            self.head_pending = true;
             return Step::NeedMore;
         };
         // A request line within its limit and fields within theirs: `end` is the
@@ -274,6 +284,7 @@ impl Scanner {
         let head_len = end + 4;
         match self.check_head(&data[..end + 1]) {
             Ok(next) => {
+                self.head_pending = false;
                 self.state = next;
                 Step::Pass(head_len)
             }
@@ -282,13 +293,14 @@ impl Scanner {
     }
 
     /// The common case of finding the head's end and `check_head` in one pass over
-    /// the bytes not yet passed (`head`): a whole head, its request line and fields made only of
-    /// the bytes a well-formed head has, within every limit. Its next state and
-    /// length. `None` as soon as anything is unusual or the head is not all here;
-    /// `head` then finds the end, and `check_head` judges the head and names what
-    /// is wrong. What this accepts, those accept with the same length and layout (a
-    /// randomised test compares them). No end is found past a CR this does not
-    /// take as a line's, so the end found is the first `CRLF CRLF`, as theirs is.
+    /// the bytes not yet passed (`head`): a whole head, its request line and fields
+    /// made only of the bytes a well-formed head has, within every limit. Its next
+    /// state and length. `None` as soon as anything is unusual or the head is not
+    /// all here; `Scanner::head` then searches for the end, and `check_head` judges
+    /// the head and names what is wrong. What this accepts, those accept with the
+    /// same length and layout (a randomised test compares them). No end is found
+    /// past a CR this does not take as a line's, so the end found is the first
+    /// `CRLF CRLF`, as theirs is.
     fn fast_head(&mut self, head: &[u8]) -> Option<(State, usize)> {
         let n = head.len();
         let scan = |mut i: usize, class: &[bool; 256]| {

@@ -232,6 +232,22 @@ fn pipelined_message_after_a_body_is_checked_too() {
     assert_eq!(why, Some("duplicate Content-Length"));
 }
 
+#[test]
+fn a_head_in_pieces_passes_and_the_next_takes_the_one_pass_check_again() {
+    let head = b"GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n";
+    let mut s = Scanner::new(LIMITS);
+    assert_eq!(s.step(&head[..20]), Step::NeedMore);
+    assert!(s.head_pending);
+    assert_eq!(s.step(head), Step::Pass(head.len()));
+    assert!(!s.head_pending);
+    assert_eq!(s.layout().fields.len(), 2);
+    let mut two = head.to_vec();
+    two.extend_from_slice(head);
+    assert_eq!(s.step(&two), Step::Pass(head.len()));
+    assert!(!s.head_pending);
+    assert_eq!(s.layout().fields.len(), 2);
+}
+
 mod random {
     //! Fuzz-style property tests (cargo-fuzz needs nightly, which this toolchain
     //! lacks): random and mutated byte streams never panic the scanner, and nothing
