@@ -575,8 +575,7 @@ impl Names {
                 seen.host = true;
             } else if invoke::is_hop_by_hop(k) {
                 seen.hop_by_hop = true;
-            } else if k == X_CONSUMER_NAME || k == X_CONSUMER_GROUPS || k == X_FORWARDED_CLIENT_CERT
-            {
+            } else if IDENTITY.contains(k) {
                 seen.identity = true;
             } else if Forwarded::is_field(k) {
                 seen.forwarding = true;
@@ -590,15 +589,17 @@ const X_CONSUMER_NAME: header::HeaderName = header::HeaderName::from_static("x-c
 const X_CONSUMER_GROUPS: header::HeaderName = header::HeaderName::from_static("x-consumer-groups");
 const X_FORWARDED_CLIENT_CERT: header::HeaderName =
     header::HeaderName::from_static("x-forwarded-client-cert");
+const IDENTITY: [header::HeaderName; 3] =
+    [X_CONSUMER_NAME, X_CONSUMER_GROUPS, X_FORWARDED_CLIENT_CERT];
 
 /// The identity headers are the gateway's alone: whatever the client sent under
 /// these names is dropped, and they are set from the authenticated Consumer and,
 /// on mesh mTLS, from the peer. `sent`: whether `h` has any of them (`Names`).
 fn identity_headers(h: &mut http::HeaderMap, ctx: &RequestCtx, peer: Option<&Peer>, sent: bool) {
     if sent {
-        h.remove(X_CONSUMER_NAME);
-        h.remove(X_CONSUMER_GROUPS);
-        h.remove(X_FORWARDED_CLIENT_CERT);
+        for name in IDENTITY {
+            h.remove(name);
+        }
     }
     if let Some(p) = peer {
         h.insert(X_FORWARDED_CLIENT_CERT, p.forwarded.clone());

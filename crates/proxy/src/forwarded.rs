@@ -18,6 +18,12 @@ const HOST: &str = "x-forwarded-host";
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(FOR);
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(PROTO);
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static(HOST);
+const FIELDS: [HeaderName; 4] = [
+    X_REQUEST_ID,
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+];
 
 /// The forwarding fields of one request.
 #[derive(Debug, Clone)]
@@ -32,7 +38,7 @@ pub struct Forwarded {
 impl Forwarded {
     /// Whether `k` names one of these fields.
     pub fn is_field(k: &HeaderName) -> bool {
-        k == X_REQUEST_ID || k == X_FORWARDED_FOR || k == X_FORWARDED_PROTO || k == X_FORWARDED_HOST
+        FIELDS.contains(k)
     }
 
     /// The fields for a request from `client_ip` over `scheme`, asking for `host`,
@@ -58,12 +64,7 @@ impl Forwarded {
             }) {
                 for_ = joined;
             }
-            for name in [
-                X_REQUEST_ID,
-                X_FORWARDED_FOR,
-                X_FORWARDED_PROTO,
-                X_FORWARDED_HOST,
-            ] {
+            for name in FIELDS {
                 headers.remove(name);
             }
         }

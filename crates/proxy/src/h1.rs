@@ -825,7 +825,8 @@ const INLINE_COPY: usize = 232;
 /// (header values) share it by a reference count; a copied `Vec` is one
 /// allocation, and its first slice allocates again to become shared.
 fn copy_of(data: &[u8]) -> Bytes {
-    if data.len() > INLINE_COPY {
+    if data.is_empty() || data.len() > INLINE_COPY {
+        // An empty copy allocates nothing this way.
         return Bytes::copy_from_slice(data);
     }
     let mut inline = Inline {

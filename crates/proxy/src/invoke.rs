@@ -514,17 +514,22 @@ fn budget_allows(rt: &ClusterRt, now: Instant) -> bool {
     ok
 }
 
+/// The fields the next hop must not see (RFC 9110 §7.6.1) but `TE`, which gRPC may
+/// keep as `te: trailers`, and those a `Connection` field names.
+const HOP_BY_HOP: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+];
+
 /// Whether `k` is a field the next hop must not see (RFC 9110 §7.6.1), apart from
 /// those a `Connection` field names.
 pub fn is_hop_by_hop(k: &header::HeaderName) -> bool {
-    k == header::CONNECTION
-        || k == header::TRANSFER_ENCODING
-        || k == header::UPGRADE
-        || k == header::TE
-        || k == header::PROXY_AUTHENTICATE
-        || k == header::PROXY_AUTHORIZATION
-        || k.as_str() == "keep-alive"
-        || k.as_str() == "proxy-connection"
+    k == header::TE || HOP_BY_HOP.contains(k)
 }
 
 /// Headers the next hop must not see (RFC 9110 §7.6.1), plus those named in
@@ -548,15 +553,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::HeaderName::from_static("keep-alive"),
-        header::HeaderName::from_static("proxy-connection"),
-    ] {
+    for n in HOP_BY_HOP {
         headers.remove(n);
     }
     let te_trailers = headers
