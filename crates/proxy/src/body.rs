@@ -13,7 +13,12 @@ use std::task::{Context, Poll};
 pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .and_then(length_value)
+}
+
+/// A `Content-Length` value as a number, if it is one.
+pub fn length_value(v: &http::HeaderValue) -> Option<u64> {
+    v.to_str().ok()?.parse::<u64>().ok()
 }
 
 /// A client's request body as a server hands it over: from hyper (HTTP/2), or

@@ -575,7 +575,7 @@ impl Names {
                 seen.host = true;
             } else if invoke::is_hop_by_hop(k) {
                 seen.hop_by_hop = true;
-            } else if IDENTITY.contains(k) {
+            } else if IDENTITY.contains(&k.as_str()) {
                 seen.identity = true;
             } else if Forwarded::is_field(k) {
                 seen.forwarding = true;
@@ -585,12 +585,15 @@ impl Names {
     }
 }
 
-const X_CONSUMER_NAME: header::HeaderName = header::HeaderName::from_static("x-consumer-name");
-const X_CONSUMER_GROUPS: header::HeaderName = header::HeaderName::from_static("x-consumer-groups");
+/// The identity headers, each name spelt once: as text and as a map key.
+static IDENTITY: [&str; 3] = [CONSUMER_NAME, CONSUMER_GROUPS, FORWARDED_CLIENT_CERT];
+const CONSUMER_NAME: &str = "x-consumer-name";
+const CONSUMER_GROUPS: &str = "x-consumer-groups";
+const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
+const X_CONSUMER_NAME: header::HeaderName = header::HeaderName::from_static(CONSUMER_NAME);
+const X_CONSUMER_GROUPS: header::HeaderName = header::HeaderName::from_static(CONSUMER_GROUPS);
 const X_FORWARDED_CLIENT_CERT: header::HeaderName =
-    header::HeaderName::from_static("x-forwarded-client-cert");
-const IDENTITY: [header::HeaderName; 3] =
-    [X_CONSUMER_NAME, X_CONSUMER_GROUPS, X_FORWARDED_CLIENT_CERT];
+    header::HeaderName::from_static(FORWARDED_CLIENT_CERT);
 
 /// The identity headers are the gateway's alone: whatever the client sent under
 /// these names is dropped, and they are set from the authenticated Consumer and,

@@ -18,12 +18,7 @@ const HOST: &str = "x-forwarded-host";
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(FOR);
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(PROTO);
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static(HOST);
-const FIELDS: [HeaderName; 4] = [
-    X_REQUEST_ID,
-    X_FORWARDED_FOR,
-    X_FORWARDED_PROTO,
-    X_FORWARDED_HOST,
-];
+static FIELDS: [&str; 4] = [REQUEST_ID, FOR, PROTO, HOST];
 
 /// The forwarding fields of one request.
 #[derive(Debug, Clone)]
@@ -38,7 +33,7 @@ pub struct Forwarded {
 impl Forwarded {
     /// Whether `k` names one of these fields.
     pub fn is_field(k: &HeaderName) -> bool {
-        FIELDS.contains(k)
+        FIELDS.contains(&k.as_str())
     }
 
     /// The fields for a request from `client_ip` over `scheme`, asking for `host`,

@@ -604,17 +604,37 @@ async fn respond(
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = if bodiless && status != StatusCode::NOT_MODIFIED {
-        None
-    } else {
-        crate::body::content_length(&parts.headers)
-    };
-    let mut keep = keep
-        && !parts
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v.as_bytes(), b"close"));
+    // The fields that decide the framing are read in the pass that writes the rest:
+    // two lookups would cost more than the whole pass over a common response.
+    let length_counts = !bodiless || status == StatusCode::NOT_MODIFIED;
+    let (mut declared, mut first_length, mut close) = (None, true, false);
+    let (mut has_id, mut has_date) = (false, false);
+    out.clear();
+    status_line(out, status);
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION {
+            close |= has_token(value.as_bytes(), b"close");
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            // The first value decides, as a lookup would; an unusable one is dropped
+            // with the rest, and the body's own length framed instead.
+            if first_length && length_counts {
+                declared = crate::body::length_value(value);
+            }
+            first_length = false;
+            if declared.is_none() {
+                continue;
+            }
+        }
+        has_id |= name == X_REQUEST_ID;
+        has_date |= name == header::DATE;
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let mut keep = keep && !close;
     let mut framing = if bodiless {
         Framing::None
     } else if let Some(n) = declared {
@@ -628,20 +648,6 @@ async fn respond(
     };
     if framing == Framing::Close && !meta.head {
         keep = false;
-    }
-    out.clear();
-    status_line(out, status);
-    let (mut has_id, mut has_date) = (false, false);
-    for (name, value) in &parts.headers {
-        if name == header::CONNECTION
-            || name == header::TRANSFER_ENCODING
-            || (name == header::CONTENT_LENGTH && declared.is_none())
-        {
-            continue;
-        }
-        has_id |= name == X_REQUEST_ID;
-        has_date |= name == header::DATE;
-        header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     crate::header_maps::give(parts.headers);
     if !has_id {

@@ -516,20 +516,23 @@ fn budget_allows(rt: &ClusterRt, now: Instant) -> bool {
 
 /// The fields the next hop must not see (RFC 9110 §7.6.1) but `TE`, which gRPC may
 /// keep as `te: trailers`, and those a `Connection` field names.
-const HOP_BY_HOP: [header::HeaderName; 7] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::HeaderName::from_static("keep-alive"),
-    header::HeaderName::from_static("proxy-connection"),
+static HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "keep-alive",
+    "proxy-connection",
 ];
 
 /// Whether `k` is a field the next hop must not see (RFC 9110 §7.6.1), apart from
 /// those a `Connection` field names.
 pub fn is_hop_by_hop(k: &header::HeaderName) -> bool {
-    k == header::TE || HOP_BY_HOP.contains(k)
+    // Compared as text: a length check rejects nearly every name at once, where
+    // comparing `HeaderName`s costs a match on their kinds per name.
+    let k = k.as_str();
+    k == "te" || HOP_BY_HOP.contains(&k)
 }
 
 /// Headers the next hop must not see (RFC 9110 §7.6.1), plus those named in
