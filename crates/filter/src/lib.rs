@@ -36,7 +36,9 @@ pub enum Flow {
     /// Go on to the next filter, then the upstream.
     Continue,
     /// Answer now with this response; later filters and the upstream are skipped.
-    Respond(http::Response<Bytes>),
+    /// Boxed: nearly every filter continues, and a small `Flow` is returned in
+    /// registers instead of copied through memory at each step of the chain.
+    Respond(Box<http::Response<Bytes>>),
 }
 
 pub type FilterResult = Result<Flow, GatewayError>;

@@ -59,7 +59,7 @@ impl Peer {
 /// What the completion hook needs to log and count the request.
 struct Done {
     conn: Arc<ConnInfo>,
-    ctx: Option<RequestCtx>,
+    ctx: RequestCtx,
     start: Instant,
     status: u16,
     /// Only gathered when an access log is on.
@@ -93,7 +93,7 @@ impl Completion for Done {
         let elapsed = now.saturating_duration_since(self.start);
         self.stats.record(self.status, elapsed.as_secs_f64());
         let status = http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);
-        let Some(ctx) = &self.ctx else { return };
+        let ctx = &self.ctx;
         if let Some(api) = &self.api {
             api.chain.on_complete(ctx, status);
             if let Some(c) = &ctx.consumer {
@@ -224,9 +224,11 @@ pub(crate) async fn answer(
         version,
     });
     conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
-    let mut done = Done {
+    // Boxed from the start, context and all: the completion hook takes the box as it
+    // is, and this future stays small.
+    let mut done = Box::new(Done {
         conn: conn.clone(),
-        ctx: None,
+        ctx,
         start,
         status: 0,
         line,
@@ -242,10 +244,10 @@ pub(crate) async fn answer(
                 SystemTime::now(),
             )
         }),
-    };
-    let mut resp = match serve(&conn, &active, grt, &mut ctx, &mut done, req).await {
+    });
+    let mut resp = match serve(&conn, &active, grt, &mut done, req).await {
         Ok(r) => r,
-        Err(e) => respond::error(&e, &ctx),
+        Err(e) => respond::error(&e, &done.ctx),
     };
     if conn.shared.draining() && version < http::Version::HTTP_2 {
         resp.headers_mut()
@@ -263,9 +265,8 @@ pub(crate) async fn answer(
         resp.body_mut().compress(c);
     }
     done.status = resp.status().as_u16();
-    let id = ctx.request_id.header_value().clone();
-    done.ctx = Some(ctx);
-    resp.body_mut().on_complete(Box::new(done));
+    let id = done.ctx.request_id.header_value().clone();
+    resp.body_mut().on_complete(done);
     (resp, id)
 }
 
@@ -312,7 +313,6 @@ async fn serve(
     conn: &ConnInfo,
     active: &Arc<Active>,
     grt: &GatewayRt,
-    ctx: &mut RequestCtx,
     done: &mut Done,
     mut req: Request<RequestBody>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
@@ -369,14 +369,14 @@ async fn serve(
         },
         None => (api_idx, false),
     };
-    let mut api = enter(active, grt, ctx, done, api_idx);
+    let mut api = enter(active, grt, done, api_idx);
     if api.lifecycle.gone() {
         return Err(GatewayError::new(
             ErrorCode::Gone,
             format!("Api {} is no longer offered", api.name),
         ));
     }
-    ctx.captures = captures;
+    done.ctx.captures = captures;
     let bodiless = matches!(req.body(), RequestBody::Empty);
     let mut limit = body_limit(&api, gw, req.headers(), bodiless)?;
     let had_host = host_header.is_some();
@@ -388,7 +388,8 @@ async fn serve(
     let (mut parts, body) = req.into_parts();
     if normalized.is_some() {
         // The path as the client sent it, for filters that check signatures over it.
-        ctx.extensions
+        done.ctx
+            .extensions
             .insert(meshgate_core::OriginalPath(parts.uri.path().to_string()));
     }
     set_path(&mut parts.uri, normalized)?;
@@ -398,8 +399,8 @@ async fn serve(
     {
         parts.headers.insert(header::HOST, h.clone());
     }
-    if let Flow::Respond(r) = gw.global.on_request(ctx, &mut parts).await? {
-        return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
+    if let Flow::Respond(r) = gw.global.on_request(&mut done.ctx, &mut parts).await? {
+        return Ok(finish(respond::from_bytes(*r), &done.ctx, &api, gw));
     }
     let mut from = 0;
     if deferred && let Some(g) = &api.grey {
@@ -408,32 +409,32 @@ async fn serve(
         let (shared, resume) = g.identified_at;
         let flow = api
             .chain
-            .on_request_range(ctx, &mut parts, 0..shared)
+            .on_request_range(&mut done.ctx, &mut parts, 0..shared)
             .await?;
         if let Flow::Respond(r) = flow {
-            return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
+            return Ok(finish(respond::from_bytes(*r), &done.ctx, &api, gw));
         }
         from = shared;
-        if g.picks_consumer(ctx.consumer.as_deref()) {
+        if g.picks_consumer(done.ctx.consumer.as_deref()) {
             api_idx = g.to;
-            api = enter(active, grt, ctx, done, api_idx);
+            api = enter(active, grt, done, api_idx);
             from = resume;
             limit = body_limit(&api, gw, &parts.headers, bodiless)?;
         }
     }
     let flow = api
         .chain
-        .on_request_range(ctx, &mut parts, from..api.chain.len())
+        .on_request_range(&mut done.ctx, &mut parts, from..api.chain.len())
         .await?;
     if let Flow::Respond(r) = flow {
-        return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
+        return Ok(finish(respond::from_bytes(*r), &done.ctx, &api, gw));
     }
     let body = if gw.global.wants_body() || api.chain.wants_body() {
         let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let bytes = invoke::collect_limited(body, limit, &exceeded).await?;
         for chain in [&gw.global, &api.chain] {
-            if let Flow::Respond(r) = chain.on_body(ctx, &parts, &bytes)? {
-                return Ok(finish(respond::from_bytes(r), ctx, &api, gw));
+            if let Flow::Respond(r) = chain.on_body(&mut done.ctx, &parts, &bytes)? {
+                return Ok(finish(respond::from_bytes(*r), &done.ctx, &api, gw));
             }
         }
         Inbound::Buffered(bytes)
@@ -445,21 +446,21 @@ async fn serve(
             let mut r = Response::new(ResponseBody::full(m.body.clone()));
             *r.status_mut() = m.status;
             *r.headers_mut() = m.headers.clone();
-            return Ok(finish(r, ctx, &api, gw));
+            return Ok(finish(r, &done.ctx, &api, gw));
         }
         Invoke::Upstream(up) => up,
     };
     if let Some(t) = &up.rewrite {
-        set_path(&mut parts.uri, Some(t.render(|n| ctx.capture(n))))?;
+        set_path(&mut parts.uri, Some(t.render(|n| done.ctx.capture(n))))?;
     }
-    let forwarded = forwarding(&mut parts.headers, ctx, conn, client_host);
+    let forwarded = forwarding(&mut parts.headers, &done.ctx, conn, client_host);
     let mut out = Outgoing { parts, forwarded };
-    let body = match ctx.extensions.remove::<meshgate_core::Mirrors>() {
-        Some(m) => crate::mirror::start(active, m, ctx, &out, body, limit).await?,
+    let body = match done.ctx.extensions.remove::<meshgate_core::Mirrors>() {
+        Some(m) => crate::mirror::start(active, m, &done.ctx, &out, body, limit).await?,
         None => body,
     };
     let own = active.api_clusters[api_idx].as_ref();
-    let answer = invoke::call(active, own, up, ctx, &mut out, body, limit).await?;
+    let answer = invoke::call(active, own, up, &done.ctx, &mut out, body, limit).await?;
     // Written upstream (or handed to another transport, which left it empty).
     crate::header_maps::give(std::mem::take(&mut out.parts.headers));
     done.upstream = answer.endpoint;
@@ -467,22 +468,16 @@ async fn serve(
     let (mut rparts, rbody) = answer.response.into_parts();
     strip_hop_by_hop(&mut rparts.headers, false);
     let resp = Response::from_parts(rparts, rbody);
-    Ok(finish(resp, ctx, &api, gw))
+    Ok(finish(resp, &done.ctx, &api, gw))
 }
 
 /// Make `api_idx` the Api this request is served by, for the filters, the metrics
 /// and the access log.
-fn enter(
-    active: &Active,
-    grt: &GatewayRt,
-    ctx: &mut RequestCtx,
-    done: &mut Done,
-    api_idx: usize,
-) -> Arc<Api> {
+fn enter(active: &Active, grt: &GatewayRt, done: &mut Done, api_idx: usize) -> Arc<Api> {
     let api = active.snapshot.apis[api_idx].clone();
     done.stats = grt.api_stats[api_idx].clone();
     done.api = Some(api.clone());
-    ctx.api = Some(api.name.clone());
+    done.ctx.api = Some(api.name.clone());
     api
 }
 

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -179,27 +179,26 @@ impl Drop for Conn {
 
 impl Conn {
     /// Whether an idle connection can take a request: the peer has not closed it and
-    /// sent nothing unasked. Costs no system call unless the socket became readable.
+    /// sent nothing unasked. Reads the readiness tokio keeps for the socket (no waker
+    /// is registered), and costs no system call unless the socket became readable.
     fn usable(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
+        // `try_io` calls the closure only when the socket is marked readable.
+        let readable = |tcp: &tokio::net::TcpStream| {
+            tcp.try_io(tokio::io::Interest::READABLE, || Ok(())).is_ok()
+        };
         let tcp = match &self.io {
             Either::Left(tcp) => tcp,
             // A TLS peer sends nothing unasked once a response was read (a mesh peer
             // sends no session tickets; other servers send theirs right after the
             // handshake, ahead of the first response): anything readable on an idle
             // TLS connection is a close or an alert.
-            Either::Right(tls) => {
-                return tls.get_ref().0.poll_read_ready(&mut cx).is_pending();
-            }
+            Either::Right(tls) => return !readable(tls.get_ref().0),
         };
-        match tcp.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
+        if !readable(tcp) {
+            return true;
         }
+        let mut probe = [0u8; 1];
+        matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Read more bytes into `buf`; `Ok(0)` is end of stream.

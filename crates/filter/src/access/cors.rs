@@ -253,7 +253,7 @@ impl Cors {
         if let Some(v) = &self.max_age {
             h.insert(header::ACCESS_CONTROL_MAX_AGE, v.clone());
         }
-        Ok(Flow::Respond(resp))
+        Ok(Flow::Respond(Box::new(resp)))
     }
 }
 

@@ -510,7 +510,7 @@ impl Filter for Cache {
             Claim::Hit(e) => {
                 self.counters.record(Outcome::Hit as usize);
                 ctx.extensions.insert(State::Hit);
-                return Step::Done(Ok(Flow::Respond(e.response())));
+                return Step::Done(Ok(Flow::Respond(Box::new(e.response()))));
             }
             Claim::Fill(tx) => {
                 let fill = Fill {
@@ -532,7 +532,7 @@ impl Filter for Cache {
                 Some(e) if e.matches(&req.headers) => {
                     self.counters.record(Outcome::Hit as usize);
                     ctx.extensions.insert(State::Hit);
-                    Ok(Flow::Respond(e.response()))
+                    Ok(Flow::Respond(Box::new(e.response())))
                 }
                 // The fill failed, was not storable, or took too long: go upstream
                 // without storing (the next miss fills again).
