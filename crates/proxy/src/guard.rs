@@ -302,15 +302,8 @@ impl Scanner {
     /// past a CR this does not take as a line's, so the end found is the first
     /// `CRLF CRLF`, as theirs is.
     fn fast_head(&mut self, head: &[u8]) -> Option<(State, usize)> {
-        let n = head.len();
-        let scan = |mut i: usize, class: &[bool; 256]| {
-            while i < n && class[usize::from(head[i])] {
-                i += 1;
-            }
-            i
-        };
         // METHOD SP TARGET SP HTTP/1.x CR LF, fields, CR LF.
-        let method_end = scan(0, &TCHAR);
+        let method_end = scan(head, 0, &TCHAR);
         if method_end == 0 || head.get(method_end) != Some(&b' ') {
             return None;
         }
@@ -345,11 +338,11 @@ impl Scanner {
                 break i + 3;
             }
             let start = i + 1;
-            let name_end = scan(start, &TCHAR);
+            let name_end = scan(head, start, &TCHAR);
             if name_end == start || head.get(name_end) != Some(&b':') {
                 return None;
             }
-            let value_start = scan(name_end + 1, &BLANK);
+            let value_start = scan(head, name_end + 1, &BLANK);
             let cr = run(head, value_start, &FIELD_VCHAR, all_field_vchar);
             if head.get(cr) != Some(&b'\r') {
                 return None;
@@ -666,13 +659,21 @@ macro_rules! byte_class {
 /// says a word's eight bytes all are, then byte by byte. A word test may refuse a
 /// word whose bytes are all in the class (a tab in a field value): the table then
 /// decides. Targets and field values are most of a head's bytes.
-fn run(head: &[u8], mut i: usize, class: &[bool; 256], whole: fn(u64) -> bool) -> usize {
+pub(crate) fn run(head: &[u8], mut i: usize, class: &[bool; 256], whole: fn(u64) -> bool) -> usize {
     while let Some(word) = head.get(i..i + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()) {
         if !whole(u64::from_le_bytes(word)) {
             break;
         }
         i += 8;
     }
+    while i < head.len() && class[usize::from(head[i])] {
+        i += 1;
+    }
+    i
+}
+
+/// The end of the run of bytes in `class` from `i`, byte by byte (for short runs).
+pub(crate) fn scan(head: &[u8], mut i: usize, class: &[bool; 256]) -> usize {
     while i < head.len() && class[usize::from(head[i])] {
         i += 1;
     }
@@ -699,18 +700,19 @@ fn all_target(w: u64) -> bool {
 }
 
 /// Eight bytes of `FIELD_VCHAR` without a tab.
-fn all_field_vchar(w: u64) -> bool {
+pub(crate) fn all_field_vchar(w: u64) -> bool {
     !any_below(w, 0x20) && !any_equal(w, 0x7f)
 }
 
 /// What a request target is made of (visible ASCII).
 static TARGET: [bool; 256] = byte_class!(c => c > 0x20 && c < 0x7f);
 /// What a field value is made of: no control character but tab.
-static FIELD_VCHAR: [bool; 256] = byte_class!(c => c == b'\t' || (c >= 0x20 && c != 0x7f));
-static BLANK: [bool; 256] = byte_class!(c => c == b' ' || c == b'\t');
+pub(crate) static FIELD_VCHAR: [bool; 256] =
+    byte_class!(c => c == b'\t' || (c >= 0x20 && c != 0x7f));
+pub(crate) static BLANK: [bool; 256] = byte_class!(c => c == b' ' || c == b'\t');
 
 /// The token characters of RFC 9110 §5.6.2, by byte.
-static TCHAR: [bool; 256] = byte_class!(c => token_char(c));
+pub(crate) static TCHAR: [bool; 256] = byte_class!(c => token_char(c));
 
 const fn token_char(c: u8) -> bool {
     c.is_ascii_alphanumeric()

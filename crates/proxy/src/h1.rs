@@ -9,6 +9,8 @@
 //!
 //! HTTP/2 upstreams still use hyper's client (see `client.rs`).
 
+mod head;
+
 use crate::body::UpstreamBody;
 use crate::client::{Secure, UpstreamIo};
 use crate::forwarded::Forwarded;
@@ -656,6 +658,48 @@ async fn exchange(
     }
 }
 
+/// The head at the start of `buf` as httparse reads it, for what `head::quick_head`
+/// leaves: its length, status code, whether HTTP/1.0, and how many fields, laid out
+/// in `inline` when they fit, else in `spilled`. `None` while it is not all here.
+fn httparse_head(
+    buf: &[u8],
+    inline: &mut [head::Span; INLINE_SPANS],
+    spilled: &mut Vec<head::Span>,
+) -> Result<Option<(usize, u16, bool, usize)>, H1Error> {
+    // Uninitialised slots: zeroing 128 of them cost more than parsing a small head.
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+    let n = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Protocol("too many header fields"));
+        }
+        Err(_) => return Err(H1Error::Protocol("malformed response head")),
+    };
+    // Header values are slices of the head: keep them as offsets into it.
+    let base = buf.as_ptr() as usize;
+    let count = resp.headers.len();
+    let spans = if count <= INLINE_SPANS {
+        &mut inline[..count]
+    } else {
+        spilled.resize(count, (0, 0, 0, 0));
+        &mut spilled[..]
+    };
+    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+        *span = (
+            h.name.as_ptr() as usize - base,
+            h.name.len(),
+            h.value.as_ptr() as usize - base,
+            h.value.len(),
+        );
+    }
+    let code = resp.code.unwrap_or(0);
+    Ok(Some((n, code, resp.version == Some(0), count)))
+}
+
 /// Parse a response head from the front of `buf`, consuming it. Informational (1xx)
 /// responses are skipped. `None` when more bytes are needed.
 pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1Error> {
@@ -663,20 +707,18 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
         if buf.is_empty() {
             return Ok(None);
         }
-        // Uninitialised slots: zeroing 128 of them cost more than parsing a small head.
-        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut []);
-        let parsed = httparse::ParserConfig::default()
-            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
-        let n = match parsed {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(H1Error::Protocol("too many header fields"));
-            }
-            Err(_) => return Err(H1Error::Protocol("malformed response head")),
+        let mut inline = [(0usize, 0usize, 0usize, 0usize); INLINE_SPANS];
+        let mut spilled = Vec::new();
+        let (n, code, http10, spans) = match head::quick_head(buf, &mut inline) {
+            Some(q) => (q.len, q.code, q.http10, &inline[..q.fields]),
+            None => match httparse_head(buf, &mut inline, &mut spilled)? {
+                Some((n, code, http10, fields)) if fields <= INLINE_SPANS => {
+                    (n, code, http10, &inline[..fields])
+                }
+                Some((n, code, http10, _)) => (n, code, http10, &spilled[..]),
+                None => return Ok(None),
+            },
         };
-        let code = resp.code.unwrap_or(0);
         let status =
             StatusCode::from_u16(code).map_err(|_| H1Error::Protocol("invalid status code"))?;
         if status.is_informational() {
@@ -685,26 +727,6 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
             }
             buf.advance(n);
             continue;
-        }
-        let http10 = resp.version == Some(0);
-        // Header values are slices of the head; keep them as views of one buffer.
-        let base = buf.as_ptr() as usize;
-        let count = resp.headers.len();
-        let mut inline = [(0usize, 0usize, 0usize, 0usize); INLINE_SPANS];
-        let mut spilled = Vec::new();
-        let spans = if count <= INLINE_SPANS {
-            &mut inline[..count]
-        } else {
-            spilled.resize(count, (0, 0, 0, 0));
-            &mut spilled[..]
-        };
-        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-            *span = (
-                h.name.as_ptr() as usize - base,
-                h.name.len(),
-                h.value.as_ptr() as usize - base,
-                h.value.len(),
-            );
         }
         // A small head is copied out with what followed it in one allocation: the
         // body, when it came along, is then a slice of that copy too.
@@ -716,7 +738,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
             (take_front(buf, n), Bytes::new())
         };
         // Room for the headers the gateway adds (x-request-id...) without a regrowth.
-        let mut headers = crate::header_maps::take(count + 4);
+        let mut headers = crate::header_maps::take(spans.len() + 4);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut transfer_coded = false;
