@@ -758,4 +758,4 @@ pub trait RejectSink: Send + Sync + 'static {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

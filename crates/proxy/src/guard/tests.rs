@@ -363,7 +363,7 @@ mod random {
     }
 }
 
-mod one_pass {
+pub(crate) mod one_pass {
     //! `Scanner::fast_head` against `Scanner::check_head`.
     use super::*;
     use proptest::prelude::*;
@@ -416,7 +416,7 @@ mod one_pass {
 
     /// An index into a list whose first `good` entries are well-formed: mostly one
     /// of those, so that heads the one-pass check accepts are common.
-    fn pick(len: usize, good: usize) -> impl Strategy<Value = usize> {
+    pub fn pick(len: usize, good: usize) -> impl Strategy<Value = usize> {
         prop_oneof![4 => 0..good, 1 => 0..len]
     }
 

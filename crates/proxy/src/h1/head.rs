@@ -83,6 +83,7 @@ pub(super) fn quick_head(buf: &[u8], spans: &mut [Span]) -> Option<Quick> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guard::tests::one_pass::{byte, pick};
     use crate::h1::{INLINE_SPANS, httparse_head};
     use proptest::prelude::*;
 
@@ -125,19 +126,6 @@ mod tests {
         "a\rb",
         "a\nb",
     ];
-
-    /// An index into a list whose first `good` entries are well-formed: mostly one
-    /// of those, so that heads the one-pass parse accepts are common.
-    fn pick(len: usize, good: usize) -> impl Strategy<Value = usize> {
-        prop_oneof![4 => 0..good, 1 => 0..len]
-    }
-
-    fn byte() -> impl Strategy<Value = u8> {
-        prop_oneof![
-            any::<u8>(),
-            prop::sample::select(&[0, b'\t', b'\r', b'\n', b' ', b':', 0x7f, 0x80, 0xff][..]),
-        ]
-    }
 
     /// A head from the fragments: (status line, its end) and, per field, (name,
     /// separator, value, line end), then the head's end and a body.
