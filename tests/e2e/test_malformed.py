@@ -171,6 +171,45 @@ def test_idle_connections_are_closed(tmp_path, backend, gateways):
     s.close()
 
 
+def test_a_reset_http2_stream_does_not_keep_its_connection_open(tmp_path, backend, gateways):
+    """A request the client cancels mid-flight (RST_STREAM) is over for the
+    connection too: it closes once idle for longer than idleTimeout, as it would
+    had the request been answered."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    g = Gateway(tmp_path, service("up", backend) + api("all", "/{*rest}", "{service: up}"),
+                limits="\n  limits: {idleTimeout: 1s}")
+    gateways.append(g)
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=8)
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    headers = [(":method", "GET"), (":path", "/slow?ms=5000"), (":scheme", "http"), (":authority", "a")]
+    c.send_headers(1, headers, end_stream=True)
+    s.sendall(c.data_to_send())
+    time.sleep(0.3)  # the request is with the upstream
+    c.reset_stream(1, error_code=h2.errors.ErrorCodes.CANCEL)
+    s.sendall(c.data_to_send())
+    t = time.time()
+    # The server's frames (9-byte headers: length, type, flags, stream), its SETTINGS
+    # and PINGs acknowledged as a client does, until it closes the connection.
+    buf, kinds = b"", []
+    while data := s.recv(65536):  # a timeout here: the connection was kept open
+        buf += data
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            n, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
+            payload, buf = buf[9:9 + n], buf[9 + n:]
+            kinds.append(kind)
+            if kind == 0x4 and not flags & 1:
+                s.sendall(b"\0\0\0\x04\x01\0\0\0\0")
+            elif kind == 0x6 and not flags & 1:
+                s.sendall(b"\0\0\x08\x06\x01\0\0\0\0" + payload)
+    s.close()
+    assert 0.8 < time.time() - t < 3.5
+    assert 0x7 in kinds, kinds  # GOAWAY
+    assert 0x1 not in kinds, kinds  # no HEADERS: the cancelled request got no response
+
+
 def test_http2_max_concurrent_streams_is_advertised(tmp_path, backend, gateways):
     g = Gateway(tmp_path, service("up", backend) + api("all", "/{*rest}", "{service: up}"),
                 limits="\n  limits: {maxConcurrentStreams: 7}")

@@ -72,6 +72,10 @@ struct Done {
     log: Option<LogSink>,
     /// This request's span and when it began, when tracing is on.
     trace: Option<(crate::trace::Context, SystemTime)>,
+    /// Whether `complete` ran. A request dropped before its response was handed
+    /// out (an HTTP/2 stream the client reset) leaves the connection's count of
+    /// requests in flight when this is dropped, or the connection would never idle.
+    completed: bool,
 }
 
 /// Request facts only the access log needs.
@@ -84,6 +88,7 @@ struct LineFacts {
 
 impl Completion for Done {
     fn complete(&mut self, bytes_sent: u64, clean: bool) {
+        self.completed = true;
         let now = Instant::now();
         let a = &self.conn.activity;
         a.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -133,6 +138,17 @@ impl Completion for Done {
             "upstreamMs": self.upstream_ms.map(|m| (m * 1e3).round() / 1e3),
         });
         log.write(line.to_string());
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if !self.completed {
+            let a = &self.conn.activity;
+            a.in_flight.fetch_sub(1, Ordering::Relaxed);
+            a.last
+                .store(self.conn.shared.ms_at(Instant::now()), Ordering::Relaxed);
+        }
     }
 }
 
@@ -244,6 +260,7 @@ pub(crate) async fn answer(
                 SystemTime::now(),
             )
         }),
+        completed: false,
     });
     let mut resp = match serve(&conn, &active, grt, &mut done, req).await {
         Ok(r) => r,
