@@ -347,10 +347,7 @@ impl Scanner {
             if head.get(cr) != Some(&b'\r') {
                 return None;
             }
-            let mut value_end = cr;
-            while value_end > value_start && BLANK[usize::from(head[value_end - 1])] {
-                value_end -= 1;
-            }
+            let value_end = value_end(head, value_start, cr);
             header_bytes += cr + 2 - start;
             if layout.fields.len() == self.limits.max_headers
                 || header_bytes > self.limits.max_header_bytes
@@ -666,10 +663,7 @@ pub(crate) fn run(head: &[u8], mut i: usize, class: &[bool; 256], whole: fn(u64)
         }
         i += 8;
     }
-    while i < head.len() && class[usize::from(head[i])] {
-        i += 1;
-    }
-    i
+    scan(head, i, class)
 }
 
 /// The end of the run of bytes in `class` from `i`, byte by byte (for short runs).
@@ -678,6 +672,15 @@ pub(crate) fn scan(head: &[u8], mut i: usize, class: &[bool; 256]) -> usize {
         i += 1;
     }
     i
+}
+
+/// Where a field value that runs from `start` to its line's CR at `cr` ends once
+/// its trailing blanks are left out.
+pub(crate) fn value_end(head: &[u8], start: usize, mut cr: usize) -> usize {
+    while cr > start && BLANK[usize::from(head[cr - 1])] {
+        cr -= 1;
+    }
+    cr
 }
 
 const ONES: u64 = u64::from_ne_bytes([1; 8]);

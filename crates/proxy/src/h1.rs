@@ -659,13 +659,13 @@ async fn exchange(
 }
 
 /// The head at the start of `buf` as httparse reads it, for what `head::quick_head`
-/// leaves: its length, status code, whether HTTP/1.0, and how many fields, laid out
-/// in `inline` when they fit, else in `spilled`. `None` while it is not all here.
+/// leaves, its fields laid out in `inline` when they fit, else in `spilled`. `None`
+/// while it is not all here.
 fn httparse_head(
     buf: &[u8],
     inline: &mut [head::Span; INLINE_SPANS],
     spilled: &mut Vec<head::Span>,
-) -> Result<Option<(usize, u16, bool, usize)>, H1Error> {
+) -> Result<Option<head::Quick>, H1Error> {
     // Uninitialised slots: zeroing 128 of them cost more than parsing a small head.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -696,8 +696,12 @@ fn httparse_head(
             h.value.len(),
         );
     }
-    let code = resp.code.unwrap_or(0);
-    Ok(Some((n, code, resp.version == Some(0), count)))
+    Ok(Some(head::Quick {
+        len: n,
+        code: resp.code.unwrap_or(0),
+        http10: resp.version == Some(0),
+        fields: count,
+    }))
 }
 
 /// Parse a response head from the front of `buf`, consuming it. Informational (1xx)
@@ -709,15 +713,22 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
         }
         let mut inline = [(0usize, 0usize, 0usize, 0usize); INLINE_SPANS];
         let mut spilled = Vec::new();
-        let (n, code, http10, spans) = match head::quick_head(buf, &mut inline) {
-            Some(q) => (q.len, q.code, q.http10, &inline[..q.fields]),
+        let head::Quick {
+            len: n,
+            code,
+            http10,
+            fields,
+        } = match head::quick_head(buf, &mut inline) {
+            Some(q) => q,
             None => match httparse_head(buf, &mut inline, &mut spilled)? {
-                Some((n, code, http10, fields)) if fields <= INLINE_SPANS => {
-                    (n, code, http10, &inline[..fields])
-                }
-                Some((n, code, http10, _)) => (n, code, http10, &spilled[..]),
+                Some(q) => q,
                 None => return Ok(None),
             },
+        };
+        let spans = if fields <= INLINE_SPANS {
+            &inline[..fields]
+        } else {
+            &spilled[..]
         };
         let status =
             StatusCode::from_u16(code).map_err(|_| H1Error::Protocol("invalid status code"))?;
