@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from harness import Gateway, api, curl, raw, service
+from harness import Gateway, api, curl, metric_sum, raw, service, wait_for
 
 LIMITS = """
   limits: {maxHeaderBytes: 4096, maxHeaders: 20, maxRequestLine: 1024, maxBodyBytes: 1000, headerReadTimeout: 1s}"""
@@ -208,6 +208,35 @@ def test_a_reset_http2_stream_does_not_keep_its_connection_open(tmp_path, backen
     assert 0.8 < time.time() - t < 3.5
     assert 0x7 in kinds, kinds  # GOAWAY
     assert 0x1 not in kinds, kinds  # no HEADERS: the cancelled request got no response
+    line = abandoned_line(g, "/slow?ms=5000")
+    assert line["protocol"] == "HTTP/2.0"
+
+
+def abandoned_line(g, path):
+    """The access-log line of the request to `path` the client gave up on: 499
+    (nginx's "client closed request"), nothing sent; and it is counted as a 4xx."""
+    wait_for(lambda: any(e.get("path") == path.split("?")[0] for e in g.access_log()),
+             "an abandoned request gets its access-log line")
+    [line] = [e for e in g.access_log() if e.get("path") == path.split("?")[0]]
+    assert line["status"] == 499 and line["bytesSent"] == 0 and line["complete"] is False, line
+    assert line["api"] == "all" and line["service"] == "up", line
+    assert 0.2 < line["durationMs"] / 1e3 < 3, line  # from the request to the client's leaving
+    _, metrics = g.admin("GET", "/metrics")
+    assert metric_sum(metrics, "meshgate_requests_total", api="all", status_class="4xx") == 1, metrics
+    assert metric_sum(metrics, "meshgate_requests_total", api="all", status_class="2xx") == 0, metrics
+    return line
+
+
+def test_a_request_the_client_abandons_is_logged_as_499(tmp_path, backend, gateways):
+    """The HTTP/1 client closes its connection while the upstream is still working."""
+    g = Gateway(tmp_path, service("up", backend) + api("all", "/{*rest}", "{service: up}"))
+    gateways.append(g)
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+    s.sendall(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: a\r\nX-Request-Id: gave-up-1\r\n\r\n")
+    time.sleep(0.3)  # the request is with the upstream
+    s.close()
+    line = abandoned_line(g, "/slow?ms=3000")
+    assert line["requestId"] == "gave-up-1" and line["protocol"] == "HTTP/1.1", line
 
 
 def test_http2_max_concurrent_streams_is_advertised(tmp_path, backend, gateways):

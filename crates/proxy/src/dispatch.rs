@@ -73,8 +73,10 @@ struct Done {
     /// This request's span and when it began, when tracing is on.
     trace: Option<(crate::trace::Context, SystemTime)>,
     /// Whether `complete` ran. A request dropped before its response was handed
-    /// out (an HTTP/2 stream the client reset) leaves the connection's count of
-    /// requests in flight when this is dropped, or the connection would never idle.
+    /// out (the client closed the connection or reset the HTTP/2 stream) is
+    /// completed as 499 when this is dropped: it is logged and counted, and leaves
+    /// the connection's count of requests in flight, or the connection would
+    /// never idle.
     completed: bool,
 }
 
@@ -93,8 +95,6 @@ impl Completion for Done {
         let a = &self.conn.activity;
         a.in_flight.fetch_sub(1, Ordering::Relaxed);
         a.last.store(self.conn.shared.ms_at(now), Ordering::Relaxed);
-        a.answered.fetch_add(1, Ordering::Release);
-        a.answer_waker.wake();
         let elapsed = now.saturating_duration_since(self.start);
         self.stats.record(self.status, elapsed.as_secs_f64());
         let status = http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);
@@ -144,13 +144,17 @@ impl Completion for Done {
 impl Drop for Done {
     fn drop(&mut self) {
         if !self.completed {
-            let a = &self.conn.activity;
-            a.in_flight.fetch_sub(1, Ordering::Relaxed);
-            a.last
-                .store(self.conn.shared.ms_at(Instant::now()), Ordering::Relaxed);
+            // Dropped before its response was handed out: the client went away
+            // (closed the connection, or reset the HTTP/2 stream). Logged and counted
+            // as nginx does, with 499 and nothing sent.
+            self.status = CLIENT_CLOSED;
+            self.complete(0, false);
         }
     }
 }
+
+/// nginx's status for a request whose client went away before the response.
+const CLIENT_CLOSED: u16 = 499;
 
 impl Done {
     /// This request's span: its Api, Service, consumer, upstream and status.
@@ -221,14 +225,11 @@ pub(crate) async fn answer(
     ctx.grpc = grpc;
     let version = req.version();
     let Some(grt) = active.gateway(&conn.gateway) else {
-        // The listener's gateway went away in a reload: answer, and count the answer
-        // like any other so the connection's bookkeeping stays exact.
+        // The listener's gateway went away in a reload.
         let err = GatewayError::new(
             ErrorCode::NoRoute,
             "this listener's gateway is no longer configured",
         );
-        conn.activity.answered.fetch_add(1, Ordering::Release);
-        conn.activity.answer_waker.wake();
         let id = ctx.request_id.header_value().clone();
         return (respond::error(&err, &ctx), id);
     };

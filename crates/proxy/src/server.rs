@@ -329,9 +329,6 @@ pub struct Activity {
     pub in_flight: AtomicUsize,
     /// Milliseconds since the process epoch of the last request start or end.
     pub last: AtomicU64,
-    /// Requests whose responses are complete (for the guard's orderly refusals).
-    pub answered: AtomicU64,
-    pub answer_waker: futures_util::task::AtomicWaker,
 }
 
 /// How long a relayed connection waits to reach its original destination.
