@@ -106,15 +106,17 @@ def order(binary, traces):
 class Roles:
     """The traced proxies and their traffic. Everything started is stopped by PID."""
 
-    def __init__(self, binary, trace_dir):
-        self.mg, self.trace_dir = str(binary), trace_dir
-        self.tmp = Path(tempfile.mkdtemp(prefix="meshgate-orderfile-"))
+    def __init__(self, binary, trace_dir=None, env=None):
+        """With trace_dir, the proxies run under the page tracer; env is set for
+        every process (scripts/pgo.py: where the profile goes)."""
+        self.mg, self.trace_dir, self.env = str(binary), trace_dir, env or {}
+        self.tmp = Path(tempfile.mkdtemp(prefix="meshgate-roles-"))
         self.procs = []
 
     def start(self, cmd, traced, **env):
         e = dict(os.environ, MESHGATE_ADMIN_TOKEN=sidecar.TOKEN, MESHGATE_NODE_TOKEN=sidecar.TOKEN,
-                 MESHGATE_LOG="warn", **env)
-        if traced:
+                 MESHGATE_LOG="warn", **self.env, **env)
+        if traced and self.trace_dir:
             e.update(LD_PRELOAD=str(self.tmp / "trace.so"), TRACE_DIR=str(self.trace_dir))
         p = subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL, start_new_session=True)
         self.procs.insert(0 if traced else len(self.procs), p)  # proxies stop before the control plane
@@ -178,8 +180,9 @@ class Roles:
         time.sleep(2)  # heartbeats, metrics and flush ticks of an idle proxy
 
     def __enter__(self):
-        run(["cc", "-shared", "-fPIC", "-O2", "-o", str(self.tmp / "trace.so"),
-             str(ROOT / "scripts" / "orderfile" / "trace.c"), "-ldl"])
+        if self.trace_dir:
+            run(["cc", "-shared", "-fPIC", "-O2", "-o", str(self.tmp / "trace.so"),
+                 str(ROOT / "scripts" / "orderfile" / "trace.c"), "-ldl"])
         return self
 
     def __exit__(self, *exc):
@@ -194,20 +197,27 @@ class Roles:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def trace(binary):
+def exercise(binary, trace_dir=None, env=None):
+    """Run the proxy roles on traffic from a bench backend (target/release)."""
     backend = ROOT / "target" / "release" / "bench-backend"
-    trace_dir = Path(tempfile.mkdtemp(prefix="meshgate-traces-"))
     p = {k: free_port() for k in ("backend", "control", "public", "edge", "edge_admin", "gw")}
     bk = subprocess.Popen([str(backend), f"127.0.0.1:{p['backend']}"], start_new_session=True)
     try:
         wait_port(p["backend"])
-        with Roles(binary, trace_dir) as roles:
+        with Roles(binary, trace_dir, env) as roles:
             roles.gateway(p)
             roles.mesh(p)
-        return load(trace_dir)
     finally:
         bk.terminate()
         bk.wait()
+
+
+def trace(binary):
+    trace_dir = Path(tempfile.mkdtemp(prefix="meshgate-traces-"))
+    try:
+        exercise(binary, trace_dir)
+        return load(trace_dir)
+    finally:
         shutil.rmtree(trace_dir, ignore_errors=True)
 
 

@@ -23,6 +23,19 @@ if [ "$allowed" != "crates/meshgate/src/heap.rs" ]; then
   exit 1
 fi
 
+step "optimised x86_64 Linux builds get the PGO profile, other builds do not"
+pgo() { scripts/rustc-pgo echo --crate-name x "$@"; }
+if [ "$(uname -m)-$(uname -s)" = x86_64-Linux ]; then
+  [ -f crates/meshgate/meshgate.profdata ] || { echo "crates/meshgate/meshgate.profdata is missing" >&2; exit 1; }
+  case "$(pgo -C opt-level=3)" in *"-Cprofile-use=$PWD/crates/meshgate/meshgate.profdata"*) ;;
+    *) echo "scripts/rustc-pgo did not add the profile to an opt-level 3 build" >&2; exit 1 ;; esac
+fi
+for args in "-C opt-level=0" "-C opt-level=3 --target aarch64-unknown-linux-gnu" \
+            "-C opt-level=3 -Cprofile-generate=/tmp/x"; do
+  # shellcheck disable=SC2086
+  case "$(pgo $args)" in *profile-use*) echo "scripts/rustc-pgo added the profile to: $args" >&2; exit 1 ;; esac
+done
+
 step "cargo test (unit, table and diagnostics tests)"
 log=$(mktemp)
 if ! cargo test --workspace -q >"$log" 2>&1; then
