@@ -114,7 +114,7 @@ impl Completion for Done {
         if let (Some((context, began)), Some(tracer)) = (&self.trace, &self.conn.shared.tracer)
             && context.sampled
         {
-            tracer.record(self.span(ctx, *context, *began));
+            tracer.record(self.span(*context, *began));
         }
         let (Some(log), Some(facts)) = (&self.log, &self.line) else {
             return;
@@ -158,13 +158,8 @@ const CLIENT_CLOSED: u16 = 499;
 
 impl Done {
     /// This request's span: its Api, Service, consumer, upstream and status.
-    fn span(
-        &self,
-        ctx: &RequestCtx,
-        context: crate::trace::Context,
-        began: SystemTime,
-    ) -> crate::trace::Finished {
-        let gw = &self.gateway_cfg;
+    fn span(&self, context: crate::trace::Context, began: SystemTime) -> crate::trace::Finished {
+        let (gw, ctx) = (&self.gateway_cfg, &self.ctx);
         let mut attributes = vec![("meshgate.gateway", gw.name.clone())];
         if let Some(api) = &self.api {
             attributes.push(("meshgate.api", api.name.to_string()));
