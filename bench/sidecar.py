@@ -16,11 +16,22 @@ round:
   two-hop    wrk -> edge proxy -> sidecar B inbound -> backend
 
 A control plane holds the config; sidecar B registers as service `echo`, which
-sidecar A and the edge proxy find through the registry. Proxies (one worker each,
-MESHGATE_WORKERS=1, access logs off) on CPU 0; backend, control plane and wrk on
-CPU 1 (shared/BENCHMARKING.md). Idle RSS is read after start-up with the config,
-before any load, for the bench's sidecars and for one sidecar with the default
-runtime (a worker per core).
+sidecar A and the edge proxy find through the registry. Proxies have one worker each
+(MESHGATE_WORKERS=1), access logs off. Every path is measured in two layouts, one
+after the other, the processes moved between cores with `taskset -ap`:
+
+  split      shared/BENCHMARKING.md's: every proxy on CPU 0; backend, control plane
+             and wrk on CPU 1. "direct" is then a ping-pong within one core, and
+             each hop adds the wake-ups of the other core.
+  by-node    each process on the core of what it runs beside, as if the two cores
+             were two nodes: wrk (the calling app), its sidecars A and A2, nginx in
+             their place, the edge proxy and the control plane on CPU 1; the backend
+             (the called service) and its sidecars B and C on CPU 0. "direct" then
+             crosses cores as a call to another node does, and a hop adds what the
+             proxy itself costs beside its app.
+
+Idle RSS is read after start-up with the config, before any load, for the bench's
+sidecars and for one sidecar with the default runtime (a worker per core).
 
 Targets (issue 6): <= 100 us added p50 for the sidecar outbound path, <= 15 MiB
 idle RSS per sidecar.
@@ -41,7 +52,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import NGINX_CONF, ROOT, bench_args, cpu_seconds, free_port, rss_mib, start, wait_port, wrk  # noqa: E402
+from run import NGINX_CONF, ROOT, bench_args, cpu_seconds, free_port, rss_mib, start, tree, wait_port, wrk  # noqa: E402
 
 BUSY_POLL_US = "50"
 
@@ -177,38 +188,17 @@ def main():
             ("fused", f"http://127.0.0.1:{p['public']}/", (), (b,)),
             ("two-hop", f"http://127.0.0.1:{p['edge']}/", (), (edge, b)),
         ]
-        for name, url, h, _ in paths:  # warm-up, and every path must answer 200
-            r = wrk(url, 10, 2, h)
-            if r["errors"] or r["requests"] == 0:
-                sys.exit(f"{name}: {url} answered non-2xx during warm-up")
-        results = {(n, c): [] for n, *_ in paths for c in (1, 10)}
-        for rnd in range(a.rounds):
-            for conns in (1, 10):
-                for name, url, h, proxies in paths:
-                    cpu0 = sum(cpu_seconds(x.pid) for x in proxies)
-                    r = wrk(url, conns, a.duration, h)
-                    cpu = sum(cpu_seconds(x.pid) for x in proxies) - cpu0
-                    r["per_cpu_s"] = r["requests"] / cpu if proxies and cpu > 0 else 0.0
-                    results[(name, conns)].append(r)
-                    print(f"round {rnd + 1} c{conns:<2} {name:13} {r['rps']:>8.0f} req/s  p50 {r['p50'] * 1000:7.0f} us  "
-                          f"p99 {r['p99'] * 1000:7.0f} us  {r['per_cpu_s']:>8.0f} req/proxy-CPU-s  "
-                          f"errors {r['errors']}", flush=True)
-        print()
-        print("| path | conns | req/s | p50 us | p99 us | added p50 over direct, us | added p99, us "
-              "| req per proxy CPU-s |")
-        print("|---|---|---|---|---|---|---|---|")
-        for conns in (1, 10):
-            base = results[("direct", conns)]
-            for name, *_ in paths:
-                rs = results[(name, conns)]
-                med = lambda k: statistics.median(x[k] for x in rs) * 1000
-                added = statistics.median(r["p50"] - b["p50"] for r, b in zip(rs, base)) * 1000
-                added99 = statistics.median(r["p99"] - b["p99"] for r, b in zip(rs, base)) * 1000
-                rps = statistics.median(x["rps"] for x in rs)
-                per_cpu = statistics.median(x["per_cpu_s"] for x in rs)
-                print(f"| {name} | {conns} | {rps:,.0f} | {med('p50'):.0f} | {med('p99'):.0f} | "
-                      f"{added:.0f} | {added99:.0f} | {f'{per_cpu:,.0f}' if per_cpu else '—'} |")
-        print()
+        # The core of every process in each layout (wrk is always on CPU 1).
+        backend = procs[0]
+        layouts = {
+            "split": {backend: 1, s: 0, sb: 0, ng: 0, edge: 0, b: 0, c: 0},
+            "by-node": {backend: 0, b: 0, c: 0, s: 1, sb: 1, ng: 1, edge: 1},
+        }
+        for layout, cpus in layouts.items():
+            for proc, cpu in cpus.items():
+                pin(proc, cpu)
+            print(f"layout {layout}", flush=True)
+            report(layout, paths, measure(paths, a.rounds, a.duration))
         print("| process, idle | RSS MiB | PSS MiB | anonymous MiB |")
         print("|---|---|---|---|")
         for name, (rss, pss, anon) in idle.items():
@@ -220,6 +210,55 @@ def main():
         for group in (procs[2:], procs[:2]):
             stop(group)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pin(proc, cpu):
+    """Move a process, all its threads and its children (nginx's worker) to one CPU."""
+    for pid in tree(proc.pid):
+        subprocess.run(["taskset", "-apc", str(cpu), str(pid)], check=True, capture_output=True)
+
+
+def measure(paths, rounds, duration):
+    """wrk over every path at 1 and 10 connections, round by round, after a warm-up
+    in which every path must answer 200."""
+    for name, url, h, _ in paths:
+        r = wrk(url, 10, 2, h)
+        if r["errors"] or r["requests"] == 0:
+            sys.exit(f"{name}: {url} answered non-2xx during warm-up")
+    results = {(n, c): [] for n, *_ in paths for c in (1, 10)}
+    for rnd in range(rounds):
+        for conns in (1, 10):
+            for name, url, h, proxies in paths:
+                cpu0 = sum(cpu_seconds(x.pid) for x in proxies)
+                r = wrk(url, conns, duration, h)
+                cpu = sum(cpu_seconds(x.pid) for x in proxies) - cpu0
+                r["per_cpu_s"] = r["requests"] / cpu if proxies and cpu > 0 else 0.0
+                results[(name, conns)].append(r)
+                print(f"round {rnd + 1} c{conns:<2} {name:13} {r['rps']:>8.0f} req/s  p50 {r['p50'] * 1000:7.0f} us  "
+                      f"p99 {r['p99'] * 1000:7.0f} us  {r['per_cpu_s']:>8.0f} req/proxy-CPU-s  "
+                      f"errors {r['errors']}", flush=True)
+    return results
+
+
+def report(layout, paths, results):
+    """The table of one layout: medians over rounds; added latency as the median of
+    per-round differences to the direct path."""
+    print()
+    print(f"| path ({layout}) | conns | req/s | p50 us | p99 us | added p50 over direct, us "
+          "| added p99, us | req per proxy CPU-s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for conns in (1, 10):
+        base = results[("direct", conns)]
+        for name, *_ in paths:
+            rs = results[(name, conns)]
+            med = lambda k: statistics.median(x[k] for x in rs) * 1000
+            added = statistics.median(r["p50"] - b["p50"] for r, b in zip(rs, base)) * 1000
+            added99 = statistics.median(r["p99"] - b["p99"] for r, b in zip(rs, base)) * 1000
+            rps = statistics.median(x["rps"] for x in rs)
+            per_cpu = statistics.median(x["per_cpu_s"] for x in rs)
+            print(f"| {name} | {conns} | {rps:,.0f} | {med('p50'):.0f} | {med('p99'):.0f} | "
+                  f"{added:.0f} | {added99:.0f} | {f'{per_cpu:,.0f}' if per_cpu else '—'} |")
+    print()
 
 
 def stop(procs):
