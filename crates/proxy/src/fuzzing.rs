@@ -96,7 +96,7 @@ pub fn response_head(data: &[u8]) {
     };
     let parse = |bytes: &[u8]| {
         let mut buf = BytesMut::from(bytes);
-        crate::h1::parse_head(&mut buf, &Method::GET)
+        crate::h1::parse_head(&mut buf, &Method::GET, false)
             .map(|p| p.map(|p| (p.status, p.headers.len(), buf.len())))
             .map_err(|e| e.to_string())
     };

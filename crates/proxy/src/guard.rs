@@ -488,10 +488,11 @@ impl Scanner {
         if te.is_some() && length.is_some() {
             return Err(bad("both Content-Length and Transfer-Encoding"));
         }
-        // Upgrades (WebSocket, h2c) and CONNECT are not served yet: such a request is
-        // answered as plain HTTP/1.1, so the bytes after it are HTTP/1 messages and
-        // stay under the guard. Switching to passthrough here would let the next
-        // pipelined request skip every check.
+        // An upgrade request's bytes after it are HTTP/1 messages until a `101` was
+        // written (the server then stops reading HTTP and relays bytes, `h1_server`),
+        // so they stay under the guard. Switching to passthrough here would let the
+        // next pipelined request skip every check when the upstream refuses the
+        // switch. CONNECT is not served.
         Ok(match (te, length) {
             (Some(_), _) => State::Chunked(Chunk::Size {
                 value: 0,

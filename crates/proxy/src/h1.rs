@@ -7,6 +7,11 @@
 //! downstream connection polls it (pingora's design). A connection goes back to the
 //! pool only after its response was read to the end with nothing left over.
 //!
+//! A request that asks to switch protocols (WebSocket, `UpgradeRequest`) and is
+//! answered `101 Switching Protocols` takes its connection out of the pool for good:
+//! the response carries it (`Tunnel`), and the downstream server relays bytes both
+//! ways from then on.
+//!
 //! HTTP/2 upstreams still use hyper's client (see `client.rs`).
 
 mod head;
@@ -179,7 +184,30 @@ impl Drop for Conn {
     }
 }
 
+/// The protocol a client asked to switch to (`Upgrade: websocket`), carried in the
+/// request's extensions from the HTTP/1.1 server to the upstream call.
+#[derive(Debug, Clone)]
+pub struct UpgradeRequest(pub HeaderValue);
+
+/// The upstream connection that answered `101 Switching Protocols`, carried in the
+/// response's extensions to the server that relays the client's connection to it.
+#[derive(Debug, Clone)]
+pub struct Tunnel(Arc<Mutex<Option<Conn>>>);
+
+impl Tunnel {
+    /// The connection, once.
+    pub fn take(&self) -> Option<Conn> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
 impl Conn {
+    /// The connection as a relay reads and writes it after a `101`: the bytes read
+    /// after the head first. It stays counted as open while the relay runs.
+    pub(crate) fn relayed(&mut self) -> crate::pipe::Prefixed<&mut UpstreamIo> {
+        crate::pipe::Prefixed::new(self.buf.split().freeze(), &mut self.io)
+    }
+
     /// Whether an idle connection can take a request: the peer has not closed it and
     /// sent nothing unasked. Reads the readiness tokio keeps for the socket (no waker
     /// is registered), and costs no system call unless the socket became readable.
@@ -416,6 +444,7 @@ impl H1Pool {
         queued: &AtomicBool,
     ) -> Result<Response<H1Body>, H1Error> {
         let (method, headers) = (req.method, req.headers);
+        let switch = req.upgrade.is_some();
         let framing = RequestFraming::of(&body, headers);
         let resend =
             matches!(body, UpstreamBody::Empty | UpstreamBody::Full(_)) && (method.is_idempotent());
@@ -430,7 +459,7 @@ impl H1Pool {
             let mut head = std::mem::take(&mut conn.head);
             head.clear();
             encode_head(&mut head, &req, framing);
-            let result = exchange(&mut conn, &mut head, this_body, framing, method).await;
+            let result = exchange(&mut conn, &mut head, this_body, framing, method, switch).await;
             conn.head = head;
             match result {
                 Ok(parsed) => return Ok(self.respond(addr, conn, parsed)),
@@ -444,6 +473,14 @@ impl H1Pool {
 
     fn respond(self: &Arc<Self>, addr: SocketAddr, mut conn: Conn, p: Parsed) -> Response<H1Body> {
         let body = match p.framing {
+            ResponseFraming::Switched => {
+                let mut resp = Response::new(H1Body::full(Bytes::new()));
+                *resp.status_mut() = p.status;
+                *resp.headers_mut() = p.headers;
+                resp.extensions_mut()
+                    .insert(Tunnel(Arc::new(Mutex::new(Some(conn)))));
+                return resp;
+            }
             // The whole body already arrived with the head: the connection is free
             // again before the downstream write.
             ResponseFraming::Length(n) if conn.buf.len() as u64 >= n => {
@@ -464,7 +501,7 @@ impl H1Pool {
                     state: match framing {
                         ResponseFraming::Length(n) => State::Length(n),
                         ResponseFraming::Chunked => State::Chunked(Chunked::Size),
-                        ResponseFraming::Eof => State::Eof,
+                        ResponseFraming::Eof | ResponseFraming::Switched => State::Eof,
                     },
                     conn: Some(conn),
                     reusable: p.reusable,
@@ -489,6 +526,9 @@ pub struct Head<'a> {
     pub headers: &'a HeaderMap,
     /// Written after `headers`.
     pub forwarded: &'a Forwarded,
+    /// The protocol the client asks to switch to: sent as `Upgrade`, with
+    /// `Connection: upgrade`, and a `101` answer is then taken (`Tunnel`).
+    pub upgrade: Option<&'a HeaderValue>,
 }
 
 /// How the request body is framed on the wire.
@@ -532,6 +572,7 @@ fn encode_head(out: &mut Vec<u8>, req: &Head<'_>, framing: RequestFraming) {
         path,
         headers,
         forwarded,
+        upgrade,
     } = *req;
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
@@ -562,6 +603,10 @@ fn encode_head(out: &mut Vec<u8>, req: &Head<'_>, framing: RequestFraming) {
     for (name, value) in forwarded.fields() {
         header_line(out, name.as_bytes(), value);
     }
+    if let Some(protocol) = upgrade {
+        header_line(out, b"connection", b"upgrade");
+        header_line(out, b"upgrade", protocol.as_bytes());
+    }
     match framing {
         RequestFraming::Length(n) => {
             out.extend_from_slice(b"content-length: ");
@@ -590,6 +635,9 @@ enum ResponseFraming {
     Length(u64),
     Chunked,
     Eof,
+    /// `101 Switching Protocols` to a request that asked for it: what follows is
+    /// the new protocol's.
+    Switched,
 }
 
 /// Write the request and read the final response head.
@@ -599,6 +647,7 @@ async fn exchange(
     mut body: UpstreamBody,
     framing: RequestFraming,
     method: &Method,
+    switch: bool,
 ) -> Result<Parsed, H1Error> {
     let head_len = head.len();
     match &body {
@@ -642,7 +691,7 @@ async fn exchange(
     conn.io.flush().await?;
     crate::busy_poll::active();
     loop {
-        if let Some(parsed) = parse_head(&mut conn.buf, method)? {
+        if let Some(parsed) = parse_head(&mut conn.buf, method, switch)? {
             return Ok(parsed);
         }
         if conn.buf.len() > MAX_HEAD_BYTES {
@@ -705,8 +754,14 @@ fn httparse_head(
 }
 
 /// Parse a response head from the front of `buf`, consuming it. Informational (1xx)
-/// responses are skipped. `None` when more bytes are needed.
-pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1Error> {
+/// responses are skipped, but a `101 Switching Protocols`: that is the answer when
+/// `switch` (the request asked to switch), and an error otherwise. `None` when more
+/// bytes are needed.
+pub(crate) fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    switch: bool,
+) -> Result<Option<Parsed>, H1Error> {
     loop {
         if buf.is_empty() {
             return Ok(None);
@@ -732,7 +787,8 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
         };
         let status =
             StatusCode::from_u16(code).map_err(|_| H1Error::Protocol("invalid status code"))?;
-        if status.is_informational() {
+        let switched = code == 101 && switch;
+        if status.is_informational() && !switched {
             if code == 101 {
                 return Err(H1Error::Protocol("unexpected protocol switch"));
             }
@@ -789,7 +845,10 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<P
         let bodyless = method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
-        let framing = if bodyless {
+        let framing = if switched {
+            close = true;
+            ResponseFraming::Switched
+        } else if bodyless {
             ResponseFraming::Length(0)
         } else if transfer_coded {
             // Transfer-Encoding overrides Content-Length; such a message must not be

@@ -18,11 +18,19 @@
 //! (the upstream call, or a filter collecting it): the connection's reading half
 //! is lent to the body for the exchange and taken back before the response is
 //! written.
+//!
+//! A WebSocket handshake (`GET` with `Connection: upgrade` and `Upgrade:
+//! websocket`, no body) is passed upstream as one. When the upstream switches
+//! protocols, the `101` is written and the connection becomes a relay of bytes to
+//! that upstream connection until either side closes or both are idle for the
+//! Gateway's `tcpIdleTimeout`. Any other answer is an ordinary response, and the
+//! connection stays HTTP/1.1 under the guard. Other upgrades (h2c) are not served.
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::dispatch::{self, ConnInfo};
 use crate::guard::{self, BodyStep, GuardLimits, Layout, RejectSink, Rejection, Scanner, Step};
-use crate::h1::header_line;
+use crate::h1::{Tunnel, UpgradeRequest, header_line};
+use crate::pipe::Prefixed;
 use crate::respond::{REQUEST_ID, X_REQUEST_ID};
 use crate::server::StopFlag;
 use bytes::{Buf, Bytes, BytesMut};
@@ -95,53 +103,6 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// A stream whose first bytes were already read: they are read again first.
-pub(crate) struct Prefixed {
-    read: Bytes,
-    io: Stream,
-}
-
-impl Prefixed {
-    pub(crate) fn new(read: Bytes, io: Stream) -> Self {
-        Self { read, io }
-    }
-}
-
-impl AsyncRead for Prefixed {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.read.is_empty() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
-        }
-        let n = this.read.len().min(buf.remaining());
-        buf.put_slice(&this.read[..n]);
-        this.read.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Prefixed {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
 /// The reading side of a connection: the stream, what was read and not yet used,
 /// and the scanner that knows where each message ends.
 struct Wire {
@@ -177,6 +138,8 @@ pub(crate) struct ConnCtx {
     pub limits: GuardLimits,
     pub sink: Arc<dyn RejectSink>,
     pub stop: Arc<StopFlag>,
+    /// How long a connection that switched protocols may pass no byte either way.
+    pub tunnel_idle: std::time::Duration,
 }
 
 /// Serve HTTP/1.1 requests on `io` until the client leaves, the connection is
@@ -251,7 +214,7 @@ async fn exchange(slot: &mut Option<Wire>, ctx: &ConnCtx, out: &mut Vec<u8>) -> 
     };
     let has_body = wire.scan.in_body();
     let head = wire.rbuf.split_to(head_len).freeze();
-    let (req, meta) = match parse(&head, wire.scan.layout()) {
+    let (req, meta) = match parse(&head, wire.scan.layout(), has_body) {
         Ok(p) => p,
         Err(r) => return refuse(wire, ctx, &r).await,
     };
@@ -289,7 +252,21 @@ async fn exchange(slot: &mut Option<Wire>, ctx: &ConnCtx, out: &mut Vec<u8>) -> 
     // is already here to skip.
     let framed = body_done || skip_buffered_body(wire);
     let keep = meta.keep_alive && framed && !ctx.stop.is_raised();
+    let tunnel = switched(&resp, &meta);
+    // Nothing HTTP may follow a protocol switch; one with no connection to relay to
+    // ends the connection.
+    let keep = keep && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
     match respond(&mut wire.io, out, resp, &request_id, &meta, keep).await {
+        Ok(_) if let Some(mut conn) = tunnel => {
+            let Some(w) = slot.take() else {
+                return Next::Closed;
+            };
+            // Bytes the client sent after its handshake go first.
+            let mut client = Prefixed::new(w.rbuf.freeze(), w.io);
+            let mut upstream = conn.relayed();
+            crate::pipe::pipe(&mut client, &mut upstream, ctx.tunnel_idle).await;
+            Next::Closed
+        }
         Ok(true) => Next::KeepAlive,
         Ok(false) => {
             let _ = wire.io.shutdown().await;
@@ -300,6 +277,15 @@ async fn exchange(slot: &mut Option<Wire>, ctx: &ConnCtx, out: &mut Vec<u8>) -> 
             Next::Closed
         }
     }
+}
+
+/// The upstream connection of a `101 Switching Protocols` answer to a request that
+/// asked to switch. Taken before the response is written, which drops it.
+fn switched(resp: &Response<ResponseBody>, meta: &Meta) -> Option<crate::h1::Conn> {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS || meta.upgrade.is_none() {
+        return None;
+    }
+    resp.extensions().get::<Tunnel>()?.take()
 }
 
 /// Run `handle` to its response, unless the client closes the connection first
@@ -411,10 +397,12 @@ struct Meta {
     expect_continue: bool,
     /// The client takes trailers (`TE: trailers`).
     trailers: bool,
+    /// The protocol a WebSocket handshake asks to switch to.
+    upgrade: Option<HeaderValue>,
 }
 
 /// The request in `head`, which the scanner checked and laid out, sharing its bytes.
-fn parse(head: &Bytes, layout: &Layout) -> Result<(Request<()>, Meta), Rejection> {
+fn parse(head: &Bytes, layout: &Layout, has_body: bool) -> Result<(Request<()>, Meta), Rejection> {
     let bad = |message| Rejection {
         code: ErrorCode::InvalidRequest,
         message,
@@ -435,13 +423,19 @@ fn parse(head: &Bytes, layout: &Layout) -> Result<(Request<()>, Meta), Rejection
         head: method == Method::HEAD,
         expect_continue: false,
         trailers: false,
+        upgrade: None,
     };
+    let (mut asked, mut connection_upgrade) = (None, false);
     for (name, value) in &layout.fields {
         let name =
             crate::h1::header_name(&head[name.clone()]).map_err(|_| bad("invalid header name"))?;
         let raw = &head[value.clone()];
-        // Upgrades (WebSocket, h2c) are not served: the request is plain HTTP/1.1.
-        if name == header::UPGRADE || name.as_str() == "http2-settings" {
+        // Kept apart from the fields: only a WebSocket handshake passes it on.
+        if name == header::UPGRADE {
+            asked = Some(value.clone());
+            continue;
+        }
+        if name.as_str() == "http2-settings" {
             continue;
         }
         if name == header::CONNECTION {
@@ -450,6 +444,8 @@ fn parse(head: &Bytes, layout: &Layout) -> Result<(Request<()>, Meta), Rejection
                     meta.keep_alive = false;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
                     meta.keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    connection_upgrade = true;
                 }
             }
         } else if name == header::EXPECT {
@@ -462,6 +458,19 @@ fn parse(head: &Bytes, layout: &Layout) -> Result<(Request<()>, Meta), Rejection
         headers.append(name, value);
     }
     let mut req = Request::new(());
+    // RFC 6455 §4.1: a WebSocket handshake is an HTTP/1.1 GET without a body.
+    if let Some(asked) = asked
+        && connection_upgrade
+        && !has_body
+        && method == Method::GET
+        && version == Version::HTTP_11
+        && head[asked.clone()].eq_ignore_ascii_case(b"websocket")
+    {
+        let asked = HeaderValue::from_maybe_shared(head.slice(asked))
+            .map_err(|_| bad("invalid header value"))?;
+        req.extensions_mut().insert(UpgradeRequest(asked.clone()));
+        meta.upgrade = Some(asked);
+    }
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = version;
@@ -663,7 +672,10 @@ async fn respond(
     if !has_date {
         date::append(out);
     }
-    if !keep {
+    if let (Some(protocol), StatusCode::SWITCHING_PROTOCOLS) = (&meta.upgrade, status) {
+        header_line(out, b"connection", b"upgrade");
+        header_line(out, b"upgrade", protocol.as_bytes());
+    } else if !keep {
         header_line(out, b"connection", b"close");
     } else if meta.version == Version::HTTP_10 {
         header_line(out, b"connection", b"keep-alive");

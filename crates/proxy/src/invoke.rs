@@ -336,6 +336,9 @@ async fn tries(
         parts.headers.remove(header::HOST);
         forwarded.insert_into(&mut parts.headers);
     }
+    // A WebSocket handshake goes as one over HTTP/1.1; an HTTP/2 upstream gets a plain
+    // request (and answers it as one).
+    let upgrade = parts.extensions.get::<crate::h1::UpgradeRequest>();
     let mut avoid = None;
     let mut tries = 0u32;
     let mut now = start;
@@ -378,6 +381,7 @@ async fn tries(
                     path: &path_and_query,
                     headers: &parts.headers,
                     forwarded,
+                    upgrade: upgrade.map(|u| &u.0),
                 };
                 let send = pool.send(endpoint, head, this_body, &queued);
                 let r = tokio::time::timeout_at(try_deadline, send).await;

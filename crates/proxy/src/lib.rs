@@ -26,6 +26,7 @@ mod lane;
 pub mod mesh;
 mod metrics;
 mod mirror;
+mod pipe;
 mod respond;
 mod server;
 mod state;

@@ -252,7 +252,7 @@ async fn accept_loop(
                     let ended =
                         crate::transparent::relay(stream, to, PASSTHROUGH_CONNECT_TIMEOUT, idle)
                             .await;
-                    if ended == crate::transparent::Ended::Idle {
+                    if ended == crate::pipe::Ended::Idle {
                         shared.metrics.tcp_passthrough_idle.inc();
                     }
                 }
@@ -443,11 +443,12 @@ async fn serve_conn(
         limits: guard_limits,
         sink: Arc::new(Rejections(info.clone())),
         stop,
+        tunnel_idle: limits.tcp_idle_timeout,
     };
     let outcome = h1_server::serve(stream, ctx).await;
     watcher.abort();
     if let h1_server::Outcome::Http2 { read, io } = outcome {
-        let io = TokioIo::new(h1_server::Prefixed::new(read, io));
+        let io = TokioIo::new(crate::pipe::Prefixed::new(read, io));
         drive(h2, io, info, limits.idle_timeout, removed).await;
     }
 }

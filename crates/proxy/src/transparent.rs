@@ -5,15 +5,10 @@
 //! original destination (the `meshgate.passthrough` Service). Anything else (TLS,
 //! database protocols) is relayed to the original destination as bytes.
 
-use std::io;
+use crate::pipe::{Ended, pipe};
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 /// Where `stream` was going before a REDIRECT rule sent it here; `None` when it
 /// was sent here directly (the kernel then answers the local address, or nothing
@@ -84,15 +79,6 @@ pub async fn sniff(stream: &TcpStream) -> Protocol {
     }
 }
 
-/// How a relay ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
-    /// Either side closed, or failed, or the destination never answered.
-    Closed,
-    /// No byte went either way for the idle timeout; both sides were closed.
-    Idle,
-}
-
 /// Relay `downstream` to `to` both ways until either side closes, or until no
 /// byte has gone either way for `idle`.
 pub async fn relay(
@@ -113,80 +99,13 @@ pub async fn relay(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let start = Instant::now();
-    let last_read = AtomicU64::new(0);
-    let mut down = Watched {
-        io: downstream,
-        start,
-        last_read: &last_read,
-    };
-    let mut up = Watched {
-        io: upstream,
-        start,
-        last_read: &last_read,
-    };
-    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
-    tokio::pin!(copy);
-    let mut deadline = start + idle;
-    loop {
-        tokio::select! {
-            done = &mut copy => {
-                if let Err(e) = done {
-                    tracing::debug!(%to, error = %e, "passthrough ended with an error");
-                }
-                return Ended::Closed;
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                deadline = start + Duration::from_millis(last_read.load(Ordering::Relaxed)) + idle;
-                if deadline <= Instant::now() {
-                    tracing::debug!(%to, ?idle, "passthrough idle; closing");
-                    return Ended::Idle;
-                }
-            }
-        }
+    let mut down = downstream;
+    let mut up = upstream;
+    let ended = pipe(&mut down, &mut up, idle).await;
+    if ended == Ended::Idle {
+        tracing::debug!(%to, ?idle, "passthrough idle; closing");
     }
-}
-
-/// A relayed socket that notes when it last read a byte (ms after `start`). Every
-/// byte relayed is read from one of the two sockets, so reads alone tell activity.
-struct Watched<'a> {
-    io: TcpStream,
-    start: Instant,
-    last_read: &'a AtomicU64,
-}
-
-impl AsyncRead for Watched<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            let ms = self.start.elapsed().as_millis() as u64;
-            self.last_read.store(ms, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Watched<'_> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+    ended
 }
 
 #[cfg(test)]

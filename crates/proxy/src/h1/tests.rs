@@ -4,7 +4,7 @@ use tokio::net::TcpListener;
 
 fn head(raw: &str, method: &Method) -> Result<Option<Parsed>, H1Error> {
     let mut buf = BytesMut::from(raw.as_bytes());
-    parse_head(&mut buf, method)
+    parse_head(&mut buf, method, false)
 }
 
 fn framing_of(raw: &str, method: &Method) -> (String, bool) {
@@ -135,10 +135,28 @@ fn response_framing_follows_rfc_9112() {
 }
 
 #[test]
+fn a_protocol_switch_is_the_answer_only_to_a_request_that_asked() {
+    let raw = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\x01\x02hi";
+    let mut buf = BytesMut::from(raw.as_bytes());
+    let p = parse_head(&mut buf, &Method::GET, true)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("partial"));
+    assert_eq!(p.status, StatusCode::SWITCHING_PROTOCOLS);
+    assert!(matches!(p.framing, ResponseFraming::Switched) && !p.reusable);
+    assert_eq!(p.headers["upgrade"], "websocket");
+    // The new protocol's first bytes stay for the relay.
+    assert_eq!(&buf[..], b"\x01\x02hi");
+    // A 100 Continue before it is skipped as ever.
+    let mut buf = BytesMut::from(format!("HTTP/1.1 100 Continue\r\n\r\n{raw}").as_bytes());
+    let p = parse_head(&mut buf, &Method::GET, true);
+    assert!(matches!(p, Ok(Some(p)) if p.status == StatusCode::SWITCHING_PROTOCOLS));
+}
+
+#[test]
 fn response_headers_keep_order_and_repeats() {
     let raw = "HTTP/1.1 404 Not Found\r\nSet-Cookie: a=1\r\nX-Y: z\r\nset-cookie: b=2\r\ncontent-length: 0\r\n\r\nrest";
     let mut buf = BytesMut::from(raw.as_bytes());
-    let p = parse_head(&mut buf, &Method::GET).unwrap_or_else(|e| panic!("{e}"));
+    let p = parse_head(&mut buf, &Method::GET, false).unwrap_or_else(|e| panic!("{e}"));
     let p = p.unwrap_or_else(|| panic!("partial"));
     assert_eq!(p.status, StatusCode::NOT_FOUND);
     let cookies: Vec<_> = p.headers.get_all("set-cookie").iter().collect();
@@ -161,7 +179,7 @@ fn what_follows_a_head_is_copied_along_only_when_small() {
             "f".repeat(filler)
         );
         let mut buf = BytesMut::from(raw.as_bytes());
-        let p = parse_head(&mut buf, &Method::GET)
+        let p = parse_head(&mut buf, &Method::GET, false)
             .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|| panic!("partial"));
         assert_eq!(&buf[..], body.as_bytes(), "{filler}/{body_len}");
@@ -243,6 +261,7 @@ async fn get(
                 path: &path,
                 headers: &HeaderMap::new(),
                 forwarded: &forwarded(),
+                upgrade: None,
             },
             UpstreamBody::Empty,
             &AtomicBool::new(false),
@@ -341,6 +360,7 @@ async fn refused_connection_is_a_connect_error() {
                 path: &PathAndQuery::from_static("/"),
                 headers: &HeaderMap::new(),
                 forwarded: &forwarded(),
+                upgrade: None,
             },
             UpstreamBody::Empty,
             &AtomicBool::new(false),
@@ -393,6 +413,7 @@ fn request_heads() {
             path: &p,
             headers: h,
             forwarded: &f,
+            upgrade: None,
         };
         encode_head(&mut out, &head, framing);
         String::from_utf8(out).unwrap_or_default()
@@ -418,6 +439,24 @@ fn request_heads() {
         text(&h, RequestFraming::Declared),
         format!(
             "POST /x HTTP/1.1\r\nx-a: 1\r\ncontent-length: 4\r\nhost: api.example\r\n{fwd}\r\n"
+        )
+    );
+    // A WebSocket handshake asks for the switch itself, after the forwarding fields.
+    let mut out = Vec::new();
+    let websocket = HeaderValue::from_static("websocket");
+    let head = Head {
+        authority: &a,
+        method: &Method::GET,
+        path: &p,
+        headers: &HeaderMap::new(),
+        forwarded: &f,
+        upgrade: Some(&websocket),
+    };
+    encode_head(&mut out, &head, RequestFraming::None);
+    assert_eq!(
+        String::from_utf8(out).unwrap_or_default(),
+        format!(
+            "GET /x HTTP/1.1\r\nhost: svc:80\r\n{fwd}connection: upgrade\r\nupgrade: websocket\r\n\r\n"
         )
     );
 }

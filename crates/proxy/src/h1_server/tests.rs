@@ -13,7 +13,11 @@ fn try_parsed(head: &'static [u8]) -> Result<(Request<()>, Meta), Rejection> {
     let Step::Pass(n) = scan.step(head) else {
         panic!("the scanner did not pass {}", String::from_utf8_lossy(head));
     };
-    parse(&Bytes::from_static(&head[..n]), scan.layout())
+    parse(
+        &Bytes::from_static(&head[..n]),
+        scan.layout(),
+        scan.in_body(),
+    )
 }
 
 fn parsed(head: &'static [u8]) -> (Request<()>, Meta) {
@@ -45,6 +49,37 @@ fn upgrade_requests_are_served_as_plain_http_1_1() {
         .map(header::HeaderName::as_str)
         .collect();
     assert_eq!(names, ["host", "x"]);
+    assert!(req.extensions().get::<UpgradeRequest>().is_none());
+}
+
+#[test]
+fn only_a_websocket_handshake_asks_upstream_to_switch() {
+    let asks = |head: &'static [u8]| {
+        let (req, meta) = parsed(head);
+        let asked = req
+            .extensions()
+            .get::<UpgradeRequest>()
+            .map(|u| u.0.clone());
+        assert_eq!(asked, meta.upgrade, "{}", String::from_utf8_lossy(head));
+        assert!(req.headers().get(header::UPGRADE).is_none());
+        asked.is_some()
+    };
+    assert!(asks(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: WebSocket\r\n\r\n"
+    ));
+    // Not without `Connection: upgrade`, over HTTP/1.0, for another method or with a body.
+    assert!(!asks(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n"
+    ));
+    assert!(!asks(
+        b"GET /ws HTTP/1.0\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    ));
+    assert!(!asks(
+        b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    ));
+    assert!(!asks(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nhi"
+    ));
 }
 
 #[test]
@@ -151,6 +186,7 @@ fn meta(version: Version, head: bool) -> Meta {
         head,
         expect_continue: false,
         trailers: false,
+        upgrade: None,
     }
 }
 
