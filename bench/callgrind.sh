@@ -4,6 +4,7 @@
 # show where wall-clock benchmarks only show noise.
 #
 # Usage: bench/callgrind.sh [BIN_DIR]   (default target/release; needs valgrind, h2load)
+# CALLGRIND_ARGS adds callgrind options, e.g. "--cache-sim=yes --branch-sim=yes".
 # Runs meshgate under callgrind twice, serving 2,000 and 12,000 requests (c10), and
 # prints (Ir(12k) - Ir(2k)) / 10k. callgrind.out files stay in a temporary directory
 # for callgrind_annotate; their path is printed.
@@ -38,7 +39,7 @@ spec:
   request: {path: "/{*rest}"}
   invoke: {service: backend}
 YAML
-  MESHGATE_WORKERS=1 MESHGATE_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out.$n" \
+  MESHGATE_WORKERS=1 MESHGATE_LOG=warn valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out/callgrind.out.$n" \
     "$bin/meshgate" run -c "$out/mg.yaml" --state-dir "$out/state-$n" >/dev/null 2>"$out/valgrind-$n.log" & mg=$!
   for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$mp/" && break; sleep 0.3; done
   h2load --h1 -n "$n" -c 10 -t 1 "http://127.0.0.1:$mp/" | grep -q "$n succeeded" \

@@ -312,6 +312,17 @@ fn limits_for(shared: &Shared, gateway: &str) -> Limits {
         .unwrap_or_default()
 }
 
+/// Streams an HTTP/2 client may open and reset before the server has taken them up:
+/// past this the connection is closed with GOAWAY `ENHANCE_YOUR_CALM`, so that a
+/// rapid-reset flood (CVE-2023-44487) cannot make the gateway start and cancel
+/// upstream work at the rate the client sends frames. h2's default, set here so that
+/// the policy is ours.
+const MAX_PENDING_RESET_STREAMS: usize = 20;
+
+/// Streams the server may reset for a client's protocol errors on one connection
+/// before it closes the connection (h2's default, as above).
+const MAX_ERROR_RESET_STREAMS: usize = 1024;
+
 /// hyper serves HTTP/2 only; HTTP/1.1 is `h1_server`'s.
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -319,6 +330,8 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESET_STREAMS)
+        .max_local_error_reset_streams(MAX_ERROR_RESET_STREAMS)
         .adaptive_window(true);
     b.http2_only()
 }
