@@ -459,6 +459,30 @@ def metric_sum(text, name, **labels):
     return total
 
 
+def h2_frames_until_closed(s, timeout=8.0):
+    """A raw HTTP/2 server's frames as (type, flags, stream, payload) until it closes
+    the connection, answering its SETTINGS and PINGs as a client does. A timeout
+    (socket.timeout) means the server kept the connection open."""
+    s.settimeout(timeout)
+    buf, out = b"", []
+    try:
+        while data := s.recv(65536):
+            buf += data
+            # 9-byte frame headers: length, type, flags, stream.
+            while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                n, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
+                stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+                payload, buf = buf[9:9 + n], buf[9 + n:]
+                out.append((kind, flags, stream, payload))
+                if kind == 0x4 and not flags & 1:
+                    s.sendall(b"\0\0\0\x04\x01\0\0\0\0")
+                elif kind == 0x6 and not flags & 1:
+                    s.sendall(b"\0\0\x08\x06\x01\0\0\0\0" + payload)
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    return out
+
+
 def curl(*args, timeout=10):
     """Run curl; return (status, headers dict (lower-case, last wins), body, exit code)."""
     cmd = ["curl", "-sS", "-D", "-", "--max-time", str(timeout), *args]
